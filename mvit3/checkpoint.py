@@ -1,0 +1,137 @@
+"""Loading official cvnets / MobileViTv3 checkpoints into mvit3 models.
+
+mvit3 models use the official key names, so loading is: read the file safely
+(`weights_only=True`: a checkpoint never runs code), find the state_dict inside it, strip
+wrapper prefixes, and check every key and shape before copying anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+import torch
+import torch.nn as nn
+
+# Where training scripts nest the weights, in the order they are tried.
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema_state_dict", "state_dict_ema",
+               "model_ema", "ema", "net", "module")
+# Prefixes added by DataParallel/DDP (`module.`) and cvnets detection/segmentation wrappers
+# (`encoder.`, ml-cvnets issue #21).
+WRAPPER_PREFIXES = ("module.", "encoder.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model; the message names every offending key."""
+
+
+@dataclass
+class LoadResult:
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)  # (key, checkpoint shape, model shape)
+    skipped_head: list = field(default_factory=list)
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def read_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping]) -> dict:
+    """Return the bare, prefix-free state_dict of a checkpoint file or dict."""
+    obj = path_or_state_dict
+    if isinstance(obj, (str, os.PathLike)):
+        if not os.path.isfile(obj):
+            raise FileNotFoundError(f"checkpoint file not found: {os.fspath(obj)!r}")
+        try:
+            obj = torch.load(obj, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{os.fspath(path_or_state_dict)!r} cannot be loaded with weights_only=True: it "
+                f"holds Python objects other than tensors and containers, and mvit3 never runs "
+                f"code from a checkpoint ({str(err).splitlines()[0]})") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"a checkpoint must hold a dict, got {type(obj).__name__}")
+    if not _is_state_dict(obj):
+        for key in NESTED_KEYS:
+            if _is_state_dict(obj.get(key)):
+                obj = obj[key]
+                break
+        else:
+            raise CheckpointError(
+                "no state_dict found in the checkpoint: it is neither a dict of tensors nor "
+                f"holds one under any of {list(NESTED_KEYS)} (top-level keys: {list(obj)[:10]})")
+    return {_strip_prefixes(k): v for k, v in obj.items()}
+
+
+def head_keys(model: nn.Module) -> list:
+    """State-dict keys of the final classifier Linear."""
+    prefix = next(name for name, module in model.named_modules() if module is model.head)
+    return [k for k in model.state_dict() if k.startswith(prefix + ".")]
+
+
+def head_matches(model: nn.Module, state_dict: Mapping) -> bool:
+    """True when the checkpoint's classifier has the model's shape."""
+    own = model.state_dict()
+    keys = head_keys(model)
+    return bool(keys) and all(k in state_dict and state_dict[k].shape == own[k].shape for k in keys)
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
+                    ignore_head: Union[bool, str] = False) -> LoadResult:
+    """Load an official checkpoint (file path or dict) into an mvit3 model.
+
+    Accepts a bare state_dict or one nested under `state_dict`, `model`, `model_state_dict`,
+    ... with or without `module.` / `encoder.` prefixes.
+
+    strict:      raise `CheckpointError` naming every missing, unexpected and mis-shaped key.
+                 With strict=False the keys that fit are loaded and the rest reported.
+    ignore_head: True loads everything but the classifier (e.g. for another num_classes);
+                 "if_mismatched" does so only when the checkpoint's head has another shape.
+    """
+    state_dict = read_state_dict(path_or_state_dict)
+    own = model.state_dict()
+    result = LoadResult()
+    if ignore_head == "if_mismatched":
+        ignore_head = not head_matches(model, state_dict)
+    elif ignore_head not in (True, False):
+        raise ValueError(f"ignore_head must be True, False or 'if_mismatched', got {ignore_head!r}")
+    if ignore_head:
+        skip = set(head_keys(model))
+        result.skipped_head = sorted(skip)
+        state_dict = {k: v for k, v in state_dict.items() if k not in skip}
+        own = {k: v for k, v in own.items() if k not in skip}
+
+    result.missing = [k for k in own if k not in state_dict]
+    result.unexpected = [k for k in state_dict if k not in own]
+    result.mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
+                         for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    problems = []
+    if result.missing:
+        problems.append(f"missing keys ({len(result.missing)}): {', '.join(result.missing)}")
+    if result.unexpected:
+        problems.append(f"unexpected keys ({len(result.unexpected)}): {', '.join(result.unexpected)}")
+    if result.mismatched:
+        problems.append(f"mis-shaped keys ({len(result.mismatched)}): " + ", ".join(
+            f"{k} (checkpoint {list(a)}, model {list(b)})" for k, a, b in result.mismatched))
+    if problems and strict:
+        name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
+        raise CheckpointError(f"checkpoint does not fit {name}:\n  " + "\n  ".join(problems))
+
+    bad = {k for k, _, _ in result.mismatched}
+    loadable = {k: v for k, v in state_dict.items() if k in own and k not in bad}
+    model.load_state_dict(loadable, strict=False)
+    return result
