@@ -1,0 +1,137 @@
+"""Shared pieces of the Triton kernels: the launch wrapper, the launch log, small helpers.
+
+Every kernel launch goes through `launch()`. That gives one place to
+- count launches per forward (`launch_log()`), and
+- enumerate every configuration the code launches (`launch_log(dry_run=True)` records the
+  kernel, its argument types and constexprs without running it), which
+  `tests/test_triton_aot.py` compiles ahead of time for sm_75, sm_80 and sm_90.
+
+Kernels pick their meta-parameters with deterministic heuristics (no `triton.autotune`), so
+that a launch is CUDA-graph capturable on its first call and the set of configurations is
+known ahead of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    kernel: object  # the @triton.jit function
+    grid: tuple
+    signature: tuple  # ((arg name, triton type), ...) of the runtime arguments
+    constexprs: tuple  # ((name, value), ...) including num_warps / num_stages
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    @property
+    def key(self):
+        return (self.name, self.signature, self.constexprs)
+
+
+@dataclass
+class LaunchLog:
+    dry_run: bool
+    records: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+_ACTIVE_LOG: LaunchLog | None = None
+
+
+@contextlib.contextmanager
+def launch_log(dry_run: bool = False):
+    """Record every Triton launch made inside the block.
+
+    With dry_run, nothing is launched and the Triton backend accepts CPU tensors: op outputs
+    are uninitialised, but every launch (kernel, argument types, constexprs, grid) is recorded.
+    That is how launches per forward are counted and every configuration is enumerated
+    without a GPU.
+    """
+    global _ACTIVE_LOG
+    previous, _ACTIVE_LOG = _ACTIVE_LOG, LaunchLog(dry_run)
+    try:
+        yield _ACTIVE_LOG
+    finally:
+        _ACTIVE_LOG = previous
+
+
+def cpu_allowed() -> bool:
+    """Kernels may take CPU tensors: in the interpreter, or while only recording (dry run)."""
+    return INTERPRET or (_ACTIVE_LOG is not None and _ACTIVE_LOG.dry_run)
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TL_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    if value is None:
+        return "constexpr"
+    raise TypeError(f"unsupported kernel argument type {type(value).__name__}")
+
+
+def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
+           num_stages: int = 2) -> None:
+    """Launch `kernel[grid](**args, **constexprs)`; args are the runtime arguments by name.
+
+    A None argument (an absent optional tensor) is passed as a constexpr None, so the kernel
+    specialises it away (`if ptr is not None` in Triton code).
+    """
+    if _ACTIVE_LOG is not None:
+        signature = tuple((k, _arg_type(v)) for k, v in args.items())
+        meta = tuple(sorted(constexprs.items())) + (("num_stages", num_stages), ("num_warps", num_warps))
+        _ACTIVE_LOG.records.append(LaunchRecord(kernel, tuple(grid), signature, meta))
+        if _ACTIVE_LOG.dry_run:
+            return
+    kernel[tuple(grid)](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): tile sizes, tl.dot needs K and N >= 16."""
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 products unless the user enabled TF32 in torch (fp16/bf16 ignore this)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    for t in tensors:
+        if t is not None and not (t.is_cuda or cpu_allowed()):
+            raise ValueError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def channels_last_empty(b: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """Output maps of every op are channels_last (NHWC storage)."""
+    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
+@triton.jit
+def silu(x):
+    return x / (1.0 + tl.exp(-x))

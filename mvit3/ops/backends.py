@@ -1,0 +1,135 @@
+"""Backend choice, in one place.
+
+backend="torch"  the reference math (`mvit3.ops.reference`): any device and dtype.
+backend="triton" `mvit3_triton::<op>`: CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
+backend="cuda"   `mvit3::<op>` from the CUDA C++ library, when it is built and loaded.
+backend="auto"   cuda if it takes the input, else triton if it takes it, else torch.
+
+The environment variable MVIT3_BACKEND, when set, overrides the backend asked for.
+Each backend states why it cannot take an input; an explicitly requested backend that cannot
+raises `BackendUnavailable` with that reason instead of silently running something else.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import cuda_lib, reference
+from .library import CUDA_NAMESPACE, OPS, TRITON_NAMESPACE
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this op on this input; the message says why."""
+
+
+def requested_backend(backend: str) -> str:
+    """The backend to use: MVIT3_BACKEND if set, else the argument; validated."""
+    chosen = os.environ.get("MVIT3_BACKEND") or backend
+    if chosen not in BACKENDS:
+        source = "MVIT3_BACKEND" if os.environ.get("MVIT3_BACKEND") else "backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {chosen!r}")
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module(op: str):
+    try:
+        return importlib.import_module(f"mvit3.kernels.{op}"), None
+    except Exception as err:  # ImportError without triton, or a broken install
+        return None, f"Triton is not usable here ({type(err).__name__}: {str(err).splitlines()[0]})"
+
+
+def _common_reason(x: torch.Tensor, tensors) -> Optional[str]:
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} (kernels take float32, float16 and bfloat16)"
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.dtype != x.dtype or t.device != x.device):
+            return (f"mixed dtypes/devices ({t.dtype} on {t.device} beside {x.dtype} on "
+                    f"{x.device}); every tensor of a call must match the input")
+    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
+        return "bfloat16 needs compute capability 8.0 or newer"
+    return None
+
+
+def why_not(backend: str, op: str, args: tuple) -> Optional[str]:
+    """None if `backend` can run `op` on `args`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    x = args[0]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if backend == "triton":
+        module, reason = _triton_module(op)
+        if module is None:
+            return reason
+        if not x.is_cuda and not module.cpu_allowed():
+            return f"input is on {x.device}; Triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1)"
+        return _common_reason(x, tensors) or module.why_unsupported(*args)
+    if backend == "cuda":
+        if not cuda_lib.load():
+            return f"CUDA library unavailable: {cuda_lib.status()['reason']}"
+        if not cuda_lib.has_op(op):
+            return f"the loaded CUDA library has no kernel for mvit3::{op}"
+        if not x.is_cuda:
+            return f"input is on {x.device}; the CUDA library runs CUDA tensors"
+        return _common_reason(x, tensors) or cuda_lib.why_unsupported(op, args)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def implementation(backend: str) -> Callable:
+    """The callable of a concrete backend: returns a function (op, *args) -> Tensor."""
+    if backend == "torch":
+        return lambda op, *args: getattr(reference, op)(*args)
+    namespace = CUDA_NAMESPACE if backend == "cuda" else TRITON_NAMESPACE
+    ops = getattr(torch.ops, namespace)
+    return lambda op, *args: getattr(ops, op)(*args)
+
+
+def select(op: str, backend: str, args: tuple) -> str:
+    """The concrete backend ("torch", "triton" or "cuda") that will run `op` on `args`."""
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}; ops: {OPS}")
+    backend = requested_backend(backend)
+    if backend == "auto":
+        for candidate in ("cuda", "triton"):
+            if why_not(candidate, op, args) is None:
+                return candidate
+        return "torch"
+    reason = why_not(backend, op, args)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend!r} cannot run {op}: {reason}")
+    return backend
+
+
+def dispatch(op: str, backend: str, *args):
+    """Run `op` on the backend chosen for `args`."""
+    return implementation(select(op, backend, args))(op, *args)
+
+
+def availability() -> list:
+    """Rows (backend, available, reason) describing this machine, for `python -m mvit3 info`."""
+    rows = [("torch", True, "reference math, any device and dtype")]
+    module, reason = _triton_module("patch_attention")
+    if module is None:
+        rows.append(("triton", False, reason))
+    elif torch.cuda.is_available():
+        rows.append(("triton", True, f"CUDA device {torch.cuda.get_device_name()}"))
+    elif module.INTERPRET:
+        rows.append(("triton", True, "TRITON_INTERPRET=1: kernels run on CPU tensors (slowly)"))
+    else:
+        rows.append(("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"))
+    status = cuda_lib.status()
+    if not status["loaded"]:
+        rows.append(("cuda", False, status["reason"]))
+    elif not torch.cuda.is_available():
+        rows.append(("cuda", False, f"library loaded from {status['path']}, but no CUDA device"))
+    else:
+        rows.append(("cuda", True, f"library {status['path']}"))
+    return rows

@@ -1,0 +1,119 @@
+"""torch.library registration of the fused ops, for both kernel backends.
+
+Two namespaces carry the same op names and schemas:
+- `mvit3::<op>`: the CUDA C++ library (csrc/, `TORCH_LIBRARY(mvit3, m)` holds the same
+  schema strings as `SCHEMAS` below). When the library is not built or does not load, the
+  schemas are defined here instead, so `torch.ops.mvit3.<op>` always exists; it then has no
+  CUDA kernel and the "cuda" backend says so.
+- `mvit3_triton::<op>`: the Triton kernels (`mvit3.kernels.<op>`).
+
+Each op gets a fake (meta) implementation, so `torch.compile(fullgraph=True)` traces it
+without a graph break, and a CPU implementation that is the reference math. Under
+TRITON_INTERPRET=1 the CPU implementation of `mvit3_triton::<op>` runs the Triton kernels in
+the interpreter instead, which is how the kernels are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import cuda_lib, reference
+
+# op name -> schema. csrc/ops.cpp must declare exactly these (tests/test_cuda_lib.py checks).
+SCHEMAS = {
+    "pointwise_conv": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
+                      "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor",
+    "dwconv_pointwise": "(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
+                        "int stride, Tensor? residual) -> Tensor",
+    "conv3x3": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act) -> Tensor",
+    "patch_attention": "(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "
+                       "Tensor? proj_bias, Tensor? residual) -> Tensor",
+    "transformer_mlp": "(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "
+                       "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
+    "separable_attention": "(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
+                           "Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
+                           "Tensor out_bias) -> Tensor",
+}
+OPS = tuple(SCHEMAS)
+
+CUDA_NAMESPACE = "mvit3"
+TRITON_NAMESPACE = "mvit3_triton"
+
+_libraries = []  # keep torch.library.Library objects alive
+
+
+def output_shape(op: str, args: tuple) -> tuple:
+    """[B, Cout, Hout, Wout] of an op call (used by the fake implementations)."""
+    x = args[0]
+    b, _, h, w = x.shape
+    if op == "pointwise_conv":
+        return (b, args[1].shape[0], h, w)
+    if op == "dwconv_pointwise":
+        stride = args[5]
+        return (b, args[3].shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+    if op == "conv3x3":
+        stride = args[4]
+        return (b, args[1].shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+    if op == "patch_attention":
+        return (b, x.shape[1] // 3, h, w)
+    if op in ("transformer_mlp", "separable_attention"):
+        return tuple(x.shape)
+    raise KeyError(op)
+
+
+def _fake(op: str):
+    def fake(*args):
+        return torch.empty(output_shape(op, args), dtype=args[0].dtype, device=args[0].device,
+                           memory_format=torch.channels_last)
+
+    return fake
+
+
+def _triton_impl(op: str):
+    """The Triton launcher, or the reference on CPU tensors outside the interpreter."""
+    ref = getattr(reference, op)
+
+    def impl(*args):
+        kernels = importlib.import_module(f"mvit3.kernels.{op}")  # imported on first use
+        if args[0].is_cuda or kernels.cpu_allowed():
+            return getattr(kernels, op)(*args)
+        return ref(*args)
+
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        importlib.import_module("mvit3.kernels._common")
+        return True
+    except Exception:  # triton missing or broken: the backend reports why
+        return False
+
+
+def _register() -> None:
+    cuda_loaded = cuda_lib.load()  # defines the mvit3:: schemas when the library is built
+    cuda_lib_ns = torch.library.Library(CUDA_NAMESPACE, "FRAGMENT")
+    _libraries.append(cuda_lib_ns)
+    for op, schema in SCHEMAS.items():
+        if not (cuda_loaded and cuda_lib.has_op(op)):
+            cuda_lib_ns.define(op + schema)
+        cuda_lib_ns.impl(op, getattr(reference, op), "CPU")
+        torch.library.register_fake(f"{CUDA_NAMESPACE}::{op}", _fake(op), lib=cuda_lib_ns)
+
+    triton_ns = torch.library.Library(TRITON_NAMESPACE, "DEF")
+    _libraries.append(triton_ns)
+    have_triton = _triton_available()
+    for op, schema in SCHEMAS.items():
+        triton_ns.define(op + schema)
+        if have_triton:
+            impl = _triton_impl(op)
+            triton_ns.impl(op, impl, "CUDA")
+            triton_ns.impl(op, impl, "CPU")
+        else:
+            triton_ns.impl(op, getattr(reference, op), "CPU")
+        torch.library.register_fake(f"{TRITON_NAMESPACE}::{op}", _fake(op), lib=triton_ns)
+
+
+_register()
