@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, cpu_allowed, launch, next_pow2  # noqa: F401
+from ._common import check_device, launch, next_pow2
 
 
 @triton.jit

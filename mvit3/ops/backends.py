@@ -69,7 +69,7 @@ def why_not(backend: str, op: str, args: tuple) -> Optional[str]:
         module, reason = _triton_module(op)
         if module is None:
             return reason
-        if not x.is_cuda and not module.cpu_allowed():
+        if not x.is_cuda and not importlib.import_module("mvit3.kernels._common").cpu_allowed():
             return f"input is on {x.device}; Triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1)"
         return _common_reason(x, tensors) or module.why_unsupported(*args)
     if backend == "cuda":
@@ -121,7 +121,7 @@ def availability() -> list:
         rows.append(("triton", False, reason))
     elif torch.cuda.is_available():
         rows.append(("triton", True, f"CUDA device {torch.cuda.get_device_name()}"))
-    elif module.INTERPRET:
+    elif importlib.import_module("mvit3.kernels._common").INTERPRET:
         rows.append(("triton", True, "TRITON_INTERPRET=1: kernels run on CPU tensors (slowly)"))
     else:
         rows.append(("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"))

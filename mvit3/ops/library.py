@@ -76,8 +76,8 @@ def _triton_impl(op: str):
     ref = getattr(reference, op)
 
     def impl(*args):
-        kernels = importlib.import_module(f"mvit3.kernels.{op}")  # imported on first use
-        if args[0].is_cuda or kernels.cpu_allowed():
+        if args[0].is_cuda or importlib.import_module("mvit3.kernels._common").cpu_allowed():
+            kernels = importlib.import_module(f"mvit3.kernels.{op}")  # imported on first use
             return getattr(kernels, op)(*args)
         return ref(*args)
 
