@@ -1,7 +1,13 @@
 """Finding and loading the CUDA C++ op library (built from csrc/ by `python -m mvit3 build`).
 
 The Python side imports cleanly whether or not the library exists: `load()` returns False and
-`status()` says why (not built, built for another torch/CUDA, failed to load).
+`status()` says why (not built, built for another torch/CUDA or other sources, failed to load);
+the "cuda" backend then reports itself unavailable with that reason and "auto" skips it.
+
+A build is a directory holding libmvit3_ops.so and mvit3_build_info.json (torch and CUDA
+versions, archs, sources hash). Before loading, the metadata must match the running torch and,
+in a source checkout, the current sources; otherwise the library is not loaded and the reason
+says what it was built for.
 """
 
 from __future__ import annotations
@@ -12,42 +18,62 @@ from pathlib import Path
 
 import torch
 
-LIB_NAME = "libmvit3_ops.so"
-INFO_NAME = "mvit3_build_info.json"
+from ..build import INFO_NAME, LIB_NAME, SOURCE_ROOT, build_key, has_sources, install_root, sources_hash, torch_key
 
-_state = {"loaded": False, "reason": "not looked for yet", "path": None, "info": None}
+_NOT_LOOKED = "not looked for yet"
+_state = {"loaded": False, "reason": _NOT_LOOKED, "path": None, "info": None}
 
 
-def build_key() -> str:
-    """Directory name of a build for the running torch: torch and CUDA versions."""
-    return f"torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda or 'none'}"
+def _current_hash() -> str | None:
+    """The sources hash a build must carry: known in a checkout, unknown in an installed copy."""
+    return sources_hash() if has_sources() else None
 
 
 def search_dirs() -> list:
-    """Where a built library is looked for, in order."""
-    dirs = []
+    """Where a built library is looked for, in order. MVIT3_LIB_DIR, when set, is the only place
+    (an explicit choice never silently falls back to another build)."""
     if os.environ.get("MVIT3_LIB_DIR"):
-        dirs.append(Path(os.environ["MVIT3_LIB_DIR"]))
-    package_dir = Path(__file__).resolve().parent.parent
-    dirs.append(package_dir / "_lib" / build_key())
-    dirs.append(Path.home() / ".cache" / "mvit3" / build_key())
-    dirs.append(package_dir.parent / "build")  # a plain `cmake -S . -B build` in a checkout
+        return [Path(os.environ["MVIT3_LIB_DIR"])]
+    roots = [install_root(), Path.home() / ".cache" / "mvit3"]
+    current = _current_hash()
+    dirs = []
+    for root in roots:
+        if current is not None:
+            dirs.append(root / build_key(current))
+        else:  # installed without sources: the newest build for this torch
+            dirs += sorted(root.glob(f"{torch_key()}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if has_sources():
+        dirs.append(SOURCE_ROOT / "build")  # a plain `cmake -S . -B build` in the checkout
     return dirs
 
 
-def _mismatch(info: dict) -> str | None:
-    running = {"torch": torch.__version__.split("+")[0], "cuda": torch.version.cuda}
+def mismatch(info: dict) -> str | None:
+    """Why a build with this metadata must not be loaded here, or None."""
+    running = {"torch": torch.__version__.split("+")[0], "cuda": torch.version.cuda or None}
     built = {"torch": str(info.get("torch_version", "?")).split("+")[0],
-             "cuda": info.get("cuda_version")}
-    if built["torch"] != running["torch"] or (built["cuda"] or None) != (running["cuda"] or None):
+             "cuda": info.get("cuda_version") or None}
+    if built != running:
         return (f"built for torch {built['torch']} / CUDA {built['cuda']}, but running torch "
                 f"{running['torch']} / CUDA {running['cuda']}; rebuild with `python -m mvit3 build`")
+    current = _current_hash()
+    if current is not None and info.get("sources_hash") != current:
+        return (f"built from other sources (hash {info.get('sources_hash')}, the checkout has "
+                f"{current}); rebuild with `python -m mvit3 build`")
     return None
+
+
+def _stale_builds() -> list:
+    """Builds under the install roots that are not for this torch and these sources."""
+    wanted = {p.name for p in search_dirs()}
+    found = []
+    for root in (install_root(), Path.home() / ".cache" / "mvit3"):
+        found += [p for p in root.glob("torch*") if (p / LIB_NAME).is_file() and p.name not in wanted]
+    return found
 
 
 def load() -> bool:
     """Load the library once; True if its ops are registered in this process."""
-    if _state["loaded"] or _state["reason"] != "not looked for yet":
+    if _state["reason"] != _NOT_LOOKED:
         return _state["loaded"]
     if torch.version.cuda is None:
         _state["reason"] = "this torch build has no CUDA"
@@ -58,10 +84,13 @@ def load() -> bool:
         if not lib.is_file():
             continue
         info_path = directory / INFO_NAME
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        mismatch = _mismatch(info)
-        if mismatch:
-            reasons.append(f"{lib}: {mismatch}")
+        if not info_path.is_file():
+            reasons.append(f"{lib}: no {INFO_NAME} beside it (build it with `python -m mvit3 build`)")
+            continue
+        info = json.loads(info_path.read_text())
+        why = mismatch(info)
+        if why:
+            reasons.append(f"{lib}: {why}")
             continue
         try:
             torch.ops.load_library(str(lib))
@@ -70,7 +99,12 @@ def load() -> bool:
             continue
         _state.update(loaded=True, reason="", path=str(lib), info=info)
         return True
-    _state["reason"] = "; ".join(reasons) or "not built (run `python -m mvit3 build`)"
+    if not reasons:
+        stale = _stale_builds()
+        reasons.append("not built (run `python -m mvit3 build`)" + (
+            f"; only builds for other torch versions or sources exist: {', '.join(p.name for p in stale)}"
+            if stale else ""))
+    _state["reason"] = "; ".join(reasons)
     return False
 
 
@@ -79,16 +113,61 @@ def has_op(op: str) -> bool:
     return _state["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key(f"mvit3::{op}", "CUDA")
 
 
+def cuda_kernel_ops() -> list:
+    """The ops with a CUDA kernel from the library."""
+    from .library import OPS  # library imports this module
+
+    return [op for op in OPS if has_op(op)]
+
+
 def status() -> dict:
-    """{'loaded', 'reason', 'path', 'info'} of the CUDA library."""
+    """{'loaded', 'reason', 'path', 'info', 'ops'}: what was loaded from where (built for what),
+    or why nothing was."""
     load()
-    return dict(_state)
+    return dict(_state, ops=cuda_kernel_ops() if _state["loaded"] else [])
+
+
+MAX_HEAD_DIM = 64  # csrc/mvit3.h: kMaxHeadDim
+_NORMS = ("none", "layer", "group")
+_ACTS = ("none", "silu")
 
 
 def why_unsupported(op: str, args: tuple) -> str | None:
-    """Shape limits of the CUDA kernels (mirrors the TORCH_CHECKs in csrc/)."""
-    if op == "patch_attention":
-        head_dim = args[0].shape[1] // 3 // args[1]
-        if head_dim > 64:
-            return f"head dim {head_dim} > 64"
+    """Limits of the CUDA kernels (mirrors the TORCH_CHECKs of csrc/ops.cpp); None if the
+    kernels take these arguments. dtype, device and compute capability are checked by
+    mvit3.ops.backends for every backend."""
+    x = args[0]
+    if x.dim() != 4:
+        return f"input must be a [B, C, H, W] map, got shape {tuple(x.shape)}"
+    if x.numel() > 2 ** 31 - 1:
+        return "input has more than 2^31 - 1 elements"
+    if op == "pointwise_conv":
+        norm, act = args[5], args[9]
+        if norm not in _NORMS or act not in _ACTS:
+            return f"norm {norm!r} / act {act!r} (kernels take norm {_NORMS}, act {_ACTS})"
+    elif op in ("dwconv_pointwise", "conv3x3"):
+        stride = args[5] if op == "dwconv_pointwise" else args[4]
+        if stride not in (1, 2):
+            return f"stride {stride} (kernels take 1 and 2)"
+        if op == "conv3x3" and args[5] not in _ACTS:
+            return f"act {args[5]!r} (kernels take {_ACTS})"
+    elif op == "patch_attention":
+        num_heads, proj_weight = args[1], args[3]
+        channels, h, w = x.shape[1], x.shape[2], x.shape[3]
+        if channels % 3 or num_heads <= 0 or (channels // 3) % num_heads:
+            return f"qkv channels {channels} are not 3 * heads ({num_heads}) * head dim"
+        head_dim = channels // 3 // num_heads
+        if head_dim > MAX_HEAD_DIM:
+            return f"head dim {head_dim} > {MAX_HEAD_DIM}"
+        if h % 2 or w % 2:
+            return f"odd map size {h}x{w} (2x2 patches need even H and W)"
+        if proj_weight is not None and tuple(proj_weight.shape) != (channels // 3, channels // 3):
+            return f"proj_weight {tuple(proj_weight.shape)} is not [d, d]"
+    elif op == "transformer_mlp":
+        if args[1] not in _NORMS:
+            return f"norm {args[1]!r} (kernels take {_NORMS})"
+    elif op == "separable_attention":
+        h, w = x.shape[2], x.shape[3]
+        if h % 2 or w % 2:
+            return f"odd map size {h}x{w} (2x2 patches need even H and W)"
     return None

@@ -1,0 +1,239 @@
+"""The drop-in fast model: a MobileViT whose inference forward runs the fused ops.
+
+`FastMobileViT` IS a `MobileViT` (same modules, parameters and state_dict keys), so every
+checkpoint and every tool that works on the reference works on it. In eval mode with grad
+disabled it runs the fused plan below; in training mode or with grad enabled it runs the
+reference forward unchanged, so fine-tuning keeps working.
+
+Per forward of a v1-style v3 model (XXS/XS/S), with the maps kept channels_last throughout:
+  stem                conv3x3(+BN+SiLU)                                   1 launch
+  MV2 block           pointwise_conv(exp+SiLU), dwconv_pointwise(dw+red+res)  2
+  MobileViTv3 block   dwconv_pointwise (local), then per transformer layer
+                      pointwise_conv (LN+qkv), patch_attention (+out_proj+res),
+                      transformer_mlp (LN+FFN+res); pointwise_conv (LN+conv_proj+SiLU),
+                      pointwise_conv (fusion on [local | global] + SiLU + x)  3 + 3L
+  head                pointwise_conv(exp+SiLU), mean, linear                 3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..models import MobileViT, check_input
+from ..models.blocks import MobileViTBlock, MobileViTv2Block
+from ..models.layers import InvertedResidual
+from ..models.patches import resize_to_even
+from ..ops.reference import apply_norm
+from . import folding as fold
+
+
+@dataclass
+class MV2Plan:
+    expand: fold.Pointwise
+    dw: fold.Conv3x3
+    reduce: fold.Pointwise
+    stride: int
+    residual: bool
+
+
+@dataclass
+class LayerPlan:
+    """One transformer layer: MHSA (v1-style) or separable attention (v2-style), then FFN."""
+    attn_norm: fold.Norm
+    qkv: fold.Pointwise
+    out: fold.Pointwise
+    ffn_norm: fold.Norm
+    fc1: fold.Pointwise
+    fc2: fold.Pointwise
+    num_heads: int = 0
+    scale: float = 0.0
+
+
+@dataclass
+class BlockPlan:
+    local_conv: fold.Conv3x3  # depthwise (v3, v2-style) or dense (v1) 3x3 + BN + SiLU
+    local_proj: fold.Pointwise  # 1x1 C -> d, no bias
+    layers: list
+    final_norm: fold.Norm
+    proj: fold.Pointwise  # conv_proj (+BN)
+    fusion: Optional[object]  # v1-style: Pointwise (v3) or Conv3x3 (v1); v2-style: None
+
+
+@dataclass
+class Plan:
+    key: tuple
+    stem: fold.Conv3x3
+    stages: list = field(default_factory=list)  # MV2Plan or BlockPlan, in order
+    head: Optional[fold.Pointwise] = None  # conv_1x1_exp (v1-style) or None
+
+
+def _mv2_plan(block: InvertedResidual, dtype) -> MV2Plan:
+    b = block.block
+    return MV2Plan(fold.pointwise(b.exp_1x1, dtype), fold.conv3x3(b.conv_3x3, dtype),
+                   fold.pointwise(b.red_1x1, dtype), block.stride, block.use_residual)
+
+
+def _block_plan(block, dtype) -> BlockPlan:
+    if isinstance(block, MobileViTBlock):
+        local_conv, local_proj = block.local_rep.conv_3x3, block.local_rep.conv_1x1
+        layers = []
+        for enc in block.global_rep[:-1]:
+            mha, ffn = enc.pre_norm_mha[1], enc.pre_norm_ffn
+            layers.append(LayerPlan(
+                fold.norm(enc.pre_norm_mha[0], dtype), fold.linear(mha.qkv_proj, dtype),
+                fold.linear(mha.out_proj, dtype), fold.norm(ffn[0], dtype),
+                fold.linear(ffn[1], dtype), fold.linear(ffn[4], dtype),
+                num_heads=mha.num_heads, scale=mha.scaling))
+        if block.version == "v3":
+            fusion = fold.pointwise(block.fusion, dtype)
+        else:
+            fusion = fold.conv3x3(block.fusion, dtype)
+    else:
+        local_conv, local_proj = block.local_rep[0], block.local_rep[1]
+        layers = []
+        for lin in block.global_rep[:-1]:
+            attn, ffn = lin.pre_norm_attn[1], lin.pre_norm_ffn
+            layers.append(LayerPlan(
+                fold.norm(lin.pre_norm_attn[0], dtype), fold.pointwise(attn.qkv_proj, dtype),
+                fold.pointwise(attn.out_proj, dtype), fold.norm(ffn[0], dtype),
+                fold.pointwise(ffn[1], dtype), fold.pointwise(ffn[3], dtype)))
+        fusion = None
+    return BlockPlan(fold.conv3x3(local_conv, dtype), fold.pointwise(local_proj, dtype), layers,
+                     fold.norm(block.global_rep[-1], dtype), fold.pointwise(block.conv_proj, dtype),
+                     fusion)
+
+
+class FastMobileViT(MobileViT):
+    """A MobileViT with a fused inference forward; see the module docstring."""
+
+    def __init__(self, cfg, num_classes: int = 1000, in_chans: int = 3, backend: str = "auto"):
+        super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
+        self.backend = ops.requested_backend(backend)
+        self._plan: Optional[Plan] = None
+
+    # ----- derived weights -------------------------------------------------------------
+    def _weights_key(self) -> tuple:
+        """Changes whenever a parameter or buffer is modified in place or replaced."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
+
+    def refresh(self) -> None:
+        """Drop the derived inference weights (they are rebuilt on the next fused forward).
+        Needed only after editing weights through `.data`, which hides the change."""
+        self._plan = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # .to(), .half(), .cuda(): derived weights follow on next use
+        return super()._apply(fn, *args, **kwargs)
+
+    def plan(self) -> Plan:
+        """The folded/packed inference weights, rebuilt if the weights changed."""
+        key = None if torch.compiler.is_compiling() else self._weights_key()
+        if self._plan is not None and (key is None or key == self._plan.key):
+            return self._plan
+        dtype = self.conv_1.conv.weight.dtype
+        with torch.no_grad():
+            plan = Plan(key=key, stem=fold.conv3x3(self.conv_1, dtype))
+            for layer in (self.layer_1, self.layer_2, self.layer_3, self.layer_4, self.layer_5):
+                for block in layer:
+                    plan.stages.append(_mv2_plan(block, dtype) if isinstance(block, InvertedResidual)
+                                       else _block_plan(block, dtype))
+            if not isinstance(self.conv_1x1_exp, torch.nn.Identity):
+                plan.head = fold.pointwise(self.conv_1x1_exp, dtype)
+        self._plan = plan
+        return plan
+
+    # ----- forward -----------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.training or torch.is_grad_enabled():
+            return super().forward_features(x)
+        check_input(x, self.in_chans)
+        weight = self.conv_1.conv.weight
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise TypeError(f"input is {x.dtype} on {x.device} but the model is {weight.dtype} on "
+                            f"{weight.device}; convert one of them")
+        return self._fused_features(x, self.plan())
+
+    def _fused_features(self, x: Tensor, plan: Plan) -> Tensor:
+        be = self.backend
+        x = ops.conv3x3(x, plan.stem.weight, plan.stem.bias, None, 2, "silu", backend=be)
+        for stage in plan.stages:
+            if isinstance(stage, MV2Plan):
+                x = self._mv2(x, stage)
+            elif self.cfg.style == "v1":
+                x = self._block_v1_style(x, stage)
+            else:
+                x = self._block_v2_style(x, stage)
+        if plan.head is not None:
+            x = ops.pointwise_conv(x, plan.head.weight, plan.head.bias, act="silu", backend=be)
+        return x
+
+    def _mv2(self, x: Tensor, p: MV2Plan) -> Tensor:
+        be = self.backend
+        h = ops.pointwise_conv(x, p.expand.weight, p.expand.bias, act="silu", backend=be)
+        return ops.dwconv_pointwise(h, p.dw.weight, p.dw.bias, p.reduce.weight, p.reduce.bias,
+                                    p.stride, x if p.residual else None, backend=be)
+
+    def _local(self, x: Tensor, p: BlockPlan) -> Tensor:
+        be = self.backend
+        if p.local_conv.weight.shape[1] == 1:  # depthwise: fused with the 1x1 projection
+            return ops.dwconv_pointwise(x, p.local_conv.weight, p.local_conv.bias,
+                                        p.local_proj.weight, None, 1, None, backend=be)
+        h = ops.conv3x3(x, p.local_conv.weight, p.local_conv.bias, None, 1, "silu", backend=be)
+        return ops.pointwise_conv(h, p.local_proj.weight, None, backend=be)
+
+    def _block_v1_style(self, x: Tensor, p: BlockPlan) -> Tensor:
+        be = self.backend
+        local = self._local(x, p)  # [B, d, H, W]
+        h, w = local.shape[-2:]
+        # Odd maps: the official unfold resizes to even size (bilinear, align_corners=False)
+        # and the fold resizes back; attention needs whole 2x2 patches.
+        t = resize_to_even(local, align_corners=False).contiguous(memory_format=torch.channels_last)
+        for layer in p.layers:
+            t = self._mhsa_layer(t, layer)
+        fn = p.final_norm
+        if t.shape[-2:] != (h, w):
+            t = apply_norm(t, "layer", fn.weight, fn.bias, fn.eps)
+            t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+            glob = ops.pointwise_conv(t, p.proj.weight, p.proj.bias, act="silu", backend=be)
+        else:
+            glob = ops.pointwise_conv(t, p.proj.weight, p.proj.bias, None, None, "layer",
+                                      fn.weight, fn.bias, fn.eps, "silu", backend=be)
+        if isinstance(p.fusion, fold.Pointwise):  # v3: 1x1 on [local | global] + SiLU + x
+            return ops.pointwise_conv(local, p.fusion.weight, p.fusion.bias, glob, x, act="silu",
+                                      backend=be)
+        return ops.conv3x3(x, p.fusion.weight, p.fusion.bias, glob, 1, "silu", backend=be)
+
+    def _mhsa_layer(self, t: Tensor, p: LayerPlan) -> Tensor:
+        be = self.backend
+        n1, n2 = p.attn_norm, p.ffn_norm
+        qkv = ops.pointwise_conv(t, p.qkv.weight, p.qkv.bias, None, None, "layer", n1.weight,
+                                 n1.bias, n1.eps, backend=be)
+        t = ops.patch_attention(qkv, p.num_heads, p.scale, p.out.weight, p.out.bias, t, backend=be)
+        return ops.transformer_mlp(t, "layer", n2.weight, n2.bias, n2.eps, p.fc1.weight,
+                                   p.fc1.bias, p.fc2.weight, p.fc2.bias, backend=be)
+
+    def _block_v2_style(self, x: Tensor, p: BlockPlan) -> Tensor:
+        be = self.backend
+        # Odd maps: resize the block input (align_corners=True) and keep the larger size.
+        x = resize_to_even(x, align_corners=True)
+        local = self._local(x, p)
+        t = local
+        for layer in p.layers:
+            n1, n2 = layer.attn_norm, layer.ffn_norm
+            t = ops.separable_attention(t, n1.weight, n1.bias, n1.eps, layer.qkv.weight,
+                                        layer.qkv.bias, layer.out.weight, layer.out.bias, backend=be)
+            t = ops.transformer_mlp(t, "group", n2.weight, n2.bias, n2.eps, layer.fc1.weight,
+                                    layer.fc1.bias, layer.fc2.weight, layer.fc2.bias, backend=be)
+        fn = p.final_norm
+        if self.cfg.version == "v3":  # conv_proj on [GroupNorm(global) | local] + x
+            return ops.pointwise_conv(t, p.proj.weight, p.proj.bias, local, x, "group", fn.weight,
+                                      fn.bias, fn.eps, backend=be)
+        return ops.pointwise_conv(t, p.proj.weight, p.proj.bias, None, None, "group", fn.weight,
+                                  fn.bias, fn.eps, backend=be)
