@@ -3,7 +3,8 @@
 backend="torch"  the reference math (`mvit3.ops.reference`): any device and dtype.
 backend="triton" `mvit3_triton::<op>`: CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 backend="cuda"   `mvit3::<op>` from the CUDA C++ library, when it is built and loaded.
-backend="auto"   cuda if it takes the input, else triton if it takes it, else torch.
+backend="auto"   cuda if it takes the input, else triton if it takes it, else torch; auto
+                 never picks the Triton interpreter (CPU tensors go to torch).
 
 The environment variable MVIT3_BACKEND, when set, overrides the backend asked for.
 Each backend states why it cannot take an input; an explicitly requested backend that cannot
@@ -98,9 +99,10 @@ def select(op: str, backend: str, args: tuple) -> str:
         raise KeyError(f"unknown op {op!r}; ops: {OPS}")
     backend = requested_backend(backend)
     if backend == "auto":
-        for candidate in ("cuda", "triton"):
-            if why_not(candidate, op, args) is None:
-                return candidate
+        if args[0].is_cuda:
+            for candidate in ("cuda", "triton"):
+                if why_not(candidate, op, args) is None:
+                    return candidate
         return "torch"
     reason = why_not(backend, op, args)
     if reason is not None:
