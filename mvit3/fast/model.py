@@ -129,8 +129,19 @@ class FastMobileViT(MobileViT):
         self._plan = None
 
     def _apply(self, fn, *args, **kwargs):
-        self._plan = None  # .to(), .half(), .cuda(): derived weights follow on next use
-        return super()._apply(fn, *args, **kwargs)
+        self._plan = None  # .to(), .half(), .cuda(): the derived weights follow
+        module = super()._apply(fn, *args, **kwargs)
+        if not self.training:
+            self.plan()
+        return module
+
+    def train(self, mode: bool = True):
+        """Switching to eval derives the inference weights at once, so that a forward traced
+        by torch.compile finds them ready instead of tracing the folding into its graph."""
+        super().train(mode)
+        if not mode:
+            self.plan()
+        return self
 
     def plan(self) -> Plan:
         """The folded/packed inference weights, rebuilt if the weights changed."""

@@ -48,40 +48,105 @@ def _triton_module(op: str):
         return None, f"Triton is not usable here ({type(err).__name__}: {str(err).splitlines()[0]})"
 
 
-def _common_reason(x: torch.Tensor, tensors) -> Optional[str]:
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} (kernels take float32, float16 and bfloat16)"
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (t.dtype != x.dtype or t.device != x.device):
-            return (f"mixed dtypes/devices ({t.dtype} on {t.device} beside {x.dtype} on "
-                    f"{x.device}); every tensor of a call must match the input")
-    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
+# A call's signature: for each argument, ("tensor", dtype, device, shape, strides) or the
+# value itself. Whether a backend takes a call depends on nothing else, so the choice is made
+# once per signature (cached, cheap on the eager path) and, under torch.compile, at trace
+# time as a constant: the compiled graph holds just the chosen op, with no graph break.
+_TENSOR = "tensor"
+
+
+def signature(args: tuple) -> tuple:
+    return tuple((_TENSOR, str(a.dtype), str(a.device), tuple(int(n) for n in a.shape),
+                  tuple(int(n) for n in a.stride())) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def _is_tensor(spec) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 5 and spec[0] == _TENSOR
+
+
+def _meta_args(sig: tuple) -> tuple:
+    """Shape/stride/dtype stand-ins (meta tensors) for the kernels' own checks."""
+    return tuple(torch.empty_strided(spec[3], spec[4], dtype=getattr(torch, spec[1].split(".")[-1]),
+                                     device="meta") if _is_tensor(spec) else spec for spec in sig)
+
+
+def _common_reason(sig: tuple) -> Optional[str]:
+    _, dtype, device, _, _ = sig[0]
+    if dtype not in {str(d) for d in KERNEL_DTYPES}:
+        return f"dtype {dtype} (kernels take float32, float16 and bfloat16)"
+    for spec in sig[1:]:
+        if _is_tensor(spec) and (spec[1], spec[2]) != (dtype, device):
+            return (f"mixed dtypes/devices ({spec[1]} on {spec[2]} beside {dtype} on {device}); "
+                    f"every tensor of a call must match the input")
+    if (device.startswith("cuda") and dtype == "torch.bfloat16"
+            and torch.cuda.get_device_capability(torch.device(device))[0] < 8):
         return "bfloat16 needs compute capability 8.0 or newer"
     return None
 
 
-def why_not(backend: str, op: str, args: tuple) -> Optional[str]:
-    """None if `backend` can run `op` on `args`, else the reason it cannot."""
+def _why_not(backend: str, op: str, sig: tuple) -> Optional[str]:
     if backend == "torch":
         return None
-    x = args[0]
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = sig[0][2]
     if backend == "triton":
         module, reason = _triton_module(op)
         if module is None:
             return reason
-        if not x.is_cuda and not importlib.import_module("mvit3.kernels._common").cpu_allowed():
-            return f"input is on {x.device}; Triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1)"
-        return _common_reason(x, tensors) or module.why_unsupported(*args)
+        if not device.startswith("cuda") and not importlib.import_module("mvit3.kernels._common").cpu_allowed():
+            return f"input is on {device}; Triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1)"
+        return _common_reason(sig) or module.why_unsupported(*_meta_args(sig))
     if backend == "cuda":
         if not cuda_lib.load():
             return f"CUDA library unavailable: {cuda_lib.status()['reason']}"
         if not cuda_lib.has_op(op):
             return f"the loaded CUDA library has no kernel for mvit3::{op}"
-        if not x.is_cuda:
-            return f"input is on {x.device}; the CUDA library runs CUDA tensors"
-        return _common_reason(x, tensors) or cuda_lib.why_unsupported(op, args)
+        if not device.startswith("cuda"):
+            return f"input is on {device}; the CUDA library runs CUDA tensors"
+        return _common_reason(sig) or cuda_lib.why_unsupported(op, _meta_args(sig))
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def why_not(backend: str, op: str, args: tuple) -> Optional[str]:
+    """None if `backend` can run `op` on `args`, else the reason it cannot."""
+    return _why_not(backend, op, signature(args))
+
+
+def _select(op: str, backend: str, sig: tuple) -> str:
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}; ops: {OPS}")
+    backend = requested_backend(backend)
+    if backend == "auto":
+        if sig[0][2].startswith("cuda"):
+            for candidate in ("cuda", "triton"):
+                if _why_not(candidate, op, sig) is None:
+                    return candidate
+        return "torch"
+    reason = _why_not(backend, op, sig)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend!r} cannot run {op}: {reason}")
+    return backend
+
+
+_chosen: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def select_for_signature(op: str, backend: str, sig: tuple) -> str:
+    """`select` by signature, memoised; the memo key also holds what can change the answer
+    at run time (MVIT3_BACKEND, and whether Triton may take CPU tensors right now)."""
+    kernels_common = importlib.import_module("mvit3.kernels._common") if _triton_module(op)[0] else None
+    key = (op, backend, sig, os.environ.get("MVIT3_BACKEND"),
+           kernels_common.cpu_allowed() if kernels_common else False)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = _chosen[key] = _select(op, backend, sig)
+    return chosen
+
+
+def select(op: str, backend: str, args: tuple) -> str:
+    """The concrete backend ("torch", "triton" or "cuda") that will run `op` on `args`."""
+    return select_for_signature(op, backend, signature(args))
 
 
 def implementation(backend: str) -> Callable:
@@ -91,23 +156,6 @@ def implementation(backend: str) -> Callable:
     namespace = CUDA_NAMESPACE if backend == "cuda" else TRITON_NAMESPACE
     ops = getattr(torch.ops, namespace)
     return lambda op, *args: getattr(ops, op)(*args)
-
-
-def select(op: str, backend: str, args: tuple) -> str:
-    """The concrete backend ("torch", "triton" or "cuda") that will run `op` on `args`."""
-    if op not in OPS:
-        raise KeyError(f"unknown op {op!r}; ops: {OPS}")
-    backend = requested_backend(backend)
-    if backend == "auto":
-        if args[0].is_cuda:
-            for candidate in ("cuda", "triton"):
-                if why_not(candidate, op, args) is None:
-                    return candidate
-        return "torch"
-    reason = why_not(backend, op, args)
-    if reason is not None:
-        raise BackendUnavailable(f"backend {backend!r} cannot run {op}: {reason}")
-    return backend
 
 
 def dispatch(op: str, backend: str, *args):
