@@ -135,3 +135,74 @@ def channels_last_empty(b: int, c: int, h: int, w: int, like: torch.Tensor) -> t
 @triton.jit
 def silu(x):
     return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def patch_pixel_offset(token, position, patches_per_row, stride_h, stride_w):
+    """Memory offset of token `token` of patch sequence `position` in a [.., H, W] map.
+
+    The 2x2 patch layout of `mvit3.models.patches`: token n, position p is pixel
+    y = (n // (W/2)) * 2 + p // 2, x = (n % (W/2)) * 2 + p % 2. Attention kernels read and
+    write the map through this, so no unfold/fold copy ever exists.
+    """
+    y = (token // patches_per_row) * 2 + position // 2
+    x = (token % patches_per_row) * 2 + position % 2
+    return y * stride_h + x * stride_w
+
+
+def dot_operand_type(dtype: torch.dtype):
+    """The Triton type that GEMM tiles are cast to before tl.dot: the I/O dtype, so that
+    fp16/bf16 run on tensor cores (fp32 accumulation either way).
+
+    Exception: bf16 under TRITON_INTERPRET=1 gives fp32, because the interpreter's tl.dot
+    multiplies bf16 tiles as their raw uint16 storage (Triton 3.x, `create_dot`). Every bf16
+    value is exact in fp32, so loaded tiles give the same products; only tiles computed in
+    the kernel (norm or depthwise prologues) skip their rounding to bf16 there.
+    """
+    if dtype == torch.bfloat16 and INTERPRET:
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def int32_offset_limit(**tensors) -> str | None:
+    """Why int32 element offsets cannot reach every element of the named tensors, or None.
+
+    Kernels index with int32 arithmetic (Triton's type for i32 sizes and strides).
+    """
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if t.numel() > 0 and span > 2 ** 31 - 1:
+            return f"{name} spans {span} elements > 2**31 - 1 (the kernels use int32 offsets)"
+    return None
+
+
+@triton.jit
+def pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N,
+                        b, y, x, bias_ptr, res_ptr,
+                        stride_rb, stride_rc, stride_rh, stride_rw,
+                        out_ptr, ACT: tl.constexpr):
+    """Finish an fp32 [BLOCK_M pixels, BLOCK_N channels] tile of a pixel-row GEMM and store it.
+
+    out = act(acc + bias) + residual. (b, y, x) are the pixels' coordinates, for the residual
+    map of any strides; the output is a dense channels_last map, so pixel m, channel n is
+    element m * N + n. bias_ptr / res_ptr may be None (specialised away).
+    """
+    if bias_ptr is not None:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT == "silu":
+        acc = silu(acc)
+    mask = row_mask[:, None] & n_mask[None, :]
+    if res_ptr is not None:
+        res_pixel = b * stride_rb + y * stride_rh + x * stride_rw
+        res = tl.load(res_ptr + res_pixel[:, None] + offs_n[None, :] * stride_rc, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def map_stride_args(name: str, t: torch.Tensor | None) -> dict:
+    """{"stride_<name>b": .., "stride_<name>c": .., "stride_<name>h": .., "stride_<name>w": ..}
+    of a [B, C, H, W] map, all 0 for an absent (None) map."""
+    strides = t.stride() if t is not None else (0, 0, 0, 0)
+    return {f"stride_{name}{axis}": s for axis, s in zip("bchw", strides)}

@@ -379,7 +379,7 @@ def build_emulator(verbose: bool = False) -> Path:
         sources.append(str(wrapper))
     cpp_extension.load(
         name="mvit3_emulated_ops", sources=sources, build_directory=str(build_dir),
-        extra_cflags=["-O2", "-DMVIT3_EMULATE", "-fno-strict-aliasing", "-Wall", "-Wextra"],
+        extra_cflags=["-O3", "-DMVIT3_EMULATE", "-fno-strict-aliasing", "-Wall", "-Wextra"],
         extra_include_paths=[str(csrc), str(cuda_header_dir())], with_cuda=False,
         is_python_module=False, verbose=verbose)
     return build_dir / "mvit3_emulated_ops.so"
