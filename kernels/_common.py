@@ -157,9 +157,10 @@ def dot_operand_type(dtype: torch.dtype):
     Exception: bf16 under TRITON_INTERPRET=1 gives fp32, because the interpreter's tl.dot
     multiplies bf16 tiles as their raw uint16 storage (Triton 3.x, `create_dot`). Every bf16
     value is exact in fp32, so loaded tiles give the same products; only tiles computed in
-    the kernel (norm or depthwise prologues) skip their rounding to bf16 there.
+    the kernel (norm or depthwise prologues) skip their rounding to bf16 there. A dry run
+    records what a GPU launches (bf16 tiles), since nothing runs in the interpreter then.
     """
-    if dtype == torch.bfloat16 and INTERPRET:
+    if dtype == torch.bfloat16 and INTERPRET and not (_ACTIVE_LOG is not None and _ACTIVE_LOG.dry_run):
         return tl.float32
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
@@ -206,3 +207,20 @@ def map_stride_args(name: str, t: torch.Tensor | None) -> dict:
     of a [B, C, H, W] map, all 0 for an absent (None) map."""
     strides = t.stride() if t is not None else (0, 0, 0, 0)
     return {f"stride_{name}{axis}": s for axis, s in zip("bchw", strides)}
+
+
+TARGET_PROGRAMS = 128  # about one wave on an H100 (132 SMs), two on an RTX 2080 Ti (68 SMs)
+
+
+def rows_per_program(programs, row_values: int, max_tile_values: int) -> int:
+    """BLOCK_M of a kernel whose programs each own BLOCK_M rows of `row_values` values.
+
+    The largest of 64 and 32 whose [BLOCK_M, row_values] tile stays within max_tile_values
+    and that still gives TARGET_PROGRAMS programs (`programs(block_m)` counts them), else 16
+    (the smallest tl.dot tile): batch-1 latency needs programs more than the reuse of large
+    tiles.
+    """
+    for block_m in (64, 32):
+        if block_m * row_values <= max_tile_values and programs(block_m) >= TARGET_PROGRAMS:
+            return block_m
+    return 16

@@ -1,0 +1,178 @@
+"""Dense 3x3 conv (padding 1) over cat(x, x2) as an implicit GEMM, with a bias/act epilogue.
+
+Twin of `mvit3.ops.reference.conv3x3`:
+    y = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias).
+
+GEMM view: M = B*Hout*Wout output pixels, N = Cout, K = 9 * (C1 + C2). K is walked per
+input map (x, then x2 through a second pointer: no concatenation in memory), each as one
+flat index k = tap * C + channel, channel fastest. A K chunk therefore reads contiguous
+channels of a channels_last map, and a small Cin is not padded per tap: the stem's
+K = 9 * 3 = 27 takes two 16-wide chunks, not nine (one per tap).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mvit3.ops.reference import ACTS
+
+from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, launch, map_stride_args, next_pow2,
+                      pixel_tile_epilogue)
+
+
+@triton.jit
+def _accumulate_map(acc, src_ptr, C, channel_offset, b, y0, x0, row_mask, H, W,
+                    stride_b, stride_c, stride_h, stride_w,
+                    w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
+                    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the implicit-GEMM product of one input map [B, C, H, W] with its weight
+    channels channel_offset ... channel_offset + C - 1, over K = 9 * C (tap-major)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    window_origin = b * stride_b + y0 * stride_h + x0 * stride_w  # [BLOCK_M] offsets
+    for k0 in range(0, 9 * C, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < 9 * C
+        tap = k // C
+        channel = k % C
+        dy = tap // 3
+        dx = tap % 3
+        # [BLOCK_M, BLOCK_K] input coordinates; outside the map = zero padding
+        y_in = y0[:, None] + dy[None, :]
+        x_in = x0[:, None] + dx[None, :]
+        in_map = (y_in >= 0) & (y_in < H) & (x_in >= 0) & (x_in < W)
+        a = tl.load(src_ptr + window_origin[:, None]
+                    + (channel * stride_c + dy * stride_h + dx * stride_w)[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :] & in_map, other=0.0)
+        w_k = (channel_offset + channel) * stride_wc + dy * stride_wy + dx * stride_wx
+        w_tile = tl.load(w_ptr + w_k[:, None] + offs_n[None, :] * stride_wn,
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv3x3_kernel(
+    # pointers (x2 and bias may be None)
+    x_ptr, x2_ptr, w_ptr, bias_ptr, out_ptr,
+    # sizes: input map H x W, output map Hout x Wout, N = Cout
+    M, H, W, HW_out, W_out, C1, C2, N, conv_stride,
+    # strides: x, x2 [B, C, H, W]; weight [N, C1 + C2, 3, 3]
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_x2b, stride_x2c, stride_x2h, stride_x2w,
+    stride_wn, stride_wc, stride_wy, stride_wx,
+    # meta-parameters
+    ACT: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 1-D grid, N tiles fastest: programs sharing a row block run together (x rows from L2).
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n_tiles
+    pid_n = tl.program_id(0) % num_n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # output pixel m = (b, y, x); its 3x3 window starts at input (y*stride - 1, x*stride - 1)
+    b = offs_m // HW_out
+    y = (offs_m % HW_out) // W_out
+    x = offs_m % W_out
+    y0 = y * conv_stride - 1
+    x0 = x * conv_stride - 1
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _accumulate_map(acc, x_ptr, C1, 0, b, y0, x0, row_mask, H, W,
+                          stride_xb, stride_xc, stride_xh, stride_xw,
+                          w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
+                          DOT_TYPE, DOT_PRECISION, BLOCK_K)
+    if x2_ptr is not None:
+        acc = _accumulate_map(acc, x2_ptr, C2, C1, b, y0, x0, row_mask, H, W,
+                              stride_x2b, stride_x2c, stride_x2h, stride_x2w,
+                              w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
+                              DOT_TYPE, DOT_PRECISION, BLOCK_K)
+
+    pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N, b, y, x, bias_ptr, None,
+                        0, 0, 0, 0, out_ptr, ACT)
+
+
+def _meta(n: int, dtype: torch.dtype) -> dict:
+    """Tile sizes from (N, dtype): three tile shapes (BLOCK_N 16, 32, 64).
+
+    Cout is 16 ... 32 for the stem and up to 160 for v1's local and fusion convs; 64-wide
+    tiles split 160 into 3 tiles (192 computed) where 128 would compute 256. Narrow tiles
+    get taller (the stem: 128 pixels x 16 or 32 channels). BLOCK_K = 16: fp32 runs on FMA
+    units whose K-chunk operand fragments sit in registers (32 spills at 64 x 64), and so
+    do sm_75's fp16 mma fragments. Shared memory <= 16 KB (20 KB for TF32 on sm_90).
+    """
+    block_n = min(next_pow2(n), 64)
+    return dict(BLOCK_M=128 if block_n <= 32 else 64, BLOCK_N=block_n, BLOCK_K=16,
+                num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _output_size(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1  # 3x3, padding 1
+
+
+def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
+    if x.dim() != 4:
+        return f"x must be [B, C1, H, W], got shape {tuple(x.shape)}"
+    b, c1, h, w = x.shape
+    c2 = 0
+    if x2 is not None:
+        if x2.dim() != 4 or x2.shape[0] != b or x2.shape[2:] != x.shape[2:]:
+            return f"x2 must be [B, C2, H, W] = [{b}, C2, {h}, {w}], got shape {tuple(x2.shape)}"
+        c2 = x2.shape[1]
+    if weight.dim() != 4 or weight.shape[1] != c1 + c2 or weight.shape[2:] != (3, 3):
+        return (f"weight must be [Cout, C1 + C2, 3, 3] = [Cout, {c1 + c2}, 3, 3] for x with "
+                f"C1={c1} and x2 with C2={c2} channels, got shape {tuple(weight.shape)}")
+    cout = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (cout,):
+        return f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}"
+    if not isinstance(stride, int) or stride < 1:
+        return f"stride must be a positive int, got {stride!r}"
+    if act not in ACTS:
+        return f"act must be one of {ACTS}, got {act!r}"
+    return None
+
+
+def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str | None:
+    """None if the Triton kernel takes these arguments, else why not."""
+    error = _shape_error(x, weight, bias, x2, stride, act)
+    if error is not None:
+        return error
+    b, _, h, w = x.shape
+    out_elements = b * weight.shape[0] * _output_size(h, stride) * _output_size(w, stride)
+    if out_elements > 2 ** 31 - 1:
+        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
+    return int32_offset_limit(x=x, x2=x2, weight=weight)
+
+
+def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
+    """act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias) -> channels_last [B, Cout, Hout, Wout]."""
+    error = _shape_error(x, weight, bias, x2, stride, act)
+    if error is not None:
+        raise ValueError(f"conv3x3: {error}")
+    check_device(x, weight, bias, x2)
+    b, c1, h, w = x.shape
+    c2 = x2.shape[1] if x2 is not None else 0
+    cout = weight.shape[0]
+    h_out, w_out = _output_size(h, stride), _output_size(w, stride)
+    out = channels_last_empty(b, cout, h_out, w_out, like=x)
+    m = b * h_out * w_out
+    if m == 0 or cout == 0:
+        return out
+    meta = _meta(cout, x.dtype)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+    launch(_conv3x3_kernel, grid,
+           dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
+                M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, C1=c1, C2=c2, N=cout,
+                conv_stride=stride,
+                **map_stride_args("x", x), **map_stride_args("x2", x2),
+                **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
+           dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
+           num_warps=num_warps, num_stages=num_stages)
+    return out

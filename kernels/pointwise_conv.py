@@ -1,0 +1,216 @@
+"""1x1 conv as a pixel-row GEMM with a norm prologue and a bias/act/residual epilogue.
+
+Twin of `mvit3.ops.reference.pointwise_conv`:
+    y = act(cat(norm(x), x2) @ weight^T + bias) + residual, per pixel.
+
+GEMM view: M = B*H*W pixels (rows), N = Cout, K = C1 (+ C2). One program owns a
+[BLOCK_M pixels, BLOCK_N out-channels] tile; its K loop runs over x's C1 channels, then over
+x2's C2 channels through a second pointer, so the concatenation never exists in memory.
+
+The norm touches x only and happens in the prologue, on each A tile before tl.dot:
+- "layer": LayerNorm over the C1 channels of each pixel. A first pass over x's channels
+  takes each row's mean and variance in fp32, then the GEMM pass normalises on the fly.
+- "group": GroupNorm(1), statistics over a whole sample, taken beforehand by
+  `group_norm_stats`; each row reads its own sample's (mean, rstd), because a tile of
+  pixels may straddle two samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mvit3.ops.reference import ACTS, NORMS
+
+from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, launch, map_stride_args, next_pow2,
+                      pixel_tile_epilogue)
+from .group_norm_stats import group_norm_stats
+
+
+@triton.jit
+def _pixel_layer_norm_stats(x_rows, row_mask, C, stride_c, eps,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 mean and 1/sqrt(var + eps) over the C channels of each pixel row: [BLOCK_M] each.
+
+    One pass in BLOCK_K chunks; each chunk's (mean, M2) is merged into the running totals
+    with Chan's formula, so the variance has no E[x^2] - E[x]^2 cancellation. Every chunk
+    but the last is full, so k0 values precede chunk k0.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + offs_k
+        mask = row_mask[:, None] & (k < C)[None, :]
+        a = tl.load(x_rows[:, None] + k[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        n_chunk = tl.minimum(C - k0, BLOCK_K).to(tl.float32)
+        chunk_mean = tl.sum(a, axis=1) / n_chunk
+        centred = tl.where(mask, a - chunk_mean[:, None], 0.0)
+        n_before = k0 * 1.0  # as fp32
+        n_total = n_before + n_chunk
+        delta = chunk_mean - mean
+        mean += delta * (n_chunk / n_total)
+        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_before * n_chunk / n_total)
+    return mean, 1.0 / tl.sqrt(m2 / C + eps)
+
+
+@triton.jit
+def _pointwise_conv_kernel(
+    # pointers (x2, bias, residual, norm affine and group stats may be None)
+    x_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, norm_w_ptr, norm_b_ptr, stats_ptr, out_ptr,
+    # sizes
+    M, HW, W, C1, C2, N, eps,
+    # strides: x, x2 [B, C, H, W]; weight [N, C1 + C2]; residual [B, N, H, W]
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_x2b, stride_x2c, stride_x2h, stride_x2w,
+    stride_wn, stride_wk,
+    stride_rb, stride_rc, stride_rh, stride_rw,
+    # meta-parameters
+    NORM: tl.constexpr, ACT: tl.constexpr,
+    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 1-D grid, N tiles fastest: the programs sharing a row block run together, so its A
+    # rows are re-read from L2, and no grid axis limit (65535) applies to M.
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n_tiles
+    pid_n = tl.program_id(0) % num_n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # pixel m = (b, y, x) of a [B, *, H, W] map
+    b = offs_m // HW
+    y = (offs_m % HW) // W
+    x = offs_m % W
+    x_rows = x_ptr + b * stride_xb + y * stride_xh + x * stride_xw  # [BLOCK_M] pointers
+
+    if NORM == "layer":
+        mean, rstd = _pixel_layer_norm_stats(x_rows, row_mask, C1, stride_xc, eps, BLOCK_M, BLOCK_K)
+    elif NORM == "group":
+        mean = tl.load(stats_ptr + b * 2, mask=row_mask, other=0.0)
+        rstd = tl.load(stats_ptr + b * 2 + 1, mask=row_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # K over x's channels. Padded K columns may hold nonzero normalised values, but the
+    # matching weight rows load as 0, so they add nothing.
+    for k0 in range(0, C1, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < C1
+        a = tl.load(x_rows[:, None] + k[None, :] * stride_xc,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM != "none":
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if norm_w_ptr is not None:
+                a = a * tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if norm_b_ptr is not None:
+                a = a + tl.load(norm_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        w_tile = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
+
+    # then K over x2's channels: weight columns C1 ... C1 + C2 - 1
+    if x2_ptr is not None:
+        x2_rows = x2_ptr + b * stride_x2b + y * stride_x2h + x * stride_x2w
+        for k0 in range(0, C2, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < C2
+            a = tl.load(x2_rows[:, None] + k[None, :] * stride_x2c,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptr + (C1 + k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
+
+    pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N, b, y, x, bias_ptr, res_ptr,
+                        stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, ACT)
+
+
+def _meta(n: int, dtype: torch.dtype) -> dict:
+    """Tile sizes from (N, dtype): four tile shapes (BLOCK_N 16 ... 128).
+
+    BLOCK_N covers Cout up to 128 in one tile (the A tile and LayerNorm stats are then made
+    once); wider outputs take 128-column tiles. Warps keep at most 32 fp32 accumulators a
+    thread. BLOCK_K = 16: fp32 runs on FMA units (IEEE) whose K-chunk operand fragments sit
+    in registers, and sm_75's fp16 mma fragments likewise; with 32, ptxas spills on sm_80
+    (fp32) and sm_75 (fp16). Shared memory: at most 33 KB (sm_80/90), 16 KB (sm_75).
+    """
+    block_n = min(next_pow2(n), 128)
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if block_n == 128 else 4,
+                num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act) -> str | None:
+    if x.dim() != 4:
+        return f"x must be [B, C, H, W], got shape {tuple(x.shape)}"
+    b, c1, h, w = x.shape
+    c2 = 0
+    if x2 is not None:
+        if x2.dim() != 4 or x2.shape[0] != b or x2.shape[2:] != x.shape[2:]:
+            return f"x2 must be [B, C2, H, W] = [{b}, C2, {h}, {w}], got shape {tuple(x2.shape)}"
+        c2 = x2.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != c1 + c2:
+        return (f"weight must be [Cout, C1 + C2] = [Cout, {c1 + c2}] for x with C1={c1} and "
+                f"x2 with C2={c2} channels, got shape {tuple(weight.shape)}")
+    cout = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (cout,):
+        return f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}"
+    if residual is not None and tuple(residual.shape) != (b, cout, h, w):
+        return f"residual must be [B, Cout, H, W] = {[b, cout, h, w]}, got shape {tuple(residual.shape)}"
+    if norm not in NORMS:
+        return f"norm must be one of {NORMS}, got {norm!r}"
+    if act not in ACTS:
+        return f"act must be one of {ACTS}, got {act!r}"
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if norm != "none" and t is not None and tuple(t.shape) != (c1,):
+            return f"{name} must be [C1] = [{c1}] (the norm applies to x only), got shape {tuple(t.shape)}"
+    return None
+
+
+def why_unsupported(x, weight, bias=None, x2=None, residual=None, norm="none", norm_weight=None,
+                    norm_bias=None, eps=1e-5, act="none") -> str | None:
+    """None if the Triton kernel takes these arguments, else why not."""
+    error = _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act)
+    if error is not None:
+        return error
+    b, _, h, w = x.shape
+    out_elements = b * weight.shape[0] * h * w
+    if out_elements > 2 ** 31 - 1:
+        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
+    return int32_offset_limit(x=x, x2=x2, weight=weight, residual=residual)
+
+
+def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", norm_weight=None,
+                   norm_bias=None, eps=1e-5, act="none"):
+    """y = act(cat(norm(x), x2) @ weight^T + bias) + residual -> channels_last [B, Cout, H, W]."""
+    error = _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act)
+    if error is not None:
+        raise ValueError(f"pointwise_conv: {error}")
+    check_device(x, weight, bias, x2, residual, norm_weight, norm_bias)
+    b, c1, h, w = x.shape
+    c2 = x2.shape[1] if x2 is not None else 0
+    cout = weight.shape[0]
+    out = channels_last_empty(b, cout, h, w, like=x)
+    m = b * h * w
+    if m == 0 or cout == 0:
+        return out
+    if norm == "none":
+        norm_weight = norm_bias = None
+    stats = group_norm_stats(x, eps) if norm == "group" else None
+    meta = _meta(cout, x.dtype)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+    launch(_pointwise_conv_kernel, grid,
+           dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, res_ptr=residual,
+                norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats, out_ptr=out,
+                M=m, HW=h * w, W=w, C1=c1, C2=c2, N=cout, eps=float(eps),
+                **map_stride_args("x", x), **map_stride_args("x2", x2),
+                stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                **map_stride_args("r", residual)),
+           dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
+                DOT_PRECISION=dot_precision(x.dtype), **meta),
+           num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -1,0 +1,223 @@
+"""The Triton dwconv_pointwise (depthwise 3x3 + SiLU made on chip, fed into a 1x1 GEMM)
+against the float64 reference, at every distinct channel configuration of the 15 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import KERNEL_DEVICES
+from mvit3.kernels import _common
+from mvit3.kernels.dwconv_pointwise import dwconv_pointwise, why_unsupported
+from mvit3.models import CONFIGS
+from mvit3.ops import reference
+from shapes import mv2_blocks
+
+# Max |kernel - reference| / max |reference|, the reference in float64 on float64 copies.
+# fp32: nine depthwise taps, then K <= 1024 products, summed in fp32 in another order than
+#   float64: rounding ~ sqrt(K) * 2**-24 of the scale, under 1e-5 here, while a wrong tap,
+#   border or stride is O(1e-1) or worse. 1e-4 leaves headroom for SiLU's exp.
+# fp16, bf16 (unit roundoff u = 2**-11 = 4.9e-4, 2**-8 = 3.9e-3): the output, and on a
+#   GPU the hidden tile, are rounded to the I/O dtype, each <= u of the scale; products
+#   and sums stay fp32. The interpreter converts fp32 to bf16 by truncation (up to 2u);
+#   GPUs round to nearest. 5u: 3-6x the largest error seen over these tests.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
+
+LAYOUTS = ("nchw", "nhwc", "slice")
+SIZES = ((7, 7), (8, 8), (5, 9))  # small maps, odd sizes too: stride 2 gives ceil(H / 2)
+
+
+def random_map(gen, b, c, h, w, layout, dtype, device):
+    """A [B, C, H, W] map stored NCHW, channels_last, or as a channel slice of a wider
+    channels_last map (pixel stride C + 6: neither layout is dense)."""
+    if layout == "nchw":
+        return torch.randn(b, c, h, w, generator=gen).to(device, dtype)
+    if layout == "nhwc":
+        return torch.randn(b, h, w, c, generator=gen).to(device, dtype).permute(0, 3, 1, 2)
+    wide = torch.randn(b, h, w, c + 6, generator=gen).to(device, dtype)
+    return wide.permute(0, 3, 1, 2)[:, 3:3 + c]
+
+
+def random_weight(gen, cout, k, packing, dtype, device):
+    """[Cout, K] with N(0, 1/K) entries: contiguous ("plain"), or the fast model's K-major
+    packing, a [Cout, K] view with strides (1, Cout) of a contiguous [K, Cout] buffer."""
+    if packing == "plain":
+        w = torch.randn(cout, k, generator=gen)
+    else:
+        w = torch.randn(k, cout, generator=gen).t()
+    return (w / k ** 0.5).to(device, dtype)
+
+
+def variant(i: int, heavy: bool = False) -> dict:
+    """Batch, map size, layouts and weight packing rotated over the cases of one test.
+    Heavy cases (many channels) take batch 1: the interpreter's time grows with the tiles."""
+    return dict(b=1 if heavy else (1, 3)[i % 2], size=SIZES[(i // 2) % 3], layout=LAYOUTS[i % 3],
+                packing=("kmajor", "plain")[(i // 3) % 2])
+
+
+def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, dw_bias=True,
+              bias=True, residual=False, seed=0):
+    """Positional arguments of dwconv_pointwise; the residual uses another layout than x."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    x = random_map(gen, b, hidden, h, w, layout, dtype, device)
+    # depthwise taps N(0, 1/9): the hidden values stay O(1) before SiLU
+    dw_weight = (torch.randn(hidden, 1, 3, 3, generator=gen) / 3).to(device, dtype)
+    dw_bias_t = (0.5 * torch.randn(hidden, generator=gen)).to(device, dtype) if dw_bias else None
+    weight = random_weight(gen, cout, hidden, packing, dtype, device)
+    bias_t = (0.5 * torch.randn(cout, generator=gen)).to(device, dtype) if bias else None
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    other = LAYOUTS[(LAYOUTS.index(layout) + 1) % 3]
+    res = random_map(gen, b, cout, h_out, w_out, other, dtype, device) if residual else None
+    return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res)
+
+
+def check(args, dtype=torch.float32):
+    out = dwconv_pointwise(*args)
+    ref = reference.dwconv_pointwise(*[a.cpu().double() if isinstance(a, torch.Tensor) else a
+                                       for a in args])
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    scale = ref.abs().max().item()
+    assert scale > 0.1  # random inputs: a degenerate (near-zero) reference would prove nothing
+    err = (out.cpu().double() - ref).abs().max().item() / scale
+    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
+
+
+# MV2 dw 3x3 + reduce 1x1: (hidden, out, stride, residual when stride 1 and in == out)
+MV2_REDUCE = sorted({(hidden, out, stride, stride == 1 and cin == out)
+                     for cin, hidden, out, stride in mv2_blocks()})
+# local representation of v3 (v1-style) and v2-style blocks: dw 3x3 on C + 1x1 C -> d, no bias
+LOCAL_REPS = sorted({(s.channels, s.attn_dim) for c in CONFIGS.values()
+                     if c.version == "v3" or c.style == "v2" for s in c.stages})
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("i, hidden, cout, stride, residual",
+                         [(i, *p) for i, p in enumerate(MV2_REDUCE)],
+                         ids=[f"{h}to{o}-s{s}{'-res' if r else ''}" for h, o, s, r in MV2_REDUCE])
+def test_mv2_dw_reduce(device, i, hidden, cout, stride, residual):
+    """MV2 second half: dw 3x3 (+BN, SiLU) + reduce 1x1 (+BN) [+ block input]."""
+    check(make_args(device, torch.float32, hidden=hidden, cout=cout, stride=stride,
+                    residual=residual, seed=i, **variant(i, heavy=hidden >= 256)))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("i, c, d", [(i, *p) for i, p in enumerate(LOCAL_REPS)],
+                         ids=[f"C{c}-d{d}" for c, d in LOCAL_REPS])
+def test_local_representation(device, i, c, d):
+    """MobileViT v2/v3 local_rep: dw 3x3 (+BN, SiLU) + 1x1 C -> d without bias."""
+    check(make_args(device, torch.float32, hidden=c, cout=d, bias=False, seed=i,
+                    **variant(i, heavy=c >= 256)))
+
+
+REAL_SIZE_CASES = {
+    "mv2-48to64-s2-64x64": dict(hidden=48, cout=64, stride=2, size=(64, 64)),
+    "mv2-48to24-s1-res-32x32": dict(hidden=48, cout=24, residual=True, size=(32, 32)),
+    "local-C64-d64-32x32": dict(hidden=64, cout=64, bias=False, size=(32, 32)),
+    "mv2-32to24-s2-63x63": dict(hidden=32, cout=24, stride=2, size=(63, 63)),
+}
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", REAL_SIZE_CASES)
+def test_real_size(device, case):
+    """Maps of layer_2/layer_3 at 256 px (32x32 out: 16 row tiles); 63 -> 32 has odd borders."""
+    check(make_args(device, torch.float32, b=1, layout="nhwc", packing="kmajor",
+                    **REAL_SIZE_CASES[case]))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("stride", (1, 2))
+@pytest.mark.parametrize("dw_bias", (False, True), ids=("no-dw-bias", "dw-bias"))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+@pytest.mark.parametrize("residual", (False, True), ids=("nores", "res"))
+def test_option_matrix(device, stride, dw_bias, bias, residual):
+    """Every combination of the optional parts and both strides on a small batch-3 problem."""
+    i = stride + 2 * dw_bias + 4 * bias + 8 * residual
+    kw = {**variant(i), "b": 3, "size": (5, 9)}
+    check(make_args(device, torch.float32, hidden=40, cout=24, stride=stride, dw_bias=dw_bias,
+                    bias=bias, residual=residual, seed=i, **kw))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("stride", (3, 4))
+def test_other_strides(device, stride):
+    """Stride is a runtime argument: any stride >= 1 is computed exactly (why_unsupported
+    names no stride limit)."""
+    check(make_args(device, torch.float32, b=2, size=(11, 9), layout="nhwc", packing="kmajor",
+                    hidden=24, cout=16, stride=stride))
+
+
+LOW_PRECISION_CASES = {
+    "mv2-128to64-s1-res": dict(hidden=128, cout=64, residual=True),
+    "mv2-384to160-s2": dict(hidden=384, cout=160, stride=2),
+    "local-C160-d144": dict(hidden=160, cout=144, bias=False),
+}
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES)
+def test_low_precision(device, dtype, case):
+    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0 or newer")
+    i = list(LOW_PRECISION_CASES).index(case)
+    check(make_args(device, dtype, seed=i, **variant(i), **LOW_PRECISION_CASES[case]), dtype)
+
+
+def _base_args():
+    return make_args("cpu", torch.float32, b=2, size=(5, 6), layout="nhwc", packing="plain",
+                     hidden=8, cout=16, stride=2, residual=True)
+
+
+def _replace(args, **changes):
+    names = ("x", "dw_weight", "dw_bias", "weight", "bias", "stride", "residual")
+    return tuple(changes.get(name, arg) for name, arg in zip(names, args))
+
+
+BAD_INPUTS = {
+    "x-3d": (dict(x=torch.zeros(2, 8, 5)), "x must be"),
+    "dw-weight-channels": (dict(dw_weight=torch.zeros(7, 1, 3, 3)), "dw_weight must be"),
+    "dw-weight-5x5": (dict(dw_weight=torch.zeros(8, 1, 5, 5)), "dw_weight must be"),
+    "dw-bias": (dict(dw_bias=torch.zeros(9)), "dw_bias must be"),
+    "weight-k": (dict(weight=torch.zeros(16, 9)), r"weight must be \[Cout, Ch\]"),
+    "bias": (dict(bias=torch.zeros(8)), "bias must be"),
+    "stride-0": (dict(stride=0), "stride must be"),
+    "residual-size": (dict(residual=torch.zeros(2, 16, 5, 6)), "residual must be"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_raise(case):
+    changes, message = BAD_INPUTS[case]
+    args = _replace(_base_args(), **changes)
+    with pytest.raises(ValueError, match=message):
+        dwconv_pointwise(*args)
+    assert why_unsupported(*args) is not None
+
+
+def test_why_unsupported():
+    assert why_unsupported(*_base_args()) is None
+    # int32 offsets: a map of 2**31 elements (meta tensors: shapes only, no memory)
+    x = torch.empty(1, 8, 2 ** 14, 2 ** 14, device="meta")
+    reason = why_unsupported(x, torch.empty(8, 1, 3, 3, device="meta"), None,
+                             torch.empty(4, 8, device="meta"), None, 2)
+    assert reason is not None and "2**31" in reason
+
+
+def test_launch_records():
+    """A dry run records the launch (the AOT compile test enumerates configurations from
+    these); absent tensors are constexpr None, so the kernel specialises them away."""
+    args = make_args("cpu", torch.float32, b=2, size=(16, 16), layout="nhwc", packing="kmajor",
+                     hidden=256, cout=160, stride=2, bias=False)
+    with _common.launch_log(dry_run=True) as log:
+        dwconv_pointwise(*args)
+    assert len(log) == 1
+    record = log.records[0]
+    assert record.name == "_dwconv_pointwise_kernel"
+    signature, meta = dict(record.signature), dict(record.constexprs)
+    assert signature["bias_ptr"] == signature["res_ptr"] == "constexpr"
+    assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
+    assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
+    assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
