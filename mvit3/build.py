@@ -146,7 +146,7 @@ def _short_names(mangled: list) -> dict:
 
 
 def parse_ptxas(lines) -> list:
-    """KernelUsage of every entry function in ptxas -v output."""
+    """KernelUsage of every entry function (and non-inlined device function) in ptxas -v output."""
     usages, by_name, current = [], {}, None
     properties_of = None
     for line in lines:
@@ -154,10 +154,15 @@ def parse_ptxas(lines) -> list:
             current = KernelUsage(kernel=m.group(1), arch=m.group(2))
             usages.append(current)
             by_name[(m.group(1), m.group(2))] = current
-        elif m := _PROPERTIES.search(line):
-            properties_of = by_name.get((m.group(1), current.arch)) if current else None
+        elif (m := _PROPERTIES.search(line)) and current is not None:
+            key = (m.group(1), current.arch)
+            if key not in by_name:  # a device function that was not inlined: its spills count too
+                by_name[key] = KernelUsage(kernel=m.group(1), arch=current.arch)
+                usages.append(by_name[key])
+            properties_of = by_name[key]
         elif (m := _FRAME.search(line)) and properties_of is not None:
-            properties_of.stack_bytes, properties_of.spill_stores, properties_of.spill_loads = map(int, m.groups())
+            usage = properties_of
+            usage.stack_bytes, usage.spill_stores, usage.spill_loads = map(int, m.groups())
         elif (m := _USED.search(line)) and current is not None:
             current.registers = int(m.group(1))
             if s := _SMEM.search(line):
@@ -284,8 +289,8 @@ def build(archs: str, jobs: int, build_dir: Path | None, dest: Path | None, buil
         raise BuildError("the sources changed during the build; run it again")
     info["built_by"] = "python -m mvit3 build"
     dest.mkdir(parents=True, exist_ok=True)
-    for name, text in ((INFO_NAME, json.dumps(info, indent=2) + "\n"), (PTXAS_REPORT_NAME, report + "\n")):
-        (dest / name).write_text(text)
+    (dest / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    (dest / PTXAS_REPORT_NAME).write_text(report + "\n")
     staged = dest / (LIB_NAME + ".tmp")
     shutil.copy2(build_dir / LIB_NAME, staged)
     os.replace(staged, dest / LIB_NAME)  # a process that has the old one loaded keeps its copy
@@ -321,10 +326,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-spills", action="store_true",
                         help="install even if ptxas reports register spills")
     parser.add_argument("--verbose", "-v", action="store_true", help="show all compiler output")
+    parser.add_argument("--emulator", action="store_true",
+                        help="build the CPU emulation of the kernels for the tests instead "
+                             "(no GPU or nvcc needed; the tests build it on demand too)")
 
 
 def run(args) -> int:
     try:
+        if args.emulator:
+            print(f"mvit3 build: CPU emulation of csrc/ -> {build_emulator(args.verbose)}")
+            return 0
         dest = build(args.archs, args.jobs, args.build_dir, args.dest, args.build_type, args.werror,
                      args.allow_spills, args.verbose)
         _check_load(dest)
@@ -339,7 +350,8 @@ def run(args) -> int:
 def cuda_header_dir() -> Path:
     """A directory with cuda_fp16.h and cuda_bf16.h, which the emulator needs (host code only):
     the CUDA toolkit's, or the one the nvidia-* wheels of a pip torch install."""
-    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH")
+                  if os.environ.get(v)]
     try:
         nvcc = find_nvcc()
         candidates.append(Path(nvcc).resolve().parent.parent / "include")
@@ -382,4 +394,7 @@ def build_emulator(verbose: bool = False) -> Path:
         extra_cflags=["-O3", "-DMVIT3_EMULATE", "-fno-strict-aliasing", "-Wall", "-Wextra"],
         extra_include_paths=[str(csrc), str(cuda_header_dir())], with_cuda=False,
         is_python_module=False, verbose=verbose)
+    for stale in build_dir.parent.glob("emulator-*"):  # caches of other sources
+        if stale != build_dir:
+            shutil.rmtree(stale, ignore_errors=True)
     return build_dir / "mvit3_emulated_ops.so"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..build import INFO_NAME, LIB_NAME, SOURCE_ROOT, build_key, has_sources, install_root, sources_hash, torch_key
+from ..build import (INFO_NAME, LIB_NAME, SOURCE_ROOT, build_key, has_sources, install_root,
+                     sources_hash, torch_key)
 
 _NOT_LOOKED = "not looked for yet"
 _state = {"loaded": False, "reason": _NOT_LOOKED, "path": None, "info": None}
@@ -99,11 +100,12 @@ def load() -> bool:
             continue
         _state.update(loaded=True, reason="", path=str(lib), info=info)
         return True
-    if not reasons:
-        stale = _stale_builds()
+    if not reasons and os.environ.get("MVIT3_LIB_DIR"):
+        reasons.append(f"no {LIB_NAME} in MVIT3_LIB_DIR={os.environ['MVIT3_LIB_DIR']}")
+    elif not reasons:
+        stale = ", ".join(p.name for p in _stale_builds())
         reasons.append("not built (run `python -m mvit3 build`)" + (
-            f"; only builds for other torch versions or sources exist: {', '.join(p.name for p in stale)}"
-            if stale else ""))
+            f"; only builds for other torch versions or sources exist: {stale}" if stale else ""))
     _state["reason"] = "; ".join(reasons)
     return False
 

@@ -1,0 +1,141 @@
+// Device-side helpers shared by the kernels: dtype and head-dim dispatch, the launch wrapper,
+// fp32 math, reductions. Included by the .cu files only (compiled by nvcc, or by the host
+// compiler for the CPU emulator with MVIT3_EMULATE).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "mvit3.h"
+
+#ifndef MVIT3_EMULATE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#endif
+
+#ifdef MVIT3_EMULATE
+#define MVIT3_UNROLL
+#else
+#define MVIT3_UNROLL _Pragma("unroll")
+#endif
+
+#define MVIT3_DEVICE __device__ __forceinline__
+
+namespace mvit3 {
+
+// ---- element types --------------------------------------------------------------------------
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with the storage type of `dtype`.
+template <class F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f(TypeTag<float>{}); return;
+    case DType::f16: f(TypeTag<__half>{}); return;
+    case DType::bf16: f(TypeTag<__nv_bfloat16>{}); return;
+  }
+  throw std::runtime_error("mvit3: unknown dtype");
+}
+
+// The head dim padded to the next multiple of 16 the attention kernel is compiled for.
+template <class F>
+void dispatch_head_dim(int head_dim, F&& f) {
+  if (head_dim <= 16) return f(std::integral_constant<int, 16>{});
+  if (head_dim <= 32) return f(std::integral_constant<int, 32>{});
+  if (head_dim <= 48) return f(std::integral_constant<int, 48>{});
+  if (head_dim <= kMaxHeadDim) return f(std::integral_constant<int, 64>{});
+  throw std::runtime_error("mvit3: head dim " + std::to_string(head_dim) + " > " +
+                           std::to_string(kMaxHeadDim));
+}
+
+// Whether the kernels of dtype T exist in this compilation pass: bf16 tensor cores (WMMA) need
+// sm_80. ops.cpp refuses bf16 on older GPUs, so the bf16 kernels of sm_75 have empty bodies.
+template <class T>
+__host__ __device__ constexpr bool arch_supports() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return !std::is_same_v<T, __nv_bfloat16>;
+#else
+  return true;
+#endif
+}
+
+MVIT3_DEVICE float to_float(float v) { return v; }
+MVIT3_DEVICE float to_float(__half v) { return __half2float(v); }
+MVIT3_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+MVIT3_DEVICE T from_float(float v);
+template <>
+MVIT3_DEVICE float from_float<float>(float v) { return v; }
+template <>
+MVIT3_DEVICE __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+MVIT3_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---- fp32 math ------------------------------------------------------------------------------
+
+MVIT3_DEVICE float silu(float v) { return v / (1.0f + expf(-v)); }
+
+MVIT3_DEVICE float apply_act(float v, Act act) { return act == Act::silu ? silu(v) : v; }
+
+MVIT3_DEVICE int64_t map_offset(const Map& m, int b, int c, int y, int x) {
+  return b * m.stride_b + c * m.stride_c + y * m.stride_h + x * m.stride_w;
+}
+
+struct Sum {
+  MVIT3_DEVICE float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  MVIT3_DEVICE float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class Op>
+MVIT3_DEVICE float warp_allreduce(float v, Op op) {
+  MVIT3_UNROLL
+  for (int mask = 16; mask > 0; mask >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  return v;
+}
+
+// Every thread of a 1-D block of kThreads gets op over all threads' v. scratch: 32 floats of
+// shared memory, free to reuse once this returns.
+template <int kThreads, class Op>
+MVIT3_DEVICE float block_allreduce(float v, float* scratch, Op op) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps");
+  constexpr int kWarps = kThreads / 32;
+  v = warp_allreduce(v, op);
+  __syncthreads();  // a previous call may still be reading scratch
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
+  return v;
+}
+
+// ---- launching ------------------------------------------------------------------------------
+
+inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+// kernel<<<grid, block, 0, stream>>>(args...) with the launch error turned into an exception;
+// under MVIT3_EMULATE the emulator runs it on the host.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, const Args&... args) {
+#ifdef MVIT3_EMULATE
+  (void)stream;
+  emu::launch(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("mvit3 kernel launch failed: ") + cudaGetErrorString(error));
+#endif
+}
+
+}  // namespace mvit3

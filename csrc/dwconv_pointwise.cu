@@ -1,0 +1,67 @@
+// dwconv_pointwise: out = silu(depthwise3x3(x, stride, padding 1) + dw_bias) @ weight^T + bias
+// + residual. Semantics: mvit3.ops.reference.dwconv_pointwise. The second half of an MV2 block
+// and the local representation of a MobileViT block.
+//
+// One tile GEMM whose producer computes the depthwise conv while staging the A tile, so the
+// [B, C, Ho, Wo] intermediate never reaches memory. Each block recomputes the depthwise values
+// of its pixels for its kBlockN output channels: 9 FMAs per staged element, cheap next to the
+// kBlockN FMAs the element then feeds.
+#include "tile_gemm.cuh"
+
+namespace mvit3 {
+namespace {
+
+template <class T>
+struct DwconvProducer {
+  Map x;
+  int height = 0, width = 0, stride = 1;
+  const T* dw_weight = nullptr;  // [C, 1, 3, 3] contiguous
+  const T* dw_bias = nullptr;    // [C]
+  bool channels_contiguous = false;
+
+  MVIT3_DEVICE void init_row(gemm::Row& row) const { row.offset = int64_t(row.b) * x.stride_b; }
+
+  MVIT3_DEVICE void prepare(gemm::Row*) const {}
+
+  MVIT3_DEVICE float a(const gemm::Row& row, int c) const {
+    const T* src = static_cast<const T*>(x.data) + row.offset + int64_t(c) * x.stride_c;
+    const T* w = dw_weight + 9 * c;
+    float acc = to_float(dw_bias[c]);
+    MVIT3_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const int iy = row.y * stride - 1 + ky;
+      if (iy < 0 || iy >= height) continue;
+      MVIT3_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        const int ix = row.x * stride - 1 + kx;
+        if (ix < 0 || ix >= width) continue;
+        acc = fmaf(to_float(src[iy * x.stride_h + ix * x.stride_w]), to_float(w[3 * ky + kx]), acc);
+      }
+    }
+    return silu(acc);
+  }
+};
+
+}  // namespace
+
+void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    DwconvProducer<T> producer;
+    producer.x = args.x;
+    producer.height = args.height;
+    producer.width = args.width;
+    producer.stride = args.stride;
+    producer.dw_weight = static_cast<const T*>(args.dw_weight);
+    producer.dw_bias = static_cast<const T*>(args.dw_bias);
+    producer.channels_contiguous = args.x.stride_c == 1;
+    gemm::Epilogue ep;
+    ep.bias = args.bias;
+    ep.residual = args.residual;
+    ep.out = args.out;
+    const gemm::Shape shape{args.batch, args.out_height, args.out_width, args.cout, args.channels};
+    gemm::run<T>(producer, args.weight, ep, shape, stream);
+  });
+}
+
+}  // namespace mvit3

@@ -1,0 +1,338 @@
+// A CPU emulation of the parts of the CUDA execution model the mvit3 kernels use, so that the
+// very same kernel source runs on CPU tensors in CI, where there is no GPU (MVIT3_EMULATE).
+//
+// Why: the development machines and CI have nvcc but no GPU, so csrc/ could only be compiled
+// there. Running the kernels here, with their real tiling, shared memory, barriers, shuffles
+// and WMMA calls, turns "it compiles" into "it computes the reference" for everything but the
+// hardware itself (speed, the real fragment layouts, races that only true concurrency shows).
+//
+// Model:
+// - A launch runs its blocks one after another. The threads of a block are fibers (ucontext)
+//   on the calling thread; a fiber runs until it reaches a barrier, then the next one runs.
+// - __syncthreads() releases when every live thread of the block waits on it; __syncwarp()
+//   and shuffles release when every live lane of the warp waits. A barrier that can never
+//   release (threads of one warp waiting at different barriers, say) is reported as a
+//   deadlock instead of hanging.
+// - __shared__ variables become function statics: one copy, shared by the fibers of the block
+//   that is running, which is exactly shared-memory semantics when blocks run one at a time.
+//   Unlike on a GPU, a block starts with what the previous block left there, so a missing
+//   barrier shows where that stale data differs from the right data (as it does when blocks
+//   work on different data).
+// - WMMA fragments hold the whole 16x16 tile in every lane; the load/store calls check the
+//   alignment and leading-dimension rules of the real API. Products are summed in fp32; a
+//   lane whose mma operands equal those its warp's first lane had copies that lane's result.
+//   Loads and stores do not synchronise the warp here: a kernel that relied on their implicit
+//   warp synchronisation instead of an explicit __syncwarp() would fail in the emulator, which
+//   errs on the safe side.
+// - Threads that return early no longer count at barriers (as on sm_70 and newer).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// cuda_runtime headers in host mode define __shared__ as nothing: make it a function static.
+#undef __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+namespace mvit3::emu {
+
+struct Stream {};  // launches run in order, synchronously
+
+enum class Wait { none, block_barrier, warp_barrier, done, failed };
+
+struct Fiber {
+  ucontext_t context{};
+  std::unique_ptr<char[]> stack;
+  uint3 index{};  // threadIdx
+  int warp = 0;
+  int lane = 0;
+  Wait wait = Wait::none;
+  size_t mma_calls = 0;  // mma_sync calls made so far in this block
+};
+
+// One mma_sync of a warp: operands and result, 16x16 each.
+struct MmaRecord {
+  float a[256], b[256], c[256], d[256];
+};
+
+struct Block {
+  dim3 grid_dim, block_dim;
+  uint3 block_idx{};
+  std::vector<Fiber> fibers;
+  std::vector<uint64_t> exchange;  // one shuffle slot per thread
+  // Per warp, the mma_sync calls of its first lane: a later lane whose operands are the same
+  // (they always are in a convergent warp) copies the result instead of recomputing it.
+  std::vector<std::vector<MmaRecord>> mma_log;
+  ucontext_t scheduler{};
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::string error;
+};
+
+inline constexpr size_t kStackBytes = 256 * 1024;  // WMMA fragments are whole tiles here
+
+inline Block*& active_block() {
+  static thread_local Block* block = nullptr;
+  return block;
+}
+
+inline Fiber& self() { return *active_block()->current; }
+
+// Give control back to the scheduler until the wait is over.
+inline void suspend(Wait wait) {
+  Block* block = active_block();
+  Fiber* fiber = block->current;
+  fiber->wait = wait;
+  swapcontext(&fiber->context, &block->scheduler);
+}
+
+// Stop the launch with a message (a broken rule of the CUDA API, for instance).
+inline void fail(const std::string& message) {
+  Block* block = active_block();
+  if (block->error.empty()) block->error = message;
+  suspend(Wait::failed);
+}
+
+inline void fiber_main() {
+  Block* block = active_block();
+  (*block->body)();
+  block->current->wait = Wait::done;  // returning resumes uc_link, the scheduler
+}
+
+// Release the waits that can complete; false if none can (a deadlock).
+inline bool release_barriers(Block& block) {
+  bool any_block_wait = false, all_at_block_barrier = true;
+  for (const Fiber& f : block.fibers) {
+    if (f.wait == Wait::done) continue;
+    any_block_wait |= f.wait == Wait::block_barrier;
+    all_at_block_barrier &= f.wait == Wait::block_barrier;
+  }
+  if (any_block_wait && all_at_block_barrier) {
+    for (Fiber& f : block.fibers)
+      if (f.wait == Wait::block_barrier) f.wait = Wait::none;
+    return true;
+  }
+  bool released = false;
+  const size_t warps = (block.fibers.size() + 31) / 32;
+  for (size_t w = 0; w < warps; ++w) {
+    const size_t first = w * 32, last = std::min(first + 32, block.fibers.size());
+    bool any = false, all = true;
+    for (size_t i = first; i < last; ++i) {
+      const Wait wait = block.fibers[i].wait;
+      if (wait == Wait::done) continue;
+      any |= wait == Wait::warp_barrier;
+      all &= wait == Wait::warp_barrier;
+    }
+    if (any && all) {
+      for (size_t i = first; i < last; ++i)
+        if (block.fibers[i].wait == Wait::warp_barrier) block.fibers[i].wait = Wait::none;
+      released = true;
+    }
+  }
+  return released;
+}
+
+inline void run_block(Block& block) {
+  for (auto& log : block.mma_log) log.clear();
+  for (Fiber& f : block.fibers) {
+    f.mma_calls = 0;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &block.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+    f.wait = Wait::none;
+  }
+  for (;;) {
+    for (Fiber& f : block.fibers) {
+      if (f.wait != Wait::none) continue;
+      block.current = &f;
+      swapcontext(&block.scheduler, &f.context);
+      if (!block.error.empty()) return;
+    }
+    bool live = false;
+    for (const Fiber& f : block.fibers) live |= f.wait != Wait::done;
+    if (!live) return;
+    if (!release_barriers(block)) {
+      block.error = "deadlock: threads wait at barriers that can never release";
+      return;
+    }
+  }
+}
+
+// Run `body` (the kernel call) for every thread of every block of the grid.
+inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body) {
+  Block block;
+  block.grid_dim = grid;
+  block.block_dim = threads;
+  block.body = &body;
+  const unsigned count = threads.x * threads.y * threads.z;
+  if (count == 0 || count > 1024 || count % 32 != 0)
+    throw std::runtime_error("emulated launch: block size must be a multiple of 32 up to 1024");
+  block.fibers.resize(count);
+  block.exchange.resize(count);
+  block.mma_log.resize(count / 32);
+  for (unsigned i = 0; i < count; ++i) {
+    Fiber& f = block.fibers[i];
+    f.stack.reset(new char[kStackBytes]);
+    f.index = uint3{i % threads.x, (i / threads.x) % threads.y, i / (threads.x * threads.y)};
+    f.warp = static_cast<int>(i / 32);
+    f.lane = static_cast<int>(i % 32);
+  }
+  Block* previous = active_block();
+  active_block() = &block;
+  for (unsigned z = 0; z < grid.z && block.error.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && block.error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && block.error.empty(); ++x) {
+        block.block_idx = uint3{x, y, z};
+        run_block(block);
+        if (!block.error.empty())
+          block.error += " (block " + std::to_string(x) + "," + std::to_string(y) + "," +
+                         std::to_string(z) + ")";
+      }
+  active_block() = previous;
+  if (!block.error.empty()) throw std::runtime_error("emulated kernel failed: " + block.error);
+}
+
+// One value per lane through the warp's exchange slots; both waits keep the slots stable.
+template <class V>
+V shuffle_xor(V value, int lane_mask) {
+  static_assert(sizeof(V) <= sizeof(uint64_t) && std::is_trivially_copyable_v<V>);
+  Block* block = active_block();
+  Fiber& me = self();
+  const int base = me.warp * 32;
+  std::memcpy(&block->exchange[base + me.lane], &value, sizeof(V));
+  suspend(Wait::warp_barrier);
+  V other;
+  std::memcpy(&other, &block->exchange[base + (me.lane ^ lane_mask)], sizeof(V));
+  suspend(Wait::warp_barrier);
+  return other;
+}
+
+}  // namespace mvit3::emu
+
+#define threadIdx (::mvit3::emu::self().index)
+#define blockIdx (::mvit3::emu::active_block()->block_idx)
+#define blockDim (::mvit3::emu::active_block()->block_dim)
+#define gridDim (::mvit3::emu::active_block()->grid_dim)
+
+inline void __syncthreads() { ::mvit3::emu::suspend(::mvit3::emu::Wait::block_barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::mvit3::emu::suspend(::mvit3::emu::Wait::warp_barrier);
+}
+
+template <class V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+  if (mask != 0xffffffffu) ::mvit3::emu::fail("shuffles must name the full warp");
+  return ::mvit3::emu::shuffle_xor(value, lane_mask);
+}
+
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+
+// The subset of nvcuda::wmma (mma.h) the kernels use: 16x16x16 tiles of half/bf16 with an
+// fp32 accumulator.
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 tiles only");
+  float tile[16 * 16];  // element (row, col) of the operand at tile[row * 16 + col]
+};
+
+namespace detail {
+
+template <class T>
+void check_operand(const T* pointer, unsigned ldm, const char* call) {
+  if (reinterpret_cast<uintptr_t>(pointer) % 32 != 0)
+    ::mvit3::emu::fail(std::string(call) + ": pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0)
+    ::mvit3::emu::fail(std::string(call) + ": ldm not a multiple of 16 bytes");
+}
+
+template <class T>
+void load(float* tile, const T* pointer, unsigned ldm, bool row_major_memory) {
+  check_operand(pointer, ldm, "load_matrix_sync");
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      tile[r * 16 + c] =
+          static_cast<float>(row_major_memory ? pointer[r * ldm + c] : pointer[c * ldm + r]);
+}
+
+}  // namespace detail
+
+template <class Use, class T, class Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* pointer, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>);
+  detail::load(f.tile, pointer, ldm, std::is_same_v<Layout, row_major>);
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* pointer,
+                             unsigned ldm, layout_t layout) {
+  detail::load(f.tile, pointer, ldm, layout == mem_row_major);
+}
+
+inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  detail::check_operand(pointer, ldm, "store_matrix_sync");
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      (layout == mem_row_major ? pointer[r * ldm + c] : pointer[c * ldm + r]) = f.tile[r * 16 + c];
+}
+
+template <class Use, class T, class Layout>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+  for (float& v : f.tile) v = value;
+}
+
+template <class T, class LayoutA, class LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+              const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  ::mvit3::emu::Fiber& me = ::mvit3::emu::self();
+  auto& log = ::mvit3::emu::active_block()->mma_log[me.warp];
+  const size_t call = me.mma_calls++;
+  constexpr size_t kBytes = sizeof(d.tile);
+  if (call < log.size()) {
+    const auto& done = log[call];
+    if (!std::memcmp(done.a, a.tile, kBytes) && !std::memcmp(done.b, b.tile, kBytes) &&
+        !std::memcmp(done.c, c.tile, kBytes)) {
+      std::memcpy(d.tile, done.d, kBytes);
+      return;
+    }
+  }
+  ::mvit3::emu::MmaRecord record;
+  std::memcpy(record.a, a.tile, kBytes);
+  std::memcpy(record.b, b.tile, kBytes);
+  std::memcpy(record.c, c.tile, kBytes);
+  std::memcpy(record.d, c.tile, kBytes);
+  for (int r = 0; r < 16; ++r)  // column innermost: the compiler vectorises it
+    for (int k = 0; k < 16; ++k) {
+      const float a_rk = record.a[r * 16 + k];
+      for (int col = 0; col < 16; ++col) record.d[r * 16 + col] += a_rk * record.b[k * 16 + col];
+    }
+  std::memcpy(d.tile, record.d, kBytes);
+  if (call == log.size()) log.push_back(record);
+}
+
+}  // namespace nvcuda::wmma

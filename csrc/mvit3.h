@@ -1,0 +1,144 @@
+// The interface between the op table (ops.cpp: checks, outputs, torch) and the kernels (one
+// <op>.cu per op: no torch). ops.cpp validates every argument with TORCH_CHECK, allocates the
+// outputs and workspaces with torch, fills one of the argument structs below and calls the op's
+// launcher; the launcher only picks tile configurations and launches on the given stream.
+//
+// Maps and 2-D weights are passed with their strides (no copies); 1-D vectors and the 3x3
+// weights are contiguous (ops.cpp makes them so, a no-op for the fast models' weights).
+// Plain structs keep the .cu files free of torch headers: they compile in seconds per arch, and
+// the same files build for the CPU emulator (MVIT3_EMULATE, see emulator.h).
+#pragma once
+
+#include <cstdint>
+
+#ifdef MVIT3_EMULATE
+#include "emulator.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+namespace mvit3 {
+
+#ifdef MVIT3_EMULATE
+using Stream = emu::Stream;
+#else
+using Stream = cudaStream_t;
+#endif
+
+enum class DType : int { f32, f16, bf16 };
+enum class Norm : int { none, layer, group };  // see mvit3/ops/reference.py: apply_norm
+enum class Act : int { none, silu };
+
+// A [B, C, H, W] map with any strides (in elements). data == nullptr means "absent".
+struct Map {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_c = 0, stride_h = 0, stride_w = 0;
+};
+
+// A [rows, cols] weight with any strides (the fast models pack 1x1 weights K-major: a
+// [Cout, K] view of a contiguous [K, Cout] buffer). data == nullptr means "absent".
+struct Matrix {
+  const void* data = nullptr;
+  int64_t stride_row = 0, stride_col = 0;
+};
+
+// pointwise_conv: out = act(cat(norm(x), x2) @ weight^T + bias) + residual, per pixel.
+struct PointwiseConvArgs {
+  Map x, x2, residual, out;           // x [B, C1, H, W], x2 [B, C2, H, W], residual/out [B, Cout, H, W]
+  int batch = 0, height = 0, width = 0, c1 = 0, c2 = 0, cout = 0;
+  Matrix weight;                      // [Cout, C1 + C2]
+  const void* bias = nullptr;         // [Cout] or null
+  Norm norm = Norm::none;
+  const void* norm_weight = nullptr;  // [C1] or null (no affine)
+  const void* norm_bias = nullptr;    // [C1] or null
+  float eps = 1e-5f;
+  float* group_stats = nullptr;       // workspace [B, 2] fp32 when norm == group
+  Act act = Act::none;
+};
+
+// dwconv_pointwise: out = silu(dw3x3(x, stride) + dw_bias) @ weight^T + bias + residual.
+struct DwconvPointwiseArgs {
+  Map x, residual, out;          // x [B, C, H, W], residual/out [B, Cout, Ho, Wo]
+  int batch = 0, height = 0, width = 0, channels = 0, cout = 0;
+  int stride = 1, out_height = 0, out_width = 0;
+  const void* dw_weight = nullptr;  // [C, 1, 3, 3], contiguous
+  const void* dw_bias = nullptr;    // [C]
+  Matrix weight;                    // [Cout, C]
+  const void* bias = nullptr;       // [Cout] or null
+};
+
+// conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias).
+struct Conv3x3Args {
+  Map x, x2, out;                // x [B, C1, H, W], x2 [B, C2, H, W], out [B, Cout, Ho, Wo]
+  int batch = 0, height = 0, width = 0, c1 = 0, c2 = 0, cout = 0;
+  int stride = 1, out_height = 0, out_width = 0;
+  const void* weight = nullptr;  // [Cout, C1 + C2, 3, 3], contiguous
+  const void* bias = nullptr;    // [Cout] or null
+  Act act = Act::none;
+};
+
+// patch_attention: multi-head attention over the 2x2 patches of qkv, then optionally
+// @ proj_weight^T + proj_bias, then + residual.
+struct PatchAttentionArgs {
+  Map qkv, residual, out;  // qkv [B, 3d, H, W], residual/out [B, d, H, W]
+  int batch = 0, height = 0, width = 0, heads = 0, head_dim = 0;
+  float scale = 1.0f;
+  Matrix proj_weight;                 // [d, d], or absent
+  const void* proj_bias = nullptr;    // [d] or null
+  Map heads_out;                      // workspace [B, d, H, W] for the heads when projecting
+};
+
+// transformer_mlp: out = x + silu(norm(x) @ w1^T + b1) @ w2^T + b2.
+struct TransformerMlpArgs {
+  Map x, out;       // [B, d, H, W]
+  Map hidden;       // workspace [B, F, H, W]
+  int batch = 0, height = 0, width = 0, dim = 0, ffn_dim = 0;
+  Norm norm = Norm::layer;
+  const void* norm_weight = nullptr;  // [d]
+  const void* norm_bias = nullptr;    // [d]
+  float eps = 1e-5f;
+  float* group_stats = nullptr;       // workspace [B, 2] fp32 when norm == group
+  Matrix w1;                          // [F, d]
+  const void* b1 = nullptr;           // [F]
+  Matrix w2;                          // [d, F]
+  const void* b2 = nullptr;           // [d]
+};
+
+// separable_attention: out = x + (relu(v) * context) @ out_weight^T + out_bias, with
+// [q | k | v] = GroupNorm1(x) @ qkv_weight^T + qkv_bias and context = sum_n softmax_n(q) k.
+struct SeparableAttentionArgs {
+  Map x, out;       // [B, d, H, W]
+  Map qkv;          // workspace [B, 1 + 2d, H, W]
+  float* context = nullptr;      // workspace [B, 4, d] fp32: one context vector per sequence
+  float* group_stats = nullptr;  // workspace [B, 2] fp32
+  int batch = 0, height = 0, width = 0, dim = 0;
+  const void* norm_weight = nullptr;  // [d]
+  const void* norm_bias = nullptr;    // [d]
+  float eps = 1e-5f;
+  Matrix qkv_weight;                  // [1 + 2d, d]
+  const void* qkv_bias = nullptr;     // [1 + 2d]
+  Matrix out_weight;                  // [d, d]
+  const void* out_bias = nullptr;     // [d]
+};
+
+// group_norm_stats: per-sample mean and 1/sqrt(var + eps) over C*H*W -> stats [B, 2] fp32.
+struct GroupNormStatsArgs {
+  Map x;
+  int batch = 0, channels = 0, height = 0, width = 0;
+  float eps = 1e-5f;
+  float* stats = nullptr;
+};
+
+// The launchers (one per csrc/<name>.cu). They throw std::runtime_error on a launch failure.
+void pointwise_conv(const PointwiseConvArgs& args, DType dtype, Stream stream);
+void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream stream);
+void conv3x3(const Conv3x3Args& args, DType dtype, Stream stream);
+void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream);
+void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream);
+void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream stream);
+void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream);
+
+// Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
+constexpr int kMaxHeadDim = 64;
+
+}  // namespace mvit3

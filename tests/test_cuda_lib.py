@@ -1,0 +1,177 @@
+"""The CUDA C++ library (csrc/) as `python -m mvit3 build` installs it; no GPU needed.
+
+It loads, registers a CUDA kernel for every op under the schemas of mvit3/ops/library.py, its
+metadata matches this torch and these sources, ptxas reported no register spills; a build for
+another torch or other sources is refused with a message and the backends fall back.
+
+CI builds the library before pytest and sets MVIT3_REQUIRE_CUDA_LIB=1: a missing or broken
+library then fails these tests. Elsewhere they skip, saying how to build it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvit3 import build
+from mvit3.ops import cuda_lib, library  # importing mvit3.ops registers the ops, loads the library
+
+REQUIRE_LIB = os.environ.get("MVIT3_REQUIRE_CUDA_LIB") == "1"
+
+
+@pytest.fixture(scope="module")
+def lib() -> dict:
+    status = cuda_lib.status()
+    if not status["loaded"]:
+        message = f"the CUDA library is not loaded: {status['reason']}"
+        if REQUIRE_LIB:
+            pytest.fail(f"{message} (MVIT3_REQUIRE_CUDA_LIB=1)")
+        pytest.skip(f"{message}; CI builds it first (python -m mvit3 build) and fails here")
+    return status
+
+
+def test_every_op_has_a_cuda_kernel(lib):
+    for op in library.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mvit3::{op}", "CUDA"), op
+    assert lib["ops"] == list(library.OPS)
+
+
+def test_cpp_schemas_are_the_python_schemas(lib):
+    for op, schema in library.SCHEMAS.items():
+        assert str(getattr(torch.ops.mvit3, op).default._schema) == f"mvit3::{op}{schema}"
+        # defined by the C++ op table, not by the Python fallback definitions
+        defined_at = torch._C._dispatch_dump(f"mvit3::{op}").split("debug:")[1].splitlines()[0]
+        assert "csrc/ops.cpp" in defined_at
+
+
+def test_metadata_matches_this_torch_and_these_sources(lib):
+    info = lib["info"]
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cuda_version"] == torch.version.cuda
+    assert info["sources_hash"] == build.sources_hash()
+    assert info["archs"] and all(a.isdigit() for a in info["archs"])
+    assert cuda_lib.mismatch(info) is None
+    assert Path(lib["path"]).parent.name in (build.build_key(), "build")
+
+
+def test_ptxas_reports_no_register_spills(lib):
+    report_path = Path(lib["path"]).parent / build.PTXAS_REPORT_NAME
+    if not report_path.is_file():
+        pytest.fail(f"no {report_path.name} beside {lib['path']}: install the library with "
+                    "`python -m mvit3 build`, which checks ptxas resource usage")
+    report = report_path.read_text()
+    print(report)  # the resource usage of every kernel, shown with pytest -s or on failure
+    assert "SPILLS" not in report, report
+    for arch in lib["info"]["archs"]:
+        for kernel in ("tile_gemm_kernel", "patch_attention_kernel", "context_kernel",
+                       "group_norm_stats_kernel"):
+            assert any(kernel in line and f"sm_{arch}" in line for line in report.splitlines()), \
+                f"{kernel} for sm_{arch} is missing from the ptxas report"
+
+
+def test_ptxas_parser_reads_registers_and_spills():
+    lines = [
+        "ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'",
+        "ptxas info    : Function properties for _Z6kernelPf",
+        "    16 bytes stack frame, 12 bytes spill stores, 24 bytes spill loads",
+        "ptxas info    : Used 96 registers, used 1 barriers, 33024 bytes smem",
+        "ptxas info    : Compiling entry function '_Z5otherv' for 'sm_75'",
+        "ptxas info    : Function properties for _Z5otherv",
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 40 registers, used 1 barriers, 128 bytes smem, 424 bytes cmem[0]",
+    ]
+    spilled, clean = build.parse_ptxas(lines)
+    assert (spilled.arch, spilled.registers, spilled.shared_bytes) == ("sm_90", 96, 33024)
+    assert (spilled.spill_stores, spilled.spill_loads, spilled.spills) == (12, 24, True)
+    assert (clean.arch, clean.registers, clean.spills) == ("sm_75", 40, False)
+    if shutil.which("c++filt"):
+        assert spilled.kernel == "kernel" and clean.kernel == "other"
+    assert "SPILLS" in build.format_usage([spilled, clean])
+
+
+def test_sources_hash_agrees_with_the_cmake_script(tmp_path):
+    """CMake writes the metadata of a plain build; the loader recomputes the hash in Python."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed here (CI has it)")
+    out = tmp_path / "info.json"
+    subprocess.run([cmake, f"-DSOURCE_DIR={build.SOURCE_ROOT}", f"-DOUTPUT={out}", "-DTORCH_VERSION=x",
+                    "-DCUDA_VERSION=y", "-DNVCC_VERSION=z", "-DARCHS=75,90", "-DBUILD_TYPE=Release",
+                    "-P", str(build.SOURCE_ROOT / "csrc" / "build_info.cmake")], check=True)
+    info = json.loads(out.read_text())
+    assert info["sources_hash"] == build.sources_hash()
+    assert info["archs"] == ["75", "90"]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("torch_version", "0.0.1", "built for torch 0.0.1"),
+    ("cuda_version", "9.9", "CUDA 9.9"),
+    ("sources_hash", "0123456789abcdef", "built from other sources"),
+])
+def test_a_mismatch_names_what_the_build_was_for(field, value, says):
+    info = {"torch_version": torch.__version__, "cuda_version": torch.version.cuda,
+            "sources_hash": build.sources_hash()}
+    assert cuda_lib.mismatch(info) is None
+    info[field] = value
+    reason = cuda_lib.mismatch(info)
+    assert reason is not None and says in reason and "python -m mvit3 build" in reason
+
+
+_FALLBACK_PROBE = """
+import json, torch
+import mvit3.ops as ops
+from mvit3.ops import backends, cuda_lib
+x = torch.randn(1, 8, 4, 4)
+w = torch.randn(4, 8)
+args = (x, w, None, None, None, "none", None, None, 1e-5, "none")
+status = cuda_lib.status()
+print(json.dumps({
+    "loaded": status["loaded"], "reason": status["reason"],
+    "why_not_cuda": backends.why_not("cuda", "pointwise_conv", args),
+    "has_cuda_kernel": torch._C._dispatch_has_kernel_for_dispatch_key("mvit3::pointwise_conv", "CUDA"),
+    "schema": str(torch.ops.mvit3.pointwise_conv.default._schema),
+    "auto": backends.select("pointwise_conv", "auto", args),
+    "matches_reference": bool(torch.allclose(ops.pointwise_conv(*args),
+                                             torch.ops.mvit3.pointwise_conv(*args))),
+}))
+"""
+
+
+def test_a_library_built_for_another_torch_is_refused_and_everything_falls_back(lib, tmp_path):
+    shutil.copy2(lib["path"], tmp_path / build.LIB_NAME)
+    info = dict(lib["info"], torch_version="0.0.1")
+    (tmp_path / build.INFO_NAME).write_text(json.dumps(info))
+    env = dict(os.environ, MVIT3_LIB_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _FALLBACK_PROBE], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert probe["loaded"] is False
+    assert "built for torch 0.0.1" in probe["reason"] and str(tmp_path) in probe["reason"]
+    assert "CUDA library unavailable" in probe["why_not_cuda"] and "0.0.1" in probe["why_not_cuda"]
+    assert probe["has_cuda_kernel"] is False  # the Python side defined the op instead
+    assert probe["schema"] == f"mvit3::pointwise_conv{library.SCHEMAS['pointwise_conv']}"
+    assert probe["auto"] == "torch" and probe["matches_reference"]
+
+
+def test_build_names_a_missing_cmake_or_nvcc(monkeypatch, capsys):
+    parser = __import__("argparse").ArgumentParser()
+    build.add_arguments(parser)
+    args = parser.parse_args([])
+    real_which = shutil.which
+    monkeypatch.setattr(build.shutil, "which",
+                        lambda name: None if name == "cmake" else real_which(name))
+    assert build.run(args) == 1
+    assert "CMake was not found" in capsys.readouterr().err
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    for var in ("CUDACXX", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(build.os, "access", lambda *a: False)
+    with pytest.raises(build.BuildError, match="nvcc .* was not found"):
+        build.find_nvcc()

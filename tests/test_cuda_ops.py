@@ -1,0 +1,552 @@
+"""Every op of the CUDA C++ library (csrc/) against the float64 reference.
+
+The kernels run in two places:
+- "emu": the CPU emulator of the CUDA execution model (csrc/emulator.h), which runs the very
+  same kernel source (tiles, shared memory, barriers, warp shuffles, WMMA fragments) on CPU
+  tensors as `torch.ops.mvit3_emulated.<op>`. CI has no GPU: this is where the kernels' logic
+  is proven there. The emulator is slow, so it takes a rotation of the grid below: every real
+  shape once and every dtype x layout x batch at least once, on small maps.
+- "cuda" (marked gpu): `torch.ops.mvit3.<op>` on the GPU over the full grid (every real shape
+  x dtype x layout x batch 1 and 3, at the real map sizes), plus CUDA-graph capture and
+  replay, torch.compile(fullgraph=True), and whole fast models with backend="cuda".
+
+Inputs are NCHW, channels_last, or a channel slice of a wider channels_last map (neither
+layout is dense); 1x1 weights come plain or in the fast models' K-major packing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import mvit3
+from conftest import HAS_CUDA
+from mvit3 import build
+from mvit3.models import CONFIGS
+from mvit3.ops import cuda_lib, reference
+from shapes import mv2_blocks, stage_sizes, v1_attention, v2_attention
+
+REQUIRE_LIB = os.environ.get("MVIT3_REQUIRE_CUDA_LIB") == "1"
+
+# Max |kernel - reference| / max |reference|, the reference in float64 on float64 copies of the
+# very inputs the kernel got, so only the kernel's own rounding counts.
+# fp32: products summed in fp32 (IEEE FMA) in another order than float64: ~sqrt(K) * 2**-24 of
+#   sum |a*w| for K <= 2880 (the v1-S fusion 3x3 conv), under 1e-5 of the output scale; an
+#   indexing or masking bug is O(1). 1e-4 leaves room for exp/rsqrt and the intermediate maps.
+# fp16 (eps 2**-11 = 4.9e-4) / bf16 (eps 2**-8 = 3.9e-3): the staged operand tiles, the
+#   probabilities, the intermediate maps (qkv, hidden, heads) and the output are rounded to
+#   the I/O dtype, each ~eps of the scale; accumulation and statistics stay fp32. 10 eps: a
+#   few times the largest error seen.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last", "slice")
+BATCHES = (1, 3)
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+
+# ---- where the kernels run --------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def emulated_ops():
+    """torch.ops.mvit3_emulated, built once per sources hash (about a minute on 2 cores)."""
+    try:
+        build.build_emulator()
+    except build.BuildError as err:
+        pytest.fail(f"cannot build the CPU emulation of csrc/: {err}")
+    return torch.ops.mvit3_emulated
+
+
+@pytest.fixture(scope="session")
+def cuda_ops():
+    status = cuda_lib.status()
+    if not status["loaded"]:
+        message = f"the CUDA library is not loaded: {status['reason']}"
+        if REQUIRE_LIB:
+            pytest.fail(message)
+        pytest.skip(f"{message}; build it with `python -m mvit3 build`")
+    return torch.ops.mvit3
+
+
+@pytest.fixture
+def kernels(request, case):
+    """The op namespace for the case's device: emulated on CPU, or the library on the GPU."""
+    return request.getfixturevalue("emulated_ops" if case.device == "emu" else "cuda_ops")
+
+
+class Case(NamedTuple):
+    device: str  # "emu" or "cuda"
+    shape: tuple  # op-specific
+    dtype: torch.dtype
+    layout: str
+    batch: int
+    size: tuple  # (H, W)
+
+    @property
+    def tensor_device(self) -> str:
+        return "cpu" if self.device == "emu" else "cuda"
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"{self.device}-{'x'.join(map(str, self.shape))}-{dtype}-{self.layout}-"
+                f"b{self.batch}-{self.size[0]}x{self.size[1]}")
+
+
+def cases(shapes, emu_sizes, gpu_sizes) -> list:
+    """The emulator's rotation (each shape once, then each dtype x layout once) and the GPU's
+    full grid (each shape x dtype x layout x batch, the map sizes rotated over the shapes)."""
+    emu = [Case("emu", s, DTYPES[i % 3], LAYOUTS[(i // 3) % 3], BATCHES[i % 2],
+                emu_sizes[i % len(emu_sizes)]) for i, s in enumerate(shapes)]
+    emu += [Case("emu", shapes[j % len(shapes)], dtype, layout, BATCHES[(j + 1) % 2],
+                 emu_sizes[(j + 1) % len(emu_sizes)])
+            for j, (dtype, layout) in enumerate(itertools.product(DTYPES, LAYOUTS))]
+    gpu = [Case("cuda", s, dtype, layout, batch, gpu_sizes[i % len(gpu_sizes)])
+           for i, s in enumerate(shapes)
+           for dtype, layout, batch in itertools.product(DTYPES, LAYOUTS, BATCHES)]
+    return ([pytest.param(c, id=str(c)) for c in emu]
+            + [pytest.param(c, id=str(c), marks=GPU_MARKS) for c in gpu])
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+class Inputs:
+    """Random inputs of one case, each on the case's device in its dtype and layout."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        self.case = case
+        self.gen = torch.Generator().manual_seed(seed)
+        self.count = 0
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.case.tensor_device, self.case.dtype)
+
+    def map(self, channels, size=None, scale=1.0, layout=None) -> torch.Tensor:
+        """[B, C, H, W]; successive maps of a call take successive layouts."""
+        h, w = size or self.case.size
+        layout = layout or LAYOUTS[(LAYOUTS.index(self.case.layout) + self.count) % 3]
+        self.count += 1
+        b = self.case.batch
+        if layout == "nchw":
+            return self._to(scale * torch.randn(b, channels, h, w, generator=self.gen))
+        if layout == "channels_last":
+            nhwc = scale * torch.randn(b, h, w, channels, generator=self.gen)
+            return self._to(nhwc).permute(0, 3, 1, 2)
+        wide = self._to(scale * torch.randn(b, h, w, channels + 6, generator=self.gen))
+        return wide.permute(0, 3, 1, 2)[:, 3:3 + channels]
+
+    def weight(self, cout, k) -> torch.Tensor:
+        """[Cout, K], N(0, 1/K): contiguous, or a K-major view (the fast models' packing)."""
+        if (self.count + LAYOUTS.index(self.case.layout)) % 2:
+            w = torch.randn(k, cout, generator=self.gen).t()
+        else:
+            w = torch.randn(cout, k, generator=self.gen)
+        self.count += 1
+        return self._to(w / k ** 0.5)
+
+    def vector(self, n, mean=0.0) -> torch.Tensor:
+        return self._to(mean + 0.5 * torch.randn(n, generator=self.gen))
+
+    def filter(self, cout, cin, depthwise=False) -> torch.Tensor:
+        fan_in = 9 if depthwise else 9 * cin
+        w = torch.randn(cout, 1 if depthwise else cin, 3, 3, generator=self.gen)
+        return self._to(w / fan_in ** 0.5)
+
+
+def check(kernels, op: str, args: tuple, dtype: torch.dtype) -> None:
+    out = getattr(kernels, op)(*args)
+    device = args[0].device
+    ref = getattr(reference, op)(*[a.to(device, torch.float64) if isinstance(a, torch.Tensor) else a
+                                   for a in args])
+    assert out.dtype == dtype and out.shape == ref.shape and out.device == device
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    scale = ref.abs().max().item()
+    assert scale > 0.1  # random inputs: a near-zero reference would prove nothing
+    err = (out.double() - ref).abs().max().item() / scale
+    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
+
+
+# ---- the real shapes --------------------------------------------------------------------------
+
+V1_STYLE = [c for c in CONFIGS.values() if c.style == "v1"]
+V2_STYLE = [c for c in CONFIGS.values() if c.style == "v2"]
+GPU_SIZES = tuple((s, s) for s in stage_sizes(256)) + tuple((s, s) for s in stage_sizes(224))
+GPU_EVEN_SIZES = tuple((s, s) for s in stage_sizes(256)) + ((14, 14), (28, 28))
+EMU_SIZES = ((5, 7), (4, 4), (7, 6))  # odd and even; batch 3 puts samples inside pixel tiles
+EMU_EVEN_SIZES = ((4, 6), (2, 2), (6, 4))
+
+
+def pointwise_shapes() -> list:
+    """(C1, C2, Cout, norm, act, residual) of the per-pixel GEMMs of the models."""
+    shapes = set()
+    for c in V1_STYLE:
+        for s in c.stages:
+            d, ch = s.attn_dim, s.channels
+            shapes.add((d, 0, 3 * d, "layer", "none", False))  # LayerNorm + qkv
+            shapes.add((d, 0, ch, "layer", "silu", False))  # final LayerNorm + conv_proj
+            if c.version == "v3":
+                shapes.add((d, ch, ch, "none", "silu", True))  # fusion of cat(local, global) + x
+    for c in V2_STYLE:
+        for s in c.stages:
+            d, ch = s.attn_dim, s.channels
+            v3 = c.version == "v3"  # final GroupNorm + conv_proj (v3: of cat(global, local), + x)
+            shapes.add((d, d if v3 else 0, ch, "group", "none", v3))
+    shapes |= {(cin, 0, hidden, "none", "silu", False)
+               for cin, hidden, _, _ in mv2_blocks()}  # MV2 expansion
+    shapes |= {(c.stages[-1].channels, 0, c.exp_channels, "none", "silu", False)
+               for c in CONFIGS.values() if c.exp_channels}  # conv_1x1_exp of the v1-style heads
+    return sorted(shapes)
+
+
+POINTWISE = pointwise_shapes()
+DWCONV = sorted({(hidden, out, stride, stride == 1 and cin == out)
+                 for cin, hidden, out, stride in mv2_blocks()})
+CONV3X3 = sorted({(3, 0, c.stem_channels, 2) for c in CONFIGS.values()}  # stems
+                 | {(s.channels, 0, s.channels, 1) for c in V1_STYLE if c.version == "v1"
+                    for s in c.stages}  # v1 local conv
+                 | {(s.channels, s.channels, s.channels, 1) for c in V1_STYLE if c.version == "v1"
+                    for s in c.stages})  # v1 fusion of cat(x, global)
+ATTENTION = [(d, heads) for d, heads, _ in v1_attention()]
+MLP = sorted({(d, ffn, "layer") for d, _, ffn in v1_attention()}
+             | {(d, ffn, "group") for d, ffn in v2_attention()})
+SEPARABLE = [(d,) for d, _ in v2_attention()]
+
+
+@pytest.mark.parametrize("case", cases(POINTWISE, EMU_SIZES, GPU_SIZES))
+def test_pointwise_conv(kernels, case):
+    c1, c2, cout, norm, act, residual = case.shape
+    t = Inputs(case)
+    args = (t.map(c1), t.weight(cout, c1 + c2), t.vector(cout), t.map(c2) if c2 else None,
+            t.map(cout) if residual else None, norm,
+            t.vector(c1, mean=1.0) if norm != "none" else None,
+            t.vector(c1) if norm != "none" else None, 1e-5, act)
+    check(kernels, "pointwise_conv", args, case.dtype)
+
+
+OPTIONS = list(itertools.product(("none", "layer", "group"), ("none", "silu"), (0, 40),
+                                 (False, True), (False, True), (False, True)))
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", id="emu"),
+                                    pytest.param("cuda", id="cuda", marks=GPU_MARKS)])
+@pytest.mark.parametrize("i, norm, act, c2, bias, residual, affine",
+                         [(i, *o) for i, o in enumerate(OPTIONS)],
+                         ids=["-".join(map(str, o)) for o in OPTIONS])
+def test_pointwise_conv_options(request, device, i, norm, act, c2, bias, residual, affine):
+    """Every combination of the optional parts (dtype and layout rotated) on one odd-sized
+    batch-3 problem."""
+    case = Case(device, (), DTYPES[i % 3], LAYOUTS[(i // 3) % 3], 3, (5, 9))
+    kernels = request.getfixturevalue("emulated_ops" if device == "emu" else "cuda_ops")
+    t = Inputs(case, seed=i)
+    with_affine = norm != "none" and affine
+    args = (t.map(24), t.weight(48, 24 + c2), t.vector(48) if bias else None,
+            t.map(c2) if c2 else None, t.map(48) if residual else None, norm,
+            t.vector(24, mean=1.0) if with_affine else None, t.vector(24) if with_affine else None,
+            1e-5, act)
+    check(kernels, "pointwise_conv", args, case.dtype)
+
+
+@pytest.mark.parametrize("case", cases(DWCONV, EMU_SIZES, GPU_SIZES))
+def test_dwconv_pointwise(kernels, case):
+    hidden, out, stride, residual = case.shape
+    t = Inputs(case)
+    h, w = case.size
+    out_size = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    args = (t.map(hidden), t.filter(hidden, 1, depthwise=True), t.vector(hidden),
+            t.weight(out, hidden), t.vector(out), stride,
+            t.map(out, size=out_size) if residual else None)
+    check(kernels, "dwconv_pointwise", args, case.dtype)
+
+
+@pytest.mark.parametrize("case", cases(CONV3X3, EMU_SIZES, GPU_SIZES))
+def test_conv3x3(kernels, case):
+    c1, c2, cout, stride = case.shape
+    t = Inputs(case)
+    args = (t.map(c1), t.filter(cout, c1 + c2), t.vector(cout), t.map(c2) if c2 else None, stride,
+            "silu")
+    check(kernels, "conv3x3", args, case.dtype)
+
+
+# "block": out_proj + residual, as in the models; "heads": the bare heads; "residual": heads + x.
+ATTENTION_USES = ([a + ("block",) for a in ATTENTION]
+                  + [a + (use,) for a, use in zip(ATTENTION, itertools.cycle(("heads", "residual")))])
+
+
+@pytest.mark.parametrize("case", cases(ATTENTION_USES, EMU_EVEN_SIZES, GPU_EVEN_SIZES))
+def test_patch_attention(kernels, case):
+    d, heads, use = case.shape
+    t = Inputs(case)
+    project = use == "block"
+    args = (t.map(3 * d), heads, (d // heads) ** -0.5, t.weight(d, d) if project else None,
+            t.vector(d) if project else None, t.map(d) if use != "heads" else None)
+    check(kernels, "patch_attention", args, case.dtype)
+
+
+LONG_SEQUENCES = [(d, heads) for d, heads in ATTENTION if d // heads in (16, 60)]
+
+
+LONG_SEQUENCE_CASES = ([Case("emu", s, dtype, "channels_last", 1, (18, 16))
+                        for s in LONG_SEQUENCES for dtype in DTYPES]
+                       + [Case("cuda", s, dtype, layout, 2, (64, 64))
+                          for s in LONG_SEQUENCES for dtype in DTYPES for layout in LAYOUTS])
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c),
+                                               marks=GPU_MARKS if c.device == "cuda" else ())
+                                  for c in LONG_SEQUENCE_CASES])
+def test_patch_attention_long_sequences(kernels, case):
+    """Several key tiles and a partial last one: N = 72 patches (emu), N = 1024 (GPU, a 512 px
+    input's layer_3), with the smallest and largest head dims of the models."""
+    d, heads = case.shape
+    t = Inputs(case)
+    args = (t.map(3 * d, scale=2.0), heads, (d // heads) ** -0.5, t.weight(d, d), t.vector(d), t.map(d))
+    check(kernels, "patch_attention", args, case.dtype)
+
+
+@pytest.mark.parametrize("case", cases(MLP, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES))
+def test_transformer_mlp(kernels, case):
+    d, ffn, norm = case.shape
+    t = Inputs(case)
+    args = (t.map(d), norm, t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(ffn, d),
+            t.vector(ffn), t.weight(d, ffn), t.vector(d))
+    check(kernels, "transformer_mlp", args, case.dtype)
+
+
+@pytest.mark.parametrize("case", cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES))
+def test_separable_attention(kernels, case):
+    (d,) = case.shape
+    t = Inputs(case)
+    args = (t.map(d), t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(1 + 2 * d, d),
+            t.vector(1 + 2 * d), t.weight(d, d), t.vector(d))
+    check(kernels, "separable_attention", args, case.dtype)
+
+
+def test_invalid_arguments_are_refused_with_a_reason(emulated_ops):
+    kernels = emulated_ops
+    x = torch.randn(1, 3 * 68, 4, 4)
+    with pytest.raises(RuntimeError, match="head dim 68 > 64"):
+        kernels.patch_attention(x, 1, 0.1, None, None, None)
+    with pytest.raises(RuntimeError, match="H and W must be even"):
+        kernels.patch_attention(torch.randn(1, 48, 5, 4), 4, 0.1, None, None, None)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        kernels.conv3x3(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, None, 3, "none")
+    with pytest.raises(RuntimeError, match="norm must be"):
+        kernels.pointwise_conv(torch.randn(1, 8, 4, 4), torch.randn(4, 8), None, None, None,
+                               "batch", None, None, 1e-5, "none")
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        kernels.pointwise_conv(torch.randn(1, 8, 4, 4), torch.randn(4, 9), None, None, None,
+                               "none", None, None, 1e-5, "none")
+    with pytest.raises(RuntimeError, match="shares its dtype"):
+        kernels.pointwise_conv(torch.randn(1, 8, 4, 4), torch.randn(4, 8).double(), None, None,
+                               None, "none", None, None, 1e-5, "none")
+
+
+def test_why_unsupported_mirrors_the_kernel_checks():
+    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+    why = cuda_lib.why_unsupported
+    assert why("patch_attention", (meta(1, 204, 4, 4), 1, 0.1, None, None, None)) == "head dim 68 > 64"
+    assert "odd map size" in why("separable_attention", (meta(1, 8, 5, 4),) + (None,) * 7)
+    assert "stride 3" in why("conv3x3", (meta(1, 3, 8, 8), None, None, None, 3, "none"))
+    assert why("patch_attention", (meta(2, 720, 32, 32), 4, 0.1, None, None, None)) is None
+
+
+# ---- whole models -----------------------------------------------------------------------------
+
+# Whole models: relative error of the logits against a float64 copy of the same (rounded)
+# weights on the same (rounded) input, so only the kernels' rounding counts. Measured on the
+# emulator at 64 px: fp32 1.4e-6, fp16 2.9e-3, bf16 3.7e-2 at most (v2-style models, whose
+# GroupNorm statistics span whole maps, are the least precise). About 5x headroom:
+MODEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1.5e-2, torch.bfloat16: 2e-1}
+
+
+def _model_pair(name: str, dtype, device, backend: str):
+    """(float64 reference model, fast model in dtype) with the same weights."""
+    import copy
+
+    import model_utils
+    import mvit3.fast
+
+    low = model_utils.randomize_(mvit3.create_model(name), 0).to(device=device, dtype=dtype).eval()
+    return copy.deepcopy(low).double(), mvit3.fast.convert(low, backend=backend).eval()
+
+
+def _model_error(ref, model, x) -> float:
+    with torch.no_grad():
+        expected, got = ref(x.double()), model(x).double()
+    assert got.shape == expected.shape
+    return (got - expected).abs().max().item() / expected.abs().max().item()
+
+
+@pytest.mark.parametrize("name, dtype", [("mobilevitv3_xxs", torch.float32),
+                                         ("mobilevitv3_050", torch.float16),
+                                         ("mobilevit_xxs", torch.bfloat16)], ids=str)
+def test_fast_model_on_the_emulated_kernels(emulated_ops, monkeypatch, name, dtype):
+    """A fast model whose every op runs the emulated CUDA kernels (routed through the torch
+    backend's op table) against the reference model: the library computes whole models, with
+    their K-major weights, channel slices and layouts. 64 px: maps 32x32 down to 2x2."""
+    from mvit3.ops import library
+
+    for op in library.OPS:
+        monkeypatch.setattr(reference, op, getattr(emulated_ops, op))
+    ref, model = _model_pair(name, dtype, "cpu", backend="torch")
+    err = _model_error(ref, model, torch.rand(1, 3, 64, 64).to(dtype))
+    assert err <= MODEL_TOLERANCE[dtype], f"relative error {err:.3g}"
+
+
+# ---- GPU only ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", mvit3.list_models())
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fast_models_with_the_cuda_backend(cuda_ops, name, dtype):
+    """All 15 fast models with backend="cuda" at 256 px, batch 2."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0")
+    ref, model = _model_pair(name, dtype, "cuda", backend="cuda")
+    err = _model_error(ref, model, torch.rand(2, 3, 256, 256, device="cuda").to(dtype))
+    assert err <= MODEL_TOLERANCE[dtype], f"relative error {err:.3g}"
+
+
+def _graph_args(seed: int = 0):
+    t = Inputs(Case("cuda", (), torch.float16, "channels_last", 2, (16, 16)), seed)
+    return (t.map(3 * 96), 4, 24 ** -0.5, t.weight(96, 96), t.vector(96), t.map(96))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_capture_and_replay(cuda_ops):
+    """Launches on the current stream, no host sync, outputs and workspaces from the caching
+    allocator: two captured ops replay on new input data and match eager, bit for bit."""
+    static = _graph_args()
+
+    def block():
+        t = cuda_ops.patch_attention(*static)
+        return cuda_ops.transformer_mlp(t, "layer", static[4], static[4], 1e-5, static[3],
+                                        static[4], static[3], static[4])
+
+    first_expected = block()  # also the warm-up before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = block()
+    graph.replay()
+    first = captured.clone()
+    static[0].copy_(_graph_args(seed=1)[0])
+    graph.replay()
+    second_expected = block()
+    torch.cuda.synchronize()
+    assert torch.equal(first, first_expected)
+    assert torch.equal(captured, second_expected) and not torch.equal(captured, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_compile_fullgraph(cuda_ops):
+    """mvit3.ops with backend="cuda" traces into one graph (fake kernels in Python)."""
+    import mvit3.ops as ops
+
+    args = _graph_args()
+
+    def block(qkv, heads, scale, w, b, x):
+        t = ops.patch_attention(qkv, heads, scale, w, b, x, backend="cuda")
+        return ops.pointwise_conv(t, w, b, None, x, "layer", b, b, 1e-5, "silu", backend="cuda")
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), block(*args), rtol=0, atol=0)
+
+
+# ---- the emulator itself ----------------------------------------------------------------------
+
+_EMULATOR_PROBES = r"""
+#include <string>
+#include "emulator.h"
+
+namespace {
+
+void mirror(int* out) {  // a barrier between shared-memory writes and reads of other threads
+  __shared__ int values[64];
+  values[threadIdx.x] = 10 * threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = values[63 - threadIdx.x];
+}
+
+void unsynchronised_mirror(int* out) {  // the same race without the barrier
+  __shared__ int values[64];
+  values[threadIdx.x] = 10 * threadIdx.x;
+  out[threadIdx.x] = values[63 - threadIdx.x];
+}
+
+void shuffle(int* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 5); }
+
+void split_warp(int*) {  // half a warp at __syncwarp, the other half at __syncthreads
+  if (threadIdx.x % 2) __syncwarp(); else __syncthreads();
+}
+
+void misaligned_wmma(int*) {
+  __shared__ __align__(32) __half tile[16 * 16 + 16];
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, tile + 1, 16);
+}
+
+}  // namespace
+
+extern "C" const char* probe(const char* name, int* out) {
+  static std::string error;
+  error.clear();
+  void (*kernel)(int*) = nullptr;
+  const std::string which = name;
+  if (which == "mirror") kernel = mirror;
+  if (which == "unsynchronised_mirror") kernel = unsynchronised_mirror;
+  if (which == "shuffle") kernel = shuffle;
+  if (which == "split_warp") kernel = split_warp;
+  if (which == "misaligned_wmma") kernel = misaligned_wmma;
+  try {
+    mvit3::emu::launch(dim3(1), dim3(64), [&] { kernel(out); });
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  return error.c_str();
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator_probe(tmp_path_factory):
+    """Small kernels compiled with csrc/emulator.h alone (host compiler, no torch)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler (the emulated op tests above need one too)")
+    directory = tmp_path_factory.mktemp("emulator_probe")
+    (directory / "probe.cpp").write_text(_EMULATOR_PROBES)
+    lib = directory / "probe.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(lib),
+                    str(directory / "probe.cpp"), f"-I{build.SOURCE_ROOT / 'csrc'}",
+                    f"-I{build.cuda_header_dir()}"], check=True)
+    probe = ctypes.CDLL(str(lib)).probe
+    probe.restype = ctypes.c_char_p
+
+    def run(name: str):
+        out = (ctypes.c_int * 64)()
+        error = probe(name.encode(), out).decode()
+        return list(out), error
+
+    return run
+
+
+def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
+    out, error = emulator_probe("mirror")
+    assert not error and out == [10 * (63 - i) for i in range(64)]
+    # Threads run in order, so the race shows (in a first block: later blocks would see the
+    # previous block's shared memory, which the emulator does not clear).
+    out, error = emulator_probe("unsynchronised_mirror")
+    assert not error and out != [10 * (63 - i) for i in range(64)]
+    out, error = emulator_probe("shuffle")
+    assert not error and out == [i ^ 5 for i in range(64)]
+    assert "deadlock" in emulator_probe("split_warp")[1]
+    assert "not 256-bit aligned" in emulator_probe("misaligned_wmma")[1]
