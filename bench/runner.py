@@ -1,0 +1,253 @@
+"""The Table 5 runs: every (model, implementation) row, measured, counted and checked.
+
+Implementations of one model, side by side:
+- `reference`  the eager reference model (`mvit3.create_model`), as the paper timed it;
+- `fast`       `mvit3.fast` with one kernel backend per row (torch, triton, cuda);
+- `cuda-graph` the fast model (backend auto) replayed from a CUDA graph (CUDA only);
+- `compile`    torch.compile of the reference (mode max-autotune on GPU).
+
+Rows run in priority order: reference, fast and cuda-graph rows model by model, then the
+compile rows (minutes each with max-autotune), so a time budget cuts the least important
+first. A row that cannot run (no GPU, mvit3.fast missing, a backend unavailable) is kept with
+status "skipped" and the reason; a row that raises is kept with status "failed" and its first
+error line: one row never stops the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import mvit3
+from mvit3.ops import BackendUnavailable, availability
+
+from .launches import count_launches
+from .paper import paper_row
+from .timing import Protocol, synchronize, time_callable
+
+IMG_SIZE = 256
+IMPL_ORDER = ("reference", "fast", "cuda-graph", "compile")
+BACKEND_ORDER = ("eager", "torch", "triton", "cuda", "auto")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    model: str
+    impl: str
+    backend: str  # reference: "eager"; compile: its mode; cuda-graph: "auto"
+
+
+@dataclass
+class RunConfig:
+    device: torch.device
+    dtype: str
+    protocol: Protocol
+    throughput_batch: int
+    backends: tuple  # fast-model backends to run, e.g. ("torch", "triton", "cuda")
+    compile: bool
+    compile_mode: str
+    deadline: Optional[float] = None  # time.monotonic() after which rows are skipped
+
+
+class Skip(Exception):
+    """This row cannot run here; the message says why."""
+
+
+def plan_rows(models, config: RunConfig) -> list:
+    """Every row to run, in priority order (see the module docstring)."""
+    rows = []
+    for model in models:
+        rows.append(RowSpec(model, "reference", "eager"))
+        rows += [RowSpec(model, "fast", backend) for backend in config.backends]
+        if config.device.type == "cuda":
+            rows.append(RowSpec(model, "cuda-graph", "auto"))
+    if config.compile:
+        rows += [RowSpec(model, "compile", config.compile_mode) for model in models]
+    return rows
+
+
+def sort_key(row: dict) -> tuple:
+    """Display order: models as given, then implementation, then backend."""
+    impl = IMPL_ORDER.index(row["impl"]) if row["impl"] in IMPL_ORDER else len(IMPL_ORDER)
+    backend = (BACKEND_ORDER.index(row["backend"]) if row["backend"] in BACKEND_ORDER
+               else len(BACKEND_ORDER))
+    return impl, backend
+
+
+def model_facts(name: str) -> dict:
+    """Params, MACs (exact and the paper's convention) and the paper's Table 5 figures."""
+    stats = mvit3.model_stats(name, IMG_SIZE)
+    paper = paper_row(name)
+    return {
+        "params": stats["params"],
+        "macs": stats["macs"],
+        "macs_cvnets": stats["macs_cvnets"],
+        "paper_latency_ms": paper.latency_ms if paper else None,
+        "paper_throughput_img_s": paper.throughput_img_s if paper else None,
+        "paper_params_m": paper.params_m if paper else None,
+        "paper_flops_m": paper.flops_m if paper else None,
+        "paper_top1": paper.top1 if paper else None,
+    }
+
+
+def empty_row(spec: RowSpec, config: RunConfig, facts: dict) -> dict:
+    """A row with every key present; measurements None until made."""
+    return {
+        "model": spec.model, "impl": spec.impl, "backend": spec.backend, "dtype": config.dtype,
+        "device": str(config.device), "status": "ok", "reason": None,
+        "latency_ms_mean": None, "latency_ms_median": None, "latency_ms_p10": None,
+        "latency_ms_p90": None, "latency_n": None,
+        "throughput_img_s": None, "throughput_batch": config.throughput_batch,
+        "throughput_ms_median": None, "throughput_n": None,
+        "launches": None, "launch_counts": None, "max_rel_err": None, "compile_s": None,
+        **facts,
+    }
+
+
+def _fast_module():
+    """mvit3.fast, or Skip with the reason it is not usable."""
+    try:
+        from mvit3 import fast
+    except ImportError as err:
+        raise Skip(f"mvit3.fast is not importable ({err})") from None
+    for name in ("convert", "cuda_graph"):
+        if not hasattr(fast, name):
+            raise Skip(f"mvit3.fast has no {name}() yet")
+    return fast
+
+
+def _backend_reason(backend: str) -> Optional[str]:
+    """Why a fast-model backend is unavailable on this machine, or None."""
+    for name, ok, reason in availability():
+        if name == backend:
+            return None if ok else reason
+    return f"unknown backend {backend!r}"
+
+
+def _input(batch: int, config: RunConfig) -> torch.Tensor:
+    return torch.rand(batch, 3, IMG_SIZE, IMG_SIZE, device=config.device,
+                      dtype=DTYPES[config.dtype])
+
+
+class ModelRunner:
+    """Measures the rows of one model; holds its reference model and reference output."""
+
+    def __init__(self, name: str, config: RunConfig):
+        self.name = name
+        self.config = config
+        torch.manual_seed(0)
+        reference = mvit3.create_model(name).eval()
+        self.x1 = _input(1, config)
+        with torch.no_grad():  # fp32 reference output: the yardstick of every row's error
+            self.expected = reference.to(config.device)(self.x1.float()).double()
+        self.reference = reference.to(dtype=DTYPES[config.dtype])
+
+    def build(self, spec: RowSpec) -> Callable:
+        """The module to time for `spec` (raises Skip when it cannot run here)."""
+        if spec.impl == "reference":
+            return self.reference
+        if spec.impl == "compile":
+            torch._dynamo.reset()  # one compiled model at a time: no recompile-limit fallbacks
+            return torch.compile(copy.deepcopy(self.reference), mode=spec.backend, dynamic=False)
+        fast = _fast_module()
+        if spec.impl == "cuda-graph":
+            if self.config.device.type != "cuda":
+                raise Skip("CUDA graphs need a CUDA device")
+            return fast.cuda_graph(fast.convert(self.reference, backend="auto").eval())
+        reason = _backend_reason(spec.backend)
+        if reason is not None:
+            raise Skip(f"backend {spec.backend} unavailable: {reason}")
+        return fast.convert(self.reference, backend=spec.backend).eval()
+
+    def dry_run_launches(self, spec: RowSpec) -> Optional[dict]:
+        """Triton launches of a fast row that cannot run here, counted without running it."""
+        if spec.impl != "fast" or spec.backend != "triton" or self.config.device.type != "cpu":
+            return None
+        try:
+            model = _fast_module().convert(self.reference, backend="triton").eval()
+            return count_launches(model, self.x1, dry_run=True).as_dict()
+        except Exception:  # a missing kernel module: nothing to count
+            return None
+
+    def measure(self, spec: RowSpec, row: dict) -> None:
+        cfg, protocol = self.config, self.config.protocol
+        model = self.build(spec)
+        xb = _input(cfg.throughput_batch, cfg)
+        with torch.no_grad():
+            if spec.impl == "compile":
+                began = time.perf_counter()
+                model(self.x1)
+                model(xb)
+                synchronize(cfg.device)
+                row["compile_s"] = round(time.perf_counter() - began, 2)
+            out = model(self.x1)
+            row["max_rel_err"] = float((out.double() - self.expected).abs().max()
+                                       / self.expected.abs().max())
+            latency = time_callable(lambda: model(self.x1), cfg.device, warmup=protocol.warmup,
+                                    iters=protocol.latency_iters, min_iters=protocol.min_iters,
+                                    max_s=protocol.max_s)
+            # One untimed call at the new batch size: compiled and graph-replayed models
+            # compile or capture per input shape on their first call.
+            throughput = time_callable(lambda: model(xb), cfg.device, warmup=1,
+                                       iters=protocol.throughput_iters,
+                                       min_iters=protocol.min_iters, max_s=protocol.max_s)
+        row.update(latency_ms_mean=latency.mean_ms, latency_ms_median=latency.median_ms,
+                   latency_ms_p10=latency.p10_ms, latency_ms_p90=latency.p90_ms,
+                   latency_n=latency.n, throughput_ms_median=throughput.median_ms,
+                   throughput_n=throughput.n,
+                   throughput_img_s=cfg.throughput_batch / (throughput.mean_ms / 1e3))
+        # A compiled model must not run under a dispatch mode, and a graph replay hides its
+        # kernels from one: those two rows are counted by the profiler only.
+        counts = count_launches(model, self.x1, dispatch=spec.impl in ("reference", "fast"))
+        row["launch_counts"] = counts.as_dict()
+        row["launches"] = counts.launches
+
+    def run(self, spec: RowSpec, facts: dict) -> dict:
+        row = empty_row(spec, self.config, facts)
+        try:
+            self.measure(spec, row)
+        except Skip as why:
+            row.update(status="skipped", reason=str(why))
+        except BackendUnavailable as why:  # the fast model's first forward: an input it refuses
+            row.update(status="skipped", reason=str(why).splitlines()[0])
+        except Exception as err:
+            row.update(status="failed",
+                       reason=f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}",
+                       traceback=traceback.format_exc(limit=-8))
+        if row["status"] != "ok":
+            dry = self.dry_run_launches(spec)
+            if dry is not None:
+                row.update(launch_counts=dry, launches=dry["launches"],
+                           reason=row["reason"] + "; launches counted in a dry run")
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+
+def run_rows(specs, config: RunConfig, on_row: Optional[Callable] = None,
+             on_start: Optional[Callable] = None) -> list:
+    """Run `specs` in order; `on_start(spec)` before and `on_row(row)` after each row."""
+    facts, runners, rows = {}, {}, []
+    for spec in specs:
+        if on_start:
+            on_start(spec)
+        if spec.model not in facts:
+            facts[spec.model] = model_facts(spec.model)
+        if config.deadline is not None and time.monotonic() > config.deadline:
+            row = empty_row(spec, config, facts[spec.model])
+            row.update(status="skipped", reason="time budget exhausted (--budget-s)")
+        else:
+            if spec.model not in runners:
+                runners.clear()  # one model's tensors on the device at a time
+                runners[spec.model] = ModelRunner(spec.model, config)
+            row = runners[spec.model].run(spec, facts[spec.model])
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows

@@ -1,0 +1,340 @@
+"""`python -m mvit3 bench` and its parts, on the CPU: the CLI end to end on one small model,
+the paper's figures against the paper's text, the environment without NVML, timing, launch
+counting, the micro-benchmark cases against the reference modules, and the reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from bench_synthetic import synthetic_result
+
+import mvit3
+from mvit3.__main__ import main
+from mvit3.bench import env as bench_env
+from mvit3.bench.cases import MICRO_MODELS, build_cases
+from mvit3.bench.launches import count_launches
+from mvit3.bench.paper import RATIO_PAIRS, TABLE5
+from mvit3.bench.report import compute_ratios, render_csv, render_markdown
+from mvit3.bench.timing import summarize, time_callable
+
+REQUIRED_ROW_KEYS = ("model", "impl", "backend", "dtype", "latency_ms_median", "throughput_img_s",
+                     "params", "macs_cvnets", "paper_latency_ms", "paper_throughput_img_s")
+
+
+def markdown_tables(text: str) -> list:
+    """Every markdown table of `text`, as lists of rows of cells."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def assert_well_formed(table: list) -> None:
+    header, rule, *body = table
+    assert all(set(cell) <= {"-"} and cell for cell in rule), rule
+    assert len(rule) == len(header) and body
+    for row in body:
+        assert len(row) == len(header), row
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+def test_cli_quick_run_on_one_small_model(tmp_path, capsys):
+    paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "md")}
+    rc = main(["bench", "--quick", "--device", "cpu", "--models", "mobilevitv3_xxs_l2",
+               "--throughput-batch", "2", "--backends", "torch,cuda", "--no-progress",
+               "--json", str(paths["json"]), "--csv", str(paths["csv"]),
+               "--markdown", str(paths["md"])])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert paths["md"].read_text() == out
+
+    tables = markdown_tables(out)
+    for table in tables:
+        assert_well_formed(table)
+    measured = tables[0]
+    assert measured[0][:2] == ["model", "implementation"]
+    reference = next(row for row in measured[2:] if row[1] == "reference")
+    assert reference[0] == "mobilevitv3_xxs_l2" and float(reference[3].replace(",", "")) > 0
+    assert reference[6] == "6.240"  # the paper's RTX 2080 Ti latency beside the measurement
+    assert "No GPU was used" in out and "skipped fast/cuda" in out
+
+    assert str(bench_env.project_root()) not in paths["json"].read_text()
+    result = json.loads(paths["json"].read_text())
+    assert result["complete"] and result["env"]["device_type"] == "cpu"
+    assert result["env"]["nvml"]["available"] is False and result["env"]["nvml"]["reason"]
+    stats = mvit3.model_stats("mobilevitv3_xxs_l2")
+    rows = {(r["impl"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {("reference", "eager"), ("fast", "torch"), ("fast", "cuda")}
+    for row in rows.values():
+        assert all(key in row for key in REQUIRED_ROW_KEYS)
+        assert row["params"] == stats["params"] and row["macs_cvnets"] == stats["macs_cvnets"]
+        assert row["paper_latency_ms"] == 6.24 and row["paper_throughput_img_s"] == 2308
+    for key in (("reference", "eager"), ("fast", "torch")):
+        row = rows[key]
+        assert row["status"] == "ok", row["reason"]
+        assert row["latency_ms_p10"] <= row["latency_ms_median"] <= row["latency_ms_p90"]
+        assert row["throughput_img_s"] > 0 and row["throughput_batch"] == 2
+        assert row["launches"] > 0 and row["launch_counts"]["aten_ops"] == row["launches"]
+    # The fast model with the torch backend computes the reference math (fp32).
+    assert rows[("fast", "torch")]["max_rel_err"] < 1e-5
+    assert rows[("fast", "cuda")]["status"] == "skipped" and "cuda" in rows[("fast", "cuda")]["reason"]
+
+    lines = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(lines) == 3 and {line["impl"] for line in lines} == {"reference", "fast"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--paper-protocol", "--dtype", "fp16"], "paper's exactly"),
+    (["--models", "mobilevit_huge"], "no model matches"),
+    (["--backends", "torch,metal"], "unknown"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
+    (["--device", "gpu0"], "--device must be"),
+])
+def test_cli_rejects_bad_arguments_before_running(argv, message, capsys):
+    assert main(["bench", "--no-progress"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_plot_without_matplotlib_says_so_before_running(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert main(["bench", "--device", "cpu", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the bench extra) is not installed")
+    from mvit3.bench.plot import plot_result
+
+    plot_result(synthetic_result(), str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the paper's figures -------------------------------------------------------------------
+
+# Table 5 of the MobileViTv3 paper, verbatim (tab-separated as extracted from the PDF).
+PAPER_TABLE5_TEXT = """\
+MobileViTv1-XXS	4	364	1.30	69.00	2124	7.24
+MobileViTv3-XXS	4	289	1.25	70.98 ($\\uparrow 1.98\\%$)	2146	7.12
+MobileViTv3-XXS	2	256 ($\\downarrow 30\\%$)	1.14	70.23 ($\\uparrow 1.23\\%$)	2308	6.24
+MobileViTv1-XS	4	986	2.3	74.80	1097	7.32
+MobileViTv3-XS	4	927	2.5	76.7 ($\\uparrow 1.9\\%$)	1078	7.20
+MobileViTv3-XS	2	853 ($\\downarrow 13.5\\%$)	2.3	76.1 ($\\uparrow 1.3\\%$)	1129	6.35
+MobileViTv1-S	4	2009	5.6	78.40	822	7.34
+MobileViTv3-S	4	1841	5.8	79.3 ($\\uparrow 0.9\\%$)	824	7.29
+MobileViTv3-S	2	1651 ($\\downarrow 17.82\\%$)	5.2	79.06 ($\\uparrow 0.6\\%$)	876	6.60
+"""
+
+
+def test_paper_data_equals_the_papers_table5():
+    parsed = []
+    for line in PAPER_TABLE5_TEXT.splitlines():
+        name, blocks, flops, params, top1, throughput, latency = line.split("\t")
+        number = lambda cell: float(cell.split(" (")[0])  # noqa: E731  (drop the "(↑ x%)" notes)
+        parsed.append((name, int(blocks), number(flops), number(params), number(top1),
+                       number(throughput), number(latency)))
+    ours = [(r.paper_name, r.blocks, r.flops_m, r.params_m, r.top1, r.throughput_img_s, r.latency_ms)
+            for r in TABLE5]
+    assert ours == parsed
+
+
+def test_paper_rows_name_the_right_models():
+    """Each row's model has the paper's layer_4 depth, params and cvnets MACs (FLOPs column)."""
+    for row in TABLE5:
+        cfg = mvit3.models.get_config(row.model)
+        assert cfg.stages[1].num_layers == row.blocks
+        assert row.paper_name.lower().replace("-", "_").startswith(
+            {"v1": "mobilevitv1", "v3": "mobilevitv3"}[cfg.version])
+        stats = mvit3.model_stats(row.model)
+        assert abs(stats["params"] / 1e6 - row.params_m) <= 0.05, row  # printed to 2-3 digits
+        assert abs(stats["macs_cvnets"] / 1e6 - row.flops_m) <= 1.0, row  # printed as integers
+    names = set(mvit3.list_models())
+    assert all(a in names and b in names for a, b, _ in RATIO_PAIRS)
+
+
+# ---- environment -----------------------------------------------------------------------------
+
+def test_env_without_nvidia_ml_py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    info = bench_env.nvml_info()
+    assert info == {"available": False,
+                    "reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)"}
+
+
+def test_env_when_nvml_does_not_initialise(monkeypatch):
+    def fail():
+        raise OSError("NVML Shared Library Not Found")
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=fail))
+    info = bench_env.nvml_info()
+    assert not info["available"] and "NVML Shared Library Not Found" in info["reason"]
+
+
+class FakeNVML(types.SimpleNamespace):
+    """The part of nvidia-ml-py that env.py reads, with known answers."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+    def __init__(self):
+        super().__init__(shutdown=False)
+        self.nvmlInit = lambda: None
+        self.nvmlShutdown = lambda: setattr(self, "shutdown", True)
+        self.nvmlDeviceGetCount = lambda: 1
+        self.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
+        self.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"  # bytes, as old releases
+        self.nvmlDeviceGetUUID = lambda h: "GPU-abcd"
+        self.nvmlSystemGetDriverVersion = lambda: "570.86"
+        self.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+        self.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2 ** 30)
+        self.nvmlDeviceGetMaxClockInfo = lambda h, clock: {1: 1980, 2: 2619}[clock]
+        self.nvmlDeviceGetClockInfo = lambda h, clock: {1: 1755, 2: 2619}[clock]
+        self.nvmlDeviceGetPersistenceMode = lambda h: 1
+        self.nvmlDeviceGetMigMode = self.not_supported
+        self.nvmlDeviceGetTemperature = lambda h, sensor: 41
+        self.nvmlDeviceGetPowerUsage = lambda h: 123456
+        self.nvmlDeviceGetEnforcedPowerLimit = lambda h: 700000
+        self.nvmlDeviceGetCurrentClocksThrottleReasons = lambda h: 0x4 | 0x20 | 0x1000
+
+    @staticmethod
+    def not_supported(*args):
+        raise RuntimeError("NVMLError_NotSupported")
+
+
+def test_env_reads_every_nvml_field(monkeypatch):
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    info = bench_env.nvml_info()
+    assert info["available"] and fake.shutdown
+    assert (info["name"], info["uuid"], info["driver"], info["compute_capability"]) == (
+        "NVIDIA H100 80GB HBM3", "GPU-abcd", "570.86", "9.0")
+    assert (info["memory_total_gib"], info["max_sm_clock_mhz"], info["persistence_mode"]) == (80.0, 1980, 1)
+    assert info["mig_mode"] is None and "NotSupported" in info["errors"]["mig_mode"]
+    assert info["state"] == {"sm_clock_mhz": 1755, "mem_clock_mhz": 2619, "temperature_c": 41,
+                             "power_w": 123.456, "power_limit_w": 700.0,
+                             "throttle_reasons": ["sw_power_cap", "sw_thermal_slowdown", "0x1000"]}
+    env = {**synthetic_result()["env"], "nvml": info}
+    text = "\n".join(bench_env.format_env(env))
+    assert "UUID GPU-abcd, driver 570.86" in text and "sw_power_cap, sw_thermal_slowdown" in text
+
+
+def test_results_name_no_path_of_this_machine():
+    root, home = bench_env.project_root(), Path.home()
+    text = f"built at {root}/mvit3/_lib, cache {home}/.cache/x"
+    assert bench_env.scrub_paths(text) == "built at <checkout>/mvit3/_lib, cache ~/.cache/x"
+
+
+def test_collect_env_on_a_cpu_carries_on():
+    env = bench_env.collect_env("cpu")
+    assert env["device_type"] == "cpu" and env["gpu"] is None
+    assert env["torch"] == torch.__version__ and env["python"]
+    assert {row["backend"] for row in env["backends"]} == {"torch", "triton", "cuda"}
+    assert "- no GPU" in "\n".join(bench_env.format_env(env))
+
+
+# ---- timing and launches -------------------------------------------------------------------
+
+def test_summarize_statistics():
+    t = summarize([float(v) for v in range(1, 11)])
+    assert (t.mean_ms, t.median_ms, t.n) == (5.5, 5.5, 10)
+    assert t.p10_ms == pytest.approx(1.9) and t.p90_ms == pytest.approx(9.1)
+
+
+def test_time_callable_counts_and_caps():
+    calls = []
+    t = time_callable(lambda: calls.append(1), "cpu", warmup=3, iters=7)
+    assert t.n == 7 and len(calls) == 10
+    calls.clear()
+    t = time_callable(lambda: calls.append(1), "cpu", warmup=0, iters=10 ** 9, min_iters=4,
+                      max_s=0.0, inner=5)  # the cap is hit at once: min_iters samples
+    assert (t.n, t.inner, len(calls)) == (4, 5, 20)
+
+
+def test_count_launches_skips_views_and_allocations():
+    conv = torch.nn.Conv2d(3, 4, 1)
+
+    def model(x):
+        y = torch.relu(conv(x)).view(4, -1)  # 2 kernels, a view
+        return torch.empty_like(y).copy_(y).t()  # an allocation, a copy kernel, a view
+
+    count = count_launches(model, torch.randn(1, 3, 4, 4))
+    assert count.by_op == {"aten::convolution": 1, "aten::relu": 1, "aten::copy_": 1}
+    assert count.launches == 3 and count.cuda_kernels is None
+
+
+def test_count_launches_counts_triton_launches_in_a_dry_run():
+    """On a CPU, a dry run counts what the Triton backend would launch, without running it."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 8)
+
+    def model(x):
+        return mvit3.ops.pointwise_conv(x, w, act="silu", backend="triton").mean()
+
+    count = count_launches(model, x, dry_run=True)
+    assert count.mvit3_ops == 1 and count.by_op["mvit3_triton::pointwise_conv"] == 1
+    assert count.triton_launches >= 1 and count.aten_ops == 1  # the mean
+    assert count.launches == count.triton_launches + 1
+
+
+# ---- micro-benchmark cases -----------------------------------------------------------------
+
+@pytest.mark.parametrize("model", MICRO_MODELS)
+def test_micro_cases_compute_what_the_reference_modules_compute(model):
+    """The stock sequence of each case (the fused ops' torch reference on folded weights)
+    equals the reference model's modules: the benchmarks compare like with like. float64,
+    so only summation order differs."""
+    cases = build_cases(model, 1, torch.float64, "cpu")
+    assert set(cases) >= {"stem", "mv2", "mlp", "fusion"}
+    for kind, case in cases.items():
+        assert case.flops > 0 and case.bytes > 0
+        if case.module is None:
+            continue
+        with torch.no_grad():
+            got, expected = case.fused("torch"), case.module()
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= 1e-12 * float(expected.abs().max()), kind
+
+
+# ---- reports -------------------------------------------------------------------------------
+
+def test_ratios_and_speedups_from_known_numbers():
+    ratios = compute_ratios(synthetic_result())
+    pair = next(p for p in ratios["pairs"] if p["comparison"] == "v3-XXS vs v1-XXS")
+    assert pair["reference_latency"] == pytest.approx(6.0 / 8.0)
+    assert pair["paper_latency"] == pytest.approx(7.12 / 7.24)
+    assert pair["fastest_latency"] == pytest.approx(0.5 / 2.0)  # v3's CUDA graph vs v1's fast
+    assert pair["reference_throughput"] == pytest.approx(8.0 / 6.0)
+    l2 = next(p for p in ratios["pairs"] if p["comparison"] == "v3-XXS: 2 vs 4 layers in layer_4")
+    assert l2["reference_latency"] == pytest.approx(5.0 / 6.0)
+    speed = {(s["model"], s["impl"]): s for s in ratios["speedups"]}
+    assert speed[("mobilevitv3_xxs", "cuda-graph")]["latency_vs_reference"] == pytest.approx(12.0)
+    assert speed[("mobilevitv3_xxs", "fast")]["latency_vs_compile"] == pytest.approx(2.0)
+    assert speed[("mobilevitv3_xxs_l2", "fast")]["latency_vs_compile"] is None  # no compile row
+    assert {s["backend"] for s in ratios["speedups"]} == {"triton", "auto"}  # skipped rows out
+
+
+def test_markdown_and_csv_of_a_stored_result():
+    result = synthetic_result()
+    text = render_markdown(result)
+    tables = markdown_tables(text)
+    for table in tables:
+        assert_well_formed(table)
+    assert len(tables[0]) == 2 + 9  # header, rule, the nine measured rows
+    assert "NVIDIA H100 80GB HBM3" in text and "No GPU was used" not in text
+    assert "FAILED mobilevitv3_xxs_l2 cuda-graph/auto: RuntimeError: capture failed on purpose" in text
+    assert "skipped fast/cuda (3 models): backend cuda unavailable: not built" in text
+    assert "12.00x" in text  # cuda-graph vs reference, v3-XXS
+    lines = render_csv(result).splitlines()
+    assert len(lines) == 1 + len(result["rows"])
