@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -134,3 +133,103 @@ def test_cuda_graph_wrapper_refuses_cpu_and_training():
     wrapped = fast.cuda_graph(fast.create_model("mobilevitv3_xxs", backend="torch"))
     with pytest.raises(ValueError, match="CUDA input"):
         wrapped(torch.rand(1, 3, 64, 64))
+
+
+# ----- on a GPU ---------------------------------------------------------------------------
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+KERNEL_BACKENDS = ("triton", "cuda")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp16/bf16 round every activation to 11 / 8 significant bits: the logits of a whole network
+# keep their direction (cosine) and order (top-1), not 1e-4 agreement.
+MIN_COSINE = 0.999
+
+
+def _skip_unavailable(backend: str, dtype=torch.float32):
+    reason = dict((b, r) for b, ok, r in mvit3.ops.availability() if not ok).get(backend)
+    if reason:
+        pytest.skip(f"backend {backend} unavailable: {reason}")
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0")
+
+
+def _gpu_pair(name, backend, dtype=torch.float32):
+    _skip_unavailable(backend, dtype)
+    ref = model_utils.randomize_(mvit3.create_model(name), seed=1).cuda().eval()
+    return ref, fast.convert(ref, backend=backend).to(dtype).eval()
+
+
+def _agree_top1(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Top-1 agrees wherever the reference's top-2 margin exceeds twice the largest error;
+    closer pairs are within rounding noise and have no defined order."""
+    top2 = expected.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * (out - expected).abs().max()
+    return bool((out.argmax(1) == expected.argmax(1))[decided].all())
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", [256, 224])
+def test_gpu_fast_models_match_the_reference(name, backend, dtype, size):
+    """fp32 (TF32 off) within 1e-4 of float64; fp16/bf16 by cosine and top-1 vs fp32."""
+    ref, model = _gpu_pair(name, backend, dtype)
+    x = torch.rand(4, 3, size, size, device="cuda", generator=torch.Generator("cuda").manual_seed(size))
+    if size == 224:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x.to(dtype)).float()
+        expected = ref(x)
+        expected64 = ref.double()(x.double())
+    if dtype == torch.float32:
+        assert (out.double() - expected64).abs().max() <= 1e-4 * expected64.abs().max()
+    else:
+        assert F.cosine_similarity(out, expected, dim=1).min() >= MIN_COSINE
+        assert _agree_top1(out, expected)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_cuda_graph_capture_and_replay(backend):
+    ref, model = _gpu_pair("mobilevitv3_xs", backend)
+    graphed = fast.cuda_graph(model)
+    with torch.no_grad():
+        for size in (256, 224, 256):  # one graph per shape, replayed on the second 256
+            x = torch.rand(1, 3, size, size, device="cuda")
+            assert torch.allclose(graphed(x), model(x), rtol=0, atol=1e-5)
+        assert len(graphed._graphs) == 2
+        model.layer_5[1].conv_proj.block.norm.running_mean.add_(0.5)  # weights change: recapture
+        x = torch.rand(1, 3, 256, 256, device="cuda")
+        assert torch.allclose(graphed(x), model(x), rtol=0, atol=1e-5)
+        assert len(graphed._graphs) == 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_compile_max_autotune_fullgraph(backend):
+    ref, model = _gpu_pair("mobilevitv3_xs", backend)
+    compiled = torch.compile(model, mode="max-autotune", fullgraph=True)
+    x = torch.rand(2, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), rtol=0, atol=1e-4)
+
+
+def test_compile_fullgraph_on_cpu_with_custom_ops():
+    """torch.compile traces the fused forward as one graph of mvit3 custom ops (no graph
+    break); backend="eager" runs it (Triton in the interpreter on CPU, or on the GPU)."""
+    backend = "triton" if (INTERPRET or HAS_CUDA) else "torch"
+    model = fast.create_model("mobilevitv3_xxs", backend=backend).eval()
+    device = "cuda" if HAS_CUDA else "cpu"
+    model.to(device)
+    x = torch.rand(1, 3, 64, 64, device=device)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+        ops_in_graph = {str(op) for op in explanation.ops_per_graph[0]}
+        assert f"mvit3_{backend}.patch_attention" in ops_in_graph or backend == "torch"
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.allclose(compiled(x), model(x), rtol=0, atol=1e-6)

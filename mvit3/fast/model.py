@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import ops
 from ..models import MobileViT, check_input
-from ..models.blocks import MobileViTBlock, MobileViTv2Block
+from ..models.blocks import MobileViTBlock
 from ..models.layers import InvertedResidual
 from ..models.patches import resize_to_even
 from ..ops.reference import apply_norm
