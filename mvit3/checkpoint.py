@@ -24,7 +24,17 @@ WRAPPER_PREFIXES = ("module.", "encoder.")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model; the message names every offending key."""
+    """A checkpoint does not fit the model. The message names the offending keys (the first
+    `SHOWN_KEYS` of each kind); `missing`, `unexpected` and `mismatched` hold all of them."""
+
+    def __init__(self, message: str, result: "LoadResult | None" = None):
+        super().__init__(message)
+        self.missing = result.missing if result else []
+        self.unexpected = result.unexpected if result else []
+        self.mismatched = result.mismatched if result else []
+
+
+SHOWN_KEYS = 20
 
 
 @dataclass
@@ -120,16 +130,20 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     result.mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                          for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     problems = []
-    if result.missing:
-        problems.append(f"missing keys ({len(result.missing)}): {', '.join(result.missing)}")
-    if result.unexpected:
-        problems.append(f"unexpected keys ({len(result.unexpected)}): {', '.join(result.unexpected)}")
-    if result.mismatched:
-        problems.append(f"mis-shaped keys ({len(result.mismatched)}): " + ", ".join(
-            f"{k} (checkpoint {list(a)}, model {list(b)})" for k, a, b in result.mismatched))
+    for kind, keys in (("missing", result.missing), ("unexpected", result.unexpected),
+                       ("mis-shaped", [f"{k} (checkpoint {list(a)}, model {list(b)})"
+                                       for k, a, b in result.mismatched])):
+        if keys:
+            more = f" (and {len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+            problems.append(f"{kind} keys ({len(keys)}): {', '.join(keys[:SHOWN_KEYS])}{more}")
+    prefix = os.path.commonprefix(result.unexpected) if len(result.unexpected) > 1 else ""
+    if result.missing and "." in prefix:
+        prefix = prefix[:prefix.rindex(".") + 1]
+        problems.append(f"every unexpected key starts with {prefix!r}: a wrapper prefix this loader "
+                        f"does not strip? (it strips {', '.join(WRAPPER_PREFIXES)})")
     if problems and strict:
         name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
-        raise CheckpointError(f"checkpoint does not fit {name}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint does not fit {name}:\n  " + "\n  ".join(problems), result)
 
     bad = {k for k, _, _ in result.mismatched}
     loadable = {k: v for k, v in state_dict.items() if k in own and k not in bad}

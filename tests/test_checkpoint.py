@@ -30,10 +30,10 @@ def _assert_loaded(model, state_dict):
                                     "encoder.", "state_dict+module.encoder."])
 def test_every_layout_loads_from_a_file(official, tmp_path, layout):
     _, sd = official
-    if layout.endswith("."):
-        payload = {layout + k: v for k, v in sd.items()}
-    elif layout == "state_dict+module.encoder.":
+    if layout == "state_dict+module.encoder.":
         payload = {"state_dict": {"module.encoder." + k: v for k, v in sd.items()}, "epoch": 300}
+    elif layout.endswith("."):
+        payload = {layout + k: v for k, v in sd.items()}
     elif layout == "bare":
         payload = sd
     else:
@@ -85,6 +85,16 @@ def test_non_strict_loads_what_fits_and_reports_the_rest(official):
     assert result.mismatched == [("conv_1.block.norm.bias", (17,), (16,))]
     assert torch.equal(model.state_dict()["layer_5.1.fusion.block.conv.weight"],
                        sd["layer_5.1.fusion.block.conv.weight"])
+
+
+def test_long_key_lists_are_capped_and_a_foreign_prefix_is_pointed_out(official):
+    _, sd = official
+    with pytest.raises(CheckpointError) as err:
+        mvit3.load_checkpoint(mvit3.create_model("mobilevitv3_xxs"), {"backbone." + k: v for k, v in sd.items()})
+    message = str(err.value)
+    assert "missing keys (311): conv_1.block.conv.weight" in message and "(and 291 more)" in message
+    assert "every unexpected key starts with 'backbone.'" in message
+    assert len(err.value.missing) == 311 and len(err.value.unexpected) == 311  # all names kept
 
 
 def test_a_wrong_family_is_refused(official):

@@ -1,0 +1,158 @@
+"""The pre-norm FFN sub-layer of a transformer layer with its residual, in one kernel.
+
+Twin of `mvit3.ops.reference.transformer_mlp`: x + silu(norm(x) @ w1^T + b1) @ w2^T + b2 per
+pixel, x [B, d, H, W] (any strides), w1 [F, d], w2 [d, F]. The tokens of both MobileViT
+families are pixels, so the FFN is a per-pixel GEMM pair on the map itself.
+
+One program owns BLOCK_M pixels (flattened over B*H*W, so a tile may straddle two samples):
+- prologue: load the [BLOCK_M, d] tile, normalise it in fp32: "layer" takes each pixel's
+  mean/variance over d in-kernel; "group" (GroupNorm with one group, v2-style) reads the
+  per-sample (mean, rstd) that `group_norm_stats` computed before the launch;
+- main loop over BLOCK_F-wide chunks of the hidden layer: h = silu(a @ w1[chunk]^T + b1),
+  out += h @ w2[:, chunk]^T. The [BLOCK_M, F] hidden activation never touches memory;
+- epilogue: + b2 + x, stored channels_last.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, launch, map_stride_args, next_pow2, rows_per_program, silu)
+from .group_norm_stats import group_norm_stats
+
+MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
+NORMS = ("layer", "group")
+
+
+@triton.jit
+def _transformer_mlp_kernel(
+    # pointers (stats is None for norm="layer")
+    x_ptr, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    # sizes
+    num_pixels, HW, W, D, F, eps,
+    # strides
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+    stride_outb, stride_outc, stride_outh, stride_outw,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pixel_valid = pixel < num_pixels
+    sample = pixel // HW
+    y = (pixel % HW) // W
+    x = pixel % W
+    channels = tl.arange(0, D_PAD)
+    channel_valid = channels < D
+    mask = pixel_valid[:, None] & channel_valid[None, :]
+    x_ptrs = (x_ptr + (sample * stride_xb + y * stride_xh + x * stride_xw)[:, None]
+              + channels[None, :] * stride_xc)
+    tile = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
+
+    if stats_ptr is not None:  # norm="group"
+        mean = tl.load(stats_ptr + sample * 2, mask=pixel_valid, other=0.0)
+        rstd = tl.load(stats_ptr + sample * 2 + 1, mask=pixel_valid, other=0.0)
+        centred = tile - mean[:, None]
+    else:
+        mean = tl.sum(tile, axis=1) / D
+        centred = tl.where(mask, tile - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    gamma = tl.load(norm_w_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    beta = tl.load(norm_b_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    # padded channels get gamma = beta = 0, so they stay 0 and add nothing to the GEMM
+    normed = (centred * rstd[:, None] * gamma[None, :] + beta[None, :]).to(DOT_TYPE)
+
+    hidden_in_chunk = tl.arange(0, BLOCK_F)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for f_start in range(0, F, BLOCK_F):
+        hidden = f_start + hidden_in_chunk
+        hidden_valid = hidden < F
+        # w1[chunk]^T [D_PAD, BLOCK_F] and w2[:, chunk]^T [BLOCK_F, D_PAD]: contiguous along
+        # their last axis for weights pre-packed as [d, F] and [F, d] buffers
+        w1_t = tl.load(w1_ptr + hidden[None, :] * stride_w1_f + channels[:, None] * stride_w1_d,
+                       mask=channel_valid[:, None] & hidden_valid[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + hidden, mask=hidden_valid, other=0.0).to(tl.float32)
+        h = silu(tl.dot(normed, w1_t.to(DOT_TYPE), input_precision=DOT_PRECISION) + b1[None, :])
+        w2_t = tl.load(w2_ptr + channels[None, :] * stride_w2_d + hidden[:, None] * stride_w2_f,
+                       mask=hidden_valid[:, None] & channel_valid[None, :], other=0.0)
+        # padded hidden units: w1 = b1 = 0 gives silu(0) = 0, and their w2 rows are 0 anyway
+        acc += tl.dot(h.to(DOT_TYPE), w2_t.to(DOT_TYPE), input_precision=DOT_PRECISION)
+
+    b2 = tl.load(b2_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    # the residual is re-read (an L1/L2 hit) rather than kept live in registers across the loop
+    acc += b2[None, :] + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = (out_ptr + (sample * stride_outb + y * stride_outh + x * stride_outw)[:, None]
+                + channels[None, :] * stride_outc)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _shape_error(x, norm, norm_weight, norm_bias, w1, b1, w2, b2) -> str | None:
+    if x.dim() != 4:
+        return f"x must be [B, d, H, W], got shape {list(x.shape)}"
+    if norm not in NORMS:
+        return f"norm must be one of {NORMS}, got {norm!r}"
+    d = x.shape[1]
+    if w1.dim() != 2 or w1.shape[1] != d:
+        return f"w1 must be [F, {d}], got {list(w1.shape)}"
+    f = w1.shape[0]
+    expected = {"norm_weight": (norm_weight, (d,)), "norm_bias": (norm_bias, (d,)),
+                "b1": (b1, (f,)), "w2": (w2, (d, f)), "b2": (b2, (d,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            return f"{name} must be {list(shape)}, got {list(t.shape)}"
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("w1", w1), ("b1", b1),
+                    ("w2", w2), ("b2", b2)):
+        if t.dtype != x.dtype:
+            return f"{name} is {t.dtype}, x is {x.dtype}: all tensors must share a dtype"
+    return None
+
+
+def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str | None:
+    """None if the kernel takes these arguments, else why not."""
+    reason = _shape_error(x, norm, norm_weight, norm_bias, w1, b1, w2, b2)
+    if reason is not None:
+        return reason
+    if x.shape[1] > MAX_DIM:
+        return f"d = {x.shape[1]} > {MAX_DIM}"
+    return int32_offset_limit(x=x)
+
+
+def _meta(num_pixels: int, d_pad: int) -> dict:
+    """BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
+    each) within 4K values (`rows_per_program`); BLOCK_F: hidden units per chunk, each weight
+    chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
+    operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
+    no or small (< 0.5 KB) spills for sm_75/80/90, where larger tiles spill kilobytes."""
+    block_m = rows_per_program(lambda bm: triton.cdiv(num_pixels, bm), d_pad, 4096)
+    return dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
+                num_warps=8 if block_m * d_pad >= 4096 else 4)
+
+
+def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                    eps: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor) -> torch.Tensor:
+    """x [B, d, H, W] -> channels_last [B, d, H, W]; see `mvit3.ops.reference.transformer_mlp`."""
+    reason = why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+    if reason is not None:
+        raise ValueError(f"transformer_mlp: {reason}")
+    check_device(x, norm_weight, norm_bias, w1, b1, w2, b2)
+    b, d, h, w = x.shape
+    stats = group_norm_stats(x, eps) if norm == "group" else None
+    out = channels_last_empty(b, d, h, w, x)
+    meta = _meta(b * h * w, next_pow2(d))
+    num_warps = meta.pop("num_warps")
+    launch(_transformer_mlp_kernel, (triton.cdiv(b * h * w, meta["BLOCK_M"]),),
+           dict(x_ptr=x, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats,
+                w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=out,
+                num_pixels=b * h * w, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),
+                **map_stride_args("x", x),
+                stride_w1_f=w1.stride(0), stride_w1_d=w1.stride(1),
+                stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
+                **map_stride_args("out", out)),
+           dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
+           num_warps=num_warps)
+    return out
