@@ -72,9 +72,41 @@ def launch_log(dry_run: bool = False):
         _ACTIVE_LOG = previous
 
 
+def _dry_run() -> bool:
+    return _ACTIVE_LOG is not None and _ACTIVE_LOG.dry_run
+
+
 def cpu_allowed() -> bool:
     """Kernels may take CPU tensors: in the interpreter, or while only recording (dry run)."""
-    return INTERPRET or (_ACTIVE_LOG is not None and _ACTIVE_LOG.dry_run)
+    return INTERPRET or _dry_run()
+
+
+_INTERPRETER_TILES = False
+
+
+@contextlib.contextmanager
+def interpreter_tiles():
+    """For tests of whole models in the interpreter: inside this block, under
+    TRITON_INTERPRET=1, kernels launch with the larger tiles they name in `interpreter_meta`.
+
+    The interpreter's cost is per program and per tl operation, hardly per value, so large
+    tiles run a whole forward several times faster. The math is the same on other tile sizes
+    (masks cover the partial tiles either way). GPU launches, dry runs (the recorded and
+    AOT-compiled configurations) and the kernel tests keep the GPU meta-parameters.
+    """
+    global _INTERPRETER_TILES
+    previous, _INTERPRETER_TILES = _INTERPRETER_TILES, True
+    try:
+        yield
+    finally:
+        _INTERPRETER_TILES = previous
+
+
+def interpreter_meta(meta: dict, **larger) -> dict:
+    """`meta` with the `larger` tile sizes when `interpreter_tiles()` is active, else `meta`."""
+    if _INTERPRETER_TILES and INTERPRET and not _dry_run():
+        return {**meta, **larger}
+    return meta
 
 
 def _arg_type(value) -> str:
@@ -160,7 +192,7 @@ def dot_operand_type(dtype: torch.dtype):
     the kernel (norm or depthwise prologues) skip their rounding to bf16 there. A dry run
     records what a GPU launches (bf16 tiles), since nothing runs in the interpreter then.
     """
-    if dtype == torch.bfloat16 and INTERPRET and not (_ACTIVE_LOG is not None and _ACTIVE_LOG.dry_run):
+    if dtype == torch.bfloat16 and INTERPRET and not _dry_run():
         return tl.float32
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 

@@ -20,7 +20,7 @@ from mvit3.ops.reference import ACTS
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, launch, map_stride_args, next_pow2,
-                      pixel_tile_epilogue)
+                      interpreter_meta, pixel_tile_epilogue)
 
 
 @triton.jit
@@ -108,8 +108,10 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
     do sm_75's fp16 mma fragments. Shared memory <= 16 KB (20 KB for TF32 on sm_90).
     """
     block_n = min(next_pow2(n), 64)
-    return dict(BLOCK_M=128 if block_n <= 32 else 64, BLOCK_N=block_n, BLOCK_K=16,
-                num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+    return interpreter_meta(
+        dict(BLOCK_M=128 if block_n <= 32 else 64, BLOCK_N=block_n, BLOCK_K=16,
+             num_warps=4, num_stages=2 if dtype == torch.float32 else 3),
+        BLOCK_M=256, BLOCK_K=64)
 
 
 def _output_size(size: int, stride: int) -> int:

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, launch, map_stride_args, next_pow2,
-                      pixel_tile_epilogue, silu)
+                      interpreter_meta, pixel_tile_epilogue, silu)
 
 
 @triton.jit
@@ -109,7 +109,9 @@ def _meta(n: int) -> dict:
     warps, or BLOCK_K = 32, ptxas spills. Two stages let sm_80/90 prefetch the next chunk's
     taps (cp.async: 42-54 KB shared in fp32); sm_75 has no cp.async and needs at most 16 KB.
     """
-    return dict(BLOCK_M=64, BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16, num_warps=8, num_stages=2)
+    return interpreter_meta(
+        dict(BLOCK_M=64, BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16, num_warps=8, num_stages=2),
+        BLOCK_M=256, BLOCK_K=64)
 
 
 def _output_size(size: int, stride: int) -> int:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, launch, map_stride_args, next_pow2, patch_pixel_offset,
-                      rows_per_program)
+                      interpreter_meta, rows_per_program)
 
 MAX_HEAD_DIM = 64
 MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in registers
@@ -199,9 +199,11 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int) -> dict:
     """
     block_m = rows_per_program(lambda bm: batch * 4 * triton.cdiv(n, bm), d_pad, 4096)
     out_chunk = min(d_pad, 128)
-    return dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), 32 if head_pad == 32 else 64),
-                HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
-                num_warps=8 if block_m * d_pad >= 4096 else 4)
+    return interpreter_meta(
+        dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), 32 if head_pad == 32 else 64),
+             HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
+             num_warps=8 if block_m * d_pad >= 4096 else 4),
+        BLOCK_M=min(next_pow2(n), 128), BLOCK_N=min(next_pow2(n), 256))
 
 
 def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,

@@ -25,7 +25,7 @@ from mvit3.ops.reference import ACTS, NORMS
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, launch, map_stride_args, next_pow2,
-                      pixel_tile_epilogue)
+                      interpreter_meta, pixel_tile_epilogue)
 from .group_norm_stats import group_norm_stats
 
 
@@ -139,8 +139,10 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
     (fp32) and sm_75 (fp16). Shared memory: at most 33 KB (sm_80/90), 16 KB (sm_75).
     """
     block_n = min(next_pow2(n), 128)
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if block_n == 128 else 4,
-                num_stages=2 if dtype == torch.float32 else 3)
+    return interpreter_meta(
+        dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if block_n == 128 else 4,
+             num_stages=2 if dtype == torch.float32 else 3),
+        BLOCK_M=256, BLOCK_K=64)
 
 
 def _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act) -> str | None:

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
                       TARGET_PROGRAMS, int32_offset_limit, launch, map_stride_args, next_pow2,
-                      patch_pixel_offset, rows_per_program)
+                      interpreter_meta, patch_pixel_offset, rows_per_program)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -221,8 +221,10 @@ def _meta(batch: int, n: int, d_pad: int) -> tuple[dict, dict, int]:
     tokens_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     block_m = rows_per_program(lambda bm: batch * 4 * triton.cdiv(n, bm), d_pad, 4096)
     context_meta = dict(BLOCK_N=block_n, D_PAD=d_pad, BLOCK_O=min(d_pad, 4096 // d_pad))
-    consumer_meta = dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_C=min(32, max(16, 2048 // d_pad)),
-                         SPLITS_PAD=MAX_SPLITS, num_warps=8 if block_m * d_pad >= 4096 else 4)
+    consumer_meta = interpreter_meta(
+        dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_C=min(32, max(16, 2048 // d_pad)),
+             SPLITS_PAD=MAX_SPLITS, num_warps=8 if block_m * d_pad >= 4096 else 4),
+        BLOCK_M=min(next_pow2(n), 256), BLOCK_C=128)
     return context_meta, consumer_meta, tokens_per_split
 
 

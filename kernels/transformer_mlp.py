@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, launch, map_stride_args, next_pow2, rows_per_program, silu)
+                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
+                      rows_per_program, silu)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -128,8 +129,10 @@ def _meta(num_pixels: int, d_pad: int) -> dict:
     operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
     no or small (< 0.5 KB) spills for sm_75/80/90, where larger tiles spill kilobytes."""
     block_m = rows_per_program(lambda bm: triton.cdiv(num_pixels, bm), d_pad, 4096)
-    return dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
-                num_warps=8 if block_m * d_pad >= 4096 else 4)
+    return interpreter_meta(
+        dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
+             num_warps=8 if block_m * d_pad >= 4096 else 4),
+        BLOCK_M=256, BLOCK_F=128)
 
 
 def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
