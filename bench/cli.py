@@ -231,7 +231,7 @@ def run(args) -> int:
     if config.device.type == "cuda":
         result["gpu_state_after"] = nvml_state(config.device.index or 0)
     markdown = render_markdown(result)
-    print(markdown, end="")
+    print(scrub_paths(markdown), end="")  # the same text as the --markdown file
     if args.json:
         _write(args.json, json.dumps(result, indent=1, default=str))
     if args.csv:
