@@ -126,9 +126,27 @@ def _mv2(b: _Builder, model: str) -> OpCase:
         + _out_bytes(b.batch, cout, size, size, b.dtype))
 
 
+def _mlp_case(b: _Builder, model: str, t: Tensor, norm: str, norm_params: fold.Norm,
+              fc1: fold.Pointwise, fc2: fold.Pointwise, module: Callable[[], Tensor]) -> OpCase:
+    """transformer_mlp: norm ("layer" or "group") + FFN d -> F -> d + residual on the
+    [B, d, size, size] layer_3 map t."""
+    _, d, size, _ = t.shape
+    f = fc1.weight.shape[0]
+    norm_name = {"layer": "LN", "group": "GroupNorm"}[norm]
+    return OpCase(
+        model, "mlp", "transformer_mlp",
+        f"layer_3 {norm_name} + FFN {d}->{f}->{d} + residual on [{b.batch},{d},{size},{size}]",
+        fused=lambda be: ops.transformer_mlp(t, norm, norm_params.weight, norm_params.bias,
+                                             norm_params.eps, fc1.weight, fc1.bias, fc2.weight,
+                                             fc2.bias, backend=be),
+        module=module, flops=4 * b.batch * size * size * d * f,
+        bytes=_nbytes(t, norm_params.weight, norm_params.bias, fc1.weight, fc1.bias, fc2.weight,
+                      fc2.bias) + _out_bytes(*t.shape, b.dtype))
+
+
 def _v1_block_cases(b: _Builder, model: str) -> list:
     block, stage = b.ref.layer_3[1], b.cfg.stages[0]
-    c, d, f, heads = stage.channels, stage.attn_dim, stage.ffn_dim, stage.num_heads
+    c, d, heads = stage.channels, stage.attn_dim, stage.num_heads
     size = IMG_SIZE // 8
     m, n = b.batch * size * size, size * size // 4  # pixels; tokens per sequence
     enc = block.global_rep[0]
@@ -165,13 +183,7 @@ def _v1_block_cases(b: _Builder, model: str) -> list:
                flops=attention_flops + 2 * m * d * 3 * d,
                bytes=_nbytes(t, n1.weight, n1.bias, qkv_w.weight, qkv_w.bias, out_w.weight,
                              out_w.bias) + out_bytes),
-        OpCase(model, "mlp", "transformer_mlp", f"layer_3 LN + FFN {d}->{f}->{d} + residual on {shape}",
-               fused=lambda be: ops.transformer_mlp(t, "layer", n2.weight, n2.bias, n2.eps,
-                                                    fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                                    backend=be),
-               module=lambda: tokens_residual(ffn), flops=4 * m * d * f,
-               bytes=_nbytes(t, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-               + out_bytes),
+        _mlp_case(b, model, t, "layer", n2, fc1, fc2, module=lambda: tokens_residual(ffn)),
         OpCase(model, "fusion", "pointwise_conv(x2, residual, silu)",
                f"layer_3 fusion 1x1 on [local {d} | global {c}] -> {c} + SiLU + x, {size}x{size}",
                fused=lambda be: ops.pointwise_conv(local, fusion.weight, fusion.bias, glob, x,
@@ -185,7 +197,7 @@ def _v1_block_cases(b: _Builder, model: str) -> list:
 
 def _v2_block_cases(b: _Builder, model: str) -> list:
     block, stage = b.ref.layer_3[1], b.cfg.stages[0]
-    c, d, f = stage.channels, stage.attn_dim, stage.ffn_dim
+    c, d = stage.channels, stage.attn_dim
     size = IMG_SIZE // 8
     m = b.batch * size * size
     layer = block.global_rep[0]
@@ -217,14 +229,7 @@ def _v2_block_cases(b: _Builder, model: str) -> list:
                flops=2 * m * d * (1 + 2 * d) + 2 * m * d * d,
                bytes=_nbytes(t, n1.weight, n1.bias, qkv_w.weight, qkv_w.bias, out_w.weight,
                              out_w.bias) + out_bytes),
-        OpCase(model, "mlp", "transformer_mlp",
-               f"layer_3 GroupNorm + FFN {d}->{f}->{d} + residual on {shape}",
-               fused=lambda be: ops.transformer_mlp(t, "group", n2.weight, n2.bias, n2.eps,
-                                                    fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                                    backend=be),
-               module=lambda: patches_residual(ffn), flops=4 * m * d * f,
-               bytes=_nbytes(t, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-               + out_bytes),
+        _mlp_case(b, model, t, "group", n2, fc1, fc2, module=lambda: patches_residual(ffn)),
         OpCase(model, "fusion", "pointwise_conv(group norm, x2, residual)",
                f"layer_3 conv_proj 1x1 on [GroupNorm(global) {d} | local {d}] -> {c} + x, "
                f"{size}x{size}; module: final norm, fold, cat, conv_proj, add",

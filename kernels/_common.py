@@ -14,6 +14,7 @@ known ahead of time.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -197,11 +198,15 @@ def dot_operand_type(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def int32_offset_limit(**tensors) -> str | None:
-    """Why int32 element offsets cannot reach every element of the named tensors, or None.
+def int32_offset_limit(out_shape: tuple | None = None, **tensors) -> str | None:
+    """Why int32 element offsets cannot reach every element of the output (a dense map of
+    out_shape, when given) or of the named tensors, or None.
 
     Kernels index with int32 arithmetic (Triton's type for i32 sizes and strides).
     """
+    out_elements = math.prod(out_shape) if out_shape is not None else 0
+    if out_elements > 2 ** 31 - 1:
+        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
     for name, t in tensors.items():
         if t is None:
             continue
@@ -209,6 +214,47 @@ def int32_offset_limit(**tensors) -> str | None:
         if t.numel() > 0 and span > 2 ** 31 - 1:
             return f"{name} spans {span} elements > 2**31 - 1 (the kernels use int32 offsets)"
     return None
+
+
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M rows, BLOCK_N columns] tile of an [M, N] GEMM output:
+    (offs_m, offs_n, row_mask, n_mask).
+
+    1-D grid, N tiles fastest: the programs sharing a row block run together, so its A rows
+    are re-read from L2, and no grid axis limit (65535) applies to M.
+    """
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n_tiles
+    pid_n = tl.program_id(0) % num_n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict) -> None:
+    """Launch a kernel that takes its output tile from `gemm_tile`: one program per
+    [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid. constexprs holds BLOCK_M,
+    BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
+    meta = dict(constexprs)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def pixel_coords(offs_m, HW, W):
+    """(b, y, x) of pixels m = (b * H + y) * W + x of a [B, *, H, W] map."""
+    return offs_m // HW, (offs_m % HW) // W, offs_m % W
+
+
+@triton.jit
+def load_weight_tile(w_ptr, k_offsets, k_mask, offs_n, n_mask, stride_wn):
+    """The [BLOCK_K, BLOCK_N] B tile of a pixel-row GEMM from its [N, K] weight, i.e. a tile
+    of weight^T: row k at element offset k_offsets[k], column n at offs_n[n] * stride_wn.
+    Masked entries load as 0, so padded K rows add nothing to the product."""
+    return tl.load(w_ptr + k_offsets[:, None] + offs_n[None, :] * stride_wn,
+                   mask=k_mask[:, None] & n_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -232,6 +278,17 @@ def pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N,
         res = tl.load(res_ptr + res_pixel[:, None] + offs_n[None, :] * stride_rc, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def cat_maps_error(x: torch.Tensor, x2: torch.Tensor | None) -> str | None:
+    """Why x [B, C1, H, W] and x2 [B, C2, H, W] (None: absent) are not the two parts of a
+    channel concatenation cat(x, x2), or None."""
+    if x.dim() != 4:
+        return f"x must be [B, C1, H, W], got shape {tuple(x.shape)}"
+    b, _, h, w = x.shape
+    if x2 is not None and (x2.dim() != 4 or x2.shape[0] != b or x2.shape[2:] != x.shape[2:]):
+        return f"x2 must be [B, C2, H, W] = [{b}, C2, {h}, {w}], got shape {tuple(x2.shape)}"
+    return None
 
 
 def map_stride_args(name: str, t: torch.Tensor | None) -> dict:

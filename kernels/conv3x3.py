@@ -18,9 +18,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, launch, map_stride_args, next_pow2,
-                      interpreter_meta, pixel_tile_epilogue)
+from ._common import (cat_maps_error, channels_last_empty, check_device, dot_operand_type,
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
+                      pixel_coords, pixel_tile_epilogue)
 
 
 @triton.jit
@@ -47,8 +48,7 @@ def _accumulate_map(acc, src_ptr, C, channel_offset, b, y0, x0, row_mask, H, W,
                     + (channel * stride_c + dy * stride_h + dx * stride_w)[None, :],
                     mask=row_mask[:, None] & k_mask[None, :] & in_map, other=0.0)
         w_k = (channel_offset + channel) * stride_wc + dy * stride_wy + dx * stride_wx
-        w_tile = tl.load(w_ptr + w_k[:, None] + offs_n[None, :] * stride_wn,
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        w_tile = load_weight_tile(w_ptr, w_k, k_mask, offs_n, n_mask, stride_wn)
         acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -67,19 +67,9 @@ def _conv3x3_kernel(
     ACT: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, N tiles fastest: programs sharing a row block run together (x rows from L2).
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n_tiles
-    pid_n = tl.program_id(0) % num_n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_m < M
-    n_mask = offs_n < N
-
+    offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     # output pixel m = (b, y, x); its 3x3 window starts at input (y*stride - 1, x*stride - 1)
-    b = offs_m // HW_out
-    y = (offs_m % HW_out) // W_out
-    x = offs_m % W_out
+    b, y, x = pixel_coords(offs_m, HW_out, W_out)
     y0 = y * conv_stride - 1
     x0 = x * conv_stride - 1
 
@@ -119,14 +109,11 @@ def _output_size(size: int, stride: int) -> int:
 
 
 def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
-    if x.dim() != 4:
-        return f"x must be [B, C1, H, W], got shape {tuple(x.shape)}"
-    b, c1, h, w = x.shape
-    c2 = 0
-    if x2 is not None:
-        if x2.dim() != 4 or x2.shape[0] != b or x2.shape[2:] != x.shape[2:]:
-            return f"x2 must be [B, C2, H, W] = [{b}, C2, {h}, {w}], got shape {tuple(x2.shape)}"
-        c2 = x2.shape[1]
+    error = cat_maps_error(x, x2)
+    if error is not None:
+        return error
+    c1 = x.shape[1]
+    c2 = x2.shape[1] if x2 is not None else 0
     if weight.dim() != 4 or weight.shape[1] != c1 + c2 or weight.shape[2:] != (3, 3):
         return (f"weight must be [Cout, C1 + C2, 3, 3] = [Cout, {c1 + c2}, 3, 3] for x with "
                 f"C1={c1} and x2 with C2={c2} channels, got shape {tuple(weight.shape)}")
@@ -146,10 +133,8 @@ def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str 
     if error is not None:
         return error
     b, _, h, w = x.shape
-    out_elements = b * weight.shape[0] * _output_size(h, stride) * _output_size(w, stride)
-    if out_elements > 2 ** 31 - 1:
-        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
-    return int32_offset_limit(x=x, x2=x2, weight=weight)
+    out_shape = (b, weight.shape[0], _output_size(h, stride), _output_size(w, stride))
+    return int32_offset_limit(out_shape, x=x, x2=x2, weight=weight)
 
 
 def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
@@ -166,15 +151,13 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     m = b * h_out * w_out
     if m == 0 or cout == 0:
         return out
-    meta = _meta(cout, x.dtype)
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-    launch(_conv3x3_kernel, grid,
-           dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
-                M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, C1=c1, C2=c2, N=cout,
-                conv_stride=stride,
-                **map_stride_args("x", x), **map_stride_args("x2", x2),
-                **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
-           dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-           num_warps=num_warps, num_stages=num_stages)
+    launch_gemm_tiles(
+        _conv3x3_kernel, m, cout,
+        dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
+             M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, C1=c1, C2=c2, N=cout,
+             conv_stride=stride,
+             **map_stride_args("x", x), **map_stride_args("x2", x2),
+             **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
+        dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+             **_meta(cout, x.dtype)))
     return out

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, launch, map_stride_args, next_pow2,
-                      interpreter_meta, pixel_tile_epilogue, silu)
+                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
+                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
+                      pixel_tile_epilogue, silu)
 
 
 @triton.jit
@@ -36,20 +37,10 @@ def _dwconv_pointwise_kernel(
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, N tiles fastest: programs sharing a row block run together (x rows from L2).
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n_tiles
-    pid_n = tl.program_id(0) % num_n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_mask = offs_m < M
-    n_mask = offs_n < N
-
     # output pixel m = (b, y, x); its 3x3 window starts at input (y*stride - 1, x*stride - 1)
-    b = offs_m // HW_out
-    y = (offs_m % HW_out) // W_out
-    x = offs_m % W_out
+    b, y, x = pixel_coords(offs_m, HW_out, W_out)
     y0 = y * conv_stride - 1
     x0 = x * conv_stride - 1
     window_origin = x_ptr + b * stride_xb + y0 * stride_xh + x0 * stride_xw  # [BLOCK_M] pointers
@@ -93,8 +84,7 @@ def _dwconv_pointwise_kernel(
             hidden += tl.load(dw_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         # padded K columns are silu(0) = 0, and their weight rows load as 0 anyway
         hidden = silu(hidden)
-        w_tile = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        w_tile = load_weight_tile(w_ptr, k * stride_wk, k_mask, offs_n, n_mask, stride_wn)
         acc = tl.dot(hidden.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
 
     pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N, b, y, x, bias_ptr, res_ptr,
@@ -145,10 +135,8 @@ def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual
     if error is not None:
         return error
     b, _, h, w = x.shape
-    out_elements = b * weight.shape[0] * _output_size(h, stride) * _output_size(w, stride)
-    if out_elements > 2 ** 31 - 1:
-        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
-    return int32_offset_limit(x=x, weight=weight, residual=residual)
+    out_shape = (b, weight.shape[0], _output_size(h, stride), _output_size(w, stride))
+    return int32_offset_limit(out_shape, x=x, weight=weight, residual=residual)
 
 
 def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None):
@@ -164,18 +152,15 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     m = b * h_out * w_out
     if m == 0 or cout == 0:
         return out
-    meta = _meta(cout)
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-    launch(_dwconv_pointwise_kernel, grid,
-           dict(x_ptr=x, dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight, bias_ptr=bias,
-                res_ptr=residual, out_ptr=out,
-                M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, Ch=ch, N=cout, conv_stride=stride,
-                **map_stride_args("x", x),
-                stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
-                stride_dwx=dw_weight.stride(3),
-                stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-                **map_stride_args("r", residual)),
-           dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-           num_warps=num_warps, num_stages=num_stages)
+    launch_gemm_tiles(
+        _dwconv_pointwise_kernel, m, cout,
+        dict(x_ptr=x, dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight, bias_ptr=bias,
+             res_ptr=residual, out_ptr=out,
+             M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, Ch=ch, N=cout, conv_stride=stride,
+             **map_stride_args("x", x),
+             stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
+             stride_dwx=dw_weight.stride(3),
+             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+             **map_stride_args("r", residual)),
+        dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **_meta(cout)))
     return out

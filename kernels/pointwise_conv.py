@@ -23,9 +23,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS, NORMS
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, launch, map_stride_args, next_pow2,
-                      interpreter_meta, pixel_tile_epilogue)
+from ._common import (cat_maps_error, channels_last_empty, check_device, dot_operand_type,
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
+                      pixel_coords, pixel_tile_epilogue)
 from .group_norm_stats import group_norm_stats
 
 
@@ -72,21 +73,9 @@ def _pointwise_conv_kernel(
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, N tiles fastest: the programs sharing a row block run together, so its A
-    # rows are re-read from L2, and no grid axis limit (65535) applies to M.
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n_tiles
-    pid_n = tl.program_id(0) % num_n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_mask = offs_m < M
-    n_mask = offs_n < N
-
-    # pixel m = (b, y, x) of a [B, *, H, W] map
-    b = offs_m // HW
-    y = (offs_m % HW) // W
-    x = offs_m % W
+    b, y, x = pixel_coords(offs_m, HW, W)
     x_rows = x_ptr + b * stride_xb + y * stride_xh + x * stride_xw  # [BLOCK_M] pointers
 
     if NORM == "layer":
@@ -109,8 +98,7 @@ def _pointwise_conv_kernel(
                 a = a * tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             if norm_b_ptr is not None:
                 a = a + tl.load(norm_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        w_tile = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        w_tile = load_weight_tile(w_ptr, k * stride_wk, k_mask, offs_n, n_mask, stride_wn)
         acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
 
     # then K over x2's channels: weight columns C1 ... C1 + C2 - 1
@@ -121,8 +109,7 @@ def _pointwise_conv_kernel(
             k_mask = k < C2
             a = tl.load(x2_rows[:, None] + k[None, :] * stride_x2c,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_tile = tl.load(w_ptr + (C1 + k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_tile = load_weight_tile(w_ptr, (C1 + k) * stride_wk, k_mask, offs_n, n_mask, stride_wn)
             acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
 
     pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N, b, y, x, bias_ptr, res_ptr,
@@ -146,14 +133,11 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
 
 
 def _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act) -> str | None:
-    if x.dim() != 4:
-        return f"x must be [B, C, H, W], got shape {tuple(x.shape)}"
+    error = cat_maps_error(x, x2)
+    if error is not None:
+        return error
     b, c1, h, w = x.shape
-    c2 = 0
-    if x2 is not None:
-        if x2.dim() != 4 or x2.shape[0] != b or x2.shape[2:] != x.shape[2:]:
-            return f"x2 must be [B, C2, H, W] = [{b}, C2, {h}, {w}], got shape {tuple(x2.shape)}"
-        c2 = x2.shape[1]
+    c2 = x2.shape[1] if x2 is not None else 0
     if weight.dim() != 2 or weight.shape[1] != c1 + c2:
         return (f"weight must be [Cout, C1 + C2] = [Cout, {c1 + c2}] for x with C1={c1} and "
                 f"x2 with C2={c2} channels, got shape {tuple(weight.shape)}")
@@ -179,10 +163,8 @@ def why_unsupported(x, weight, bias=None, x2=None, residual=None, norm="none", n
     if error is not None:
         return error
     b, _, h, w = x.shape
-    out_elements = b * weight.shape[0] * h * w
-    if out_elements > 2 ** 31 - 1:
-        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
-    return int32_offset_limit(x=x, x2=x2, weight=weight, residual=residual)
+    return int32_offset_limit((b, weight.shape[0], h, w), x=x, x2=x2, weight=weight,
+                              residual=residual)
 
 
 def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", norm_weight=None,
@@ -202,17 +184,14 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
     if norm == "none":
         norm_weight = norm_bias = None
     stats = group_norm_stats(x, eps) if norm == "group" else None
-    meta = _meta(cout, x.dtype)
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-    launch(_pointwise_conv_kernel, grid,
-           dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, res_ptr=residual,
-                norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats, out_ptr=out,
-                M=m, HW=h * w, W=w, C1=c1, C2=c2, N=cout, eps=float(eps),
-                **map_stride_args("x", x), **map_stride_args("x2", x2),
-                stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-                **map_stride_args("r", residual)),
-           dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
-                DOT_PRECISION=dot_precision(x.dtype), **meta),
-           num_warps=num_warps, num_stages=num_stages)
+    launch_gemm_tiles(
+        _pointwise_conv_kernel, m, cout,
+        dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, res_ptr=residual,
+             norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats, out_ptr=out,
+             M=m, HW=h * w, W=w, C1=c1, C2=c2, N=cout, eps=float(eps),
+             **map_stride_args("x", x), **map_stride_args("x2", x2),
+             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+             **map_stride_args("r", residual)),
+        dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
+             DOT_PRECISION=dot_precision(x.dtype), **_meta(cout, x.dtype)))
     return out

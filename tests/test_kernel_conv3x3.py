@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from mvit3.kernels import _common
+from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
+                          random_vector, random_weight, replace_args, skip_bf16_before_sm80,
+                          variant)
 from mvit3.kernels.conv3x3 import conv3x3, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -22,38 +24,6 @@ from mvit3.ops import reference
 #   2u); GPUs round to nearest. 5u: 3-6x the largest error seen over these tests.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
-LAYOUTS = ("nchw", "nhwc", "slice")
-SIZES = ((7, 7), (8, 8), (5, 9))  # small maps; odd sizes too: stride 2 gives ceil(H / 2)
-
-
-def random_map(gen, b, c, h, w, layout, dtype, device):
-    """A [B, C, H, W] map stored NCHW, channels_last, or as a channel slice of a wider
-    channels_last map (pixel stride C + 6: neither layout is dense)."""
-    if layout == "nchw":
-        return torch.randn(b, c, h, w, generator=gen).to(device, dtype)
-    if layout == "nhwc":
-        return torch.randn(b, h, w, c, generator=gen).to(device, dtype).permute(0, 3, 1, 2)
-    wide = torch.randn(b, h, w, c + 6, generator=gen).to(device, dtype)
-    return wide.permute(0, 3, 1, 2)[:, 3:3 + c]
-
-
-def random_weight(gen, cout, cin, packing, dtype, device):
-    """[Cout, Cin, 3, 3] with N(0, 1/(9 Cin)) entries: contiguous ("plain"), or K-major
-    packed, a view with strides (1, Cout, 3 Cin Cout, Cin Cout) of a contiguous
-    [3, 3, Cin, Cout] buffer (Cout fastest, as the fast model packs GEMM weights)."""
-    if packing == "plain":
-        w = torch.randn(cout, cin, 3, 3, generator=gen)
-    else:
-        w = torch.randn(3, 3, cin, cout, generator=gen).permute(3, 2, 0, 1)
-    return (w / (9 * cin) ** 0.5).to(device, dtype)
-
-
-def variant(i: int, heavy: bool = False) -> dict:
-    """Batch, map size, layouts and weight packing rotated over the cases of one test.
-    Heavy cases (many channels) take batch 1: the interpreter's time grows with the tiles."""
-    return dict(b=1 if heavy else (1, 3)[i % 2], size=SIZES[(i // 2) % 3], layout=LAYOUTS[i % 3],
-                packing=("kmajor", "plain")[(i // 3) % 2])
-
 
 def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True, stride=1,
               act="silu", seed=0):
@@ -61,27 +31,14 @@ def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True
     gen = torch.Generator().manual_seed(seed)
     h, w = size
     x = random_map(gen, b, c1, h, w, layout, dtype, device)
-    other = LAYOUTS[(LAYOUTS.index(layout) + 1) % 3]
-    x2 = random_map(gen, b, c2, h, w, other, dtype, device) if c2 else None
-    weight = random_weight(gen, cout, c1 + c2, packing, dtype, device)
-    bias_t = (0.5 * torch.randn(cout, generator=gen)).to(device, dtype) if bias else None
+    x2 = random_map(gen, b, c2, h, w, other_layout(layout), dtype, device) if c2 else None
+    weight = random_weight(gen, cout, c1 + c2, packing, dtype, device, window=(3, 3))
+    bias_t = random_vector(gen, cout, dtype, device) if bias else None
     return (x, weight, bias_t, x2, stride, act)
 
 
 def check(args, dtype=torch.float32):
-    out = conv3x3(*args)
-    ref = reference.conv3x3(*[a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args])
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    scale = ref.abs().max().item()
-    assert scale > 0.1  # random inputs: a degenerate (near-zero) reference would prove nothing
-    err = (out.cpu().double() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
-
-
-def _skip_bf16_before_sm80(device, dtype):
-    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("bfloat16 needs compute capability 8.0 or newer")
+    check_op(conv3x3, reference.conv3x3, args, dtype, TOLERANCE[dtype])
 
 
 STEM_CHANNELS = sorted({c.stem_channels for c in CONFIGS.values()})
@@ -95,7 +52,7 @@ V1_CHANNELS = sorted({s.channels for c in CONFIGS.values() if c.version == "v1" 
                          ids=[f"3to{c}-{str(d)[6:]}-{lay}" for c, d, lay in STEM_CASES])
 def test_stem(device, i, cout, dtype, layout):
     """conv_1: 3 -> 16/24/32, stride 2, folded BN, SiLU, on an NCHW or channels_last image."""
-    _skip_bf16_before_sm80(device, dtype)
+    skip_bf16_before_sm80(device, dtype)
     size = ((17, 17), (16, 20), (9, 13))[i % 3]
     check(make_args(device, dtype, b=(1, 3)[i % 2], size=size, layout=layout,
                     packing=("kmajor", "plain")[(i // 2) % 2], c1=3, cout=cout, stride=2, seed=i),
@@ -154,7 +111,7 @@ LOW_PRECISION_CASES = {
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES)
 def test_low_precision(device, dtype, case):
-    _skip_bf16_before_sm80(device, dtype)
+    skip_bf16_before_sm80(device, dtype)
     i = list(LOW_PRECISION_CASES).index(case)
     check(make_args(device, dtype, seed=i, **variant(i, heavy=True), **LOW_PRECISION_CASES[case]),
           dtype)
@@ -163,11 +120,6 @@ def test_low_precision(device, dtype, case):
 def _base_args():
     return make_args("cpu", torch.float32, b=2, size=(5, 6), layout="nhwc", packing="plain",
                      c1=4, c2=4, cout=8, stride=2)
-
-
-def _replace(args, **changes):
-    names = ("x", "weight", "bias", "x2", "stride", "act")
-    return tuple(changes.get(name, arg) for name, arg in zip(names, args))
 
 
 BAD_INPUTS = {
@@ -186,10 +138,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise(case):
     changes, message = BAD_INPUTS[case]
-    args = _replace(_base_args(), **changes)
-    with pytest.raises(ValueError, match=message):
-        conv3x3(*args)
-    assert why_unsupported(*args) is not None
+    check_rejected(conv3x3, why_unsupported, replace_args(conv3x3, _base_args(), **changes), message)
 
 
 def test_why_unsupported():
@@ -205,12 +154,7 @@ def test_launch_records():
     these); absent tensors are constexpr None, so the kernel specialises them away."""
     args = make_args("cpu", torch.bfloat16, b=2, size=(32, 32), layout="nchw", packing="plain",
                      c1=3, cout=16, bias=False, stride=2)
-    with _common.launch_log(dry_run=True) as log:
-        conv3x3(*args)
-    assert len(log) == 1
-    record = log.records[0]
-    assert record.name == "_conv3x3_kernel"
-    signature, meta = dict(record.signature), dict(record.constexprs)
+    record, signature, meta = dry_run_launch(conv3x3, args, "_conv3x3_kernel")
     assert signature["x2_ptr"] == signature["bias_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["out_ptr"] == "*bf16"
     assert meta["ACT"] == "silu" and meta["BLOCK_M"] == 128 and meta["BLOCK_N"] == 16

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from mvit3.kernels import _common
+from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
+                          random_vector, random_weight, replace_args, skip_bf16_before_sm80,
+                          variant)
 from mvit3.kernels.dwconv_pointwise import dwconv_pointwise, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -23,37 +25,6 @@ from shapes import mv2_blocks
 #   GPUs round to nearest. 5u: 3-6x the largest error seen over these tests.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
-LAYOUTS = ("nchw", "nhwc", "slice")
-SIZES = ((7, 7), (8, 8), (5, 9))  # small maps, odd sizes too: stride 2 gives ceil(H / 2)
-
-
-def random_map(gen, b, c, h, w, layout, dtype, device):
-    """A [B, C, H, W] map stored NCHW, channels_last, or as a channel slice of a wider
-    channels_last map (pixel stride C + 6: neither layout is dense)."""
-    if layout == "nchw":
-        return torch.randn(b, c, h, w, generator=gen).to(device, dtype)
-    if layout == "nhwc":
-        return torch.randn(b, h, w, c, generator=gen).to(device, dtype).permute(0, 3, 1, 2)
-    wide = torch.randn(b, h, w, c + 6, generator=gen).to(device, dtype)
-    return wide.permute(0, 3, 1, 2)[:, 3:3 + c]
-
-
-def random_weight(gen, cout, k, packing, dtype, device):
-    """[Cout, K] with N(0, 1/K) entries: contiguous ("plain"), or the fast model's K-major
-    packing, a [Cout, K] view with strides (1, Cout) of a contiguous [K, Cout] buffer."""
-    if packing == "plain":
-        w = torch.randn(cout, k, generator=gen)
-    else:
-        w = torch.randn(k, cout, generator=gen).t()
-    return (w / k ** 0.5).to(device, dtype)
-
-
-def variant(i: int, heavy: bool = False) -> dict:
-    """Batch, map size, layouts and weight packing rotated over the cases of one test.
-    Heavy cases (many channels) take batch 1: the interpreter's time grows with the tiles."""
-    return dict(b=1 if heavy else (1, 3)[i % 2], size=SIZES[(i // 2) % 3], layout=LAYOUTS[i % 3],
-                packing=("kmajor", "plain")[(i // 3) % 2])
-
 
 def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, dw_bias=True,
               bias=True, residual=False, seed=0):
@@ -63,25 +34,17 @@ def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, d
     x = random_map(gen, b, hidden, h, w, layout, dtype, device)
     # depthwise taps N(0, 1/9): the hidden values stay O(1) before SiLU
     dw_weight = (torch.randn(hidden, 1, 3, 3, generator=gen) / 3).to(device, dtype)
-    dw_bias_t = (0.5 * torch.randn(hidden, generator=gen)).to(device, dtype) if dw_bias else None
+    dw_bias_t = random_vector(gen, hidden, dtype, device) if dw_bias else None
     weight = random_weight(gen, cout, hidden, packing, dtype, device)
-    bias_t = (0.5 * torch.randn(cout, generator=gen)).to(device, dtype) if bias else None
+    bias_t = random_vector(gen, cout, dtype, device) if bias else None
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
-    other = LAYOUTS[(LAYOUTS.index(layout) + 1) % 3]
+    other = other_layout(layout)
     res = random_map(gen, b, cout, h_out, w_out, other, dtype, device) if residual else None
     return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res)
 
 
 def check(args, dtype=torch.float32):
-    out = dwconv_pointwise(*args)
-    ref = reference.dwconv_pointwise(*[a.cpu().double() if isinstance(a, torch.Tensor) else a
-                                       for a in args])
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    scale = ref.abs().max().item()
-    assert scale > 0.1  # random inputs: a degenerate (near-zero) reference would prove nothing
-    err = (out.cpu().double() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
+    check_op(dwconv_pointwise, reference.dwconv_pointwise, args, dtype, TOLERANCE[dtype])
 
 
 # MV2 dw 3x3 + reduce 1x1: (hidden, out, stride, residual when stride 1 and in == out)
@@ -160,8 +123,7 @@ LOW_PRECISION_CASES = {
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES)
 def test_low_precision(device, dtype, case):
-    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("bfloat16 needs compute capability 8.0 or newer")
+    skip_bf16_before_sm80(device, dtype)
     i = list(LOW_PRECISION_CASES).index(case)
     check(make_args(device, dtype, seed=i, **variant(i), **LOW_PRECISION_CASES[case]), dtype)
 
@@ -169,11 +131,6 @@ def test_low_precision(device, dtype, case):
 def _base_args():
     return make_args("cpu", torch.float32, b=2, size=(5, 6), layout="nhwc", packing="plain",
                      hidden=8, cout=16, stride=2, residual=True)
-
-
-def _replace(args, **changes):
-    names = ("x", "dw_weight", "dw_bias", "weight", "bias", "stride", "residual")
-    return tuple(changes.get(name, arg) for name, arg in zip(names, args))
 
 
 BAD_INPUTS = {
@@ -191,10 +148,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise(case):
     changes, message = BAD_INPUTS[case]
-    args = _replace(_base_args(), **changes)
-    with pytest.raises(ValueError, match=message):
-        dwconv_pointwise(*args)
-    assert why_unsupported(*args) is not None
+    check_rejected(dwconv_pointwise, why_unsupported,
+                   replace_args(dwconv_pointwise, _base_args(), **changes), message)
 
 
 def test_why_unsupported():
@@ -211,12 +166,7 @@ def test_launch_records():
     these); absent tensors are constexpr None, so the kernel specialises them away."""
     args = make_args("cpu", torch.float32, b=2, size=(16, 16), layout="nhwc", packing="kmajor",
                      hidden=256, cout=160, stride=2, bias=False)
-    with _common.launch_log(dry_run=True) as log:
-        dwconv_pointwise(*args)
-    assert len(log) == 1
-    record = log.records[0]
-    assert record.name == "_dwconv_pointwise_kernel"
-    signature, meta = dict(record.signature), dict(record.constexprs)
+    record, signature, meta = dry_run_launch(dwconv_pointwise, args, "_dwconv_pointwise_kernel")
     assert signature["bias_ptr"] == signature["res_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
     assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
+from kernel_utils import check_output, skip_bf16_before_sm80
 from shapes import v1_attention
 
 import mvit3.kernels.patch_attention as kernel
@@ -49,19 +50,9 @@ def make_args(batch, d, heads, h, w, *, dtype=torch.float32, device="cpu", chann
             bias.to(**to) if proj and proj_bias else None, res.to(**to) if residual else None)
 
 
-def reference64(args):
-    return reference.patch_attention(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
-
-
 def check(out, args):
-    qkv = args[0]
-    b, c3, h, w = qkv.shape
-    assert out.shape == (b, c3 // 3, h, w) and out.dtype == qkv.dtype and out.device == qkv.device
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    ref = reference64([a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-    err = (out.cpu().double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= TOLERANCE[qkv.dtype] * scale, f"max error {err:.3g} for max |ref| {scale:.3g}"
+    b, c3, h, w = args[0].shape  # qkv
+    check_output(out, args, (b, c3 // 3, h, w), reference.patch_attention, TOLERANCE)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -120,8 +111,7 @@ def test_bf16(device, d, proj):
     """In the interpreter, bf16 dot operands go through fp32 (`dot_operand_type`: its tl.dot
     misreads bf16 tiles, triton-lang/triton#11584), so the GPU's bf16 tensor-core path is
     checked on "cuda" only; the loads, stores and fp32 math are checked on both."""
-    if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("bfloat16 needs compute capability 8.0")
+    skip_bf16_before_sm80(device)
     args = make_args(3, d, 4, 6, 10, dtype=torch.bfloat16, device=device, proj=proj)
     check(kernel.patch_attention(*args), args)
 

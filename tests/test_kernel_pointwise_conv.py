@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from mvit3.kernels import _common
+from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
+                          random_vector, random_weight, replace_args, skip_bf16_before_sm80,
+                          variant)
 from mvit3.kernels.pointwise_conv import pointwise_conv, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -23,48 +25,13 @@ from shapes import mv2_blocks, v1_attention
 #   to 2u); GPUs round to nearest. 5u: 3-6x the largest error seen over these tests.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
-LAYOUTS = ("nchw", "nhwc", "slice")
-SIZES = ((7, 7), (8, 8), (5, 9))  # small maps; 7x7 and 5x9 are odd, so rows straddle samples
-
-
-def random_map(gen, b, c, h, w, layout, dtype, device):
-    """A [B, C, H, W] map stored NCHW, channels_last, or as a channel slice of a wider
-    channels_last map (pixel stride C + 6: neither layout is dense)."""
-    if layout == "nchw":
-        return torch.randn(b, c, h, w, generator=gen).to(device, dtype)
-    if layout == "nhwc":
-        return torch.randn(b, h, w, c, generator=gen).to(device, dtype).permute(0, 3, 1, 2)
-    wide = torch.randn(b, h, w, c + 6, generator=gen).to(device, dtype)
-    return wide.permute(0, 3, 1, 2)[:, 3:3 + c]
-
-
-def random_weight(gen, cout, k, packing, dtype, device):
-    """[Cout, K] with N(0, 1/K) entries: contiguous ("plain"), or the fast model's K-major
-    packing, a [Cout, K] view with strides (1, Cout) of a contiguous [K, Cout] buffer."""
-    if packing == "plain":
-        w = torch.randn(cout, k, generator=gen)
-    else:
-        w = torch.randn(k, cout, generator=gen).t()
-    return (w / k ** 0.5).to(device, dtype)
-
-
-def random_vector(gen, n, dtype, device, mean=0.0):
-    return (mean + 0.5 * torch.randn(n, generator=gen)).to(device, dtype)
-
-
-def variant(i: int, heavy: bool = False) -> dict:
-    """Batch, map size, layouts and weight packing rotated over the cases of one test.
-    Heavy cases (many channels) take batch 1: the interpreter's time grows with the tiles."""
-    return dict(b=1 if heavy else (1, 3)[i % 2], size=SIZES[(i // 2) % 3], layout=LAYOUTS[i % 3],
-                packing=("kmajor", "plain")[(i // 3) % 2])
-
 
 def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True,
               residual=False, norm="none", affine=True, act="none", seed=0):
     """Positional arguments of pointwise_conv; x2 and residual use other layouts than x."""
     gen = torch.Generator().manual_seed(seed)
     h, w = size
-    other = LAYOUTS[(LAYOUTS.index(layout) + 1) % 3]
+    other = other_layout(layout)
     x = random_map(gen, b, c1, h, w, layout, dtype, device)
     x2 = random_map(gen, b, c2, h, w, other, dtype, device) if c2 else None
     weight = random_weight(gen, cout, c1 + c2, packing, dtype, device)
@@ -77,15 +44,7 @@ def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True
 
 
 def check(args, dtype=torch.float32):
-    out = pointwise_conv(*args)
-    ref = reference.pointwise_conv(*[a.cpu().double() if isinstance(a, torch.Tensor) else a
-                                     for a in args])
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    scale = ref.abs().max().item()
-    assert scale > 0.1  # random inputs: a degenerate (near-zero) reference would prove nothing
-    err = (out.cpu().double() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
+    check_op(pointwise_conv, reference.pointwise_conv, args, dtype, TOLERANCE[dtype])
 
 
 def _v1_style_stages():
@@ -212,8 +171,7 @@ LOW_PRECISION_CASES = {
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES)
 def test_low_precision(device, dtype, case):
-    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("bfloat16 needs compute capability 8.0 or newer")
+    skip_bf16_before_sm80(device, dtype)
     i = list(LOW_PRECISION_CASES).index(case)
     check(make_args(device, dtype, seed=i, **variant(i), **LOW_PRECISION_CASES[case]), dtype)
 
@@ -221,11 +179,6 @@ def test_low_precision(device, dtype, case):
 def _base_args():
     return make_args("cpu", torch.float32, b=2, size=(4, 6), layout="nhwc", packing="plain",
                      c1=8, c2=4, cout=16, residual=True, norm="layer")
-
-
-def _replace(args, **changes):
-    names = ("x", "weight", "bias", "x2", "residual", "norm", "norm_weight", "norm_bias", "eps", "act")
-    return tuple(changes.get(name, arg) for name, arg in zip(names, args))
 
 
 BAD_INPUTS = {
@@ -245,10 +198,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise(case):
     changes, message = BAD_INPUTS[case]
-    args = _replace(_base_args(), **changes)
-    with pytest.raises(ValueError, match=message):
-        pointwise_conv(*args)
-    assert why_unsupported(*args) is not None
+    check_rejected(pointwise_conv, why_unsupported,
+                   replace_args(pointwise_conv, _base_args(), **changes), message)
 
 
 def test_why_unsupported():
@@ -265,12 +216,7 @@ def test_launch_records(norm, launches):
     these); absent tensors are constexpr None, so the kernel specialises them away."""
     args = make_args("cpu", torch.float16, b=1, size=(8, 8), layout="nhwc", packing="kmajor",
                      c1=96, cout=288, norm=norm)
-    with _common.launch_log(dry_run=True) as log:
-        pointwise_conv(*args)
-    assert len(log) == launches
-    record = log.records[-1]
-    assert record.name == "_pointwise_conv_kernel"
-    signature, meta = dict(record.signature), dict(record.constexprs)
+    record, signature, meta = dry_run_launch(pointwise_conv, args, "_pointwise_conv_kernel", launches)
     assert signature["x2_ptr"] == signature["res_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["out_ptr"] == "*fp16"
     assert signature["stats_ptr"] == ("*fp32" if norm == "group" else "constexpr")

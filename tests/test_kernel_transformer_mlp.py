@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
+from kernel_utils import check_output, skip_bf16_before_sm80
 from shapes import v1_attention, v2_attention
 
 import mvit3.kernels.transformer_mlp as kernel
@@ -54,13 +55,7 @@ def make_args(batch, d, f, h, w, norm, *, dtype=torch.float32, device="cpu", cha
 
 
 def check(out, args):
-    x = args[0]
-    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    ref = reference.transformer_mlp(*[a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args])
-    err = (out.cpu().double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= TOLERANCE[x.dtype] * scale, f"max error {err:.3g} for max |ref| {scale:.3g}"
+    check_output(out, args, args[0].shape, reference.transformer_mlp, TOLERANCE)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -110,8 +105,7 @@ def test_bf16(device, norm, d, f):
     """In the interpreter, bf16 dot operands go through fp32 (`dot_operand_type`: its tl.dot
     misreads bf16 tiles, triton-lang/triton#11584), so the GPU's bf16 tensor-core path is
     checked on "cuda" only; the loads, stores and fp32 math are checked on both."""
-    if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("bfloat16 needs compute capability 8.0")
+    skip_bf16_before_sm80(device)
     args = make_args(3, d, f, 6, 10, norm, dtype=torch.bfloat16, device=device)
     check(kernel.transformer_mlp(*args), args)
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import ops
 from ..models import MobileViT, check_input
 from ..models.blocks import MobileViTBlock
-from ..models.layers import InvertedResidual
+from ..models.layers import InvertedResidual, TransformerEncoder
 from ..models.patches import resize_to_even
 from ..ops.reference import apply_norm
 from . import folding as fold
@@ -79,31 +79,33 @@ def _mv2_plan(block: InvertedResidual, dtype) -> MV2Plan:
                    fold.pointwise(b.red_1x1, dtype), block.stride, block.use_residual)
 
 
+def _layer_plan(layer, dtype) -> LayerPlan:
+    """A v1-style TransformerEncoder (nn.Linear projections; pre_norm_ffn = [LayerNorm, fc1,
+    SiLU, Dropout, fc2, Dropout]) or a v2-style LinearAttnFFN (1x1 ConvLayer projections;
+    pre_norm_ffn = [LayerNorm2D, fc1 + SiLU, Dropout, fc2, Dropout])."""
+    if isinstance(layer, TransformerEncoder):
+        attn_path, fc2_index, project = layer.pre_norm_mha, 4, fold.linear
+        heads = dict(num_heads=attn_path[1].num_heads, scale=attn_path[1].scaling)
+    else:
+        attn_path, fc2_index, project = layer.pre_norm_attn, 3, fold.pointwise
+        heads = {}
+    attn, ffn = attn_path[1], layer.pre_norm_ffn
+    return LayerPlan(fold.norm(attn_path[0], dtype), project(attn.qkv_proj, dtype),
+                     project(attn.out_proj, dtype), fold.norm(ffn[0], dtype),
+                     project(ffn[1], dtype), project(ffn[fc2_index], dtype), **heads)
+
+
 def _block_plan(block, dtype) -> BlockPlan:
     if isinstance(block, MobileViTBlock):
         local_conv, local_proj = block.local_rep.conv_3x3, block.local_rep.conv_1x1
-        layers = []
-        for enc in block.global_rep[:-1]:
-            mha, ffn = enc.pre_norm_mha[1], enc.pre_norm_ffn
-            layers.append(LayerPlan(
-                fold.norm(enc.pre_norm_mha[0], dtype), fold.linear(mha.qkv_proj, dtype),
-                fold.linear(mha.out_proj, dtype), fold.norm(ffn[0], dtype),
-                fold.linear(ffn[1], dtype), fold.linear(ffn[4], dtype),
-                num_heads=mha.num_heads, scale=mha.scaling))
         if block.version == "v3":
             fusion = fold.pointwise(block.fusion, dtype)
         else:
             fusion = fold.conv3x3(block.fusion, dtype)
     else:
         local_conv, local_proj = block.local_rep[0], block.local_rep[1]
-        layers = []
-        for lin in block.global_rep[:-1]:
-            attn, ffn = lin.pre_norm_attn[1], lin.pre_norm_ffn
-            layers.append(LayerPlan(
-                fold.norm(lin.pre_norm_attn[0], dtype), fold.pointwise(attn.qkv_proj, dtype),
-                fold.pointwise(attn.out_proj, dtype), fold.norm(ffn[0], dtype),
-                fold.pointwise(ffn[1], dtype), fold.pointwise(ffn[3], dtype)))
         fusion = None
+    layers = [_layer_plan(layer, dtype) for layer in block.global_rep[:-1]]
     return BlockPlan(fold.conv3x3(local_conv, dtype), fold.pointwise(local_proj, dtype), layers,
                      fold.norm(block.global_rep[-1], dtype), fold.pointwise(block.conv_proj, dtype),
                      fusion)
