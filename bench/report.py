@@ -141,7 +141,11 @@ def measured_table(result: dict) -> list:
     rows = sorted(filter(_shown, result["rows"]), key=lambda r: (order.index(r["model"]), sort_key(r)))
     body = []
     for r in rows:
-        label = impl_label(r) + ("" if r["status"] == "ok" else " (not run: launches from a dry run)")
+        label = impl_label(r)
+        if r["status"] != "ok":
+            host_ms = (r.get("launch_counts") or {}).get("host_ms_dry_run")
+            label += (" (not run: launches from a dry run" +
+                      ("" if host_ms is None else f"; host time {host_ms:.2f} ms a forward") + ")")
         body.append([
             r["model"], label, r["dtype"], _ms(r["latency_ms_median"]), _ms(r["latency_ms_mean"]),
             "–" if r["latency_ms_p10"] is None else f"{_ms(r['latency_ms_p10'])}–{_ms(r['latency_ms_p90'])}",

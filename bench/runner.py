@@ -26,7 +26,7 @@ import torch
 import mvit3
 from mvit3.ops import BackendUnavailable, availability
 
-from .launches import count_launches
+from .launches import count_launches, dry_run_host_ms
 from .paper import paper_row
 from .timing import Protocol, synchronize, time_callable
 
@@ -171,7 +171,8 @@ class ModelRunner:
             return None
         try:
             model = _fast_module().convert(self.reference, backend="triton").eval()
-            return count_launches(model, self.x1, dry_run=True).as_dict()
+            return {**count_launches(model, self.x1, dry_run=True).as_dict(),
+                    "host_ms_dry_run": dry_run_host_ms(model, self.x1)}
         except Exception:  # a missing kernel module: nothing to count
             return None
 

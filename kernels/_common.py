@@ -110,17 +110,21 @@ def interpreter_meta(meta: dict, **larger) -> dict:
     return meta
 
 
+_POINTER_TYPES = {dtype: "*" + name for dtype, name in _TL_TYPES.items()}
+
+
 def _arg_type(value) -> str:
+    # Called for every argument of every recorded launch: the common cases come first.
+    if value is None:
+        return "constexpr"
     if isinstance(value, torch.Tensor):
-        return "*" + _TL_TYPES[value.dtype]
+        return _POINTER_TYPES[value.dtype]
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
         return "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
     if isinstance(value, float):
         return "fp32"
-    if value is None:
-        return "constexpr"
     raise TypeError(f"unsupported kernel argument type {type(value).__name__}")
 
 
@@ -142,7 +146,14 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
 
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum): tile sizes, tl.dot needs K and N >= 16."""
-    return max(minimum, triton.next_power_of_2(int(n)))
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes. Host code uses this rather than triton.cdiv, a
+    constexpr_function whose host calls cost microseconds each: a batch-1 forward makes
+    about two hundred of these calls."""
+    return -(-a // b)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -238,7 +249,7 @@ def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict) -> N
     BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
     meta = dict(constexprs)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages)
 
 

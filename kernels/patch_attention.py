@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, launch, map_stride_args, next_pow2, patch_pixel_offset,
                       interpreter_meta, rows_per_program)
 
@@ -197,7 +197,7 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int) -> dict:
     these choices spilling at most about 0.7 KB per thread, where e.g. 32-key blocks at head
     dim 64 or 32-query tiles at d > 128 spill up to 4 KB.
     """
-    block_m = rows_per_program(lambda bm: batch * 4 * triton.cdiv(n, bm), d_pad, 4096)
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, 4096)
     out_chunk = min(d_pad, 128)
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), 32 if head_pad == 32 else 64),
@@ -223,7 +223,7 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
     meta = _meta(b, n, next_pow2(head_dim), d_pad)
     num_warps = meta.pop("num_warps")
     pw_strides = proj_weight.stride() if proj_weight is not None else (0, 0)
-    launch(_patch_attention_kernel, (triton.cdiv(n, meta["BLOCK_M"]), b * 4),
+    launch(_patch_attention_kernel, (cdiv(n, meta["BLOCK_M"]), b * 4),
            dict(qkv_ptr=qkv, proj_w_ptr=proj_weight, proj_b_ptr=proj_bias, res_ptr=residual,
                 out_ptr=out,
                 N=n, patches_per_row=w // 2, D=d, head_dim=head_dim, num_heads=num_heads,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       TARGET_PROGRAMS, int32_offset_limit, launch, map_stride_args, next_pow2,
                       interpreter_meta, patch_pixel_offset, rows_per_program)
 from .group_norm_stats import group_norm_stats
@@ -217,9 +217,9 @@ def _meta(batch: int, n: int, d_pad: int) -> tuple[dict, dict, int]:
     fp32 dots run on FMA units with their operands in registers.
     """
     block_n = min(4096 // d_pad, next_pow2(n))
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, batch * 4), triton.cdiv(n, block_n)))
-    tokens_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    block_m = rows_per_program(lambda bm: batch * 4 * triton.cdiv(n, bm), d_pad, 4096)
+    splits = max(1, min(MAX_SPLITS, cdiv(TARGET_PROGRAMS, batch * 4), cdiv(n, block_n)))
+    tokens_per_split = cdiv(cdiv(n, splits), block_n) * block_n
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, 4096)
     context_meta = dict(BLOCK_N=block_n, D_PAD=d_pad, BLOCK_O=min(d_pad, 4096 // d_pad))
     consumer_meta = interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_C=min(32, max(16, 2048 // d_pad)),
@@ -240,7 +240,7 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
     n = (h // 2) * (w // 2)
     d_pad = next_pow2(d)
     context_meta, consumer_meta, tokens_per_split = _meta(b, n, d_pad)
-    num_splits = triton.cdiv(n, tokens_per_split)
+    num_splits = cdiv(n, tokens_per_split)
     stats = group_norm_stats(x, eps)
     # fp32 online-softmax state of every (sequence, split): max, sum, Wk-projected weighted sum
     partial_max = torch.empty((b * 4, num_splits), dtype=torch.float32, device=x.device)
@@ -258,7 +258,7 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
 
     out = channels_last_empty(b, d, h, w, x)
     num_warps = consumer_meta.pop("num_warps")
-    launch(_separable_attention_kernel, (triton.cdiv(n, consumer_meta["BLOCK_M"]), b * 4),
+    launch(_separable_attention_kernel, (cdiv(n, consumer_meta["BLOCK_M"]), b * 4),
            dict(x_ptr=x, stats_ptr=stats, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
                 qkv_w_ptr=qkv_weight, qkv_b_ptr=qkv_bias, out_w_ptr=out_weight, out_b_ptr=out_bias,
                 partial_max_ptr=partial_max, partial_sum_ptr=partial_sum, partial_ctx_ptr=partial_ctx,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
+from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
                       rows_per_program, silu)
 from .group_norm_stats import group_norm_stats
@@ -128,7 +128,7 @@ def _meta(num_pixels: int, d_pad: int) -> dict:
     chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
     operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
     no or small (< 0.5 KB) spills for sm_75/80/90, where larger tiles spill kilobytes."""
-    block_m = rows_per_program(lambda bm: triton.cdiv(num_pixels, bm), d_pad, 4096)
+    block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, 4096)
     return interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
              num_warps=8 if block_m * d_pad >= 4096 else 4),
@@ -148,7 +148,7 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     out = channels_last_empty(b, d, h, w, x)
     meta = _meta(b * h * w, next_pow2(d))
     num_warps = meta.pop("num_warps")
-    launch(_transformer_mlp_kernel, (triton.cdiv(b * h * w, meta["BLOCK_M"]),),
+    launch(_transformer_mlp_kernel, (cdiv(b * h * w, meta["BLOCK_M"]),),
            dict(x_ptr=x, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats,
                 w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=out,
                 num_pixels=b * h * w, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),

@@ -19,7 +19,7 @@ import mvit3
 from mvit3.__main__ import main
 from mvit3.bench import env as bench_env
 from mvit3.bench.cases import MICRO_MODELS, build_cases
-from mvit3.bench.launches import count_launches
+from mvit3.bench.launches import count_launches, dry_run_host_ms
 from mvit3.bench.paper import RATIO_PAIRS, TABLE5
 from mvit3.bench.report import compute_ratios, render_csv, render_markdown
 from mvit3.bench.timing import summarize, time_callable
@@ -286,6 +286,32 @@ def test_count_launches_counts_triton_launches_in_a_dry_run():
     assert count.mvit3_ops == 1 and count.by_op["mvit3_triton::pointwise_conv"] == 1
     assert count.triton_launches >= 1 and count.aten_ops == 1  # the mean
     assert count.launches == count.triton_launches + 1
+
+
+def test_dry_run_host_time_runs_the_forward_without_its_kernels(monkeypatch):
+    """The host time of a dry-run forward: the model's Python runs, no kernel does."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from mvit3.kernels import _common
+
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 8)
+    calls = []
+
+    def model(x):
+        calls.append(x)
+        return mvit3.ops.pointwise_conv(x, w, act="silu", backend="triton")
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a dry run must not run a kernel")
+
+    monkeypatch.setattr(_common.tl, "dot", no_kernel)  # what the interpreter would call
+    host_ms = dry_run_host_ms(model, x, repeats=3)
+    assert 0 < host_ms < 1e3 and len(calls) == 4  # one warm-up call, then the timed ones
+
+    row = {**synthetic_result()["rows"][0], "status": "skipped", "reason": "no CUDA device",
+           "launches": 52, "launch_counts": {"launches": 52, "host_ms_dry_run": 3.5}}
+    result = {**synthetic_result(), "rows": [row]}
+    assert "(not run: launches from a dry run; host time 3.50 ms a forward)" in render_markdown(result)
 
 
 # ---- micro-benchmark cases -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -88,6 +89,15 @@ def test_derived_weights_follow_weight_changes():
         new = model_utils.randomize_(mvit3.create_model("mobilevitv3_050"), seed=5).double()
         model.load_state_dict(new.state_dict())
         assert torch.allclose(model(x), new.eval()(x), rtol=0, atol=1e-12)
+        # replacing a parameter or a whole module by attribute assignment is seen too
+        norm = model.layer_4[1].conv_proj.block.norm
+        norm.weight = torch.nn.Parameter(norm.weight * 3.0)
+        new.layer_4[1].conv_proj.block.norm.weight.mul_(3.0)
+        assert torch.allclose(model(x), new(x), rtol=0, atol=1e-12)
+        other = model_utils.randomize_(mvit3.create_model("mobilevitv3_050"), seed=6).double().eval()
+        model.layer_2 = copy.deepcopy(other.layer_2)
+        new.layer_2 = other.layer_2
+        assert torch.allclose(model(x), new(x), rtol=0, atol=1e-12)
         model.float()
         assert model(x.float()).dtype == torch.float32  # re-derived in the new dtype
 

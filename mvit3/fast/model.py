@@ -33,6 +33,22 @@ from ..ops.reference import apply_norm
 from . import folding as fold
 
 
+# How many parameters, buffers and submodules have been registered on any module in this
+# process (torch's global registration hooks; attribute assignment registers). A fast model
+# re-walks its tensors only when this moved.
+_registrations = 0
+
+
+def _count_registration(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
 @dataclass
 class MV2Plan:
     expand: fold.Pointwise
@@ -118,11 +134,20 @@ class FastMobileViT(MobileViT):
         super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
         self.backend = ops.requested_backend(backend)
         self._plan: Optional[Plan] = None
+        self._tensors: Optional[list] = None  # parameters + buffers, see _weights_key
+        self._tensors_registrations = -1
 
     # ----- derived weights -------------------------------------------------------------
     def _weights_key(self) -> tuple:
-        """Changes whenever a parameter or buffer is modified in place or replaced."""
-        tensors = list(self.parameters()) + list(self.buffers())
+        """Changes whenever a parameter or buffer is modified in place or replaced.
+
+        Walking the module tree costs milliseconds, a large part of a batch-1 forward's host
+        time, so the tensor list is kept and walked again only after a parameter, buffer or
+        module was registered somewhere (any attribute assignment of one counts)."""
+        if self._tensors is None or self._tensors_registrations != _registrations:
+            self._tensors = list(self.parameters()) + list(self.buffers())
+            self._tensors_registrations = _registrations
+        tensors = self._tensors
         return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
 
     def refresh(self) -> None:

@@ -48,17 +48,29 @@ def _triton_module(op: str):
         return None, f"Triton is not usable here ({type(err).__name__}: {str(err).splitlines()[0]})"
 
 
+def _kernels_common():
+    """mvit3.kernels._common (interpreter and dry-run state), or None without Triton."""
+    return _triton_module("_common")[0]
+
+
 # A call's signature: for each argument, ("tensor", dtype, device, shape, strides) or the
 # value itself. Whether a backend takes a call depends on nothing else, so the choice is made
 # once per signature (cached, cheap on the eager path) and, under torch.compile, at trace
 # time as a constant: the compiled graph holds just the chosen op, with no graph break.
+# Built on every op call, so it is kept cheap (a few microseconds for an op's arguments).
 _TENSOR = "tensor"
 
 
+def _tensor_spec(t: torch.Tensor, compiling: bool) -> tuple:
+    if compiling:  # plain ints: the traced graph is specialised on these sizes
+        return (_TENSOR, t.dtype, t.device, tuple(int(n) for n in t.shape),
+                tuple(int(n) for n in t.stride()))
+    return (_TENSOR, t.dtype, t.device, tuple(t.shape), t.stride())
+
+
 def signature(args: tuple) -> tuple:
-    return tuple((_TENSOR, str(a.dtype), str(a.device), tuple(int(n) for n in a.shape),
-                  tuple(int(n) for n in a.stride())) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    compiling = torch.compiler.is_compiling()
+    return tuple(_tensor_spec(a, compiling) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _is_tensor(spec) -> bool:
@@ -67,20 +79,20 @@ def _is_tensor(spec) -> bool:
 
 def _meta_args(sig: tuple) -> tuple:
     """Shape/stride/dtype stand-ins (meta tensors) for the kernels' own checks."""
-    return tuple(torch.empty_strided(spec[3], spec[4], dtype=getattr(torch, spec[1].split(".")[-1]),
-                                     device="meta") if _is_tensor(spec) else spec for spec in sig)
+    return tuple(torch.empty_strided(spec[3], spec[4], dtype=spec[1], device="meta")
+                 if _is_tensor(spec) else spec for spec in sig)
 
 
 def _common_reason(sig: tuple) -> Optional[str]:
     _, dtype, device, _, _ = sig[0]
-    if dtype not in {str(d) for d in KERNEL_DTYPES}:
+    if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype} (kernels take float32, float16 and bfloat16)"
     for spec in sig[1:]:
         if _is_tensor(spec) and (spec[1], spec[2]) != (dtype, device):
             return (f"mixed dtypes/devices ({spec[1]} on {spec[2]} beside {dtype} on {device}); "
                     f"every tensor of a call must match the input")
-    if (device.startswith("cuda") and dtype == "torch.bfloat16"
-            and torch.cuda.get_device_capability(torch.device(device))[0] < 8):
+    if (device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] < 8):
         return "bfloat16 needs compute capability 8.0 or newer"
     return None
 
@@ -93,7 +105,7 @@ def _why_not(backend: str, op: str, sig: tuple) -> Optional[str]:
         module, reason = _triton_module(op)
         if module is None:
             return reason
-        if not device.startswith("cuda") and not importlib.import_module("mvit3.kernels._common").cpu_allowed():
+        if device.type != "cuda" and not _kernels_common().cpu_allowed():
             return f"input is on {device}; Triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1)"
         return _common_reason(sig) or module.why_unsupported(*_meta_args(sig))
     if backend == "cuda":
@@ -101,7 +113,7 @@ def _why_not(backend: str, op: str, sig: tuple) -> Optional[str]:
             return f"CUDA library unavailable: {cuda_lib.status()['reason']}"
         if not cuda_lib.has_op(op):
             return f"the loaded CUDA library has no kernel for mvit3::{op}"
-        if not device.startswith("cuda"):
+        if device.type != "cuda":
             return f"input is on {device}; the CUDA library runs CUDA tensors"
         return _common_reason(sig) or cuda_lib.why_unsupported(op, _meta_args(sig))
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -117,7 +129,7 @@ def _select(op: str, backend: str, sig: tuple) -> str:
         raise KeyError(f"unknown op {op!r}; ops: {OPS}")
     backend = requested_backend(backend)
     if backend == "auto":
-        if sig[0][2].startswith("cuda"):
+        if sig[0][2].type == "cuda":
             for candidate in ("cuda", "triton"):
                 if _why_not(candidate, op, sig) is None:
                     return candidate
@@ -135,7 +147,7 @@ _chosen: dict = {}
 def select_for_signature(op: str, backend: str, sig: tuple) -> str:
     """`select` by signature, memoised; the memo key also holds what can change the answer
     at run time (MVIT3_BACKEND, and whether Triton may take CPU tensors right now)."""
-    kernels_common = importlib.import_module("mvit3.kernels._common") if _triton_module(op)[0] else None
+    kernels_common = _kernels_common()
     key = (op, backend, sig, os.environ.get("MVIT3_BACKEND"),
            kernels_common.cpu_allowed() if kernels_common else False)
     chosen = _chosen.get(key)
@@ -171,7 +183,7 @@ def availability() -> list:
         rows.append(("triton", False, reason))
     elif torch.cuda.is_available():
         rows.append(("triton", True, f"CUDA device {torch.cuda.get_device_name()}"))
-    elif importlib.import_module("mvit3.kernels._common").INTERPRET:
+    elif _kernels_common().INTERPRET:
         rows.append(("triton", True, "TRITON_INTERPRET=1: kernels run on CPU tensors (slowly)"))
     else:
         rows.append(("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"))

@@ -15,6 +15,7 @@ the interpreter instead, which is how the kernels are tested without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -75,10 +76,13 @@ def _triton_impl(op: str):
     """The Triton launcher, or the reference on CPU tensors outside the interpreter."""
     ref = getattr(reference, op)
 
+    @functools.cache
+    def launcher():  # imported on first use; looked up once (a batch-1 forward makes ~50 calls)
+        return getattr(importlib.import_module(f"mvit3.kernels.{op}"), op)
+
     def impl(*args):
         if args[0].is_cuda or importlib.import_module("mvit3.kernels._common").cpu_allowed():
-            kernels = importlib.import_module(f"mvit3.kernels.{op}")  # imported on first use
-            return getattr(kernels, op)(*args)
+            return launcher()(*args)
         return ref(*args)
 
     return impl
