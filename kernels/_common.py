@@ -176,6 +176,18 @@ def channels_last_empty(b: int, c: int, h: int, w: int, like: torch.Tensor) -> t
                        memory_format=torch.channels_last)
 
 
+def conv3x3_output_size(size: int, stride: int) -> int:
+    """Output rows (or columns) of a 3x3 conv with padding 1 over `size` rows."""
+    return (size - 1) // stride + 1
+
+
+def conv3x3_output(x: torch.Tensor, cout: int, stride: int) -> torch.Tensor:
+    """The channels_last output [B, Cout, Hout, Wout] of a 3x3 conv (padding 1) on x."""
+    b, _, h, w = x.shape
+    return channels_last_empty(b, cout, conv3x3_output_size(h, stride),
+                               conv3x3_output_size(w, stride), like=x)
+
+
 @triton.jit
 def silu(x):
     return x / (1.0 + tl.exp(-x))

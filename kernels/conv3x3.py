@@ -18,10 +18,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS
 
-from ._common import (cat_maps_error, channels_last_empty, check_device, dot_operand_type,
-                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
-                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue)
+from ._common import (cat_maps_error, check_device, conv3x3_output, conv3x3_output_size,
+                      dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
+                      interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
+                      next_pow2, pixel_coords, pixel_tile_epilogue)
 
 
 @triton.jit
@@ -104,10 +104,6 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
         BLOCK_M=256, BLOCK_K=64)
 
 
-def _output_size(size: int, stride: int) -> int:
-    return (size - 1) // stride + 1  # 3x3, padding 1
-
-
 def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
     error = cat_maps_error(x, x2)
     if error is not None:
@@ -133,7 +129,7 @@ def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str 
     if error is not None:
         return error
     b, _, h, w = x.shape
-    out_shape = (b, weight.shape[0], _output_size(h, stride), _output_size(w, stride))
+    out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     return int32_offset_limit(out_shape, x=x, x2=x2, weight=weight)
 
 
@@ -143,11 +139,11 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     if error is not None:
         raise ValueError(f"conv3x3: {error}")
     check_device(x, weight, bias, x2)
-    b, c1, h, w = x.shape
+    _, c1, h, w = x.shape
     c2 = x2.shape[1] if x2 is not None else 0
     cout = weight.shape[0]
-    h_out, w_out = _output_size(h, stride), _output_size(w, stride)
-    out = channels_last_empty(b, cout, h_out, w_out, like=x)
+    out = conv3x3_output(x, cout, stride)
+    b, _, h_out, w_out = out.shape
     m = b * h_out * w_out
     if m == 0 or cout == 0:
         return out

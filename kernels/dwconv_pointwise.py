@@ -16,10 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
-                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
-                      pixel_tile_epilogue, silu)
+from ._common import (check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
+                      pixel_coords, pixel_tile_epilogue, silu)
 
 
 @triton.jit
@@ -104,10 +104,6 @@ def _meta(n: int) -> dict:
         BLOCK_M=256, BLOCK_K=64)
 
 
-def _output_size(size: int, stride: int) -> int:
-    return (size - 1) // stride + 1  # 3x3, padding 1
-
-
 def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual) -> str | None:
     if x.dim() != 4:
         return f"x must be [B, Ch, H, W], got shape {tuple(x.shape)}"
@@ -123,7 +119,7 @@ def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual) -> str |
         return f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}"
     if not isinstance(stride, int) or stride < 1:
         return f"stride must be a positive int, got {stride!r}"
-    out_shape = (b, cout, _output_size(h, stride), _output_size(w, stride))
+    out_shape = (b, cout, conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     if residual is not None and tuple(residual.shape) != out_shape:
         return f"residual must be [B, Cout, Hout, Wout] = {list(out_shape)}, got shape {tuple(residual.shape)}"
     return None
@@ -135,7 +131,7 @@ def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual
     if error is not None:
         return error
     b, _, h, w = x.shape
-    out_shape = (b, weight.shape[0], _output_size(h, stride), _output_size(w, stride))
+    out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     return int32_offset_limit(out_shape, x=x, weight=weight, residual=residual)
 
 
@@ -145,10 +141,10 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     if error is not None:
         raise ValueError(f"dwconv_pointwise: {error}")
     check_device(x, dw_weight, dw_bias, weight, bias, residual)
-    b, ch, h, w = x.shape
+    _, ch, h, w = x.shape
     cout = weight.shape[0]
-    h_out, w_out = _output_size(h, stride), _output_size(w, stride)
-    out = channels_last_empty(b, cout, h_out, w_out, like=x)
+    out = conv3x3_output(x, cout, stride)
+    b, _, h_out, w_out = out.shape
     m = b * h_out * w_out
     if m == 0 or cout == 0:
         return out
