@@ -181,11 +181,15 @@ def conv3x3_output_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def conv3x3_output(x: torch.Tensor, cout: int, stride: int) -> torch.Tensor:
-    """The channels_last output [B, Cout, Hout, Wout] of a 3x3 conv (padding 1) on x."""
+def conv3x3_output(x: torch.Tensor, cout: int, stride: int) -> tuple:
+    """(out, geometry) of a 3x3 conv (padding 1) on x: the channels_last output
+    [B, Cout, Hout, Wout], and the kernels' geometry arguments M (output pixels), H, W,
+    HW_out, W_out and conv_stride."""
     b, _, h, w = x.shape
-    return channels_last_empty(b, cout, conv3x3_output_size(h, stride),
-                               conv3x3_output_size(w, stride), like=x)
+    h_out, w_out = conv3x3_output_size(h, stride), conv3x3_output_size(w, stride)
+    out = channels_last_empty(b, cout, h_out, w_out, like=x)
+    return out, dict(M=b * h_out * w_out, H=h, W=w, HW_out=h_out * w_out, W_out=w_out,
+                     conv_stride=stride)
 
 
 @triton.jit

@@ -139,19 +139,15 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     if error is not None:
         raise ValueError(f"conv3x3: {error}")
     check_device(x, weight, bias, x2)
-    _, c1, h, w = x.shape
-    c2 = x2.shape[1] if x2 is not None else 0
+    c1, c2 = x.shape[1], x2.shape[1] if x2 is not None else 0
     cout = weight.shape[0]
-    out = conv3x3_output(x, cout, stride)
-    b, _, h_out, w_out = out.shape
-    m = b * h_out * w_out
-    if m == 0 or cout == 0:
+    out, geometry = conv3x3_output(x, cout, stride)
+    if geometry["M"] == 0 or cout == 0:
         return out
     launch_gemm_tiles(
-        _conv3x3_kernel, m, cout,
+        _conv3x3_kernel, geometry["M"], cout,
         dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
-             M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, C1=c1, C2=c2, N=cout,
-             conv_stride=stride,
+             **geometry, C1=c1, C2=c2, N=cout,
              **map_stride_args("x", x), **map_stride_args("x2", x2),
              **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
         dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),

@@ -141,18 +141,14 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     if error is not None:
         raise ValueError(f"dwconv_pointwise: {error}")
     check_device(x, dw_weight, dw_bias, weight, bias, residual)
-    _, ch, h, w = x.shape
     cout = weight.shape[0]
-    out = conv3x3_output(x, cout, stride)
-    b, _, h_out, w_out = out.shape
-    m = b * h_out * w_out
-    if m == 0 or cout == 0:
+    out, geometry = conv3x3_output(x, cout, stride)
+    if geometry["M"] == 0 or cout == 0:
         return out
     launch_gemm_tiles(
-        _dwconv_pointwise_kernel, m, cout,
+        _dwconv_pointwise_kernel, geometry["M"], cout,
         dict(x_ptr=x, dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight, bias_ptr=bias,
-             res_ptr=residual, out_ptr=out,
-             M=m, H=h, W=w, HW_out=h_out * w_out, W_out=w_out, Ch=ch, N=cout, conv_stride=stride,
+             res_ptr=residual, out_ptr=out, **geometry, Ch=x.shape[1], N=cout,
              **map_stride_args("x", x),
              stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
              stride_dwx=dw_weight.stride(3),
