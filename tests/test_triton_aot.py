@@ -1,5 +1,6 @@
 """Every Triton kernel, at every configuration the code launches for the 15 models, compiles
-ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90, with no GPU present.
+ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90, with no GPU present, within the shared
+memory a block can have there.
 
 The work happens in tests/aot_compile.py, in a subprocess without TRITON_INTERPRET (which
 this test suite turns on for CPU runs, and under which kernels cannot be compiled).
