@@ -4,7 +4,8 @@ Steps, in priority order, each in a subprocess with a timeout taken from what is
 `--budget-s` (a step that would get less than its minimum is skipped, and says so):
   1. env         GPU identity (NVML), versions, commit, kernel backends and why not
   2. build       `python -m mvit3 build --archs <this GPU's arch>` when nvcc and CMake exist
-  3. tests       `pytest -m gpu` with a JUnit XML result, parsed per test
+  3. tests       `pytest -m gpu --gpu-priority`, each outcome logged as it happens (a run killed at
+                 its timeout keeps what it proved), whole models first (tests/conftest.py)
   4. bench_fp32  Table 5 (9 models + v3 0.5/0.75/1.0), default protocol: reference, fast per
                  backend, CUDA-graph replay, torch.compile
   5. bench_fp16  the same in fp16
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -160,24 +160,16 @@ def first_error_line(output: str) -> Optional[str]:
 
 # ---- parsing the steps' results --------------------------------------------------------------
 
-def parse_junit(path) -> dict:
-    """Counts and per-test outcomes of a pytest JUnit XML file."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+def parse_results_log(path) -> dict:
+    """Counts and per-test outcomes of the JSON-lines file that pytest's `--results-log`
+    (tests/conftest.py) appends to, one line per test; a torn last line (the run was killed
+    while writing it) is ignored."""
     tests = []
-    for suite in suites:
-        for case in suite.iter("testcase"):
-            outcome, message = "passed", None
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                    message = (node.get("message") or node.text or "").strip().splitlines()
-                    message = message[0] if message else None
-                    break
-            tests.append({"test": f"{case.get('classname')}::{case.get('name')}",
-                          "outcome": outcome, "time_s": float(case.get("time") or 0),
-                          "message": message})
+    for line in Path(path).read_text().splitlines():
+        try:
+            tests.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
     return {"counts": counts, "total": len(tests), "tests": tests}
 
@@ -267,13 +259,16 @@ class Report:
         if not (self.root / "tests").is_dir():
             return "skipped", {"reason": f"no tests/ directory beside the package ({self.root}): "
                                          "run from a checkout"}
-        junit = self.tmp / "junit.xml"
+        results = self.tmp / "tests.jsonl"
         result = self.command([self.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                               f"--junitxml={junit}", "tests"], timeout_s)
-        if not junit.is_file():
+                               "--gpu-priority", f"--results-log={results}", "tests"], timeout_s)
+        if not results.is_file():
             return _failed(result)
-        self.report["tests"] = parse_junit(junit)
+        self.report["tests"] = parse_results_log(results)
         counts = self.report["tests"]["counts"]
+        if result.timed_out:
+            return "timeout", {"counts": counts, "reason": "killed at its timeout; the outcomes "
+                                                          "of the tests that finished are kept"}
         status = "ok" if result.returncode in (0, 5) else "failed"  # 5: no test collected
         return status, {"counts": counts, "first_error": None if status == "ok"
                         else first_error_line(result.output)}
@@ -437,8 +432,8 @@ def render_summary(report: dict) -> str:
             f"{k} {v}" for k, v in s.items()
             if k in ("ok", "skipped", "failed", "arch", "build_s", "benchmarks"))
         if s["step"] == "tests" and s.get("counts"):
-            note = ", ".join(f"{v} {k}" for k, v in s["counts"].items()) + (
-                f"; {s['first_error']}" if s.get("first_error") else "")
+            why = s.get("first_error") or s.get("reason")
+            note = ", ".join(f"{v} {k}" for k, v in s["counts"].items()) + (f"; {why}" if why else "")
         lines.append(f"| {s['step']} ({s['title']}) | {s['status']} | {s['elapsed_s']} | "
                      f"{s.get('timeout_s') or '–'} | {note} |")
         if s["status"] in ("failed", "timeout"):
@@ -454,7 +449,8 @@ def render_summary(report: dict) -> str:
         c = tests["counts"]
         lines += ["", "## Tests (`pytest -m gpu`)", "",
                   f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, "
-                  f"{c['skipped']} skipped ({tests['total']} selected)."]
+                  f"{c['skipped']} skipped ({tests['total']} run; a step cut short at its "
+                  "timeout lists the tests that finished, in `--gpu-priority` order)."]
         for t in tests["tests"]:
             if t["outcome"] in ("failed", "error"):
                 lines.append(f"- {t['outcome'].upper()} {t['test']}: {t['message']}")

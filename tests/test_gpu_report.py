@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +18,10 @@ from bench_synthetic import GPU_ENV, synthetic_result
 from mvit3.__main__ import main
 from mvit3.bench import gpu_report
 from mvit3.bench.gpu_report import (STEPS, Budget, Report, Step, first_error_line, gpu_arch,
-                                    parse_junit, render_summary, run_command)
+                                    parse_results_log, render_summary, run_command)
+
+
+HERE = Path(__file__).resolve().parent
 
 
 class FakeClock:
@@ -144,19 +149,51 @@ def test_first_error_line():
     assert first_error_line("") is None
 
 
-def test_parse_junit(tmp_path):
-    path = tmp_path / "junit.xml"
-    path.write_text("""<?xml version="1.0" encoding="utf-8"?>
-<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="4">
-<testcase classname="tests.test_a" name="test_ok" time="0.5"/>
-<testcase classname="tests.test_a" name="test_bad" time="0.1"><failure message="assert 1 == 2&#10;detail">tb</failure></testcase>
-<testcase classname="tests.test_b" name="test_err" time="0.0"><error message="fixture boom">tb</error></testcase>
-<testcase classname="tests.test_b" name="test_skip" time="0.0"><skipped message="needs sm_90"/></testcase>
-</testsuite></testsuites>""")
-    parsed = parse_junit(path)
+def test_results_log_survives_a_killed_run(tmp_path):
+    """pytest --results-log (tests/conftest.py) writes each outcome when it is known, so a run
+    killed mid-way leaves what finished; the report reads it back."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(HERE / "conftest.py", suite / "conftest.py")
+    (suite / "test_x.py").write_text(
+        "import time, pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='needs sm_90')\n"
+        "def test_skip(): pass\n"
+        "@pytest.fixture\n"
+        "def boom(): raise RuntimeError('fixture boom')\n"
+        "def test_err(boom): pass\n"
+        "def test_hangs(): time.sleep(600)\n"
+        "def test_never_reached(): pass\n")
+    path = tmp_path / "tests.jsonl"
+    with open(tmp_path / "log.txt", "a") as log:
+        result = run_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              f"--results-log={path}", str(suite)], 15, log, cwd=suite)
+    assert result.timed_out
+    with open(path, "a") as torn:
+        torn.write('{"test": "test_x.py::test_hal')  # a line cut short by the kill
+    parsed = parse_results_log(path)
     assert parsed["counts"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 1}
-    bad = next(t for t in parsed["tests"] if t["outcome"] == "failed")
-    assert bad["test"] == "tests.test_a::test_bad" and bad["message"] == "assert 1 == 2"
+    messages = {t["test"].split("::")[-1]: t["message"] for t in parsed["tests"]}
+    assert messages == {"test_ok": None, "test_bad": "AssertionError: one is not two",
+                        "test_skip": "Skipped: needs sm_90", "test_err": "RuntimeError: fixture boom"}
+
+
+def test_gpu_priority_puts_whole_models_first():
+    """--gpu-priority: the fp32 whole-model checks of the four models the issue names lead,
+    CUDA graphs next, torch.compile max-autotune last."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                             "--gpu-priority", "-p", "no:cacheprovider", str(HERE)],
+                            capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert len(ids) > 100
+    first = ids[:8]
+    assert all("test_gpu_fast_models_match_the_reference[256-torch.float32-" in i for i in first)
+    assert {i.rsplit("-", 1)[1].rstrip("]") for i in first} == {
+        "mobilevitv3_xs", "mobilevitv3_050", "mobilevit_xs", "mobilevitv2_050"}
+    assert all("cuda_graph" in i for i in ids[8:10])
+    assert all("max_autotune" in i for i in ids[-2:])
 
 
 def test_gpu_arch_and_build_tools(monkeypatch):
@@ -207,7 +244,7 @@ def test_summary_from_a_stored_report(tmp_path, capsys):
     assert summary == capsys.readouterr().out.rstrip("\n") + "\n"
     assert summary.startswith("# mvit3 GPU report: NVIDIA H100 80GB HBM3")
     assert "| tests (pytest -m gpu) | failed | 50.0 | 170 | 40 passed, 1 failed, 0 error, 3 skipped" in summary
-    assert "40 passed, 1 failed, 0 errors, 3 skipped (44 selected)." in summary
+    assert "40 passed, 1 failed, 0 errors, 3 skipped (44 run;" in summary
     assert "| mobilevitv3_xxs | cuda-graph/auto | fp32 | 0.500 |" in summary  # Table 5 row
     assert "| 7.120 |" in summary  # the paper's figure beside it
     assert "12.00x" in summary  # speedup vs reference
