@@ -215,8 +215,11 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   }
 }
 
+// minBlocksPerSM 2: with the thread count alone, ptxas for sm_80 squeezes the fp16
+// pointwise and conv3x3 instances into 48 registers and spills; this hint lets them take
+// the registers they need (at most 128 each, two 20 KB blocks per SM on every arch).
 template <class T, class Producer>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     tile_gemm_kernel(Producer producer, Matrix weight, Epilogue ep, Shape shape) {
   if constexpr (arch_supports<T>()) tile_gemm_body<T>(producer, weight, ep, shape);
 }

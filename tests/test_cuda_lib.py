@@ -175,3 +175,21 @@ def test_build_names_a_missing_cmake_or_nvcc(monkeypatch, capsys):
     monkeypatch.setattr(build.os, "access", lambda *a: False)
     with pytest.raises(build.BuildError, match="nvcc .* was not found"):
         build.find_nvcc()
+
+
+@pytest.mark.parametrize("archs, capability, dtype, usable", [
+    (("75", "90"), (7, 5), torch.float16, True),
+    (("75", "90"), (9, 0), torch.bfloat16, True),
+    (("75", "90"), (8, 0), torch.float32, False),  # the CI build on an A100: no sm_8x code
+    (("75", "90"), (8, 9), torch.float16, False),
+    (("75", "80", "90"), (8, 6), torch.bfloat16, True),  # sm_80 code runs on 8.6
+    (("75", "90"), (10, 0), torch.float32, True),  # newer GPUs JIT-compile the sm_90 PTX
+    (("75",), (8, 6), torch.float16, True),  # sm_75 PTX, JIT-compiled...
+    (("75",), (8, 6), torch.bfloat16, False),  # ...but its bf16 kernels are empty
+    (("80",), (7, 5), torch.float32, False),
+])
+def test_arch_coverage_decides_whether_the_library_takes_a_gpu(archs, capability, dtype, usable):
+    reason = cuda_lib.arch_reason(capability, dtype, archs)
+    assert (reason is None) == usable
+    if not usable:
+        assert "rebuild with `python -m mvit3 build --archs" in reason

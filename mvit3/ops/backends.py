@@ -115,7 +115,9 @@ def _why_not(backend: str, op: str, sig: tuple) -> Optional[str]:
             return f"the loaded CUDA library has no kernel for mvit3::{op}"
         if device.type != "cuda":
             return f"input is on {device}; the CUDA library runs CUDA tensors"
-        return _common_reason(sig) or cuda_lib.why_unsupported(op, _meta_args(sig))
+        return (_common_reason(sig)
+                or cuda_lib.arch_reason(torch.cuda.get_device_capability(device), sig[0][1])
+                or cuda_lib.why_unsupported(op, _meta_args(sig)))
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

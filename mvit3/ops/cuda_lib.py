@@ -129,6 +129,34 @@ def status() -> dict:
     return dict(_state, ops=cuda_kernel_ops() if _state["loaded"] else [])
 
 
+def arch_reason(capability: tuple, dtype: torch.dtype, archs=None) -> str | None:
+    """Why the loaded library has no usable code for a GPU of this compute capability (and for
+    this dtype), or None. `archs` defaults to the loaded build's ("75", "90", ...).
+
+    A build holds machine code for each of its archs, which runs on GPUs of the same major
+    version and an equal or newer minor one (sm_80 code runs on 8.6 and 8.9), and PTX of the
+    newest, which the driver compiles for newer GPUs. Without this check a library built for
+    75;90 (the CI build) would be picked on an sm_80 GPU and fail at its first launch. bf16
+    kernels are compiled empty below sm_80, so a newer GPU reaching bf16 only through older
+    PTX must not take them."""
+    if archs is None:
+        archs = (_state["info"] or {}).get("archs", ())
+    archs = sorted(int(a) for a in archs)
+    if not archs:
+        return None  # no record of the archs (an old build): let the launch tell
+    major, minor = capability
+    device = 10 * major + minor
+    machine_code = [a for a in archs if a // 10 == major and a % 10 <= minor]
+    if machine_code:
+        return None
+    if device >= archs[-1] and not (dtype == torch.bfloat16 and archs[-1] < 80):
+        return None
+    built = ", ".join(f"sm_{a}" for a in archs)
+    return (f"the library was built for {built} (PTX of sm_{archs[-1]}), which has no "
+            f"{'bfloat16 ' if device >= archs[-1] else ''}code for this sm_{device} GPU; "
+            f"rebuild with `python -m mvit3 build --archs {device}`")
+
+
 MAX_HEAD_DIM = 64  # csrc/mvit3.h: kMaxHeadDim
 _NORMS = ("none", "layer", "group")
 _ACTS = ("none", "silu")
