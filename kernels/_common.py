@@ -141,7 +141,13 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
         _ACTIVE_LOG.records.append(LaunchRecord(kernel, tuple(grid), signature, meta))
         if _ACTIVE_LOG.dry_run:
             return
-    kernel[tuple(grid)](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    # Triton launches on the *current* device and its current stream: a model on cuda:1 while
+    # cuda:0 is current must switch first, or the kernel runs on the wrong GPU.
+    device = next((v.device for v in args.values() if isinstance(v, torch.Tensor)), None)
+    switch = (device is not None and device.type == "cuda"
+              and device.index != torch.cuda.current_device())
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
+        kernel[tuple(grid)](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -156,9 +162,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls in torch, by either API: the
+    `fp32_precision` setting ("tf32" / "ieee"; "none" defers to the legacy flag) or the legacy
+    `allow_tf32`, which raises when read after `fp32_precision` was set to "tf32"."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """IEEE fp32 products unless the user enabled TF32 in torch (fp16/bf16 ignore this)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    if dtype == torch.float32 and not INTERPRET and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -305,6 +322,15 @@ def pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N,
         res = tl.load(res_ptr + res_pixel[:, None] + offs_n[None, :] * stride_rc, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def vector_stride_error(**vectors) -> str | None:
+    """Why one of these 1-D parameter vectors (biases, norm affine; None: absent) cannot be read
+    as ptr + i, or None: the kernels index them without a stride."""
+    for name, t in vectors.items():
+        if t is not None and t.dim() == 1 and t.stride(0) != 1:
+            return f"{name} must have unit stride, got stride {t.stride(0)} (pass {name}.contiguous())"
+    return None
 
 
 def cat_maps_error(x: torch.Tensor, x2: torch.Tensor | None) -> str | None:

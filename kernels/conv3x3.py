@@ -21,7 +21,7 @@ from mvit3.ops.reference import ACTS
 from ._common import (cat_maps_error, check_device, conv3x3_output, conv3x3_output_size,
                       dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
                       interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
-                      next_pow2, pixel_coords, pixel_tile_epilogue)
+                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
         return f"stride must be a positive int, got {stride!r}"
     if act not in ACTS:
         return f"act must be one of {ACTS}, got {act!r}"
-    return None
+    return vector_stride_error(bias=bias)
 
 
 def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str | None:

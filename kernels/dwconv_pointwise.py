@@ -19,7 +19,7 @@ import triton.language as tl
 from ._common import (check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, silu)
+                      pixel_coords, pixel_tile_epilogue, silu, vector_stride_error)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual) -> str |
     out_shape = (b, cout, conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     if residual is not None and tuple(residual.shape) != out_shape:
         return f"residual must be [B, Cout, Hout, Wout] = {list(out_shape)}, got shape {tuple(residual.shape)}"
-    return None
+    return vector_stride_error(dw_bias=dw_bias, bias=bias)
 
 
 def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None) -> str | None:

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, launch, map_stride_args, next_pow2, patch_pixel_offset,
-                      interpreter_meta, rows_per_program)
+                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
+                      patch_pixel_offset, rows_per_program, vector_stride_error)
 
 MAX_HEAD_DIM = 64
 MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in registers
@@ -170,7 +170,7 @@ def _shape_error(qkv, num_heads, proj_weight, proj_bias, residual) -> str | None
     for name, t in (("proj_weight", proj_weight), ("proj_bias", proj_bias), ("residual", residual)):
         if t is not None and t.dtype != qkv.dtype:
             return f"{name} is {t.dtype}, qkv is {qkv.dtype}: all tensors must share a dtype"
-    return None
+    return vector_stride_error(proj_bias=proj_bias)
 
 
 def why_unsupported(qkv, num_heads, scale, proj_weight=None, proj_bias=None, residual=None) -> str | None:

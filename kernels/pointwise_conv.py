@@ -26,7 +26,7 @@ from mvit3.ops.reference import ACTS, NORMS
 from ._common import (cat_maps_error, channels_last_empty, check_device, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue)
+                      pixel_coords, pixel_tile_epilogue, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 
@@ -153,7 +153,7 @@ def _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, ac
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if norm != "none" and t is not None and tuple(t.shape) != (c1,):
             return f"{name} must be [C1] = [{c1}] (the norm applies to x only), got shape {tuple(t.shape)}"
-    return None
+    return vector_stride_error(bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
 
 
 def why_unsupported(x, weight, bias=None, x2=None, residual=None, norm="none", norm_weight=None,

@@ -28,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      TARGET_PROGRAMS, int32_offset_limit, launch, map_stride_args, next_pow2,
-                      interpreter_meta, patch_pixel_offset, rows_per_program)
+from ._common import (TARGET_PROGRAMS, cdiv, channels_last_empty, check_device,
+                      dot_operand_type, dot_precision, int32_offset_limit, interpreter_meta,
+                      launch, map_stride_args, next_pow2, patch_pixel_offset, rows_per_program,
+                      vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -194,7 +195,8 @@ def _shape_error(x, norm_weight, norm_bias, qkv_weight, qkv_bias, out_weight, ou
             return f"{name} must be {list(shape)}, got {list(t.shape)}"
         if t.dtype != x.dtype:
             return f"{name} is {t.dtype}, x is {x.dtype}: all tensors must share a dtype"
-    return None
+    return vector_stride_error(norm_weight=norm_weight, norm_bias=norm_bias, qkv_bias=qkv_bias,
+                               out_bias=out_bias)
 
 
 def why_unsupported(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, out_weight, out_bias) -> str | None:

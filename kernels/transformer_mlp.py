@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      rows_per_program, silu)
+                      rows_per_program, silu, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -109,7 +109,7 @@ def _shape_error(x, norm, norm_weight, norm_bias, w1, b1, w2, b2) -> str | None:
                     ("w2", w2), ("b2", b2)):
         if t.dtype != x.dtype:
             return f"{name} is {t.dtype}, x is {x.dtype}: all tensors must share a dtype"
-    return None
+    return vector_stride_error(norm_weight=norm_weight, norm_bias=norm_bias, b1=b1, b2=b2)
 
 
 def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str | None:

@@ -98,6 +98,12 @@ def check_output(out, args, shape, reference_op, tolerances):
     assert err <= tolerances[x.dtype] * scale, f"max error {err:.3g} for max |ref| {scale:.3g}"
 
 
+def with_stride_2(t):
+    """t's values in a view of stride 2 (a column of an [n, 2] tensor): the kernels read 1-D
+    parameter vectors as ptr + i and must refuse such a view rather than misread it."""
+    return torch.stack([t, t], dim=1)[:, 0]
+
+
 def replace_args(op, args, **changes):
     """op's positional args with the named ones replaced (names from op's signature)."""
     names = inspect.signature(op).parameters

@@ -239,6 +239,22 @@ def test_gpu_cuda_graph_capture_and_replay(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_model_on_a_device_that_is_not_the_current_one(backend):
+    """Kernels run on their tensors' GPU (cuda:1) while cuda:0 is the current device."""
+    _skip_unavailable(backend, torch.float32)
+    ref = model_utils.randomize_(mvit3.create_model("mobilevitv3_xs"), seed=1).to("cuda:1").eval()
+    model = fast.convert(ref, backend=backend).eval()
+    x = torch.rand(2, 3, 256, 256, device="cuda:1")
+    with torch.no_grad(), torch.cuda.device(0):
+        out = model(x)
+        torch.cuda.synchronize(1)
+        assert out.device == x.device
+        assert (out - ref(x)).abs().max() <= 1e-4 * ref(x).abs().max()
+
+
+@pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_compile_max_autotune_fullgraph(backend):

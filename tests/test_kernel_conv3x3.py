@@ -9,7 +9,7 @@ import torch
 from conftest import KERNEL_DEVICES
 from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
                           random_vector, random_weight, replace_args, skip_bf16_before_sm80,
-                          variant)
+                          variant, with_stride_2)
 from mvit3.kernels.conv3x3 import conv3x3, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -130,6 +130,7 @@ BAD_INPUTS = {
     "weight-5x5": (dict(weight=torch.zeros(8, 8, 5, 5)), "weight must be"),
     "weight-2d": (dict(weight=torch.zeros(8, 72)), "weight must be"),
     "bias": (dict(bias=torch.zeros(4)), "bias must be"),
+    "bias-strided": (dict(bias=with_stride_2(torch.zeros(8))), "bias must have unit stride"),
     "stride-0": (dict(stride=0), "stride must be"),
     "act-name": (dict(act="gelu"), "act must be one of"),
 }

@@ -9,7 +9,7 @@ import torch
 from conftest import KERNEL_DEVICES
 from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
                           random_vector, random_weight, replace_args, skip_bf16_before_sm80,
-                          variant)
+                          variant, with_stride_2)
 from mvit3.kernels.dwconv_pointwise import dwconv_pointwise, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -140,6 +140,7 @@ BAD_INPUTS = {
     "dw-bias": (dict(dw_bias=torch.zeros(9)), "dw_bias must be"),
     "weight-k": (dict(weight=torch.zeros(16, 9)), r"weight must be \[Cout, Ch\]"),
     "bias": (dict(bias=torch.zeros(8)), "bias must be"),
+    "dw-bias-strided": (dict(dw_bias=with_stride_2(torch.zeros(8))), "dw_bias must have unit stride"),
     "stride-0": (dict(stride=0), "stride must be"),
     "residual-size": (dict(residual=torch.zeros(2, 16, 5, 6)), "residual must be"),
 }

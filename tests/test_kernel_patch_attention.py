@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from kernel_utils import check_output, skip_bf16_before_sm80
+from kernel_utils import (check_output, skip_bf16_before_sm80, with_stride_2)
 from shapes import v1_attention
 
 import mvit3.kernels.patch_attention as kernel
@@ -151,6 +151,7 @@ def test_real_shapes_supported(index, dims):
     (lambda a: a[:3] + (None,) + a[4:], "proj_bias needs proj_weight"),
     (lambda a: a[:5] + (a[5][:, :32],), "residual must be"),
     (lambda a: a[:4] + (a[4].double(),) + a[5:], "all tensors must share a dtype"),
+    (lambda a: a[:4] + (with_stride_2(a[4]),) + a[5:], "proj_bias must have unit stride"),
 ])
 def test_bad_input_raises(change, message):
     args = change(make_args(1, 64, 4, 8, 8))

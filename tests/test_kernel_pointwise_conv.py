@@ -9,7 +9,7 @@ import torch
 from conftest import KERNEL_DEVICES
 from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
                           random_vector, random_weight, replace_args, skip_bf16_before_sm80,
-                          variant)
+                          variant, with_stride_2)
 from mvit3.kernels.pointwise_conv import pointwise_conv, why_unsupported
 from mvit3.models import CONFIGS
 from mvit3.ops import reference
@@ -190,6 +190,8 @@ BAD_INPUTS = {
     "bias": (dict(bias=torch.zeros(15)), "bias must be"),
     "residual": (dict(residual=torch.zeros(2, 16, 4, 5)), "residual must be"),
     "norm-weight": (dict(norm_weight=torch.zeros(12)), "norm_weight must be"),
+    "norm-weight-strided": (dict(norm_weight=with_stride_2(torch.zeros(8))),
+                            "norm_weight must have unit stride"),
     "norm-name": (dict(norm="batch"), "norm must be one of"),
     "act-name": (dict(act="relu"), "act must be one of"),
 }

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from kernel_utils import check_output, skip_bf16_before_sm80
+from kernel_utils import (check_output, skip_bf16_before_sm80, with_stride_2)
 from shapes import v2_attention
 
 import mvit3.kernels.separable_attention as kernel
@@ -144,6 +144,7 @@ def test_real_shapes_supported():
     (lambda a: a[:5] + (a[5][:64],) + a[6:], "qkv_bias must be [129]"),
     (lambda a: a[:6] + (a[6][:, :32],) + a[7:], "out_weight must be [64, 64]"),
     (lambda a: a[:7] + (a[7].half(),), "all tensors must share a dtype"),
+    (lambda a: a[:5] + (with_stride_2(a[5]),) + a[6:], "qkv_bias must have unit stride"),
 ])
 def test_bad_input_raises(change, message):
     args = change(make_args(1, 64, 8, 8))

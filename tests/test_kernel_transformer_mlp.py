@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from kernel_utils import check_output, skip_bf16_before_sm80
+from kernel_utils import (check_output, skip_bf16_before_sm80, with_stride_2)
 from shapes import v1_attention, v2_attention
 
 import mvit3.kernels.transformer_mlp as kernel
@@ -143,6 +143,7 @@ def test_real_shapes_supported():
     (lambda a: a[:7] + (a[7][:, :100],) + a[8:], "w2 must be [64, 128]"),
     (lambda a: a[:2] + (a[2][:32],) + a[3:], "norm_weight must be [64]"),
     (lambda a: a[:8] + (a[8].half(),), "all tensors must share a dtype"),
+    (lambda a: a[:6] + (with_stride_2(a[6]),) + a[7:], "b1 must have unit stride"),
     (lambda a: (a[0][0],) + a[1:], "x must be [B, d, H, W]"),
 ])
 def test_bad_input_raises(change, message):

@@ -124,3 +124,25 @@ def test_availability_table_has_a_row_and_reason_per_backend():
 def test_reference_ops_give_channels_last_outputs(op):
     out = getattr(reference, op)(*sample_args(op))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tf32_setting_is_read_through_either_torch_api():
+    """fp32 kernels use TF32 only when the user allowed it, through the legacy flag or the
+    fp32_precision API; after the latter set "tf32", reading the legacy flag raises in torch."""
+    from mvit3.kernels._common import tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    try:
+        assert tf32_allowed() is False  # the tests run with TF32 off (conftest)
+        matmul.fp32_precision = "tf32"
+        assert tf32_allowed() is True
+        matmul.fp32_precision = "ieee"
+        assert tf32_allowed() is False
+        matmul.fp32_precision = "none"  # back to the legacy flag
+        matmul.allow_tf32 = True
+        assert tf32_allowed() is True
+    finally:
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = False
