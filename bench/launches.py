@@ -16,6 +16,7 @@ ATen ops + Triton launches + calls into the CUDA C++ library (one kernel at leas
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -145,9 +146,7 @@ def dry_run_host_ms(model, x: torch.Tensor, repeats: int = 10) -> float:
     """Host time of one `model(x)` of a fast model with the Triton backend in a dry run (the
     best of `repeats`, in ms): the Python and dispatch work of a forward without the kernels,
     which a batch-1 GPU forward cannot go below unless replayed from a CUDA graph. It includes
-    the launch log's recording and leaves out Triton's own launcher (about 2 to 4 us a launch)."""
-    import time
-
+    the launch log's recording and leaves out Triton's own launcher."""
     best = float("inf")
     with torch.no_grad(), _launch_log(dry_run=True):
         model(x)  # a first call may build derived weights
