@@ -1,14 +1,14 @@
 """`python -m mvit3 bench`: the paper's Table 5 reproduced on the device at hand.
 
 Batch-1 latency (mean, median, p10, p90) and batch-100 throughput at 256x256 for the
-reference model, the fast model per kernel backend, its CUDA-graph replay and torch.compile
-of the reference, with params, MACs, kernel launches per forward and the paper's RTX 2080 Ti
+reference model, the fast model per kernel backend, its CUDA-graph replay, torch.compile
+of the reference and, for the v1 and v2 models, timm's model (eager and compiled; its own
+random weights, so timings only), with params, MACs, kernel launches per forward and the paper's RTX 2080 Ti
 figures beside. Output: a markdown table on stdout; --json, --csv, --plot files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -23,8 +23,8 @@ from .env import collect_env, nvml_state, scrub_paths
 from .paper import PAPER_PROTOCOL, PAPER_SOURCE, TABLE5_MODELS
 from .plot import MISSING, matplotlib_missing, plot_result
 from .report import compute_ratios, render_csv, render_markdown
-from .runner import DTYPES, IMG_SIZE, RowSpec, RunConfig, plan_rows, run_rows
-from .timing import PROTOCOLS, QUICK_CPU_THROUGHPUT_BATCH
+from .runner import DTYPES, IMG_SIZE, IMPL_ORDER, RowSpec, RunConfig, plan_rows, run_rows
+from .timing import PROTOCOLS, QUICK_CPU_THROUGHPUT_BATCH, numerics
 
 FAST_BACKENDS = ("torch", "triton", "cuda")
 
@@ -44,9 +44,15 @@ def add_arguments(parser) -> None:
     protocol.add_argument("--paper-protocol", action="store_true",
                           help="exactly the paper's: fp32, 10 warm-ups, 10,000 batch-1 and 1,000 "
                                "batch-100 runs, means (long)")
+    protocol.add_argument("--lease", action="store_true",
+                          help="the protocol of a GPU lease (gpu-report): up to 200 batch-1 and "
+                               "10 batch-100 runs, at most 0.4 s each, medians")
     protocol.add_argument("--quick", action="store_true",
                           help="a smoke run: few runs per row; on a CPU the throughput batch is "
                                f"{QUICK_CPU_THROUGHPUT_BATCH} unless --throughput-batch is given")
+    parser.add_argument("--impls", default=",".join(IMPL_ORDER),
+                        help="implementations to time, comma-separated (default: all of "
+                             f"{', '.join(IMPL_ORDER)}; timm rows only for the models timm has)")
     parser.add_argument("--throughput-batch", type=int, default=None,
                         help="batch size of the throughput runs (default 100, the paper's)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -105,7 +111,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def make_config(args) -> RunConfig:
     device = resolve_device(args.device)
-    name = "paper" if args.paper_protocol else "quick" if args.quick else "default"
+    name = ("paper" if args.paper_protocol else "quick" if args.quick
+            else "lease" if args.lease else "default")
     protocol = PROTOCOLS[name]
     if args.paper_protocol and (args.dtype != PAPER_PROTOCOL["dtype"] or args.throughput_batch
                                 not in (None, PAPER_PROTOCOL["throughput_batch"])):
@@ -120,27 +127,16 @@ def make_config(args) -> RunConfig:
     unknown = [b for b in backends if b not in FAST_BACKENDS]
     if unknown:
         raise UsageError(f"--backends: unknown {unknown}; choose from {FAST_BACKENDS}")
+    impls = tuple(filter(None, (i.strip() for i in args.impls.split(","))))
+    unknown = [i for i in impls if i not in IMPL_ORDER]
+    if unknown or not impls:
+        raise UsageError(f"--impls: unknown {unknown or 'none given'}; choose from {IMPL_ORDER}")
     compile_ = device.type == "cuda" and name != "quick" if args.compile is None else args.compile
     mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     return RunConfig(device=device, dtype=args.dtype, protocol=protocol, throughput_batch=batch,
-                     backends=backends, compile=compile_, compile_mode=mode, deadline=deadline)
-
-
-@contextlib.contextmanager
-def numerics(tf32: bool, paper: bool):
-    """TF32 as asked; with the paper's protocol also its cuDNN settings. Restored after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    if paper:  # cvnets v0.1 device_setup: deterministic cuDNN, no benchmark mode
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+                     backends=backends, compile=compile_, compile_mode=mode, deadline=deadline,
+                     impls=impls)
 
 
 class Progress:
@@ -183,6 +179,7 @@ def build_result(env: dict, config: RunConfig, models: list, rows: list, complet
             "img_size": IMG_SIZE, "protocol": config.protocol.as_dict(),
             "throughput_batch": config.throughput_batch, "backends": list(config.backends),
             "compile": config.compile, "compile_mode": config.compile_mode,
+            "impls": list(config.impls),
             "tf32": torch.backends.cuda.matmul.allow_tf32,
             "mvit3_backend_env": os.environ.get("MVIT3_BACKEND"),
             "argv": sys.argv[1:],

@@ -1,18 +1,42 @@
-"""`python -m mvit3 gpu-report`: every GPU check and benchmark into one folder, on a budget.
+"""`python -m mvit3 gpu-report`: the evidence of one GPU lease, on a budget, into one folder.
 
-Steps, in priority order, each in a subprocess with a timeout taken from what is left of
-`--budget-s` (a step that would get less than its minimum is skipped, and says so):
-  1. env         GPU identity (NVML), versions, commit, kernel backends and why not
-  2. build       `python -m mvit3 build --archs <this GPU's arch>` when nvcc and CMake exist
-  3. tests       `pytest -m gpu --gpu-priority`, each outcome logged as it happens (a run killed at
-                 its timeout keeps what it proved), whole models first (tests/conftest.py)
-  4. bench_fp32  Table 5 (9 models + v3 0.5/0.75/1.0), default protocol: reference, fast per
-                 backend, CUDA-graph replay, torch.compile
-  5. bench_fp16  the same in fp16
-  6. micro       the kernel micro-benchmarks (`pytest bench/ --benchmark-only`)
-then a plot and a markdown summary. Output (`--out`, at most 8 files): summary.md, report.json
-(everything), plot.png, log.txt (every subprocess's output): `OUTPUT_FILES`. report.json and summary.md are
-rewritten after every step, so an interrupted run still leaves its evidence.
+A lease is short (minutes, machine start included), so the plan is fixed in advance, in
+order of evidence per minute, with a time budget per step (`--plan` prints it as JSON, on any
+machine). The first lease (`--focus all`, 480 s including the install before it):
+  install     `pip install` by the command that starts the report (`--started-at` counts it)
+  env         GPU identity (NVML), versions, commit (`--commit`), kernel backends and why not
+  build       `python -m mvit3 build --archs <this GPU's arch only>` when nvcc and CMake exist
+  tests       correctness sweep: `pytest -m gpu -n <workers> --gpu-priority` (op grids on both
+              backends and all dtypes, every model's whole forward, CUDA-graph replay; the
+              fused path asserted to run), MVIT3_REQUIRE_CUDA_LIB=1 so a missing CUDA library
+              fails instead of skipping, "no tests collected" (exit 5) a failure;
+              max-autotune is left to `--focus compile`
+  sanitizer   compute-sanitizer memcheck and racecheck, one small forward of v3-XS and v3-0.5
+              per backend (`mvit3.bench.sanitize`)
+  ceilings    copy bandwidth and the fp16 matmul rate (`mvit3.bench.ceilings`), the yardstick
+              of every later figure
+  table5_fp16, table5_fp32
+              Table 5 (v1/v3 XXS/XS/S and the L2 variants): reference eager, timm (v1), fast
+              per backend, CUDA-graph replay, torch.compile in its default mode
+  micro       the three headline ops at v3-XS shapes (patch attention, transformer MLP,
+              fusion 1x1), batch 1 and 100, fp16, against the stock ops (TF32 off unless --tf32)
+  summary     kept back for summary.md
+Later leases: `--focus compile` (torch.compile default and max-autotune, the max-autotune
+tests), `--focus micro` (the whole micro-benchmark grid), `--focus table5` (every model, both
+dtypes, longer rows).
+
+Budgets: a step may run until the planned end of its slot (the sum of the budgets up to and
+including it, from the start of the lease), so time an earlier step saved flows to the later
+ones; a step whose slot was eaten by the steps before still gets its minimum while the plan
+has room before the summary's slot, and is skipped, saying so, once it has not. A step past
+its timeout is killed with its whole process group.
+
+Output (`--out`): at most 8 files, no folder (`OUTPUT_FILES`). Every step writes into `--out`
+as it goes (pytest appends each test's outcome to tests.jsonl, the Table 5 runs rewrite their
+JSON after every row, the micro-benchmarks append each row to micro.jsonl), and report.json
+and summary.md are rewritten when a step starts and ends, so a kill at any moment keeps every
+finished result. `--resume` continues a report cut short: finished result steps are kept,
+the environment and the build (the state of a fresh machine) are redone.
 
 Nothing here changes GPU settings (clocks, power, persistence, MIG): NVML is only read.
 `--summarize report.json` re-renders the summary of a stored report, on any machine.
@@ -21,6 +45,7 @@ Nothing here changes GPU settings (clocks, power, persistence, MIG): NVML is onl
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -28,9 +53,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,55 +63,166 @@ from .env import format_env, scrub_paths
 from .paper import TABLE5_MODELS
 from .report import render_markdown
 
-DEFAULT_BUDGET_S = 540.0
-SUMMARY_RESERVE_S = 15.0  # kept back for the plot and the summary
-# Everything a report writes into --out (a handful: at most 8 is the rule).
-OUTPUT_FILES = ("summary.md", "report.json", "plot.png", "log.txt")
-REPORT_MODELS = TABLE5_MODELS + ("mobilevitv3_050", "mobilevitv3_075", "mobilevitv3_100")
-REPORT_BACKENDS = "triton,cuda"  # fast/torch is a CPU path: not worth GPU minutes here
+SCHEMA = "mvit3.gpu_report/2"
+DEFAULT_BUDGET_S = 480.0
+# Everything a report writes into --out: the device tool brings back at most 8 files.
+OUTPUT_FILES = ("summary.md", "report.json", "log.txt", "tests.jsonl", "table5_fp16.json",
+                "table5_fp32.json", "micro.jsonl", "step.json")
+STEP_SCRATCH = "step.json"  # a subprocess's JSON result, merged into report.json, then removed
+FOCUSES = ("all", "compile", "micro", "table5")
+ALL_MODELS = TABLE5_MODELS + ("mobilevitv3_050", "mobilevitv3_075", "mobilevitv3_100")
+SANITIZER_TOOLS = ("memcheck", "racecheck")
+SANITIZER_ERROR_EXIT = 86  # compute-sanitizer's exit code when it found errors (--error-exitcode)
+KERNEL_BACKENDS = ("triton", "cuda")  # fast/torch is a CPU path: not worth GPU minutes
+# The first lease's micro-benchmarks: the three headline ops of the v3 block at v3-XS shapes.
+MICRO_FIRST_MODEL = "mobilevitv3_xs"
+MICRO_FIRST_KINDS = ("attention", "mlp", "fusion")
+# The single library op each micro-benchmark kind times (attention_path is two ops).
+KIND_OPS = {"stem": "conv3x3", "mv2": "dwconv_pointwise", "attention": "patch_attention",
+            "mlp": "transformer_mlp", "fusion": "pointwise_conv",
+            "separable_attention": "separable_attention"}
+KILL_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
     title: str
-    min_s: float  # skipped when less than this is left
-    max_s: float  # never given more than this
-    share: float  # never given more than this fraction of what is left
+    budget_s: float  # the planned slot
+    min_s: float  # not started when less than this is left of its slot
+    options: tuple = ()  # (key, value) pairs for the step's runner
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
 
 
-STEPS = (
-    Step("env", "environment and backends", 5, 60, 1.0),
-    Step("build", "build the CUDA C++ library", 30, 240, 0.4),
-    Step("tests", "pytest -m gpu", 20, 180, 0.4),
-    Step("bench_fp32", "Table 5, fp32", 40, 600, 0.6),
-    Step("bench_fp16", "Table 5, fp16", 30, 600, 0.6),
-    Step("micro", "kernel micro-benchmarks", 20, 600, 1.0),
-)
-STEP_NAMES = tuple(step.name for step in STEPS)
+# The two slots that run no subprocess of the report: the install before it, the summary after.
+OUTSIDE_STEPS = ("install", "summary")
+# Steps that set up the machine: redone on --resume (a fresh machine has neither).
+SETUP_STEPS = ("env", "build")
+
+
+def _first_lease() -> list:
+    return [
+        Step("install", "pip install (before the report starts)", 30, 0),
+        Step("env", "environment and backends", 15, 10),
+        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
+        Step("tests", "correctness sweep: pytest -m gpu, parallel", 150, 30,
+             (("k", "not max_autotune"),)),
+        Step("sanitizer", "compute-sanitizer memcheck and racecheck", 45, 15),
+        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
+        Step("table5_fp16", "Table 5, fp16", 60, 20,
+             (("dtype", "fp16"), ("models", TABLE5_MODELS), ("compile_mode", "default"))),
+        Step("table5_fp32", "Table 5, fp32", 45, 20,
+             (("dtype", "fp32"), ("models", TABLE5_MODELS), ("compile_mode", "default"))),
+        Step("micro", "headline ops at v3-XS shapes, fp16", 30, 15,
+             (("models", (MICRO_FIRST_MODEL,)), ("kinds", MICRO_FIRST_KINDS),
+              ("dtypes", ("fp16",)))),
+        Step("summary", "summary.md and report.json", 20, 0),
+    ]
+
+
+def _compile_lease() -> list:
+    compiled = ("reference", "cuda-graph", "compile", "timm-compile")
+    return [
+        Step("install", "pip install (before the report starts)", 30, 0),
+        Step("env", "environment and backends", 15, 10),
+        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
+        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
+        Step("table5_fp16", "torch.compile (default mode) rows, fp16", 150, 30,
+             (("dtype", "fp16"), ("models", TABLE5_MODELS), ("compile_mode", "default"),
+              ("impls", compiled))),
+        Step("tests", "torch.compile max-autotune tests", 100, 30, (("k", "max_autotune"),)),
+        Step("table5_fp32", "torch.compile (default mode) rows, fp32", 80, 30,
+             (("dtype", "fp32"), ("models", TABLE5_MODELS), ("compile_mode", "default"),
+              ("impls", compiled))),
+        Step("summary", "summary.md and report.json", 20, 0),
+    ]
+
+
+def _micro_lease() -> list:
+    return [
+        Step("install", "pip install (before the report starts)", 30, 0),
+        Step("env", "environment and backends", 15, 10),
+        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
+        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
+        Step("micro", "every op of six v3 models, batch 1 and 100, fp16 and fp32", 330, 30),
+        Step("summary", "summary.md and report.json", 20, 0),
+    ]
+
+
+def _table5_lease() -> list:
+    no_compile = ("reference", "timm", "fast", "cuda-graph")
+    return [
+        Step("install", "pip install (before the report starts)", 30, 0),
+        Step("env", "environment and backends", 15, 10),
+        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
+        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
+        Step("table5_fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 165, 30,
+             (("dtype", "fp16"), ("models", ALL_MODELS), ("impls", no_compile))),
+        Step("table5_fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 165, 30,
+             (("dtype", "fp32"), ("models", ALL_MODELS), ("impls", no_compile))),
+        Step("summary", "summary.md and report.json", 20, 0),
+    ]
+
+
+_PLANS = {"all": _first_lease, "compile": _compile_lease, "micro": _micro_lease,
+          "table5": _table5_lease}
+
+
+def plan(focus: str = "all", budget_s: float = DEFAULT_BUDGET_S) -> list:
+    """The steps of a lease with their slots, scaled so that they add up to `budget_s`."""
+    if focus not in _PLANS:
+        raise ValueError(f"focus must be one of {FOCUSES}, got {focus!r}")
+    steps = _PLANS[focus]()
+    scale = budget_s / sum(s.budget_s for s in steps)
+    return [Step(s.name, s.title, round(s.budget_s * scale, 1), s.min_s, s.options) for s in steps]
+
+
+def plan_json(focus: str, budget_s: float) -> dict:
+    steps, start = [], 0.0
+    for step in plan(focus, budget_s):
+        steps.append({"step": step.name, "title": step.title, "budget_s": step.budget_s,
+                      "min_s": step.min_s, "planned_start_s": round(start, 1),
+                      "planned_end_s": round(start + step.budget_s, 1),
+                      **{k: list(v) if isinstance(v, tuple) else v for k, v in step.options}})
+        start += step.budget_s
+    return {"schema": SCHEMA, "focus": focus, "budget_s": budget_s, "total_s": round(start, 1),
+            "output_files": list(OUTPUT_FILES), "steps": steps}
 
 
 class Budget:
-    """Wall-clock budget of the whole report; `clock` is injectable for tests."""
+    """The lease's wall clock: `already_s` had passed when the report started (the install);
+    `clock` is injectable for tests."""
 
-    def __init__(self, total_s: float, clock: Callable[[], float] = time.monotonic,
-                 reserve_s: float = SUMMARY_RESERVE_S):
-        self.total_s, self.clock, self.reserve_s = total_s, clock, reserve_s
-        self.start = clock()
+    def __init__(self, steps: list, clock: Callable[[], float] = time.monotonic,
+                 already_s: float = 0.0):
+        self.steps, self.clock = steps, clock
+        self.start = clock() - already_s
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
-    def left(self) -> float:
-        """Seconds the steps may still use (the summary's reserve excluded)."""
-        return self.total_s - self.reserve_s - self.elapsed()
+    def slot_end(self, name: str) -> float:
+        """Seconds from the lease's start by which step `name` must have ended."""
+        end = 0.0
+        for step in self.steps:
+            end += step.budget_s
+            if step.name == name:
+                return end
+        raise KeyError(name)
+
+    def room(self) -> float:
+        """Seconds left for steps: up to the summary's slot."""
+        last = [s.name for s in self.steps if s.name not in OUTSIDE_STEPS][-1]
+        return self.slot_end(last) - self.elapsed()
 
     def timeout_for(self, step: Step) -> Optional[float]:
-        """The step's timeout, or None when too little is left to start it."""
-        left = self.left()
-        if left < step.min_s:
-            return None
-        return min(step.max_s, max(step.min_s, step.share * left))
+        """What is left of the step's slot, but at least its minimum (a slot the steps before
+        overran still runs at its minimum) and at most what is left before the summary; None
+        when that is below its minimum: the step is skipped."""
+        timeout = min(max(step.min_s, self.slot_end(step.name) - self.elapsed()), self.room())
+        return timeout if timeout >= step.min_s else None
 
 
 # ---- subprocesses --------------------------------------------------------------------------
@@ -102,32 +238,52 @@ class CommandResult:
         return self.returncode is None
 
 
+class Interrupted(Exception):
+    """gpu-report itself got SIGTERM or SIGINT; the step in flight was ended."""
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL what is left after the grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_command(cmd: list, timeout_s: float, log, cwd=None, env: Optional[dict] = None) -> CommandResult:
     """Run `cmd` in its own process group, output appended to `log`; killed at the timeout.
 
-    The whole group is ended (SIGTERM, then SIGKILL), so no grandchild outlives the step.
+    `env` entries override the environment; a None value removes the variable. The whole
+    group is ended (SIGTERM, then SIGKILL), so no grandchild outlives the step; so it is when
+    this process is interrupted (the exception is re-raised).
     """
     log.write(f"\n$ {' '.join(map(str, cmd))}   (timeout {timeout_s:.0f} s)\n")
     log.flush()
     began = time.monotonic()
     start = os.path.getsize(log.name)  # the child appends from here
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = str(value)
     proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env=child_env)
     try:
         returncode = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         returncode = None
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _end_group(proc)
+    except BaseException:
+        _end_group(proc)
+        raise
     elapsed = time.monotonic() - began
     log.flush()
     with open(log.name, "rb") as reread:
@@ -160,29 +316,23 @@ def first_error_line(output: str) -> Optional[str]:
 
 # ---- parsing the steps' results --------------------------------------------------------------
 
-def parse_results_log(path) -> dict:
-    """Counts and per-test outcomes of the JSON-lines file that pytest's `--results-log`
-    (tests/conftest.py) appends to, one line per test; a torn last line (the run was killed
-    while writing it) is ignored."""
-    tests = []
+def read_jsonl(path) -> list:
+    """The records of a JSON-lines file appended to as results came; a torn last line (the
+    writer was killed mid-line) is ignored."""
+    records = []
     for line in Path(path).read_text().splitlines():
         try:
-            tests.append(json.loads(line))
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return records
+
+
+def parse_results_log(path) -> dict:
+    """Counts and per-test outcomes of pytest's `--results-log` file (tests/conftest.py)."""
+    tests = read_jsonl(path)
     counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
     return {"counts": counts, "total": len(tests), "tests": tests}
-
-
-def parse_micro(path) -> list:
-    """The micro-benchmark JSON of pytest-benchmark, one compact dict per benchmark."""
-    data = json.loads(Path(path).read_text())
-    rows = []
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        rows.append({"name": bench["name"], "group": bench.get("group"),
-                     "wall_ms_median": bench["stats"]["median"] * 1e3, **info})
-    return rows
 
 
 def gpu_arch(env: dict) -> Optional[str]:
@@ -200,25 +350,87 @@ def nvcc_and_cmake() -> Optional[str]:
     return f"{' and '.join(missing)} not found" if missing else None
 
 
+def compute_sanitizer() -> Optional[str]:
+    """The compute-sanitizer executable, or None."""
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    for candidate in (shutil.which("compute-sanitizer"), cuda_home / "bin" / "compute-sanitizer",
+                      cuda_home / "compute-sanitizer" / "compute-sanitizer"):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    return None
+
+
+_SANITIZER_SUMMARY = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY):.*")
+
+
+def sanitizer_summary(output: str) -> Optional[str]:
+    """compute-sanitizer's closing line ("ERROR SUMMARY: 0 errors", "RACECHECK SUMMARY: ...")."""
+    found = list(_SANITIZER_SUMMARY.finditer(output))
+    return found[-1].group(0).strip() if found else None
+
+
+def xdist_workers() -> Optional[int]:
+    """pytest-xdist workers for the tests step (Triton compiles are the cost: one per core,
+    at most 8), or None without pytest-xdist."""
+    if importlib.util.find_spec("xdist") is None:
+        return None
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def auto_order_evidence(micro: list) -> dict:
+    """From micro-benchmark rows: per library op, the backend that was faster in every case
+    measured ({op: {"order": [faster, slower], "cases": n}}), or "mixed" where neither was."""
+    pairs = defaultdict(dict)
+    for row in micro:
+        op = KIND_OPS.get(row.get("kind"))
+        if op and row.get("impl") in KERNEL_BACKENDS and row.get("gpu_ms_median") is not None:
+            pairs[(op, row["group"])][row["impl"]] = row["gpu_ms_median"]
+    wins = defaultdict(list)
+    for (op, _), ms in pairs.items():
+        if len(ms) == 2:
+            wins[op].append(min(ms, key=ms.get))
+    evidence = {}
+    for op, winners in wins.items():
+        if len(set(winners)) == 1:
+            faster = winners[0]
+            slower = next(b for b in KERNEL_BACKENDS if b != faster)
+            evidence[op] = {"order": [faster, slower], "cases": len(winners)}
+        else:
+            evidence[op] = {"order": "mixed", "cases": len(winners),
+                            "triton_faster": winners.count("triton")}
+    return evidence
+
+
 # ---- the steps -----------------------------------------------------------------------------
 
-class Report:
-    """Runs the steps into `out`; `report` is the JSON with everything."""
+# Statuses of a step that ran to an end of its own; "running" (killed from outside) and
+# "interrupted" (gpu-report got SIGTERM) are not among them: --resume runs those again.
+FINAL = ("ok", "failed", "timeout", "cut", "skipped")
 
-    def __init__(self, out: Path, budget: Budget, models: tuple, skip: tuple, log):
-        self.out, self.budget, self.models, self.skip, self.log = out, budget, models, skip, log
-        self.tmp = Path(tempfile.mkdtemp(prefix="mvit3-gpu-report-"))
+
+class Report:
+    """Runs a plan's steps into `out`; `report` is the JSON with everything."""
+
+    def __init__(self, out: Path, budget: Budget, focus: str, log, skip: tuple = (),
+                 tf32: bool = False, commit: Optional[str] = None,
+                 previous: Optional[dict] = None):
+        self.out, self.budget, self.focus, self.log = out, budget, focus, log
+        self.skip, self.tf32, self.commit = skip, tf32, commit
         self.python = sys.executable
         from .env import project_root
 
         self.root = project_root()
-        self.report = {
-            "schema": "mvit3.gpu_report/1",
-            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "budget_s": budget.total_s, "argv": sys.argv[1:], "models": list(models),
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.report = previous or {
+            "schema": SCHEMA, "started_utc": now, "focus": focus,
+            "budget_s": sum(s.budget_s for s in budget.steps), "argv": sys.argv[1:],
+            "plan": plan_json(focus, sum(s.budget_s for s in budget.steps))["steps"],
             "steps": [], "env": None, "backends_after_build": None, "tests": None,
-            "bench": {}, "micro": None, "plot": None,
+            "sanitizer": None, "ceilings": None, "bench": {}, "micro": None,
+            "auto_order_evidence": None, "runs": [],
         }
+        self.report["runs"].append({"started_utc": now, "argv": sys.argv[1:],
+                                    "already_s": round(budget.elapsed(), 1)})
 
     def say(self, text: str) -> None:
         line = f"[{self.budget.elapsed():5.0f} s] {text}"
@@ -226,155 +438,277 @@ class Report:
         self.log.write(line + "\n")
         self.log.flush()
 
-    def command(self, cmd: list, timeout_s: float, **kwargs) -> CommandResult:
-        return run_command(cmd, timeout_s, self.log, cwd=kwargs.pop("cwd", self.root), **kwargs)
+    def command(self, cmd: list, timeout_s: float, env: Optional[dict] = None) -> CommandResult:
+        # An explicit backend in a test or a benchmark row must stay that backend.
+        child_env = {"MVIT3_BACKEND": None, **(env or {})}
+        if self.commit:
+            child_env["MVIT3_GIT_COMMIT"] = self.commit
+        return run_command(cmd, timeout_s, self.log, cwd=self.root, env=child_env)
+
+    def _scratch(self) -> Path:
+        path = self.out / STEP_SCRATCH
+        path.unlink(missing_ok=True)
+        return path
+
+    def _read_scratch(self, result: CommandResult):
+        """The JSON a subprocess wrote into step.json (then removed), or None."""
+        path = self.out / STEP_SCRATCH
+        if result.returncode != 0 or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        path.unlink()
+        return data
 
     # Each step returns (status, details); raising marks the step failed with the message.
-    def step_env(self, timeout_s: float):
-        path = self.tmp / "env.json"
-        result = self.command([self.python, "-m", "mvit3.bench.env", "--json", path], timeout_s)
-        if result.returncode != 0 or not path.is_file():
+    def step_env(self, step: Step, timeout_s: float):
+        result = self.command([self.python, "-m", "mvit3.bench.env", "--json", self._scratch()],
+                              timeout_s)
+        env = self._read_scratch(result)
+        if env is None:
             return _failed(result)
-        self.report["env"] = json.loads(path.read_text())
+        self.report["env"] = env
         return "ok", {}
 
-    def step_build(self, timeout_s: float):
+    def step_build(self, step: Step, timeout_s: float):
         missing = nvcc_and_cmake()
         if missing:
             return "skipped", {"reason": missing}
         arch = gpu_arch(self.report["env"])
         if arch is None:
             return "skipped", {"reason": "the env step recorded no GPU compute capability"}
+        began = time.monotonic()
         result = self.command([self.python, "-m", "mvit3", "build", "--archs", arch], timeout_s)
         if result.returncode != 0:
             return _failed(result)
-        path = self.tmp / "env_after_build.json"
-        after = self.command([self.python, "-m", "mvit3.bench.env", "--json", path],
-                             max(5.0, min(60.0, self.budget.left())))
-        if after.returncode == 0 and path.is_file():
-            self.report["backends_after_build"] = json.loads(path.read_text()).get("backends")
+        left = max(5.0, timeout_s - (time.monotonic() - began))
+        after = self.command([self.python, "-m", "mvit3.bench.env", "--json", self._scratch()],
+                             left)
+        env = self._read_scratch(after)
+        if env is not None:
+            self.report["backends_after_build"] = env.get("backends")
         return "ok", {"arch": arch, "build_s": round(result.elapsed_s, 1)}
 
-    def step_tests(self, timeout_s: float):
+    def step_tests(self, step: Step, timeout_s: float):
         if not (self.root / "tests").is_dir():
             return "skipped", {"reason": f"no tests/ directory beside the package ({self.root}): "
                                          "run from a checkout"}
-        results = self.tmp / "tests.jsonl"
-        result = self.command([self.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                               "--gpu-priority", f"--results-log={results}", "tests"], timeout_s)
-        if not results.is_file():
-            return _failed(result)
-        self.report["tests"] = parse_results_log(results)
-        counts = self.report["tests"]["counts"]
+        results = self.out / "tests.jsonl"
+        results.unlink(missing_ok=True)  # a resumed run starts the sweep again
+        workers = xdist_workers()
+        cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+               "--gpu-priority", f"--results-log={results}", "-k", step.option("k")]
+        cmd += ["-n", str(workers)] if workers else []
+        result = self.command(cmd + ["tests"], timeout_s, env={"MVIT3_REQUIRE_CUDA_LIB": "1"})
+        self.report["tests"] = parse_results_log(results) if results.is_file() else None
+        counts = (self.report["tests"] or {}).get("counts")
+        details = {"counts": counts, "workers": workers or "1 (pytest-xdist not installed)"}
         if result.timed_out:
-            return "timeout", {"counts": counts, "reason": "killed at its timeout; the outcomes "
-                                                          "of the tests that finished are kept"}
-        status = "ok" if result.returncode in (0, 5) else "failed"  # 5: no test collected
-        return status, {"counts": counts, "first_error": None if status == "ok"
-                        else first_error_line(result.output)}
+            return "timeout", {**details, "reason": "killed at its timeout; the outcomes of the "
+                                                    "tests that finished are kept"}
+        if result.returncode == 5:
+            return "failed", {**details, "first_error": "pytest collected no test (exit 5)"}
+        if result.returncode != 0:
+            return "failed", {**details, "first_error": first_error_line(result.output),
+                              "returncode": result.returncode}
+        return "ok", details
 
-    def _bench(self, dtype: str, timeout_s: float):
-        path = self.tmp / f"bench_{dtype}.json"
+    def step_sanitizer(self, step: Step, timeout_s: float):
+        sanitizer = compute_sanitizer()
+        if sanitizer is None:
+            return "skipped", {"reason": "compute-sanitizer not found (PATH, CUDA_HOME)"}
+        available = {b["backend"]: b for b in (self.report["backends_after_build"]
+                                                or (self.report["env"] or {}).get("backends") or [])}
+        runs = [(tool, backend) for backend in KERNEL_BACKENDS for tool in SANITIZER_TOOLS]
+        self.report["sanitizer"] = []
+        began = time.monotonic()
+        for i, (tool, backend) in enumerate(runs):
+            entry = {"tool": tool, "backend": backend}
+            self.report["sanitizer"].append(entry)
+            if not available.get(backend, {}).get("available"):
+                entry.update(status="skipped", note=f"backend {backend} unavailable: "
+                             f"{available.get(backend, {}).get('reason', 'not recorded')}")
+                continue
+            left = timeout_s - (time.monotonic() - began)
+            share = left / (len(runs) - i)  # what is left, split over the runs still to come
+            if share < 5:
+                entry.update(status="cut", note=f"{left:.0f} s left of the step")
+                continue
+            result = self.command([sanitizer, "--tool", tool, "--print-limit", "20",
+                                   "--error-exitcode", str(SANITIZER_ERROR_EXIT), self.python,
+                                   "-m", "mvit3.bench.sanitize", "--backend", backend], share,
+                                  env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+            fused = [line for line in result.output.splitlines() if "fused op calls" in line]
+            entry.update(elapsed_s=round(result.elapsed_s, 1), fused=fused,
+                         summary=sanitizer_summary(result.output))
+            if result.timed_out:
+                entry.update(status="timeout", note=f"killed after {share:.0f} s")
+            elif result.returncode == SANITIZER_ERROR_EXIT:
+                entry.update(status="failed", note=entry["summary"])
+            elif result.returncode != 0:
+                entry.update(status="failed", note=first_error_line(result.output))
+            else:
+                entry.update(status="ok", note=entry["summary"])
+            self.save()
+        statuses = [e["status"] for e in self.report["sanitizer"]]
+        status = ("failed" if "failed" in statuses else "timeout" if "timeout" in statuses
+                  else "cut" if "cut" in statuses else "ok")
+        return status, {"runs": {s: statuses.count(s) for s in dict.fromkeys(statuses)}}
+
+    def step_ceilings(self, step: Step, timeout_s: float):
+        result = self.command([self.python, "-m", "mvit3.bench.ceilings", "--json", self._scratch()],
+                              timeout_s)
+        ceilings = self._read_scratch(result)
+        if ceilings is None:
+            return _failed(result)
+        self.report["ceilings"] = ceilings
+        return "ok", {"gbps": round(ceilings["copy"]["gbps"]),
+                      "fp16_tflops": round(ceilings["matmul_fp16"]["tflops"], 1)}
+
+    def _table5(self, step: Step, timeout_s: float):
+        dtype = step.option("dtype")
+        path = self.out / f"table5_{dtype}.json"
+        path.unlink(missing_ok=True)
         # Stop starting rows early enough for the row in flight to finish before the timeout.
-        inner_budget = max(10.0, timeout_s - max(20.0, 0.15 * timeout_s))
-        result = self.command([self.python, "-m", "mvit3", "bench", "--device", "cuda",
-                               "--dtype", dtype, "--models", ",".join(self.models),
-                               "--backends", REPORT_BACKENDS, "--json", path,
-                               "--budget-s", f"{inner_budget:.0f}", "--no-progress"], timeout_s)
+        inner_budget = max(10.0, timeout_s - max(15.0, 0.15 * timeout_s))
+        cmd = [self.python, "-m", "mvit3", "bench", "--device", "cuda", "--dtype", dtype,
+               "--models", ",".join(step.option("models")), "--backends", ",".join(KERNEL_BACKENDS),
+               "--lease", "--json", path, "--budget-s", f"{inner_budget:.0f}", "--no-progress"]
+        if step.option("impls"):
+            cmd += ["--impls", ",".join(step.option("impls"))]
+        if step.option("compile_mode"):
+            cmd += ["--compile", "--compile-mode", step.option("compile_mode")]
+        else:
+            cmd += ["--no-compile"]
+        result = self.command(cmd + (["--tf32"] if self.tf32 else []), timeout_s)
         if not path.is_file():
             return _failed(result)
         bench = json.loads(path.read_text())  # partial when the step was killed: still evidence
-        self.report["bench"][dtype] = bench
+        self.report["bench"][dtype] = {"file": path.name, "rows": len(bench["rows"])}
         rows = bench["rows"]
         details = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
         if result.timed_out:
             return "timeout", {**details, "reason": "killed at its timeout; rows so far kept"}
         return ("ok" if result.returncode == 0 else "failed"), details
 
-    def step_bench_fp32(self, timeout_s: float):
-        return self._bench("fp32", timeout_s)
+    step_table5_fp16 = _table5
+    step_table5_fp32 = _table5
 
-    def step_bench_fp16(self, timeout_s: float):
-        return self._bench("fp16", timeout_s)
-
-    def step_micro(self, timeout_s: float):
+    def step_micro(self, step: Step, timeout_s: float):
         from mvit3 import bench
 
-        path = self.tmp / "micro.json"
-        budget = max(10.0, timeout_s - max(20.0, 0.1 * timeout_s))
-        result = self.command([self.python, "-m", "pytest", Path(bench.__file__).parent,
-                               "--benchmark-only", f"--benchmark-json={path}", "-q",
-                               "--benchmark-columns=median,iqr,rounds", "-p", "no:cacheprovider"],
-                              timeout_s,
-                              env={"MVIT3_BENCH_BUDGET_S": f"{budget:.0f}"})
+        path = self.out / "micro.jsonl"
+        path.unlink(missing_ok=True)
+        budget = max(10.0, timeout_s - max(10.0, 0.1 * timeout_s))
+        cmd = [self.python, "-m", "pytest", Path(bench.__file__).parent / "test_ops_bench.py",
+               "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+        selection = micro_selection(step)
+        if selection:
+            cmd += ["-k", selection]
+        result = self.command(cmd, timeout_s, env={
+            "MVIT3_BENCH_BUDGET_S": f"{budget:.0f}", "MVIT3_MICRO_LOG": path,
+            "MVIT3_BENCH_TF32": "1" if self.tf32 else "0"})
         if not path.is_file():
             return _failed(result)
-        self.report["micro"] = parse_micro(path)
-        status = "ok" if result.returncode == 0 else "failed"
-        return status, {"benchmarks": len(self.report["micro"]),
-                        "first_error": None if status == "ok" else first_error_line(result.output)}
+        self.report["micro"] = read_jsonl(path)
+        capability = ((self.report["env"] or {}).get("gpu") or {}).get("compute_capability")
+        self.report["auto_order_evidence"] = {"compute_capability": capability,
+                                              "ops": auto_order_evidence(self.report["micro"])}
+        details = {"benchmarks": len(self.report["micro"])}
+        if result.timed_out:
+            return "timeout", {**details, "reason": "killed at its timeout; rows so far kept"}
+        if result.returncode != 0:
+            return "failed", {**details, "first_error": first_error_line(result.output)}
+        return "ok", details
 
     # -- driving --
+    def _done(self, name: str) -> bool:
+        """A result step that a run before this one (--resume) finished: kept, not rerun."""
+        return name not in SETUP_STEPS and any(
+            s["step"] == name and s["status"] in FINAL and s.get("reason") != "budget"
+            for s in self.report["steps"])
+
+    def _record(self, entry: dict) -> None:
+        """Enter (or replace) a step's entry, the entries in plan order; save."""
+        order = [s.name for s in self.budget.steps]
+        steps = [s for s in self.report["steps"] if s["step"] != entry["step"]] + [entry]
+        self.report["steps"] = sorted(steps, key=lambda s: order.index(s["step"]))
+        self.save()
+
     def run_step(self, step: Step) -> None:
-        entry = {"step": step.name, "title": step.title, "status": None, "elapsed_s": 0.0,
-                 "timeout_s": None}
+        if self._done(step.name):
+            self.say(f"{step.name}: kept from the run before (--resume)")
+            return
+        entry = {"step": step.name, "title": step.title, "status": "running", "elapsed_s": 0.0,
+                 "budget_s": step.budget_s, "timeout_s": None}
         timeout = self.budget.timeout_for(step)
         if step.name in self.skip:
             entry.update(status="skipped", reason="--skip")
         elif timeout is None:
-            entry.update(status="skipped", reason=f"budget: {max(0.0, self.budget.left()):.0f} s "
-                                                  f"left, the step needs at least {step.min_s:.0f} s")
+            entry.update(status="skipped", reason="budget",
+                         note=f"{max(0.0, self.budget.room()):.0f} s left before the summary, "
+                              f"it needs at least {step.min_s:.0f} s")
         else:
             self.say(f"{step.name}: {step.title} (timeout {timeout:.0f} s)")
+            entry["timeout_s"] = round(timeout, 1)
+            self._record(entry)  # "running": a kill from outside leaves that mark
             began = time.monotonic()
             try:
-                status, details = getattr(self, f"step_{step.name}")(timeout)
+                status, details = getattr(self, f"step_{step.name}")(step, timeout)
+            except (Interrupted, KeyboardInterrupt):
+                entry.update(status="interrupted", elapsed_s=round(time.monotonic() - began, 1),
+                             reason="gpu-report was interrupted (SIGTERM/SIGINT) during this step")
+                self._record(entry)
+                raise
             except Exception as err:  # a bug in a parser must not cost the other steps
                 status, details = "failed", {"first_error": f"{type(err).__name__}: {err}"}
-            entry.update(status=status, timeout_s=round(timeout, 1),
-                         elapsed_s=round(time.monotonic() - began, 1), **details)
-        self.say(f"{step.name}: {entry['status']}"
-                 + (f" ({entry.get('reason') or entry.get('first_error')})"
-                    if entry.get("reason") or entry.get("first_error") else ""))
-        self.report["steps"].append(entry)
-        self.save()
-
-    def plot(self) -> None:
-        from .plot import matplotlib_missing, plot_result
-
-        bench = self.report["bench"].get("fp32")
-        if not bench or not any(r["status"] == "ok" for r in bench["rows"]):
-            self.report["plot"] = "not drawn: no fp32 Table 5 row was measured"
-        elif matplotlib_missing():
-            self.report["plot"] = "not drawn: matplotlib is not installed"
-        else:
-            try:
-                plot_result(bench, str(self.out / "plot.png"))
-                self.report["plot"] = "plot.png"
-            except Exception as err:
-                self.report["plot"] = f"not drawn: {type(err).__name__}: {err}"
+            entry.update(status=status, elapsed_s=round(time.monotonic() - began, 1), **details)
+        why = entry.get("reason") or entry.get("first_error")
+        self.say(f"{step.name}: {entry['status']}" + (f" ({why})" if why else ""))
+        self._record(entry)
 
     def save(self) -> None:
         self.report["elapsed_s"] = round(self.budget.elapsed(), 1)
         text = json.dumps(self.report, indent=1, default=str)
         (self.out / "report.json").write_text(scrub_paths(text))
-        (self.out / "summary.md").write_text(scrub_paths(render_summary(self.report)))
+        (self.out / "summary.md").write_text(scrub_paths(render_summary(self.report, self.out)))
 
     def run(self) -> int:
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        interrupted = False
         try:
-            for step in STEPS:
-                self.run_step(step)
-            self.plot()
-            self.save()
+            for step in self.budget.steps:
+                if step.name not in OUTSIDE_STEPS:
+                    self.run_step(step)
+        except (Interrupted, KeyboardInterrupt):
+            interrupted = True
         finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        files = [name for name in OUTPUT_FILES if (self.out / name).is_file()]
-        self.say(f"done: {', '.join(files)} in {self.out}")
+            signal.signal(signal.SIGTERM, previous)
+            self.save()
+        files = sorted(p.name for p in self.out.iterdir())
+        self.say(f"{'interrupted' if interrupted else 'done'}: {', '.join(files)} in {self.out}")
         self.log.flush()
         log_path = Path(self.log.name)  # subprocesses wrote into it: scrubbed once, at the end
         log_path.write_text(scrub_paths(log_path.read_text(encoding="utf-8", errors="replace")))
-        failed = [s["step"] for s in self.report["steps"] if s["status"] in ("failed", "timeout")]
-        return 1 if failed else 0
+        failed = [s["step"] for s in self.report["steps"]
+                  if s["status"] in ("failed", "timeout", "cut", "interrupted")]
+        return 1 if failed or interrupted else 0
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def micro_selection(step: Step) -> Optional[str]:
+    """The pytest -k expression of a micro step's subset (ids: model-kind-bB-dtype-impl), or
+    None for the whole grid."""
+    models, kinds, dtypes = step.option("models"), step.option("kinds"), step.option("dtypes")
+    if not (models or kinds or dtypes):
+        return None
+    parts = [" or ".join(f"{m}-{k}-" for m in models for k in kinds)]
+    if dtypes:
+        parts.append(" or ".join(f"-{d}-" for d in dtypes))
+    return " and ".join(f"({p})" for p in parts)
 
 
 def _failed(result: CommandResult):
@@ -387,57 +721,120 @@ def _failed(result: CommandResult):
 
 # ---- the summary ----------------------------------------------------------------------------
 
-def _micro_table(micro: list) -> list:
+def _pct(value: Optional[float], ceiling: Optional[float]) -> str:
+    return "" if value is None or not ceiling else f" ({100 * value / ceiling:.0f}%)"
+
+
+# Columns of the micro-benchmark table after the case and op: (header, cell(impls, ceilings)),
+# `impls` the rows of one case by implementation. A new column (a per-launch floor, say) is one
+# more entry here.
+def _micro_ms(impl: str):
+    def cell(impls: dict, ceilings: dict) -> str:
+        row, stock = impls.get(impl), impls.get("torch", {}).get("gpu_ms_median")
+        if not row or row.get("gpu_ms_median") is None:
+            return "–"
+        ms = row["gpu_ms_median"]
+        return f"{ms:.4f}" + (f" ({stock / ms:.2f}x)" if stock and impl in KERNEL_BACKENDS else "")
+    return cell
+
+
+def _best(impls: dict) -> Optional[dict]:
+    fused = [impls[i] for i in KERNEL_BACKENDS if i in impls and impls[i].get("gpu_ms_median")]
+    return min(fused, key=lambda r: r["gpu_ms_median"]) if fused else None
+
+
+def _best_gbps(impls: dict, ceilings: dict) -> str:
+    best = _best(impls)
+    gbps = (ceilings.get("copy") or {}).get("gbps")
+    return "–" if best is None else f"{best['gbps']:.0f}{_pct(best['gbps'], gbps)}"
+
+
+def _best_tflops(impls: dict, ceilings: dict) -> str:
+    best = _best(impls)
+    peak = (ceilings.get("matmul_fp16") or {}).get("tflops")
+    return "–" if best is None else f"{best['tflops']:.2f}{_pct(best['tflops'], peak)}"
+
+
+MICRO_COLUMNS = (
+    ("stock torch ms", _micro_ms("torch")),
+    ("triton ms", _micro_ms("triton")),
+    ("cuda ms", _micro_ms("cuda")),
+    ("reference modules ms", _micro_ms("module")),
+    ("best GB/s (of measured copy)", _best_gbps),
+    ("best TFLOP/s (of measured fp16 matmul)", _best_tflops),
+)
+
+
+def _micro_table(micro: list, ceilings: Optional[dict]) -> list:
     """One line per (model, op, batch, dtype): device time of the stock sequence and of each
-    fused implementation, with its speedup."""
+    fused implementation, with its speedup, and the best one's rates."""
     groups = {}
     for row in micro:
         groups.setdefault(row["group"], {})[row.get("impl")] = row
-    lines = ["| case | op | stock torch ms | triton ms | cuda ms | reference modules ms | "
-             "best GB/s | best TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+    header = ["case", "op"] + [name for name, _ in MICRO_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, impls in groups.items():
-        stock = impls.get("torch", {}).get("gpu_ms_median")
-
-        def cell(impl):
-            row = impls.get(impl)
-            if not row or row.get("gpu_ms_median") is None:
-                return "–"
-            ms = row["gpu_ms_median"]
-            return f"{ms:.4f}" + (f" ({stock / ms:.2f}x)" if stock and impl != "module" else "")
-
-        fused = [impls[i] for i in ("triton", "cuda") if i in impls]
-        best = min(fused, key=lambda r: r["gpu_ms_median"]) if fused else None
         op = next(iter(impls.values())).get("op", "?")
-        stock_cell = "–" if stock is None else f"{stock:.4f}"
-        gbps = "–" if best is None else f"{best['gbps']:.0f}"
-        tflops = "–" if best is None else f"{best['tflops']:.2f}"
-        lines.append(f"| {group} | {op} | {stock_cell} | {cell('triton')} | {cell('cuda')} | "
-                     f"{cell('module')} | {gbps} | {tflops} |")
+        cells = [cell(impls, ceilings or {}) for _, cell in MICRO_COLUMNS]
+        lines.append(f"| {group} | {op} | " + " | ".join(cells) + " |")
     return lines
 
 
-def render_summary(report: dict) -> str:
+def _step_note(s: dict) -> str:
+    if s["step"] == "tests" and s.get("counts"):
+        why = s.get("first_error") or s.get("reason")
+        return ", ".join(f"{v} {k}" for k, v in s["counts"].items()) + (f"; {why}" if why else "")
+    if s.get("reason") == "budget":
+        return f"budget: {s.get('note')}"
+    return s.get("reason") or s.get("first_error") or ", ".join(
+        f"{k} {v}" for k, v in s.items()
+        if k in ("ok", "skipped", "failed", "arch", "build_s", "benchmarks", "gbps", "fp16_tflops",
+                 "runs"))
+
+
+def _not_run_lines(report: dict) -> list:
+    """Every planned step that did not run to its end, with why."""
+    entries = {s["step"]: s for s in report["steps"]}
+    lines = []
+    for planned in report.get("plan") or []:
+        name = planned["step"]
+        if name in OUTSIDE_STEPS:
+            continue
+        s = entries.get(name)
+        if s is None:
+            lines.append(f"- {name}: not reached (the report was stopped before it)")
+        elif s["status"] == "running":
+            lines.append(f"- {name}: cut: the report was killed from outside while it ran")
+        elif s["status"] == "interrupted":
+            lines.append(f"- {name}: cut: {s['reason']}")
+        elif s["status"] in ("timeout", "cut"):
+            lines.append(f"- {name}: cut short: {s.get('reason') or s.get('first_error')}")
+        elif s["status"] == "skipped":
+            lines.append(f"- {name}: skipped: {_step_note(s)}")
+    return lines
+
+
+def render_summary(report: dict, folder: Optional[Path] = None) -> str:
+    """summary.md of a report; `folder` holds the Table 5 JSON files it names."""
     env = report.get("env") or {}
     device = env.get("device", "unknown device")
     git = env.get("git") or {}
     lines = [f"# mvit3 GPU report: {device}, {report['started_utc']}", "",
              f"Commit {git.get('commit') or 'unknown'}"
              + (" (with uncommitted changes)" if git.get("dirty") else "")
-             + f"; budget {report['budget_s']:.0f} s, used {report.get('elapsed_s', 0):.0f} s. "
-             "Produced by `python -m mvit3 gpu-report`.", "", "## Steps", "",
-             "| step | status | time (s) | timeout (s) | note |", "|---|---|---|---|---|"]
+             + f"; focus {report.get('focus', 'all')}; budget {report['budget_s']:.0f} s, used "
+             f"{report.get('elapsed_s', 0):.0f} s. Produced by `python -m mvit3 gpu-report`.",
+             "", "## Steps", "",
+             "| step | status | time (s) | slot (s) | timeout (s) | note |",
+             "|---|---|---|---|---|---|"]
     failures = []
     for s in report["steps"]:
-        note = s.get("reason") or s.get("first_error") or ", ".join(
-            f"{k} {v}" for k, v in s.items()
-            if k in ("ok", "skipped", "failed", "arch", "build_s", "benchmarks"))
-        if s["step"] == "tests" and s.get("counts"):
-            why = s.get("first_error") or s.get("reason")
-            note = ", ".join(f"{v} {k}" for k, v in s["counts"].items()) + (f"; {why}" if why else "")
         lines.append(f"| {s['step']} ({s['title']}) | {s['status']} | {s['elapsed_s']} | "
-                     f"{s.get('timeout_s') or '–'} | {note} |")
+                     f"{s.get('budget_s', '–')} | {s.get('timeout_s') or '–'} | {_step_note(s)} |")
         if s["status"] in ("failed", "timeout"):
             failures.append(f"- step {s['step']}: {s.get('first_error') or s.get('reason')}")
+    not_run = _not_run_lines(report)
+    lines += ["", "## What did not run, and why", ""] + (not_run or ["every planned step ran to its end"])
     if env:
         lines += ["", "## Environment", ""] + format_env(env)
     if report.get("backends_after_build"):
@@ -447,25 +844,54 @@ def render_summary(report: dict) -> str:
     tests = report.get("tests")
     if tests:
         c = tests["counts"]
-        lines += ["", "## Tests (`pytest -m gpu`)", "",
+        lines += ["", "## Correctness sweep (`pytest -m gpu`)", "",
                   f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, "
                   f"{c['skipped']} skipped ({tests['total']} run; a step cut short at its "
-                  "timeout lists the tests that finished, in `--gpu-priority` order)."]
+                  "timeout lists the tests that finished)."]
         for t in tests["tests"]:
             if t["outcome"] in ("failed", "error"):
                 lines.append(f"- {t['outcome'].upper()} {t['test']}: {t['message']}")
                 failures.append(f"- test {t['test']}: {t['message']}")
-    for dtype, bench in report.get("bench", {}).items():
+    if report.get("sanitizer"):
+        lines += ["", "## compute-sanitizer", "", "| tool | backend | status | result |",
+                  "|---|---|---|---|"]
+        for e in report["sanitizer"]:
+            lines.append(f"| {e['tool']} | {e['backend']} | {e['status']} | {e.get('note') or '–'} |")
+            if e["status"] in ("failed", "timeout"):
+                failures.append(f"- {e['tool']} {e['backend']}: {e.get('note')}")
+    ceilings = report.get("ceilings")
+    if ceilings:
+        copy, mm = ceilings["copy"], ceilings["matmul_fp16"]
+        lines += ["", "## Ceilings measured here", "",
+                  f"- copy: {copy['gbps']:.0f} GB/s ({copy['bytes'] / 2**30:.1f} GiB read + written "
+                  f"in {copy['ms_median']:.3f} ms, median of {copy['samples']})",
+                  f"- fp16 matmul {mm['n']}^3: {mm['tflops']:.1f} TFLOP/s ({mm['ms_median']:.3f} ms, "
+                  f"median of {mm['samples']})"]
+    for dtype, entry in report.get("bench", {}).items():
+        path = (folder or Path(".")) / entry["file"]
+        if not path.is_file():
+            lines += ["", f"## Table 5, {dtype}", "", f"({entry['file']} is not beside this summary)"]
+            continue
+        bench = json.loads(path.read_text())
         lines += ["", render_markdown(bench, heading="##", environment=False).rstrip()]
         failures += [f"- Table 5 {dtype} {r['model']} {r['impl']}/{r['backend']}: {r['reason']}"
                      for r in bench["rows"] if r["status"] == "failed"]
     if report.get("micro"):
+        tf32 = any(r.get("tf32") for r in report["micro"])
         lines += ["", "## Kernel micro-benchmarks", "",
                   "Device time per call (CUDA events, calls queued back to back), median; "
-                  "speedup over the stock torch sequence in brackets.", ""]
-        lines += _micro_table(report["micro"])
-    if report.get("plot"):
-        lines += ["", f"Plot: {report['plot']}"]
+                  f"speedup over the stock torch sequence in brackets; TF32 {'on' if tf32 else 'off'}"
+                  " on both sides; rates in brackets as a share of the ceilings measured above.", ""]
+        lines += _micro_table(report["micro"], ceilings)
+    evidence = report.get("auto_order_evidence")
+    if evidence and evidence["ops"]:
+        lines += ["", f"## `auto` order evidence (compute capability {evidence['compute_capability']})",
+                  "", "The backend faster in every case measured, per op: the rows of "
+                  "`MEASURED_AUTO_ORDER` in mvit3/ops/backends.py (copy them there, naming this "
+                  "folder). 'mixed': neither won every case; nothing to record.", ""]
+        for op, e in evidence["ops"].items():
+            order = e["order"] if e["order"] == "mixed" else " > ".join(e["order"])
+            lines.append(f"- {op}: {order} ({e['cases']} case{'s' if e['cases'] != 1 else ''})")
     lines += ["", "## Failures", ""] + (failures or ["none"])
     return "\n".join(lines) + "\n"
 
@@ -475,11 +901,25 @@ def render_summary(report: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: gpu-report-<device>-<date> here)")
+    parser.add_argument("--focus", choices=FOCUSES, default="all",
+                        help="all: the first lease; compile, micro, table5: a later lease around "
+                             "what the first left out")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"wall-clock budget of the whole report (default {DEFAULT_BUDGET_S:.0f})")
-    parser.add_argument("--skip", default="", help=f"steps to leave out, comma-separated: {STEP_NAMES}")
-    parser.add_argument("--models", default=",".join(REPORT_MODELS),
-                        help="Table 5 models (default: the nine of Table 5 and v3 0.5/0.75/1.0)")
+                        help="wall-clock budget of the lease, install included (default "
+                             f"{DEFAULT_BUDGET_S:.0f}); the plan's slots are scaled to it")
+    parser.add_argument("--started-at", type=float, default=None, metavar="UNIX_SECONDS",
+                        help="when the lease's command started (`date +%%s` before the install), "
+                             "so that the install counts against the budget")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the plan (steps, slots, minimums) as JSON and exit; any machine")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the report in --out: its finished result steps are kept")
+    parser.add_argument("--commit", default=None, metavar="HASH",
+                        help="the commit to record where the tree has no .git (MVIT3_GIT_COMMIT)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 on in fp32 matmuls and convolutions, for both sides of every "
+                             "comparison (off by default: IEEE fp32)")
+    parser.add_argument("--skip", default="", help="steps to leave out, comma-separated")
     parser.add_argument("--summarize", type=Path, metavar="REPORT_JSON",
                         help="only re-render summary.md of a stored report.json (no GPU needed)")
 
@@ -488,31 +928,54 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _load_previous(out: Path, focus: str) -> dict:
+    path = out / "report.json"
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} does not exist")
+    previous = json.loads(path.read_text())
+    if previous.get("schema") != SCHEMA or previous.get("focus") != focus:
+        raise ValueError(f"--resume: {path} is a report of schema {previous.get('schema')} and "
+                         f"focus {previous.get('focus')}, this run is {SCHEMA}, focus {focus}")
+    return previous
+
+
 def run(args) -> int:
     if args.summarize:
         report = json.loads(args.summarize.read_text())
         out = args.out or args.summarize.parent
         out.mkdir(parents=True, exist_ok=True)
-        text = render_summary(report)
+        text = render_summary(report, args.summarize.parent)
         (out / "summary.md").write_text(text)
         print(text)
         return 0
+    if args.plan:
+        print(json.dumps(plan_json(args.focus, args.budget_s), indent=1))
+        return 0
+    steps = plan(args.focus, args.budget_s)
+    skip = tuple(filter(None, (s.strip() for s in args.skip.split(","))))
+    runnable = [s.name for s in steps if s.name not in OUTSIDE_STEPS]
+    unknown = [s for s in skip if s not in runnable]
+    if unknown:
+        print(f"error: --skip: unknown steps {unknown}; steps of this plan: {runnable}",
+              file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
         print("gpu-report: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
-              "nothing was run. Without a GPU use `python -m mvit3 bench --device cpu`.",
-              file=sys.stderr)
+              "nothing was run. `--plan` shows the plan on any machine; without a GPU use "
+              "`python -m mvit3 bench --device cpu`.", file=sys.stderr)
         return 2
-    skip = tuple(filter(None, (s.strip() for s in args.skip.split(","))))
-    unknown = [s for s in skip if s not in STEP_NAMES]
-    if unknown:
-        print(f"error: --skip: unknown steps {unknown}; steps: {STEP_NAMES}", file=sys.stderr)
-        return 2
-    budget = Budget(args.budget_s)
+    already = 0.0 if args.started_at is None else max(0.0, time.time() - args.started_at)
+    budget = Budget(steps, already_s=already)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
     out = args.out or Path(f"gpu-report-{_slug(torch.cuda.get_device_name(0))}-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
-    models = tuple(filter(None, (m.strip() for m in args.models.split(","))))
+    try:
+        previous = _load_previous(out, args.focus) if args.resume else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with open(out / "log.txt", "a", encoding="utf-8") as log:
-        return Report(out, budget, models, skip, log).run()
+        return Report(out, budget, args.focus, log, skip=skip, tf32=args.tf32, commit=args.commit,
+                      previous=previous).run()

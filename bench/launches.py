@@ -81,6 +81,16 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fused_op_calls(model, x: torch.Tensor, backend: str) -> dict:
+    """{op: calls} of the mvit3 custom ops of `backend` ("triton" or "cuda") that one
+    `model(x)` made under no_grad: empty when the forward ran no fused op of that backend."""
+    namespace = {"triton": TRITON_NAMESPACE, "cuda": CUDA_LIB_NAMESPACE}[backend]
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        model(x)
+    return {op: n for op, n in counter.custom.items() if op.startswith(namespace + "::")}
+
+
 def _launch_log(dry_run: bool):
     """mvit3's Triton launch log, or a stand-in recording nothing where Triton is missing."""
     try:

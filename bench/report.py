@@ -29,6 +29,10 @@ def impl_label(row: dict) -> str:
         return "reference"
     if row["impl"] == "compile":
         return f"compile ({row['backend']})"
+    if row["impl"] == "timm":
+        return "timm (random weights)"
+    if row["impl"] == "timm-compile":
+        return f"timm compile ({row['backend']}, random weights)"
     return f"{row['impl']}/{row['backend']}"
 
 
@@ -231,6 +235,10 @@ def render_markdown(result: dict, heading: str = "##", environment: bool = True)
         lines += ["", "No row was measured."]
     else:
         lines += [""] + measured_table(result)
+        if any(r["impl"].startswith("timm") and _shown(r) for r in result["rows"]):
+            from .runner import TIMM_WEIGHTS
+
+            lines += ["", f"timm rows: timm's own model of the same name, weights: {TIMM_WEIGHTS}."]
     lines += ["", f"{heading}# Models", ""] + facts_table(result)
     ratio_lines = ratios_tables(result.get("ratios") or compute_ratios(result))
     if ratio_lines:

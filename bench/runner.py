@@ -4,11 +4,15 @@ Implementations of one model, side by side:
 - `reference`  the eager reference model (`mvit3.create_model`), as the paper timed it;
 - `fast`       `mvit3.fast` with one kernel backend per row (torch, triton, cuda);
 - `cuda-graph` the fast model (backend auto) replayed from a CUDA graph (CUDA only);
-- `compile`    torch.compile of the reference (mode max-autotune on GPU).
+- `compile`    torch.compile of the reference (mode max-autotune on GPU);
+- `timm`, `timm-compile`  timm's own model of the same name (v1 and v2 models: the baseline
+               users pick today), eager and torch.compile'd. Its weights are timm's random
+               initialisation, not the reference's: these rows are timings only, their output
+               is not compared (`weights` says so in every such row).
 
-Rows run in priority order: reference, fast and cuda-graph rows model by model, then the
-compile rows (minutes each with max-autotune), so a time budget cuts the least important
-first. A row that cannot run (no GPU, mvit3.fast missing, a backend unavailable) is kept with
+Rows run in priority order: reference, timm, fast and cuda-graph rows model by model, then
+the compile rows (minutes each with max-autotune), so a time budget cuts the least important
+first. `RunConfig.impls` selects implementations. A row that cannot run (no GPU, mvit3.fast missing, a backend unavailable) is kept with
 status "skipped" and the reason; a row that raises is kept with status "failed" and its first
 error line: one row never stops the run.
 """
@@ -31,7 +35,12 @@ from .paper import paper_row
 from .timing import Protocol, synchronize, time_callable
 
 IMG_SIZE = 256
-IMPL_ORDER = ("reference", "fast", "cuda-graph", "compile")
+IMPL_ORDER = ("reference", "timm", "fast", "cuda-graph", "compile", "timm-compile")
+# Models timm has under the same name and architecture.
+TIMM_MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s",
+               "mobilevitv2_050", "mobilevitv2_075", "mobilevitv2_100")
+TIMM_WEIGHTS = "timm's random initialisation: timing only, output not compared"
+COMPILED_IMPLS = ("compile", "timm-compile")
 BACKEND_ORDER = ("eager", "torch", "triton", "cuda", "auto")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,7 +49,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class RowSpec:
     model: str
     impl: str
-    backend: str  # reference: "eager"; compile: its mode; cuda-graph: "auto"
+    backend: str  # reference, timm: "eager"; compile, timm-compile: its mode; cuda-graph: "auto"
 
 
 @dataclass
@@ -53,6 +62,7 @@ class RunConfig:
     compile: bool
     compile_mode: str
     deadline: Optional[float] = None  # time.monotonic() after which rows are skipped
+    impls: tuple = IMPL_ORDER  # the implementations to run (a subset of IMPL_ORDER)
 
 
 class Skip(Exception):
@@ -64,12 +74,17 @@ def plan_rows(models, config: RunConfig) -> list:
     rows = []
     for model in models:
         rows.append(RowSpec(model, "reference", "eager"))
+        if model in TIMM_MODELS:
+            rows.append(RowSpec(model, "timm", "eager"))
         rows += [RowSpec(model, "fast", backend) for backend in config.backends]
         if config.device.type == "cuda":
             rows.append(RowSpec(model, "cuda-graph", "auto"))
     if config.compile:
-        rows += [RowSpec(model, "compile", config.compile_mode) for model in models]
-    return rows
+        for model in models:
+            rows.append(RowSpec(model, "compile", config.compile_mode))
+            if model in TIMM_MODELS:
+                rows.append(RowSpec(model, "timm-compile", config.compile_mode))
+    return [row for row in rows if row.impl in config.impls]
 
 
 def sort_key(row: dict) -> tuple:
@@ -106,6 +121,7 @@ def empty_row(spec: RowSpec, config: RunConfig, facts: dict) -> dict:
         "throughput_img_s": None, "throughput_batch": config.throughput_batch,
         "throughput_ms_median": None, "throughput_n": None,
         "launches": None, "launch_counts": None, "max_rel_err": None, "compile_s": None,
+        "weights": TIMM_WEIGHTS if spec.impl.startswith("timm") else "the reference model's",
         **facts,
     }
 
@@ -130,6 +146,22 @@ def _backend_reason(backend: str) -> Optional[str]:
     return f"unknown backend {backend!r}"
 
 
+def _timm_model(name: str) -> torch.nn.Module:
+    """timm's model of this name, randomly initialised (nothing is downloaded), checked to
+    have the reference's parameter count (the same architecture, not just the same name)."""
+    try:
+        import timm
+    except ImportError:
+        raise Skip("timm is not installed (pip install timm)") from None
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    params, expected = sum(p.numel() for p in model.parameters()), mvit3.model_stats(name)["params"]
+    if params != expected:
+        raise RuntimeError(f"timm's {name} has {params:,} parameters, the reference {expected:,}: "
+                           "not the same architecture")
+    return model
+
+
 def _input(batch: int, config: RunConfig) -> torch.Tensor:
     return torch.rand(batch, 3, IMG_SIZE, IMG_SIZE, device=config.device,
                       dtype=DTYPES[config.dtype])
@@ -152,9 +184,12 @@ class ModelRunner:
         """The module to time for `spec` (raises Skip when it cannot run here)."""
         if spec.impl == "reference":
             return self.reference
+        if spec.impl.startswith("timm"):
+            model = _timm_model(self.name).to(device=self.config.device,
+                                              dtype=DTYPES[self.config.dtype])
+            return model if spec.impl == "timm" else self._compiled(model, spec.backend)
         if spec.impl == "compile":
-            torch._dynamo.reset()  # one compiled model at a time: no recompile-limit fallbacks
-            return torch.compile(copy.deepcopy(self.reference), mode=spec.backend, dynamic=False)
+            return self._compiled(copy.deepcopy(self.reference), spec.backend)
         fast = _fast_module()
         if spec.impl == "cuda-graph":
             if self.config.device.type != "cuda":
@@ -164,6 +199,11 @@ class ModelRunner:
         if reason is not None:
             raise Skip(f"backend {spec.backend} unavailable: {reason}")
         return fast.convert(self.reference, backend=spec.backend).eval()
+
+    @staticmethod
+    def _compiled(model: torch.nn.Module, mode: str) -> Callable:
+        torch._dynamo.reset()  # one compiled model at a time: no recompile-limit fallbacks
+        return torch.compile(model, mode=mode, dynamic=False)
 
     def dry_run_launches(self, spec: RowSpec) -> Optional[dict]:
         """Triton launches of a fast row that cannot run here, counted without running it."""
@@ -181,15 +221,16 @@ class ModelRunner:
         model = self.build(spec)
         xb = _input(cfg.throughput_batch, cfg)
         with torch.no_grad():
-            if spec.impl == "compile":
+            if spec.impl in COMPILED_IMPLS:
                 began = time.perf_counter()
                 model(self.x1)
                 model(xb)
                 synchronize(cfg.device)
                 row["compile_s"] = round(time.perf_counter() - began, 2)
             out = model(self.x1)
-            row["max_rel_err"] = float((out.double() - self.expected).abs().max()
-                                       / self.expected.abs().max())
+            if not spec.impl.startswith("timm"):  # timm's weights are its own: no comparison
+                row["max_rel_err"] = float((out.double() - self.expected).abs().max()
+                                           / self.expected.abs().max())
             latency = time_callable(lambda: model(self.x1), cfg.device, warmup=protocol.warmup,
                                     iters=protocol.latency_iters, min_iters=protocol.min_iters,
                                     max_s=protocol.max_s)
@@ -205,7 +246,8 @@ class ModelRunner:
                    throughput_img_s=cfg.throughput_batch / (throughput.mean_ms / 1e3))
         # A compiled model must not run under a dispatch mode, and a graph replay hides its
         # kernels from one: those two rows are counted by the profiler only.
-        counts = count_launches(model, self.x1, dispatch=spec.impl in ("reference", "fast"))
+        counts = count_launches(model, self.x1,
+                                dispatch=spec.impl not in COMPILED_IMPLS + ("cuda-graph",))
         row["launch_counts"] = counts.as_dict()
         row["launches"] = counts.launches
 

@@ -13,6 +13,10 @@ synchronisation (what eager code sees). `extra_info` adds CUDA-event device time
 calls queued back to back (`gpu_ms_*`), the GB/s and TFLOP/s derived from it, and the largest
 relative difference from the stock sequence.
 
+TF32 is off on both sides unless MVIT3_BENCH_TF32=1 (bench/conftest.py); `extra_info.tf32`
+records which. With MVIT3_MICRO_LOG=PATH each benchmark's row is also appended to that
+JSON-lines file as soon as it is measured.
+
 MVIT3_BENCH_DEVICE=cpu runs the harness on the CPU (perf_counter timings, torch and module
 only): a check of the benchmarks themselves, not a measurement.
 """
@@ -20,13 +24,14 @@ only): a check of the benchmarks themselves, not a measurement.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import pytest
 import torch
 
 from mvit3.bench.cases import HEADLINE, MICRO_MODELS, build_cases, kinds
-from mvit3.bench.timing import synchronize, time_callable
+from mvit3.bench.timing import synchronize, tf32_requested, time_callable
 
 DEVICE = torch.device(os.environ.get("MVIT3_BENCH_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -92,10 +97,16 @@ def test_op(benchmark, dtype, batch, model, kind, impl):
         benchmark.pedantic(call_and_sync, rounds=rounds, warmup_rounds=2)
     seconds = queued.median_ms / 1e3
     benchmark.extra_info.update(
-        op=case.ops, where=case.where, impl=impl,
+        model=model, kind=kind, op=case.ops, where=case.where, impl=impl,
         gpu_ms_median=queued.median_ms, gpu_ms_p10=queued.p10_ms, gpu_ms_p90=queued.p90_ms,
         gpu_calls_per_sample=inner, gpu_samples=queued.n,
         flops=case.flops, bytes=case.bytes,
         tflops=case.flops / seconds / 1e12, gbps=case.bytes / seconds / 1e9,
-        max_rel_err_vs_stock=rel_err,
+        max_rel_err_vs_stock=rel_err, tf32=tf32_requested(),
     )
+    log = os.environ.get("MVIT3_MICRO_LOG")
+    if log:
+        with open(log, "a") as rows:
+            rows.write(json.dumps({"name": benchmark.name, "group": benchmark.group,
+                                   "wall_ms_median": benchmark.stats.stats.median * 1e3,
+                                   **benchmark.extra_info}) + "\n")

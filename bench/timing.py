@@ -9,6 +9,8 @@ calls ahead of the GPU, which measures device time per call (the kernel micro-be
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -48,6 +50,10 @@ PROTOCOLS = {
     # On an H100 that is a few hundred batch-1 runs per row; rows take seconds, not minutes.
     "default": Protocol("default", warmup=10, latency_iters=500, throughput_iters=50,
                         throughput_batch=100, min_iters=10, max_s=1.5, statistic="median"),
+    # One GPU lease (`gpu-report`): every Table 5 row of a first lease in about a second of
+    # timing each; enough batch-1 runs for a median and p10/p90, a few batch-100 runs.
+    "lease": Protocol("lease", warmup=5, latency_iters=200, throughput_iters=10,
+                      throughput_batch=100, min_iters=5, max_s=0.4, statistic="median"),
     # A smoke run (CI, a first look): few samples, a short cap.
     "quick": Protocol("quick", warmup=2, latency_iters=20, throughput_iters=3,
                       throughput_batch=100, min_iters=2, max_s=1.0, statistic="median"),
@@ -129,3 +135,25 @@ def time_callable(fn: Callable[[], object], device, *, warmup: int, iters: int,
                 and time.perf_counter() - began >= max_s):
             break
     return summarize(samples, inner)
+
+
+@contextlib.contextmanager
+def numerics(tf32: bool, paper: bool = False):
+    """TF32 for fp32 matmuls and cuDNN convolutions as asked (both sides of a comparison run
+    under the same setting); with the paper's protocol also its cuDNN settings. Restored after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if paper:  # cvnets v0.1 device_setup: deterministic cuDNN, no benchmark mode
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+
+
+def tf32_requested() -> bool:
+    """The kernel micro-benchmarks' TF32 setting: MVIT3_BENCH_TF32=1 (`gpu-report --tf32`)."""
+    return os.environ.get("MVIT3_BENCH_TF32") == "1"

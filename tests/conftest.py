@@ -27,6 +27,13 @@ KERNEL_DEVICES = [
 
 
 @pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """MVIT3_BACKEND would turn every test's explicit backend into another one, silently:
+    the tests run without it (a test of the override sets it itself)."""
+    monkeypatch.delenv("MVIT3_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _ieee_fp32():
     """fp32 means IEEE fp32 in the tests: TF32 off, whatever the machine's default."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -69,7 +76,9 @@ def _gpu_priority(item) -> int:
 
 def pytest_configure(config):
     global _results_log_path
-    _results_log_path = config.getoption("--results-log")
+    # Under pytest-xdist every report reaches the controller too: only it writes the log.
+    is_xdist_worker = hasattr(config, "workerinput")
+    _results_log_path = None if is_xdist_worker else config.getoption("--results-log")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,7 +22,9 @@ from mvit3.bench.cases import MICRO_MODELS, build_cases
 from mvit3.bench.launches import count_launches, dry_run_host_ms
 from mvit3.bench.paper import RATIO_PAIRS, TABLE5
 from mvit3.bench.report import compute_ratios, render_csv, render_markdown
-from mvit3.bench.timing import summarize, time_callable
+from mvit3.bench import runner
+from mvit3.bench.runner import RunConfig, plan_rows
+from mvit3.bench.timing import PROTOCOLS, summarize, time_callable
 
 REQUIRED_ROW_KEYS = ("model", "impl", "backend", "dtype", "latency_ms_median", "throughput_img_s",
                      "params", "macs_cvnets", "paper_latency_ms", "paper_throughput_img_s")
@@ -95,10 +97,47 @@ def test_cli_quick_run_on_one_small_model(tmp_path, capsys):
     assert len(lines) == 3 and {line["impl"] for line in lines} == {"reference", "fast"}
 
 
+def test_timm_rows_time_timms_model_and_say_its_weights_are_random(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rc = main(["bench", "--quick", "--device", "cpu", "--models", "mobilevit_xxs",
+               "--throughput-batch", "1", "--impls", "timm", "--no-progress",
+               "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["timm"]
+    timm_row = rows[0]
+    assert timm_row["status"] == "ok", timm_row["reason"]
+    assert timm_row["latency_ms_median"] > 0 and timm_row["launches"] > 0
+    assert timm_row["max_rel_err"] is None  # other weights: nothing to compare
+    assert timm_row["weights"] == runner.TIMM_WEIGHTS
+    assert "| mobilevit_xxs | timm (random weights) |" in out
+    assert f"timm rows: timm's own model of the same name, weights: {runner.TIMM_WEIGHTS}." in out
+
+
+def test_plan_rows_by_implementation():
+    config = RunConfig(device=torch.device("cuda"), dtype="fp16", protocol=PROTOCOLS["lease"],
+                       throughput_batch=100, backends=("triton", "cuda"), compile=True,
+                       compile_mode="default")
+    specs = [(s.model, s.impl, s.backend) for s in plan_rows(["mobilevitv3_xs", "mobilevit_xs"], config)]
+    assert specs == [
+        ("mobilevitv3_xs", "reference", "eager"), ("mobilevitv3_xs", "fast", "triton"),
+        ("mobilevitv3_xs", "fast", "cuda"), ("mobilevitv3_xs", "cuda-graph", "auto"),
+        ("mobilevit_xs", "reference", "eager"), ("mobilevit_xs", "timm", "eager"),
+        ("mobilevit_xs", "fast", "triton"), ("mobilevit_xs", "fast", "cuda"),
+        ("mobilevit_xs", "cuda-graph", "auto"),
+        ("mobilevitv3_xs", "compile", "default"), ("mobilevit_xs", "compile", "default"),
+        ("mobilevit_xs", "timm-compile", "default")]
+    config.impls = ("reference", "compile", "timm-compile")
+    assert [(s.model, s.impl) for s in plan_rows(["mobilevit_xs"], config)] == [
+        ("mobilevit_xs", "reference"), ("mobilevit_xs", "compile"), ("mobilevit_xs", "timm-compile")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--paper-protocol", "--dtype", "fp16"], "paper's exactly"),
     (["--models", "mobilevit_huge"], "no model matches"),
     (["--backends", "torch,metal"], "unknown"),
+    (["--impls", "reference,onnx"], "--impls: unknown ['onnx']"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
     (["--device", "gpu0"], "--device must be"),
 ])
