@@ -1,8 +1,10 @@
-"""Loading official cvnets / MobileViTv3 checkpoints into mvit3 models.
+"""Loading checkpoints into mvit3 models: the official cvnets / MobileViTv3 layout, and the
+timm and Hugging Face transformers layouts (`mvit3.interop`).
 
 mvit3 models use the official key names, so loading is: read the file safely
-(`weights_only=True`: a checkpoint never runs code), find the state_dict inside it, strip
-wrapper prefixes, and check every key and shape before copying anything.
+(`weights_only=True`, or safetensors: a checkpoint never runs code), find the state_dict inside
+it, strip wrapper prefixes, rename a peer layout into the official keys, and check every key
+and shape before copying anything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from .interop import detect_layout, fitting_models, translate
 
 # Where training scripts nest the weights, in the order they are tried.
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema_state_dict", "state_dict_ema",
@@ -43,6 +47,7 @@ class LoadResult:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)  # (key, checkpoint shape, model shape)
     skipped_head: list = field(default_factory=list)
+    layout: str = "official"  # the layout the checkpoint was read as
 
 
 def _is_state_dict(obj) -> bool:
@@ -60,19 +65,33 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def _read_safetensors(path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{os.fspath(path)!r} is a .safetensors file: reading it needs the "
+                              f"safetensors package (pip install safetensors)") from None
+    return load_file(os.fspath(path), device="cpu")
+
+
+def _read_pickle(path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} cannot be loaded with weights_only=True: it "
+            f"holds Python objects other than tensors and containers, and mvit3 never runs "
+            f"code from a checkpoint ({str(err).splitlines()[0]})") from None
+
+
 def read_state_dict(path_or_state_dict: Union[str, os.PathLike, Mapping]) -> dict:
-    """Return the bare, prefix-free state_dict of a checkpoint file or dict."""
+    """Return the bare, prefix-free state_dict of a checkpoint file (.pt/.pth/.bin read with
+    weights_only=True, .safetensors) or dict."""
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
         if not os.path.isfile(obj):
             raise FileNotFoundError(f"checkpoint file not found: {os.fspath(obj)!r}")
-        try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{os.fspath(path_or_state_dict)!r} cannot be loaded with weights_only=True: it "
-                f"holds Python objects other than tensors and containers, and mvit3 never runs "
-                f"code from a checkpoint ({str(err).splitlines()[0]})") from None
+        obj = _read_safetensors(obj) if os.fspath(obj).endswith(".safetensors") else _read_pickle(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"a checkpoint must hold a dict, got {type(obj).__name__}")
     if not _is_state_dict(obj):
@@ -102,19 +121,36 @@ def head_matches(model: nn.Module, state_dict: Mapping) -> bool:
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
                     ignore_head: Union[bool, str] = False) -> LoadResult:
-    """Load an official checkpoint (file path or dict) into an mvit3 model.
+    """Load a checkpoint (file path or dict) into an mvit3 model.
 
-    Accepts a bare state_dict or one nested under `state_dict`, `model`, `model_state_dict`,
-    ... with or without `module.` / `encoder.` prefixes.
+    Accepts the official layout as a bare state_dict or one nested under `state_dict`, `model`,
+    `model_state_dict`, ... with or without `module.` / `encoder.` prefixes, and the timm and
+    transformers layouts of the v1/v2 models (`mvit3.interop`), recognised by their keys.
 
-    strict:      raise `CheckpointError` naming every missing, unexpected and mis-shaped key.
-                 With strict=False the keys that fit are loaded and the rest reported.
+    strict:      raise `CheckpointError` naming every missing, unexpected and mis-shaped key
+                 (in the checkpoint's own key names). With strict=False the keys that fit are
+                 loaded and the rest reported.
     ignore_head: True loads everything but the classifier (e.g. for another num_classes);
                  "if_mismatched" does so only when the checkpoint's head has another shape.
     """
     state_dict = read_state_dict(path_or_state_dict)
     own = model.state_dict()
     result = LoadResult()
+    name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
+    # mvit3 key -> the checkpoint's name for it, and keys no mapping uses (peer layouts only)
+    names, foreign = {}, []
+    layout = detect_layout(state_dict)
+    if layout is not None:
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not layout.maps(cfg):
+            raise CheckpointError(
+                f"checkpoint has the {layout.name} layout (key {layout.signature!r}), which maps "
+                f"only {'/'.join(layout.versions)} models, not {name}; it fits "
+                f"{', '.join(fitting_models(state_dict, layout)) or 'none of the mvit3 models'}")
+        original, translation = state_dict, translate(state_dict, layout, cfg)
+        state_dict, names, foreign = translation.state_dict, translation.sources, translation.unexpected
+        own = {k: v for k, v in own.items() if k in names}
+        result.layout = layout.name
     if ignore_head == "if_mismatched":
         ignore_head = not head_matches(model, state_dict)
     elif ignore_head not in (True, False):
@@ -125,9 +161,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
         state_dict = {k: v for k, v in state_dict.items() if k not in skip}
         own = {k: v for k, v in own.items() if k not in skip}
 
-    result.missing = [k for k in own if k not in state_dict]
-    result.unexpected = [k for k in state_dict if k not in own]
-    result.mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
+    result.missing = [names.get(k, k) for k in own if k not in state_dict]
+    result.unexpected = foreign + [names.get(k, k) for k in state_dict if k not in own]
+    result.mismatched = [(names.get(k, k), tuple(v.shape), tuple(own[k].shape))
                          for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     problems = []
     for kind, keys in (("missing", result.missing), ("unexpected", result.unexpected),
@@ -142,10 +178,15 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
         problems.append(f"every unexpected key starts with {prefix!r}: a wrapper prefix this loader "
                         f"does not strip? (it strips {', '.join(WRAPPER_PREFIXES)})")
     if problems and strict:
-        name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
-        raise CheckpointError(f"checkpoint does not fit {name}:\n  " + "\n  ".join(problems), result)
+        if layout is None:
+            raise CheckpointError(f"checkpoint does not fit {name}:\n  " + "\n  ".join(problems), result)
+        fits = fitting_models(original, layout)
+        raise CheckpointError(
+            f"checkpoint looks like the {layout.name} layout (key {layout.signature!r}) but does not "
+            f"fit {name} in it (it fits {', '.join(fits) or 'none of the mvit3 models'}):\n  "
+            + "\n  ".join(problems), result)
 
     bad = {k for k, _, _ in result.mismatched}
-    loadable = {k: v for k, v in state_dict.items() if k in own and k not in bad}
+    loadable = {k: v for k, v in state_dict.items() if k in own and names.get(k, k) not in bad}
     model.load_state_dict(loadable, strict=False)
     return result

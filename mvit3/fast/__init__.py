@@ -14,6 +14,7 @@ from typing import Optional
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..interop import detect_layout, from_module
 from ..models import MobileViT, get_config, list_models
 from . import graph
 from .graph import CudaGraphModel, cuda_graph
@@ -38,10 +39,17 @@ def create_model(name: str, backend: str = "auto", num_classes: int = 1000, in_c
     return graph.cuda_graph(model) if cuda_graph else model
 
 
-def convert(model: MobileViT, backend: str = "auto") -> FastMobileViT:
-    """A fast copy of a reference model: same weights, device, dtype and train/eval mode."""
+def convert(model: nn.Module, backend: str = "auto") -> FastMobileViT:
+    """A fast copy of a reference model: same weights, device, dtype and train/eval mode.
+
+    `model` is an mvit3 MobileViT, or a timm / transformers MobileViT v1/v2 classifier, whose
+    weights are mapped onto the matching mvit3 model first (`mvit3.interop.from_module`).
+    """
     if not isinstance(model, MobileViT):
-        raise TypeError(f"expected an mvit3 MobileViT, got {type(model).__name__}")
+        if not isinstance(model, nn.Module) or detect_layout(model.state_dict()) is None:
+            raise TypeError(f"expected an mvit3 MobileViT or a timm / transformers MobileViT "
+                            f"classifier, got {type(model).__name__}")
+        model = from_module(model)
     weight = model.conv_1.conv.weight
     fast = FastMobileViT(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans,
                          backend=backend).to(device=weight.device, dtype=weight.dtype)
