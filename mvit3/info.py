@@ -40,8 +40,26 @@ def run(args) -> int:
               f"{r['input']:<9} |")
     from .ops import availability  # imported here: the model table needs no op registration
 
-    print("\nKernel backends (backend='auto' prefers cuda, then triton, then torch; "
-          "MVIT3_BACKEND overrides):")
+    print("\nKernel backends (MVIT3_BACKEND overrides the backend asked for):")
     for backend, ok, reason in availability():
         print(f"  {backend:<7} {'available' if ok else 'unavailable':<11}  {reason}")
+    print("\n" + "\n".join(auto_order_lines()))
     return 0
+
+
+def auto_order_lines() -> list:
+    """backend='auto' per op on this machine's GPU (or, without one, the default order)."""
+    import torch
+
+    from .ops.backends import auto_order
+    from .ops.library import OPS
+
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    where = (f"this GPU (compute capability {capability[0]}.{capability[1]})" if capability
+             else "a GPU (none here: on CPU tensors auto runs torch)")
+    lines = [f"backend='auto' on {where}: the first kernel backend that takes the input, "
+             "else torch:"]
+    for op in OPS:
+        order, why = auto_order(capability, op)
+        lines.append(f"  {op:<20} {' > '.join(order)}  ({why})")
+    return lines

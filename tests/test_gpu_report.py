@@ -465,6 +465,26 @@ def test_auto_order_evidence_names_a_winner_only_where_it_won_every_case():
         "pointwise_conv": {"order": "mixed", "cases": 2, "triton_faster": 1}}
 
 
+def test_auto_order_is_the_recorded_table_or_triton_first(monkeypatch, capsys):
+    from mvit3.ops import backends
+
+    assert backends.auto_order((9, 0), "pointwise_conv") == (
+        ("triton", "cuda"), "nothing recorded for compute capability 9.0: Triton first by default")
+    # A row as gpu-report's evidence section gives it, entered for sm_90.
+    evidence = auto_order_evidence([micro_row("fusion", "triton", 0.03), micro_row("fusion", "cuda", 0.02)])
+    monkeypatch.setitem(backends.MEASURED_AUTO_ORDER, "9.0", {
+        "pointwise_conv": (evidence["pointwise_conv"]["order"], "bench/results/h200-2026-12-01")})
+    assert backends.auto_order((9, 0), "pointwise_conv") == (
+        ("cuda", "triton"), "measured on compute capability 9.0: bench/results/h200-2026-12-01")
+    assert backends.auto_order((8, 0), "pointwise_conv")[0] == ("triton", "cuda")
+    assert backends.auto_order((9, 0), "conv3x3")[0] == ("triton", "cuda")
+    assert main(["info", "--models", "mobilevitv3_xxs"]) == 0
+    out = capsys.readouterr().out
+    assert "backend='auto' on " in out
+    if not torch.cuda.is_available():
+        assert "  patch_attention      triton > cuda  (no GPU here: the default order, Triton first)" in out
+
+
 # ---- the summary and the command ---------------------------------------------------------------
 
 def stored_report(folder: Path) -> dict:

@@ -3,8 +3,10 @@
 backend="torch"  the reference math (`mvit3.ops.reference`): any device and dtype.
 backend="triton" `mvit3_triton::<op>`: CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 backend="cuda"   `mvit3::<op>` from the CUDA C++ library, when it is built and loaded.
-backend="auto"   cuda if it takes the input, else triton if it takes it, else torch; auto
-                 never picks the Triton interpreter (CPU tensors go to torch).
+backend="auto"   on CUDA tensors, the first of the op's kernel backends in `auto_order` that
+                 takes the input (measured order per compute capability, Triton first where
+                 nothing is recorded), else torch; auto never picks the Triton interpreter
+                 (CPU tensors go to torch).
 
 The environment variable MVIT3_BACKEND, when set, overrides the backend asked for.
 Each backend states why it cannot take an input; an explicitly requested backend that cannot
@@ -25,6 +27,30 @@ from .library import CUDA_NAMESPACE, OPS, TRITON_NAMESPACE
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The order `auto` tries the kernel backends in, per GPU compute capability ("major.minor")
+# and op: {capability: {op: ((first, second), evidence)}}, evidence naming the recorded GPU
+# run (bench/results/<folder>) whose micro-benchmarks decided it. `gpu-report` prints these
+# rows in its "auto order evidence" section: an op enters only where one backend was the
+# faster in every case measured. Empty until a GPU run is recorded.
+MEASURED_AUTO_ORDER: dict = {}
+# Where nothing is recorded: Triton first. Its kernels are the ones the CPU tests run (in the
+# interpreter) and autotune on the GPU at hand; the CUDA C++ library stays the fallback for
+# inputs Triton refuses, until a measurement says otherwise.
+DEFAULT_AUTO_ORDER = ("triton", "cuda")
+
+
+def auto_order(capability: Optional[tuple], op: str) -> tuple:
+    """((first, second), why): the kernel backends `auto` tries for `op` on a GPU of compute
+    capability (major, minor), and the reason for that order."""
+    key = None if capability is None else f"{capability[0]}.{capability[1]}"
+    recorded = MEASURED_AUTO_ORDER.get(key, {}).get(op)
+    if recorded is not None:
+        order, evidence = recorded
+        return tuple(order), f"measured on compute capability {key}: {evidence}"
+    if key is None:
+        return DEFAULT_AUTO_ORDER, "no GPU here: the default order, Triton first"
+    return DEFAULT_AUTO_ORDER, f"nothing recorded for compute capability {key}: Triton first by default"
 
 
 class BackendUnavailable(RuntimeError):
@@ -131,8 +157,10 @@ def _select(op: str, backend: str, sig: tuple) -> str:
         raise KeyError(f"unknown op {op!r}; ops: {OPS}")
     backend = requested_backend(backend)
     if backend == "auto":
-        if sig[0][2].type == "cuda":
-            for candidate in ("cuda", "triton"):
+        device = sig[0][2]
+        if device.type == "cuda":
+            order, _ = auto_order(torch.cuda.get_device_capability(device), op)
+            for candidate in order:
                 if _why_not(candidate, op, sig) is None:
                     return candidate
         return "torch"
