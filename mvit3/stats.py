@@ -16,19 +16,23 @@ model passed in is not touched.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import MobileViT, create_model
+from .models import DeepLabV3, MobileViT, SSDLite, create_model
 from .models.layers import MultiHeadAttention
 
+DENSE_MODELS = (DeepLabV3, SSDLite)
 
-def _meta_copy(model: MobileViT) -> MobileViT:
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    # DeepLabV3 / SSDLite take (cfg, num_classes, in_chans) like MobileViT
+    cls = type(model) if isinstance(model, DENSE_MODELS) else MobileViT
     with torch.device("meta"):
-        return MobileViT(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans).eval()
+        return cls(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans).eval()
 
 
 def _cvnets_hooks(counter: list):
@@ -53,16 +57,21 @@ def _cvnets_hooks(counter: list):
     return {nn.Conv2d: conv, nn.Linear: linear, MultiHeadAttention: attention}
 
 
-def model_stats(model_or_name: Union[str, MobileViT], img_size: int = 256) -> dict:
+def model_stats(model_or_name: Union[str, nn.Module], img_size: Optional[int] = None) -> dict:
     """Return {'params', 'macs', 'macs_cvnets', 'img_size'} for a model or registered name.
 
     `params` counts parameters (not buffers) of the model as it is; the MAC counts are for one
-    img_size x img_size image.
+    img_size x img_size image (default: 256 for classifiers, the eval size of a dense model,
+    512 for DeepLabv3 and 320 for SSDLite). Dense models also report `params_eval`: without
+    the aux head, which runs only in training (the count the paper's Tables 3 and 4 print).
     """
     model = create_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
     reference = getattr(model, "reference_model", model)  # fast models keep their reference
-    if not isinstance(reference, MobileViT):
+    if not isinstance(reference, (MobileViT, *DENSE_MODELS)):
         raise TypeError(f"expected an mvit3 model or a registered name, got {type(model).__name__}")
+    dense = isinstance(reference, DENSE_MODELS)
+    if img_size is None:
+        img_size = reference.cfg.eval_size if dense else 256
     params = sum(p.numel() for p in model.parameters())
 
     meta = _meta_copy(reference)
@@ -77,9 +86,13 @@ def model_stats(model_or_name: Union[str, MobileViT], img_size: int = 256) -> di
     finally:
         for handle in handles:
             handle.remove()
-    return {
+    stats = {
         "params": params,
         "macs": flops.get_total_flops() // 2,
         "macs_cvnets": int(round(counter[0])),
         "img_size": img_size,
     }
+    if dense:
+        aux = getattr(getattr(reference, "seg_head", None), "aux_head", None)
+        stats["params_eval"] = params - (0 if aux is None else sum(p.numel() for p in aux.parameters()))
+    return stats

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _conv(sd, prefix, x, stride=1, norm=True, act=True):
+def _conv(sd, prefix, x, stride=1, norm=True, act=True, dilation=1):
     w = sd[f"{prefix}.block.conv.weight"]
     b = sd.get(f"{prefix}.block.conv.bias")
     groups = x.shape[1] // w.shape[1]
-    y = F.conv2d(x, w, b, stride=stride, padding=(w.shape[-1] - 1) // 2, groups=groups)
+    y = F.conv2d(x, w, b, stride=stride, padding=dilation * (w.shape[-1] - 1) // 2,
+                 dilation=dilation, groups=groups)
     if norm:
         n = f"{prefix}.block.norm"
         y = F.batch_norm(y, sd[f"{n}.running_mean"], sd[f"{n}.running_var"], sd[f"{n}.weight"],
@@ -26,9 +27,9 @@ def _conv(sd, prefix, x, stride=1, norm=True, act=True):
     return F.silu(y) if act else y
 
 
-def _mv2(sd, prefix, x, stride):
+def _mv2(sd, prefix, x, stride, dilation=1):
     y = _conv(sd, f"{prefix}.block.exp_1x1", x)
-    y = _conv(sd, f"{prefix}.block.conv_3x3", y, stride=stride)
+    y = _conv(sd, f"{prefix}.block.conv_3x3", y, stride=stride, dilation=dilation)
     y = _conv(sd, f"{prefix}.block.red_1x1", y, act=False)
     return x + y if stride == 1 and x.shape[1] == y.shape[1] else y
 
@@ -97,12 +98,12 @@ def _pconv(sd, prefix, x):
     return F.conv2d(x, sd[f"{prefix}.block.conv.weight"], sd[f"{prefix}.block.conv.bias"])
 
 
-def _block_v2_style(sd, prefix, x, stage, version):
+def _block_v2_style(sd, prefix, x, stage, version, dilation=1):
     h, w = x.shape[-2:]
     if h % 2 or w % 2:
         x = F.interpolate(x, size=(math.ceil(h / 2) * 2, math.ceil(w / 2) * 2), mode="bilinear",
                           align_corners=True)
-    local = _conv(sd, f"{prefix}.local_rep.0", x)
+    local = _conv(sd, f"{prefix}.local_rep.0", x, dilation=dilation)
     local = _conv(sd, f"{prefix}.local_rep.1", local, norm=False, act=False)
     b, d, h, w = local.shape
     patches = F.unfold(local, kernel_size=2, stride=2).reshape(b, d, 4, -1)

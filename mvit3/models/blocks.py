@@ -66,17 +66,19 @@ class MobileViTv2Block(nn.Module):
     v3: out = conv_proj(cat(global, local)) + x.
     Odd inputs are resized (bilinear, align_corners=True) to even size BEFORE the block and
     never back: the block output, and everything after it, keeps the larger size.
+    `dilation` dilates the local depthwise 3x3 (cvnets v0.2 does so in the dense models'
+    dilated layers; the v1-style block above never is).
     """
 
     def __init__(self, channels: int, stage: AttentionStage, version: str, *,
-                 dropout: float, attn_dropout: float, ffn_dropout: float):
+                 dropout: float, attn_dropout: float, ffn_dropout: float, dilation: int = 1):
         super().__init__()
         if version not in ("v2", "v3"):
             raise ValueError(f"v2-style block version must be 'v2' or 'v3', got {version!r}")
         c, d = channels, stage.attn_dim
         self.version = version
         self.local_rep = nn.Sequential(
-            ConvLayer(c, c, 3, groups=c),
+            ConvLayer(c, c, 3, groups=c, dilation=dilation),
             ConvLayer(c, d, 1, norm=False, act=False),
         )
         self.global_rep = nn.Sequential(

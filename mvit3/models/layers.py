@@ -16,22 +16,24 @@ from .configs import make_divisible
 
 
 class ConvLayer(nn.Module):
-    """cvnets ConvLayer: Conv2d, then optional BatchNorm2d and SiLU, under `block.*`.
+    """cvnets ConvLayer: Conv2d, then optional BatchNorm2d and activation, under `block.*`.
 
-    Convs carry a bias only where the official code asks for one; padding keeps "same" size
-    for stride 1 and gives ceil(H / 2) for stride 2.
+    Convs carry a bias only where the official code asks for one; padding
+    (dilation * (k - 1) / 2) keeps "same" size for stride 1 and gives ceil(H / 2) for stride 2.
+    The backbones use SiLU; the DeepLabv3 and SSDLite heads pass `activation=nn.ReLU`.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1,
-                 bias=False, norm=True, act=True):
+                 bias=False, norm=True, act=True, dilation=1, activation=nn.SiLU):
         super().__init__()
         layers = OrderedDict(
             conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                           padding=(kernel_size - 1) // 2, groups=groups, bias=bias))
+                           padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
+                           groups=groups, bias=bias))
         if norm:
             layers["norm"] = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1)
         if act:
-            layers["act"] = nn.SiLU()
+            layers["act"] = activation()
         self.block = nn.Sequential(layers)
 
     @property
@@ -51,14 +53,17 @@ class ConvLayer(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """MV2 block: 1x1 expand (BN, SiLU) -> depthwise 3x3 (BN, SiLU) -> 1x1 reduce (BN)."""
+    """MV2 block: 1x1 expand (BN, SiLU) -> depthwise 3x3 (BN, SiLU) -> 1x1 reduce (BN).
 
-    def __init__(self, in_channels, out_channels, stride, expand_ratio):
+    `dilation` dilates the depthwise 3x3 (dense models that trade a stride for dilation).
+    """
+
+    def __init__(self, in_channels, out_channels, stride, expand_ratio, dilation=1):
         super().__init__()
         hidden = make_divisible(int(round(in_channels * expand_ratio)), 8)
         self.block = nn.Sequential(OrderedDict(
             exp_1x1=ConvLayer(in_channels, hidden, 1),
-            conv_3x3=ConvLayer(hidden, hidden, 3, stride=stride, groups=hidden),
+            conv_3x3=ConvLayer(hidden, hidden, 3, stride=stride, groups=hidden, dilation=dilation),
             red_1x1=ConvLayer(hidden, out_channels, 1, act=False),
         ))
         self.stride = stride

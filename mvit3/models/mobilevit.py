@@ -38,8 +38,16 @@ def check_input(x, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> None:
 class MobileViT(nn.Module):
     """MobileViT v1 / v2 / v3 classifier with the official module layout and key names."""
 
-    def __init__(self, cfg: MobileViTConfig, num_classes: int = 1000, in_chans: int = 3):
+    def __init__(self, cfg: MobileViTConfig, num_classes: int = 1000, in_chans: int = 3,
+                 output_stride: int = 32, features_only: bool = False):
+        """`output_stride` 16 or 8 trades the stride of layer_5 (and layer_4) for dilation, as
+        the official DeepLabv3 models do (dense-spec section 1.2). `features_only` builds the
+        backbone of the dense models: no conv_1x1_exp and no classifier (the official dense
+        models delete both, so their keys do not exist); `forward` then returns the levels.
+        """
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if in_chans < 1:
@@ -48,7 +56,7 @@ class MobileViT(nn.Module):
         self.preprocess = cfg.preprocess
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = cfg.num_features
+        self.num_features = cfg.stages[-1].channels if features_only else cfg.num_features
         expand = cfg.mv2_expand
 
         self.conv_1 = ConvLayer(in_chans, cfg.stem_channels, 3, stride=2)
@@ -59,14 +67,27 @@ class MobileViT(nn.Module):
                              cfg.layer2_channels, 2 if i == 0 else 1, expand)
             for i in range(cfg.layer2_blocks)
         ])
-        block_cls = MobileViTBlock if cfg.style == "v1" else MobileViTv2Block
+        self.output_stride = output_stride
+        self.features_only = features_only
         in_ch = cfg.layer2_channels
+        # cvnets dilation rule: a layer past the output stride keeps stride 1 in its MV2 block,
+        # whose depthwise 3x3 takes the dilation reached BEFORE the layer; the running
+        # dilation then doubles and the MobileViT block gets it (v2-style only).
+        dilation = 1
         for index, stage in enumerate(cfg.stages, start=3):
-            block = block_cls(stage.channels, stage, cfg.version, dropout=cfg.dropout,
-                              attn_dropout=cfg.attn_dropout, ffn_dropout=cfg.ffn_dropout)
-            layer = nn.Sequential(InvertedResidual(in_ch, stage.channels, 2, expand), block)
-            setattr(self, f"layer_{index}", layer)
+            mv2_dilation, stride = dilation, 2
+            if 2 ** index > output_stride:  # layer_3/4/5 end at stride 8/16/32
+                stride, dilation = 1, 2 * dilation
+            mv2 = InvertedResidual(in_ch, stage.channels, stride, expand, dilation=mv2_dilation)
+            kwargs = dict(dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, ffn_dropout=cfg.ffn_dropout)
+            if cfg.style == "v1":
+                block = MobileViTBlock(stage.channels, stage, cfg.version, **kwargs)
+            else:
+                block = MobileViTv2Block(stage.channels, stage, cfg.version, dilation=dilation, **kwargs)
+            setattr(self, f"layer_{index}", nn.Sequential(mv2, block))
             in_ch = stage.channels
+        if features_only:
+            return
         if cfg.exp_channels is not None:
             self.conv_1x1_exp = ConvLayer(in_ch, cfg.exp_channels, 1)
         else:
@@ -98,16 +119,21 @@ class MobileViT(nn.Module):
         self.num_classes = num_classes
         self.classifier = self._make_classifier(num_classes).to(device=device, dtype=dtype)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, in_chans, H, W] -> feature map [B, num_features, H/32, W/32] before pooling."""
+    def forward_levels(self, x: torch.Tensor) -> list:
+        """[B, in_chans, H, W] -> [out_l1, ..., out_l5], the outputs of layer_1 ... layer_5
+        (cvnets `extract_end_points_all`); out_lk is at stride 2**k, capped at output_stride."""
         check_input(x, self.in_chans)
         x = self.conv_1(x)
-        x = self.layer_1(x)
-        x = self.layer_2(x)
-        x = self.layer_3(x)
-        x = self.layer_4(x)
-        x = self.layer_5(x)
-        return self.conv_1x1_exp(x)
+        levels = []
+        for layer in (self.layer_1, self.layer_2, self.layer_3, self.layer_4, self.layer_5):
+            x = layer(x)
+            levels.append(x)
+        return levels
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_chans, H, W] -> feature map [B, num_features, H/32, W/32] before pooling."""
+        x = self.forward_levels(x)[-1]
+        return x if self.features_only else self.conv_1x1_exp(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits [B, num_classes] (or pooled features if `pre_logits`)."""
@@ -115,5 +141,7 @@ class MobileViT(nn.Module):
             return self.classifier[:-1](x)
         return self.classifier(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            return self.forward_levels(x)
         return self.forward_head(self.forward_features(x))
