@@ -702,10 +702,13 @@ def _raise_interrupted(signum, frame):
 def micro_selection(step: Step) -> Optional[str]:
     """The pytest -k expression of a micro step's subset (ids: model-kind-bB-dtype-impl), or
     None for the whole grid."""
-    models, kinds, dtypes = step.option("models"), step.option("kinds"), step.option("dtypes")
-    if not (models or kinds or dtypes):
+    models, kinds = step.option("models"), step.option("kinds")
+    batches, dtypes = step.option("batches"), step.option("dtypes")
+    if not (models or kinds or batches or dtypes):
         return None
     parts = [" or ".join(f"{m}-{k}-" for m in models for k in kinds)]
+    if batches:
+        parts.append(" or ".join(f"-b{b}-" for b in batches))
     if dtypes:
         parts.append(" or ".join(f"-{d}-" for d in dtypes))
     return " and ".join(f"({p})" for p in parts)

@@ -313,6 +313,49 @@ def test_micro_selection_picks_the_three_headline_ops_of_v3_xs():
     assert micro_selection({s.name: s for s in plan("micro")}["micro"]) is None  # the whole grid
 
 
+def test_env_and_micro_steps_run_for_real_on_the_cpu(tmp_path, monkeypatch):
+    """The real subprocesses of two steps, on the CPU: the environment record arrives in the
+    report and its scratch file is gone; the micro-benchmark harness (MVIT3_BENCH_DEVICE=cpu,
+    stock ops only) appends its rows to micro.jsonl."""
+    monkeypatch.setenv("MVIT3_BENCH_DEVICE", "cpu")
+    monkeypatch.setenv("MVIT3_BENCH_TARGET_S", "0.02")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the children time no Triton kernel on the CPU
+    with open(tmp_path / "log.txt", "a") as log:
+        report = Report(tmp_path, Budget(plan("all")), "all", log, commit="abc123")
+        assert report.step_env(None, 120) == ("ok", {})
+        step = gpu_report.Step("micro", "micro", 30, 15, (
+            ("models", ("mobilevitv3_xxs",)), ("kinds", ("fusion",)), ("batches", (1,)),
+            ("dtypes", ("fp32",))))
+        status, details = report.step_micro(step, 120)
+    assert report.report["env"]["git"]["commit"] in ("abc123", gpu_report_commit())
+    assert not (tmp_path / "step.json").exists()
+    assert status == "ok" and details["benchmarks"] == 2  # torch and module (no GPU backends)
+    rows = read_micro(tmp_path)
+    assert {(r["impl"], r["group"]) for r in rows} == {
+        (impl, "mobilevitv3_xxs fusion batch 1 fp32") for impl in ("torch", "module")}
+    assert all(r["tf32"] is False and r["gpu_ms_median"] > 0 for r in rows)
+
+
+def gpu_report_commit():
+    """The checkout's own commit: git wins over --commit where there is a .git."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=HERE.parent).stdout.strip()
+
+
+def read_micro(folder: Path) -> list:
+    return gpu_report.read_jsonl(folder / "micro.jsonl")
+
+
+def test_ceilings_on_the_cpu_check_the_arithmetic():
+    from mvit3.bench import ceilings
+
+    measured = ceilings.measure(torch.device("cpu"), copy_mib=1, matmul_n=64)
+    copy, mm = measured["copy"], measured["matmul_fp16"]
+    assert copy["bytes"] == 2 * 2**20
+    assert copy["gbps"] == pytest.approx(copy["bytes"] / (copy["ms_median"] / 1e3) / 1e9)
+    assert mm["tflops"] == pytest.approx(2 * 64**3 / (mm["ms_median"] / 1e3) / 1e12)
+
+
 # ---- parsing ------------------------------------------------------------------------------------
 
 def test_run_command_kills_the_whole_process_group_at_the_timeout(tmp_path):
