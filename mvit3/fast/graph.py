@@ -2,13 +2,17 @@
 
 A graph is captured per input signature (shape, dtype, device, strides) on first use and
 replayed afterwards: one CPU call launches the whole forward. The weights are read at replay
-time from the same memory, and the graphs are re-captured if the model's weights change.
+time from the same memory, and the graphs are re-captured if the model's weights change: a
+FastMobileViT's graphs read its derived weights (`plan()`), so they are captured again when
+the plan is rebuilt, which is checked per call without walking the parameters.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .model import FastMobileViT
 
 
 class CudaGraphModel(nn.Module):
@@ -20,7 +24,7 @@ class CudaGraphModel(nn.Module):
         self.warmup = warmup
         self.clone_output = clone_output
         self._graphs = {}  # signature -> (graph, static input, static output)
-        self._weights_key = None
+        self._captured_plan = None  # the FastMobileViT plan whose weights the graphs read
 
     def _signature(self, x: Tensor) -> tuple:
         return (tuple(x.shape), x.dtype, x.device, x.stride())
@@ -45,10 +49,10 @@ class CudaGraphModel(nn.Module):
             raise ValueError(f"CUDA-graph replay needs a CUDA input, got one on {x.device}")
         if self.model.training:
             raise RuntimeError("CUDA-graph replay is for inference: call .eval() on the model first")
-        key = self.model._weights_key() if hasattr(self.model, "_weights_key") else None
-        if key != self._weights_key:
+        plan = self.model.plan() if isinstance(self.model, FastMobileViT) else None
+        if plan is not self._captured_plan:
             self._graphs.clear()  # weights replaced or edited: capture again
-            self._weights_key = key
+            self._captured_plan = plan
         signature = self._signature(x)
         if signature not in self._graphs:
             self._graphs[signature] = self._capture(x)

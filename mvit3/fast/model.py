@@ -35,7 +35,7 @@ from . import folding as fold
 
 # How many parameters, buffers and submodules have been registered on any module in this
 # process (torch's global registration hooks; attribute assignment registers). A fast model
-# re-walks its tensors only when this moved.
+# walks its module tree again only when this moved.
 _registrations = 0
 
 
@@ -47,6 +47,10 @@ def _count_registration(*_) -> None:
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+# Tensor -> its version counter (bumped by every in-place op on it or a view of it), as a C
+# getter: `sum(map(_version_of, tensors))` reads every counter without a Python-level loop.
+_version_of = Tensor._version.__get__
 
 
 @dataclass
@@ -83,7 +87,7 @@ class BlockPlan:
 
 @dataclass
 class Plan:
-    key: tuple
+    version: Optional[int]  # sum of the watched version counters it was built at; None: traced
     stem: fold.Conv3x3
     stages: list = field(default_factory=list)  # MV2Plan or BlockPlan, in order
     head: Optional[fold.Pointwise] = None  # conv_1x1_exp (v1-style) or None
@@ -121,7 +125,9 @@ def _block_plan(block, dtype) -> BlockPlan:
     else:
         local_conv, local_proj = block.local_rep[0], block.local_rep[1]
         fusion = None
-    layers = [_layer_plan(layer, dtype) for layer in block.global_rep[:-1]]
+    # a list, not global_rep[:-1]: slicing builds a Sequential, whose registrations would make
+    # the model list its tensors again on the next forward
+    layers = [_layer_plan(layer, dtype) for layer in list(block.global_rep)[:-1]]
     return BlockPlan(fold.conv3x3(local_conv, dtype), fold.pointwise(local_proj, dtype), layers,
                      fold.norm(block.global_rep[-1], dtype), fold.pointwise(block.conv_proj, dtype),
                      fusion)
@@ -134,33 +140,57 @@ class FastMobileViT(MobileViT):
         super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
         self.backend = ops.requested_backend(backend)
         self._plan: Optional[Plan] = None
-        self._tensors: Optional[list] = None  # parameters + buffers, see _weights_key
-        self._tensors_registrations = -1
+        # The parameters and buffers whose version counters are watched (see _weights_version)
+        # and the registration count at which they were listed.
+        self._watched: Optional[list] = None
+        self._watched_registrations = -1
 
     # ----- derived weights -------------------------------------------------------------
-    def _weights_key(self) -> tuple:
-        """Changes whenever a parameter or buffer is modified in place or replaced.
+    def _weights_version(self) -> int:
+        """A number that grows whenever a watched parameter or buffer is modified in place.
 
-        Walking the module tree costs milliseconds, a large part of a batch-1 forward's host
-        time, so the tensor list is kept and walked again only after a parameter, buffer or
-        module was registered somewhere (any attribute assignment of one counts)."""
-        if self._tensors is None or self._tensors_registrations != _registrations:
-            self._tensors = list(self.parameters()) + list(self.buffers())
-            self._tensors_registrations = _registrations
-        tensors = self._tensors
-        return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
+        A forward reads it, so it must not walk the module tree (milliseconds) nor loop in
+        Python over the ~300 tensors: the tensors are listed once and listed again only after
+        a parameter, buffer or module was registered somewhere (any attribute assignment of one
+        counts); if the list then differs, something was replaced and the plan is dropped.
+        Version counters only grow, so their sum changes exactly when one of them moved. The
+        sum is still one read per tensor, in C (about 0.1 us each on this project's CPU): an
+        in-place edit is seen only through the edited tensor's own counter. Integer buffers
+        (BatchNorm's num_batches_tracked) feed no derived weight and are not watched.
+
+        Not watched (call `refresh()` after them): edits through `.data` (`p.data.copy_(w)`,
+        `p.data = w`: neither moves a version counter), `.to()` or `.half()` of a submodule
+        rather than of the model, and in-place edits of inference tensors (parameters created
+        or converted under torch.inference_mode() have no version counter); `.to()` of the
+        model and `load_state_dict` drop the plan themselves.
+        """
+        if self._watched_registrations != _registrations:
+            watched = [t for t in (*self.parameters(), *self.buffers())
+                       if t.is_floating_point() and not t.is_inference()]
+            if self._watched is None or list(map(id, watched)) != list(map(id, self._watched)):
+                self._plan = None
+            self._watched, self._watched_registrations = watched, _registrations
+        return sum(map(_version_of, self._watched))
 
     def refresh(self) -> None:
         """Drop the derived inference weights (they are rebuilt on the next fused forward).
-        Needed only after editing weights through `.data`, which hides the change."""
+        Needed only after the edits `_weights_version` names as not watched."""
         self._plan = None
+        self._watched_registrations = -1
 
     def _apply(self, fn, *args, **kwargs):
-        self._plan = None  # .to(), .half(), .cuda(): the derived weights follow
+        # .to(), .half(), .cuda(): the derived weights follow, and the buffers are new tensors
+        self.refresh()
         module = super()._apply(fn, *args, **kwargs)
         if not self.training:
             self.plan()
         return module
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # the copies move the version counters, except those of inference tensors
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.refresh()
+        return result
 
     def train(self, mode: bool = True):
         """Switching to eval derives the inference weights at once, so that a forward traced
@@ -172,12 +202,12 @@ class FastMobileViT(MobileViT):
 
     def plan(self) -> Plan:
         """The folded/packed inference weights, rebuilt if the weights changed."""
-        key = None if torch.compiler.is_compiling() else self._weights_key()
-        if self._plan is not None and (key is None or key == self._plan.key):
+        version = None if torch.compiler.is_compiling() else self._weights_version()
+        if self._plan is not None and (version is None or version == self._plan.version):
             return self._plan
         dtype = self.conv_1.conv.weight.dtype
         with torch.no_grad():
-            plan = Plan(key=key, stem=fold.conv3x3(self.conv_1, dtype))
+            plan = Plan(version=version, stem=fold.conv3x3(self.conv_1, dtype))
             for layer in (self.layer_1, self.layer_2, self.layer_3, self.layer_4, self.layer_5):
                 for block in layer:
                     plan.stages.append(_mv2_plan(block, dtype) if isinstance(block, InvertedResidual)
