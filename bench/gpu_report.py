@@ -73,6 +73,7 @@ FOCUSES = ("all", "compile", "micro", "table5")
 ALL_MODELS = TABLE5_MODELS + ("mobilevitv3_050", "mobilevitv3_075", "mobilevitv3_100")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 SANITIZER_ERROR_EXIT = 86  # compute-sanitizer's exit code when it found errors (--error-exitcode)
+SANITIZER_REFUSED = "Device not supported"  # its message where the runtime hides the GPU's debug interface
 KERNEL_BACKENDS = ("triton", "cuda")  # fast/torch is a CPU path: not worth GPU minutes
 # The first lease's micro-benchmarks: the three headline ops of the v3 block at v3-XS shapes.
 MICRO_FIRST_MODEL = "mobilevitv3_xs"
@@ -518,18 +519,25 @@ class Report:
             return "skipped", {"reason": "compute-sanitizer not found (PATH, CUDA_HOME)"}
         available = {b["backend"]: b for b in (self.report["backends_after_build"]
                                                 or (self.report["env"] or {}).get("backends") or [])}
-        runs = [(tool, backend) for backend in KERNEL_BACKENDS for tool in SANITIZER_TOOLS]
-        self.report["sanitizer"] = []
+        self.report["sanitizer"] = entries = [
+            {"tool": tool, "backend": backend} for backend in KERNEL_BACKENDS for tool in SANITIZER_TOOLS]
+        for entry in entries:
+            backend = available.get(entry["backend"], {})
+            if not backend.get("available"):
+                entry.update(status="skipped", note=f"backend {entry['backend']} unavailable: "
+                                                    f"{backend.get('reason', 'not recorded')}")
+        to_run = [entry for entry in entries if "status" not in entry]
+        for entry in to_run:
+            entry["status"] = "pending"  # until it runs: a report saved meanwhile says so
+        refused = None  # set once the sanitizer refuses this machine: the other runs would too
         began = time.monotonic()
-        for i, (tool, backend) in enumerate(runs):
-            entry = {"tool": tool, "backend": backend}
-            self.report["sanitizer"].append(entry)
-            if not available.get(backend, {}).get("available"):
-                entry.update(status="skipped", note=f"backend {backend} unavailable: "
-                             f"{available.get(backend, {}).get('reason', 'not recorded')}")
+        for i, entry in enumerate(to_run):
+            tool, backend = entry["tool"], entry["backend"]
+            if refused:
+                entry.update(status="skipped", note=refused)
                 continue
             left = timeout_s - (time.monotonic() - began)
-            share = left / (len(runs) - i)  # what is left, split over the runs still to come
+            share = left / (len(to_run) - i)  # what is left, split over the runs still to come
             if share < 5:
                 entry.update(status="cut", note=f"{left:.0f} s left of the step")
                 continue
@@ -540,7 +548,11 @@ class Report:
             fused = [line for line in result.output.splitlines() if "fused op calls" in line]
             entry.update(elapsed_s=round(result.elapsed_s, 1), fused=fused,
                          summary=sanitizer_summary(result.output))
-            if result.timed_out:
+            if SANITIZER_REFUSED in result.output:
+                refused = (f"compute-sanitizer refused this machine ('{SANITIZER_REFUSED}'; "
+                           "seen on gVisor machines, which have no memory checker)")
+                entry.update(status="skipped", note=refused)
+            elif result.timed_out:
                 entry.update(status="timeout", note=f"killed after {share:.0f} s")
             elif result.returncode == SANITIZER_ERROR_EXIT:
                 entry.update(status="failed", note=entry["summary"])
@@ -549,7 +561,9 @@ class Report:
             else:
                 entry.update(status="ok", note=entry["summary"])
             self.save()
-        statuses = [e["status"] for e in self.report["sanitizer"]]
+        statuses = [e["status"] for e in entries]
+        if set(statuses) == {"skipped"}:
+            return "skipped", {"reason": refused or entries[0]["note"]}
         status = ("failed" if "failed" in statuses else "timeout" if "timeout" in statuses
                   else "cut" if "cut" in statuses else "ok")
         return status, {"runs": {s: statuses.count(s) for s in dict.fromkeys(statuses)}}

@@ -285,6 +285,28 @@ def test_run_command_unsets_variables_given_as_none(tmp_path, monkeypatch):
     assert result.output.strip().endswith("None")
 
 
+def test_sanitizer_runs_each_tool_per_backend_and_stops_where_the_machine_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_report, "compute_sanitizer", lambda: "/cuda/bin/compute-sanitizer")
+    report = RecordingReport(tmp_path)
+    report.report["env"] = GPU_ENV  # cuda unavailable there: its runs are skipped
+    step = {s.name: s for s in plan("all")}["sanitizer"]
+    status, details = report.step_sanitizer(step, 40)
+    assert status == "ok" and details == {"runs": {"ok": 2, "skipped": 2}}
+    assert [c[0][:3] + c[0][-2:] for c in report.calls] == [
+        ["/cuda/bin/compute-sanitizer", "--tool", tool, "--backend", "triton"]
+        for tool in ("memcheck", "racecheck")]
+    assert all(c[2] == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for c in report.calls)
+    assert report.calls[0][1] == pytest.approx(20, abs=0.5)  # 40 s over the 2 runs that can run
+
+    report.calls.clear()
+    report.command = lambda cmd, timeout_s, env=None: (
+        report.calls.append(cmd) or CommandResult(1, 2.0, "========= Error: Device not supported\n"))
+    report.report["backends_after_build"] = [dict(b, available=True) for b in GPU_ENV["backends"]]
+    status, details = report.step_sanitizer(step, 40)
+    assert len(report.calls) == 1 and status == "skipped"
+    assert "refused this machine" in details["reason"] == report.report["sanitizer"][3]["note"]
+
+
 def test_table5_steps_run_the_lease_protocol_with_compile_default(tmp_path):
     report = RecordingReport(tmp_path)
     step = {s.name: s for s in plan("all")}["table5_fp16"]
