@@ -22,15 +22,14 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import DeepLabV3, MobileViT, SSDLite, create_model
+from .models import MobileViT, create_model
+from .models.dense_base import DenseModel
 from .models.layers import MultiHeadAttention
-
-DENSE_MODELS = (DeepLabV3, SSDLite)
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
     # DeepLabV3 / SSDLite take (cfg, num_classes, in_chans) like MobileViT
-    cls = type(model) if isinstance(model, DENSE_MODELS) else MobileViT
+    cls = type(model) if isinstance(model, DenseModel) else MobileViT
     with torch.device("meta"):
         return cls(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans).eval()
 
@@ -67,9 +66,9 @@ def model_stats(model_or_name: Union[str, nn.Module], img_size: Optional[int] = 
     """
     model = create_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
     reference = getattr(model, "reference_model", model)  # fast models keep their reference
-    if not isinstance(reference, (MobileViT, *DENSE_MODELS)):
+    if not isinstance(reference, (MobileViT, DenseModel)):
         raise TypeError(f"expected an mvit3 model or a registered name, got {type(model).__name__}")
-    dense = isinstance(reference, DENSE_MODELS)
+    dense = isinstance(reference, DenseModel)
     if img_size is None:
         img_size = reference.cfg.eval_size if dense else 256
     params = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""The reference zoo: MobileViT v1, v2 and v3 in plain PyTorch, equal to the official models.
+"""The reference zoo: MobileViT v1, v2 and v3 in plain PyTorch, equal to the official models,
+and the paper's DeepLabv3 / SSDLite models on MobileViTv3 backbones.
 
 Models never import kernels; the fast versions live in `mvit3.fast`.
 """
@@ -11,12 +12,13 @@ from typing import Optional
 from .configs import CONFIGS, MobileViTConfig, PreprocessConfig, make_divisible
 from .deeplabv3 import DeepLabV3
 from .dense import create_dense_model, load_dense_checkpoint
+from .dense_base import DenseModel
 from .dense_configs import DENSE_CONFIGS, DetectionConfig, SegmentationConfig
 from .mobilevit import MIN_INPUT_SIZE, MobileViT, check_input
 from .ssdlite import SSDLite
 
 __all__ = [
-    "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT",
+    "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DenseModel", "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT",
     "MobileViTConfig", "PreprocessConfig", "SSDLite", "SegmentationConfig", "check_input",
     "create_model", "get_config", "list_models", "load_dense_checkpoint", "make_divisible",
 ]

@@ -12,22 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dense_base import DenseModel, classifier_conv, relu_conv
 from .dense_configs import SegmentationConfig
-from .layers import ConvLayer
-from .mobilevit import MobileViT, check_input
+from .mobilevit import check_input
 
 # Dropout of the head (cvnets default 0.1; a no-op in eval).
 HEAD_DROPOUT = 0.1
-
-
-def relu_conv(in_channels, out_channels, kernel_size, dilation=1) -> ConvLayer:
-    """The heads' ConvLayer: conv (no bias), BN, ReLU."""
-    return ConvLayer(in_channels, out_channels, kernel_size, dilation=dilation, activation=nn.ReLU)
-
-
-def classifier_conv(in_channels, num_classes) -> ConvLayer:
-    """1x1 conv with bias, no BN, no activation (key `...block.conv.{weight,bias}`)."""
-    return ConvLayer(in_channels, num_classes, 1, bias=True, norm=False, act=False)
 
 
 class ASPPPooling(nn.Module):
@@ -110,24 +100,15 @@ class DeepLabV3Head(nn.Module):
         return logits
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(DenseModel):
     """DeepLabv3 segmentation model. `model(x)` -> logits [B, num_classes, H, W] in eval
     (training with an aux head: (logits, aux_logits [B, num_classes, H/OS, W/OS]))."""
 
     def __init__(self, cfg: SegmentationConfig, num_classes: Optional[int] = None, in_chans: int = 3):
-        super().__init__()
-        num_classes = cfg.num_classes if num_classes is None else num_classes
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.cfg = cfg
-        self.preprocess = cfg.backbone_cfg.preprocess
-        self.num_classes = num_classes
-        self.in_chans = in_chans
+        super().__init__(cfg, num_classes, in_chans, min_classes=1, output_stride=cfg.output_stride)
         self.output_stride = cfg.output_stride
-        self.encoder = MobileViT(cfg.backbone_cfg, in_chans=in_chans, output_stride=cfg.output_stride,
-                                 features_only=True)
         stages = cfg.backbone_cfg.stages
-        self.seg_head = DeepLabV3Head(cfg, stages[1].channels, stages[2].channels, num_classes)
+        self.seg_head = DeepLabV3Head(cfg, stages[1].channels, stages[2].channels, self.num_classes)
 
     def check_input(self, x) -> None:
         check_input(x, self.in_chans)

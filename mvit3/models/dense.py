@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch.nn as nn
 
 from .deeplabv3 import DeepLabV3
+from .dense_base import DenseModel
 from .dense_configs import DENSE_CONFIGS, SegmentationConfig
 from .ssdlite import SSDLite
-
-DenseModel = Union[DeepLabV3, SSDLite]
 
 # Parts of the classification network that the official dense models delete.
 CLASSIFICATION_ONLY = ("conv_1x1_exp.", "classifier.")

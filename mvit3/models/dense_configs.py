@@ -19,8 +19,24 @@ from .configs import CONFIGS, MobileViTConfig
 NUM_CLASSES = {"voc": 21, "ade20k": 150, "coco": 81}
 
 
+class BackboneFacts:
+    """What a dense config derives from its `backbone` and `dataset` fields."""
+
+    @property
+    def backbone_cfg(self) -> MobileViTConfig:
+        return CONFIGS[self.backbone]
+
+    @property
+    def style(self) -> str:  # "v1": cvnets v0.1 code paths; "v2": cvnets v0.2
+        return self.backbone_cfg.style
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+
 @dataclass(frozen=True)
-class SegmentationConfig:
+class SegmentationConfig(BackboneFacts):
     name: str
     backbone: str  # registered classification config whose layers form the encoder
     dataset: Literal["voc", "ade20k"]
@@ -29,22 +45,6 @@ class SegmentationConfig:
     aspp_rates: tuple  # dilation = padding of ASPP branches 1..3
     aux_head: bool  # v2-style: an aux head on out_l4 (keys present, run only in training)
     eval_size: int = 512  # v1-style: resize to eval_size^2; v2-style: shorter side
-
-    @property
-    def task(self) -> str:
-        return "segmentation"
-
-    @property
-    def backbone_cfg(self) -> MobileViTConfig:
-        return CONFIGS[self.backbone]
-
-    @property
-    def style(self) -> str:
-        return self.backbone_cfg.style
-
-    @property
-    def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ POSTPROCESS_V02 = PostprocessRule(conf_threshold=0.01, nms_iou=0.5, batched=True
 
 
 @dataclass(frozen=True)
-class DetectionConfig:
+class DetectionConfig(BackboneFacts):
     name: str
     backbone: str
     dataset: Literal["coco"] = "coco"
@@ -86,22 +86,6 @@ class DetectionConfig:
     center_variance: float = 0.1
     size_variance: float = 0.2
     eval_size: int = 320  # the eval pipeline resizes to eval_size^2
-
-    @property
-    def task(self) -> str:
-        return "detection"
-
-    @property
-    def backbone_cfg(self) -> MobileViTConfig:
-        return CONFIGS[self.backbone]
-
-    @property
-    def style(self) -> str:
-        return self.backbone_cfg.style
-
-    @property
-    def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
 
     @property
     def postprocess(self) -> PostprocessRule:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .deeplabv3 import classifier_conv, relu_conv
+from .dense_base import DenseModel, classifier_conv, relu_conv
 from .dense_configs import DetectionConfig, PostprocessRule
 from .layers import ConvLayer
-from .mobilevit import MobileViT, check_input
+from .mobilevit import check_input
 
 BOX_COORDS = 4  # (dx, dy, dw, dh) regressions per anchor
 
@@ -155,20 +155,12 @@ def postprocess(probs: torch.Tensor, boxes: torch.Tensor, rule: PostprocessRule)
     return result
 
 
-class SSDLite(nn.Module):
+class SSDLite(DenseModel):
     """SSDLite detector. `model(x)` -> raw (scores [B, A, K], locations [B, A, 4]) in the
     official anchor order; `anchors(h, w)`; `detect(x)` -> detections per image."""
 
     def __init__(self, cfg: DetectionConfig, num_classes: Optional[int] = None, in_chans: int = 3):
-        super().__init__()
-        num_classes = cfg.num_classes if num_classes is None else num_classes
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (class 0 is background), got {num_classes}")
-        self.cfg = cfg
-        self.preprocess = cfg.backbone_cfg.preprocess
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.encoder = MobileViT(cfg.backbone_cfg, in_chans=in_chans, features_only=True)
+        super().__init__(cfg, num_classes, in_chans, min_classes=2)  # class 0 is background
         stages = cfg.backbone_cfg.stages
         # Levels: out_l4, out_l5, then the extra layers built from out_l5, each halving the map
         # (stride-2 separable conv, padding 1), and a global-pool level.
@@ -185,7 +177,7 @@ class SSDLite(nn.Module):
         self.extra_layers = nn.ModuleDict(extra)
         level_channels = [stages[1].channels, stages[2].channels, *cfg.proj_channels[2:]]
         self.ssd_heads = nn.ModuleList([
-            SSDHead(c, proj, anchors_per_location(ratios), num_classes, spatial=stride != -1)
+            SSDHead(c, proj, anchors_per_location(ratios), self.num_classes, spatial=stride != -1)
             for c, proj, ratios, stride in zip(level_channels, cfg.proj_channels, cfg.aspect_ratios,
                                                cfg.output_strides)
         ])
