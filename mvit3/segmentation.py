@@ -20,19 +20,16 @@ from .models import DeepLabV3
 from .preprocess import _to_uint8_hwc
 
 
-def read_image(image):
-    """A path is opened with PIL as RGB; PIL images and HxWx3 uint8 arrays pass through."""
+def _read(image):
+    """A path is read as an RGB array; PIL images and HxWx3 uint8 arrays pass through."""
     if not isinstance(image, (str, os.PathLike)):
         return image
     if not os.path.isfile(image):
         raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-    try:
-        from PIL import Image
+    from .command_utils import read_image  # here: it imports the op layer, `import mvit3` need not
 
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    except ImportError as err:
-        raise ImportError("reading image files needs Pillow: pip install pillow") from err
+    try:
+        return read_image(image)
     except OSError as err:  # PIL.UnidentifiedImageError and truncated files
         raise ValueError(f"cannot read image {os.fspath(image)!r}: {err}") from None
 
@@ -61,7 +58,7 @@ def segment(image, model: DeepLabV3, input_order: str = "RGB"):
         raise ValueError("segment() runs the evaluation pipeline: call model.eval() first")
     if input_order not in ("RGB", "BGR"):
         raise ValueError(f"input_order must be 'RGB' or 'BGR', got {input_order!r}")
-    image = read_image(image)
+    image = _read(image)
     if hasattr(image, "convert"):
         input_order = "RGB"
     array = _to_uint8_hwc(image)
