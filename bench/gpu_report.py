@@ -103,68 +103,58 @@ OUTSIDE_STEPS = ("install", "summary")
 SETUP_STEPS = ("env", "build")
 
 
+INSTALL = Step("install", "pip install (before the report starts)", 30, 0)
+ENV = Step("env", "environment and backends", 15, 10)
+BUILD = Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20)
+CEILINGS = Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5)
+SUMMARY = Step("summary", "summary.md and report.json", 20, 0)
+
+
+def _lease(*steps: Step) -> list:
+    """A lease's plan: the install and the machine's set-up, `steps`, the summary."""
+    return [INSTALL, ENV, BUILD, *steps, SUMMARY]
+
+
+def _table5(dtype: str, title: str, budget_s: float, min_s: float, models: tuple, **options) -> Step:
+    return Step(f"table5_{dtype}", title, budget_s, min_s,
+                (("dtype", dtype), ("models", models), *options.items()))
+
+
 def _first_lease() -> list:
-    return [
-        Step("install", "pip install (before the report starts)", 30, 0),
-        Step("env", "environment and backends", 15, 10),
-        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
+    return _lease(
         Step("tests", "correctness sweep: pytest -m gpu, parallel", 150, 30,
              (("k", "not max_autotune"),)),
         Step("sanitizer", "compute-sanitizer memcheck and racecheck", 45, 15),
-        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
-        Step("table5_fp16", "Table 5, fp16", 60, 20,
-             (("dtype", "fp16"), ("models", TABLE5_MODELS), ("compile_mode", "default"))),
-        Step("table5_fp32", "Table 5, fp32", 45, 20,
-             (("dtype", "fp32"), ("models", TABLE5_MODELS), ("compile_mode", "default"))),
+        CEILINGS,
+        _table5("fp16", "Table 5, fp16", 60, 20, TABLE5_MODELS, compile_mode="default"),
+        _table5("fp32", "Table 5, fp32", 45, 20, TABLE5_MODELS, compile_mode="default"),
         Step("micro", "headline ops at v3-XS shapes, fp16", 30, 15,
              (("models", (MICRO_FIRST_MODEL,)), ("kinds", MICRO_FIRST_KINDS),
-              ("dtypes", ("fp16",)))),
-        Step("summary", "summary.md and report.json", 20, 0),
-    ]
+              ("dtypes", ("fp16",)))))
 
 
 def _compile_lease() -> list:
     compiled = ("reference", "cuda-graph", "compile", "timm-compile")
-    return [
-        Step("install", "pip install (before the report starts)", 30, 0),
-        Step("env", "environment and backends", 15, 10),
-        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
-        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
-        Step("table5_fp16", "torch.compile (default mode) rows, fp16", 150, 30,
-             (("dtype", "fp16"), ("models", TABLE5_MODELS), ("compile_mode", "default"),
-              ("impls", compiled))),
+    return _lease(
+        CEILINGS,
+        _table5("fp16", "torch.compile (default mode) rows, fp16", 150, 30, TABLE5_MODELS,
+                compile_mode="default", impls=compiled),
         Step("tests", "torch.compile max-autotune tests", 100, 30, (("k", "max_autotune"),)),
-        Step("table5_fp32", "torch.compile (default mode) rows, fp32", 80, 30,
-             (("dtype", "fp32"), ("models", TABLE5_MODELS), ("compile_mode", "default"),
-              ("impls", compiled))),
-        Step("summary", "summary.md and report.json", 20, 0),
-    ]
+        _table5("fp32", "torch.compile (default mode) rows, fp32", 80, 30, TABLE5_MODELS,
+                compile_mode="default", impls=compiled))
 
 
 def _micro_lease() -> list:
-    return [
-        Step("install", "pip install (before the report starts)", 30, 0),
-        Step("env", "environment and backends", 15, 10),
-        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
-        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
-        Step("micro", "every op of six v3 models, batch 1 and 100, fp16 and fp32", 330, 30),
-        Step("summary", "summary.md and report.json", 20, 0),
-    ]
+    return _lease(CEILINGS,
+                  Step("micro", "every op of six v3 models, batch 1 and 100, fp16 and fp32", 330, 30))
 
 
 def _table5_lease() -> list:
     no_compile = ("reference", "timm", "fast", "cuda-graph")
-    return [
-        Step("install", "pip install (before the report starts)", 30, 0),
-        Step("env", "environment and backends", 15, 10),
-        Step("build", "build the CUDA C++ library for this GPU's arch", 75, 20),
-        Step("ceilings", "copy bandwidth and fp16 matmul probes", 10, 5),
-        Step("table5_fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 165, 30,
-             (("dtype", "fp16"), ("models", ALL_MODELS), ("impls", no_compile))),
-        Step("table5_fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 165, 30,
-             (("dtype", "fp32"), ("models", ALL_MODELS), ("impls", no_compile))),
-        Step("summary", "summary.md and report.json", 20, 0),
-    ]
+    return _lease(
+        CEILINGS,
+        _table5("fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 165, 30, ALL_MODELS, impls=no_compile),
+        _table5("fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 165, 30, ALL_MODELS, impls=no_compile))
 
 
 _PLANS = {"all": _first_lease, "compile": _compile_lease, "micro": _micro_lease,
@@ -446,25 +436,21 @@ class Report:
             child_env["MVIT3_GIT_COMMIT"] = self.commit
         return run_command(cmd, timeout_s, self.log, cwd=self.root, env=child_env)
 
-    def _scratch(self) -> Path:
+    def _json_of(self, module: str, timeout_s: float) -> tuple:
+        """(record, result): run `python -m <module> --json step.json`; the record it wrote
+        (then removed: report.json keeps it), or None when it failed."""
         path = self.out / STEP_SCRATCH
         path.unlink(missing_ok=True)
-        return path
-
-    def _read_scratch(self, result: CommandResult):
-        """The JSON a subprocess wrote into step.json (then removed), or None."""
-        path = self.out / STEP_SCRATCH
+        result = self.command([self.python, "-m", module, "--json", path], timeout_s)
         if result.returncode != 0 or not path.is_file():
-            return None
-        data = json.loads(path.read_text())
+            return None, result
+        record = json.loads(path.read_text())
         path.unlink()
-        return data
+        return record, result
 
     # Each step returns (status, details); raising marks the step failed with the message.
     def step_env(self, step: Step, timeout_s: float):
-        result = self.command([self.python, "-m", "mvit3.bench.env", "--json", self._scratch()],
-                              timeout_s)
-        env = self._read_scratch(result)
+        env, result = self._json_of("mvit3.bench.env", timeout_s)
         if env is None:
             return _failed(result)
         self.report["env"] = env
@@ -482,9 +468,7 @@ class Report:
         if result.returncode != 0:
             return _failed(result)
         left = max(5.0, timeout_s - (time.monotonic() - began))
-        after = self.command([self.python, "-m", "mvit3.bench.env", "--json", self._scratch()],
-                             left)
-        env = self._read_scratch(after)
+        env, _ = self._json_of("mvit3.bench.env", left)
         if env is not None:
             self.report["backends_after_build"] = env.get("backends")
         return "ok", {"arch": arch, "build_s": round(result.elapsed_s, 1)}
@@ -569,9 +553,7 @@ class Report:
         return status, {"runs": {s: statuses.count(s) for s in dict.fromkeys(statuses)}}
 
     def step_ceilings(self, step: Step, timeout_s: float):
-        result = self.command([self.python, "-m", "mvit3.bench.ceilings", "--json", self._scratch()],
-                              timeout_s)
-        ceilings = self._read_scratch(result)
+        ceilings, result = self._json_of("mvit3.bench.ceilings", timeout_s)
         if ceilings is None:
             return _failed(result)
         self.report["ceilings"] = ceilings
@@ -986,8 +968,8 @@ def run(args) -> int:
     already = 0.0 if args.started_at is None else max(0.0, time.time() - args.started_at)
     budget = Budget(steps, already_s=already)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    out = args.out or Path(f"gpu-report-{_slug(torch.cuda.get_device_name(0))}-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = (args.out or Path(f"gpu-report-{_slug(torch.cuda.get_device_name(0))}-{stamp}")).resolve()
+    out.mkdir(parents=True, exist_ok=True)  # absolute: the steps run in the checkout
     try:
         previous = _load_previous(out, args.focus) if args.resume else None
     except ValueError as err:
