@@ -141,8 +141,13 @@ def test_peer_files_load_through_create_model(timm_v2, hf_v1, tmp_path, suffix):
 
     for peer, reference in (timm_v2, hf_v1):
         path = tmp_path / f"weights{suffix}"
-        state_dict = {k: v.contiguous() for k, v in peer.state_dict().items()}
-        save_file(state_dict, path) if suffix == ".safetensors" else torch.save(state_dict, path)
+        if suffix == ".safetensors" and peer is hf_v1[0]:
+            peer.save_pretrained(tmp_path / "hf")  # the file a hub download holds
+            path = tmp_path / "hf" / "model.safetensors"
+        elif suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, path)
+        else:
+            torch.save(peer.state_dict(), path)
         model = mvit3.create_model(reference.cfg.name, checkpoint_path=str(path))
         assert_same_weights(model, reference)
 
