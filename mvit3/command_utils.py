@@ -18,16 +18,17 @@ from .ops.backends import BACKENDS
 MODEL_BACKENDS = ("reference",) + BACKENDS
 
 
-def add_model_arguments(parser, checkpoint_required: bool = False, backend: bool = True) -> None:
+def add_model_arguments(parser, checkpoint_required: bool = False, runs_model: bool = True) -> None:
+    """--model, --checkpoint and, for commands that run the model here, --backend and --device."""
     parser.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
                         help=f"one of: {', '.join(list_models())}")
     parser.add_argument("--checkpoint", required=checkpoint_required, metavar="P",
                         help="weights: official, timm or transformers layout (.pt/.pth/.bin/.safetensors)")
-    if backend:
+    if runs_model:
         parser.add_argument("--backend", default="reference", choices=MODEL_BACKENDS,
                             help="'reference' (plain PyTorch, default) or a fast-model kernel backend")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available, else cpu)")
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                            help="torch device (default: cuda when available, else cpu)")
 
 
 def build_model(name: str, checkpoint, backend: str = "reference", device="cpu") -> torch.nn.Module:

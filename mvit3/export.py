@@ -25,7 +25,7 @@ FAST_REFUSAL = ("--fast cannot be exported to ONNX: the fast model's fused ops a
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", required=True, choices=["onnx"])
-    add_model_arguments(parser, backend=False)
+    add_model_arguments(parser, runs_model=False)  # exported on the CPU, always the reference
     parser.add_argument("--size", type=int, default=256, help="input height and width (default 256)")
     parser.add_argument("--batch", default="1", help="a fixed batch size, or 'dynamic'")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")

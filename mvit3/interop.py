@@ -235,8 +235,8 @@ def from_module(module: nn.Module) -> MobileViT:
     if not names:
         raise CheckpointError(
             f"{type(module).__name__} has the {layout.name} layout but matches none of the mapped mvit3 "
-            f"models ({', '.join(n for n, c in CONFIGS.items() if layout.maps(c))}); widths other "
-            f"than those have no official counterpart here")
+            f"models ({', '.join(n for n, c in CONFIGS.items() if layout.maps(c))}): only those "
+            f"widths have an official counterpart, and only with their classifier head")
     cfg = CONFIGS[names[0]]
     model = MobileViT(cfg, num_classes=state_dict[layout.key_map(cfg)[_head_weight(cfg)][0]].shape[0])
     weight = state_dict[layout.signature]
