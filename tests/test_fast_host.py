@@ -96,6 +96,28 @@ def test_refresh_after_editing_through_data():
         assert _close(model(x), ref(x))
 
 
+def test_cuda_graph_wrapper_recaptures_only_when_the_weights_change(monkeypatch):
+    """The wrapper's host path before copy and replay, on CPU with capture stubbed: one
+    capture per signature, kept across calls and unrelated registrations, redone after an
+    in-place edit of the weights."""
+    _, model = _pair("mobilevitv3_xxs")
+    wrapped = fast.cuda_graph(model)
+    captures = []
+
+    def capture(x):
+        captures.append(x.shape)
+        return (len(captures),)  # stands for (graph, static input, static output)
+
+    monkeypatch.setattr(wrapped, "_capture", capture)
+    small, large = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 96, 96)
+    assert [wrapped._graph_for(x) for x in (small, large, small)] == [(1,), (2,), (1,)]
+    torch.nn.Linear(2, 2)
+    assert wrapped._graph_for(small) == (1,)
+    with torch.no_grad():
+        model.layer_5[0].block.red_1x1.norm.running_mean.add_(0.5)
+    assert wrapped._graph_for(small) == (3,) and wrapped._graph_for(large) == (4,)
+
+
 # ----- torch.inference_mode() -------------------------------------------------------------
 def test_create_convert_and_run_inside_inference_mode():
     ref = model_utils.randomize_(mvit3.create_model("mobilevitv3_xxs"), 1).double().eval()

@@ -43,12 +43,9 @@ class CudaGraphModel(nn.Module):
             static_out = self.model(static_in)
         return graph, static_in, static_out
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.is_cuda:
-            raise ValueError(f"CUDA-graph replay needs a CUDA input, got one on {x.device}")
-        if self.model.training:
-            raise RuntimeError("CUDA-graph replay is for inference: call .eval() on the model first")
+    def _graph_for(self, x: Tensor) -> tuple:
+        """(graph, static input, static output) for x's signature, captured if needed: the
+        host work of a replayed call before its copy and replay."""
         plan = self.model.plan() if isinstance(self.model, FastMobileViT) else None
         if plan is not self._captured_plan:
             self._graphs.clear()  # weights replaced or edited: capture again
@@ -56,7 +53,15 @@ class CudaGraphModel(nn.Module):
         signature = self._signature(x)
         if signature not in self._graphs:
             self._graphs[signature] = self._capture(x)
-        graph, static_in, static_out = self._graphs[signature]
+        return self._graphs[signature]
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:
+            raise ValueError(f"CUDA-graph replay needs a CUDA input, got one on {x.device}")
+        if self.model.training:
+            raise RuntimeError("CUDA-graph replay is for inference: call .eval() on the model first")
+        graph, static_in, static_out = self._graph_for(x)
         static_in.copy_(x)
         graph.replay()
         return static_out.clone() if self.clone_output else static_out
