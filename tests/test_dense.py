@@ -431,7 +431,23 @@ def test_segment_bad_input_is_a_clear_error(tmp_path):
         mvit3.segment(tmp_path / "broken.png", model)
     with pytest.raises(TypeError, match="uint8"):
         mvit3.segment(np.zeros((8, 8, 3), dtype=np.float32), model)
-    with pytest.raises(TypeError, match="expected a DeepLabv3 model"):
+    with pytest.raises(TypeError, match=r"expected an mvit3 DeepLabV3 .*got MobileViT"):
         mvit3.segment(_uint8_image(8, 8), mvit3.create_model("mobilevitv3_xxs"))
     with pytest.raises(ValueError, match="model.eval"):
         mvit3.segment(_uint8_image(8, 8), model.train())
+
+
+def test_detect_runs_the_pipeline_and_gives_pixel_boxes():
+    """v2-style: RGB, 320x320 bicubic (rounded), /255; boxes scaled to the image, clipped."""
+    model = mvit3.create_model("ssdlite_mobilevitv3_050_coco").eval()
+    image = _uint8_image(150, 200)
+    found = mvit3.detect(image, model)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
+    x = F.interpolate(x, size=(320, 320), mode="bicubic", align_corners=False, antialias=True)
+    expected = model.detect((x.round().clamp(0, 255) / 255).float())[0]
+    assert found["labels"].numel() > 0 and torch.equal(found["labels"], expected["labels"])
+    scale = torch.tensor([200, 150, 200, 150])
+    assert torch.allclose(found["boxes"], torch.minimum(expected["boxes"].clamp(min=0) * scale, scale))
+    assert found["boxes"].min() >= 0 and (found["boxes"] <= scale).all()
+    with pytest.raises(TypeError, match=r"expected an mvit3 SSDLite .*got DeepLabV3"):
+        mvit3.detect(image, mvit3.create_model("deeplabv3_mobilevitv3_xxs_voc").eval())
