@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from .models import get_config, list_models
+from .models import CLASSIFICATION_PATTERN, get_config, list_models
 from .stats import model_stats
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--models", default="*", help="shell-style pattern of model names")
+    parser.add_argument("--models", default=CLASSIFICATION_PATTERN,
+                        help="shell-style pattern of classifier names (default: all 15)")
     parser.add_argument("--img-size", type=int, default=256, help="input size for the MAC counts")
 
 
-def model_rows(pattern: str = "*", img_size: int = 256) -> list:
+def model_rows(pattern: str = CLASSIFICATION_PATTERN, img_size: int = 256) -> list:
     rows = []
     for name in list_models(pattern):
         cfg = get_config(name)

@@ -18,7 +18,7 @@ from .mobilevit import MIN_INPUT_SIZE, MobileViT, check_input
 from .ssdlite import SSDLite
 
 __all__ = [
-    "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DenseModel", "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT",
+    "CLASSIFICATION_PATTERN", "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DenseModel", "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT",
     "MobileViTConfig", "PreprocessConfig", "SSDLite", "SegmentationConfig", "check_input",
     "create_model", "get_config", "list_models", "load_dense_checkpoint", "make_divisible",
 ]
