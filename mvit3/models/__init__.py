@@ -18,9 +18,10 @@ from .mobilevit import MIN_INPUT_SIZE, MobileViT, check_input
 from .ssdlite import SSDLite
 
 __all__ = [
-    "CLASSIFICATION_PATTERN", "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DenseModel", "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT",
-    "MobileViTConfig", "PreprocessConfig", "SSDLite", "SegmentationConfig", "check_input",
-    "create_model", "get_config", "list_models", "load_dense_checkpoint", "make_divisible",
+    "CLASSIFICATION_PATTERN", "CONFIGS", "DENSE_CONFIGS", "DeepLabV3", "DenseModel",
+    "DetectionConfig", "MIN_INPUT_SIZE", "MobileViT", "MobileViTConfig", "PreprocessConfig",
+    "SSDLite", "SegmentationConfig", "check_input", "create_model", "get_config", "list_models",
+    "load_dense_checkpoint", "make_divisible"
 ]
 
 # The default pattern lists the classification zoo, which is what the fast models, the
