@@ -622,7 +622,7 @@ class Report:
     def _done(self, name: str) -> bool:
         """A result step that a run before this one (--resume) finished: kept, not rerun."""
         return name not in SETUP_STEPS and any(
-            s["step"] == name and s["status"] in FINAL and s.get("reason") != "budget"
+            s["step"] == name and s["status"] in FINAL and s.get("reason") not in ("budget", "--skip")
             for s in self.report["steps"])
 
     def _record(self, entry: dict) -> None:

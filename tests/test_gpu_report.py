@@ -180,7 +180,7 @@ def test_resume_after_a_kill_redoes_setup_and_unfinished_steps_only(tmp_path, mo
     durations = {"env": 5, "build": 40, "tests": 100, "sanitizer": 30, "ceilings": 4,
                  "table5_fp16": 60, "table5_fp32": 45, "micro": 30}
     fake_steps(monkeypatch, clock, durations, interrupt_at="table5_fp16")
-    rc, saved = run_report(tmp_path, clock)
+    rc, saved = run_report(tmp_path, clock, skip=("sanitizer",))
     assert rc == 1
     assert [(s["step"], s["status"]) for s in saved["steps"]][-2:] == [
         ("ceilings", "ok"), ("table5_fp16", "interrupted")]
@@ -192,7 +192,8 @@ def test_resume_after_a_kill_redoes_setup_and_unfinished_steps_only(tmp_path, mo
     clock.now = 5000.0
     seen = fake_steps(monkeypatch, clock, durations)
     rc, resumed = run_report(tmp_path, clock, previous=saved)
-    assert [name for name, _ in seen] == ["env", "build", "table5_fp16", "table5_fp32", "micro"]
+    assert [name for name, _ in seen] == ["env", "build", "sanitizer", "table5_fp16", "table5_fp32",
+                                          "micro"]  # sanitizer: no longer skipped by request
     assert rc == 0 and len(resumed["runs"]) == 2
     assert [s["step"] for s in resumed["steps"]] == FIRST_LEASE[1:-1]
     assert all(s["status"] == "ok" for s in resumed["steps"])
