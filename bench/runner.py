@@ -12,9 +12,10 @@ Implementations of one model, side by side:
 
 Rows run in priority order: reference, timm, fast and cuda-graph rows model by model, then
 the compile rows (minutes each with max-autotune), so a time budget cuts the least important
-first. `RunConfig.impls` selects implementations. A row that cannot run (no GPU, mvit3.fast missing, a backend unavailable) is kept with
-status "skipped" and the reason; a row that raises is kept with status "failed" and its first
-error line: one row never stops the run.
+first. `RunConfig.impls` selects implementations. A row that cannot run (no GPU, mvit3.fast
+missing, a backend unavailable, timm not installed) is kept with status "skipped" and the
+reason; a row that raises is kept with status "failed" and its first error line: one row never
+stops the run.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ def test_a_slow_step_cuts_the_ones_after_it_and_the_summary_says_so(tmp_path, mo
                       "ceilings": "ok", "table5_fp16": "skipped", "table5_fp32": "skipped",
                       "micro": "skipped"}
     micro = saved["steps"][-1]
-    assert micro["reason"] == "budget" and micro["note"] == "1 s left before the summary, it needs at least 15 s"
+    assert micro["reason"] == "budget"
+    assert micro["note"] == "1 s left before the summary, it needs at least 15 s"
     assert "- micro: skipped: budget: 1 s left" in (out / "summary.md").read_text()
 
 
@@ -621,7 +622,8 @@ def test_summary_of_a_stored_partial_report(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert summary == capsys.readouterr().out.rstrip("\n") + "\n"
     assert summary.startswith("# mvit3 GPU report: NVIDIA H100 80GB HBM3")
-    assert "| tests (correctness sweep) | failed | 50.0 | 150 | 170 | 40 passed, 1 failed, 0 error, 3 skipped" in summary
+    assert ("| tests (correctness sweep) | failed | 50.0 | 150 | 170 | "
+            "40 passed, 1 failed, 0 error, 3 skipped") in summary
     assert "40 passed, 1 failed, 0 errors, 3 skipped (44 run;" in summary
     not_run = summary.split("## What did not run, and why")[1].split("##")[0]
     assert "- table5_fp16: skipped: --skip" in not_run
