@@ -21,9 +21,9 @@ machine). The first lease (`--focus all`, 480 s including the install before it)
   micro       the three headline ops at v3-XS shapes (patch attention, transformer MLP,
               fusion 1x1), batch 1 and 100, fp16, against the stock ops (TF32 off unless --tf32)
   summary     kept back for summary.md
-Later leases: `--focus compile` (torch.compile default and max-autotune, the max-autotune
-tests), `--focus micro` (the whole micro-benchmark grid), `--focus table5` (every model, both
-dtypes, longer rows).
+Later leases: `--focus compile` (torch.compile rows in the default mode, of the reference and
+of timm, and the max-autotune tests), `--focus micro` (the whole micro-benchmark grid),
+`--focus table5` (every model, both dtypes, longer rows, no compile).
 
 Budgets: a step may run until the planned end of its slot (the sum of the budgets up to and
 including it, from the start of the lease), so time an earlier step saved flows to the later
