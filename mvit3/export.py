@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser, runs_model=False)  # exported on the CPU, always the reference
     parser.add_argument("--size", type=int, default=256, help="input height and width (default 256)")
     parser.add_argument("--batch", default="1", help="a fixed batch size, or 'dynamic'")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or later (default 18)")
     parser.add_argument("--out", required=True, metavar="F", help="the .onnx file to write")
     parser.add_argument("--fast", action="store_true", help="refused: see the message")
     parser.add_argument("--no-check", action="store_true",
@@ -119,6 +119,10 @@ def run(args) -> int:
     if args.size < 32:
         print(f"error: --size must be at least 32 (MobileViT downsamples by 32), got {args.size}",
               file=sys.stderr)
+        return 2
+    if args.opset < 18:
+        print(f"error: --opset must be at least 18 (constant Resize sizes over chosen axes need "
+              f"opset 18's Resize), got {args.opset}", file=sys.stderr)
         return 2
     batch = None if args.batch == "dynamic" else int(args.batch)
     import onnx

@@ -107,7 +107,7 @@ def test_shards_cover_every_image_once(count, world):
 
 def test_eval_single_process_with_the_reference_comparison(workspace, mvit3_command):
     status, _, err = mvit3_command("eval", "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt",
-                                   "--backend", "torch", "--compare-reference", "--batch-size", "2",
+                                   "--backend", "torch", "--compare-reference", "--batch-size", "8",
                                    "--workers", "0", "--device", "cpu", "--json", "one.json", cwd=workspace)
     assert status == 0, err
     assert "eval mobilevitv2_050" in err  # the tqdm bar
@@ -121,7 +121,7 @@ def test_eval_under_torchrun_counts_each_image_once(workspace):
     """2 gloo processes on 5 images: DistributedSampler would give each 3 (image 0 twice)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "mvit3", "eval",
-               "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt", "--batch-size", "2",
+               "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt", "--batch-size", "8",
                "--workers", "0", "--device", "cpu", "--json", "two.json"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,8 +172,13 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, name, batch, mvit3_command):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_export_refuses_the_fast_model_with_a_reason(tmp_path, mvit3_command):
+def test_export_refuses_the_fast_model_and_bad_arguments_with_a_reason(tmp_path, mvit3_command):
     status, _, err = mvit3_command("export", "--format", "onnx", "--model", MODEL, "--fast", "--out",
                                    "x.onnx", cwd=tmp_path)
     assert status == 2 and "custom torch.library ops" in err
+    for flag, value, reason in (("--batch", "0", "positive integer or 'dynamic'"), ("--size", "16", "at least 32"),
+                                ("--opset", "17", "at least 18")):
+        status, _, err = mvit3_command("export", "--format", "onnx", "--model", MODEL, flag, value,
+                                       "--out", "x.onnx", cwd=tmp_path)
+        assert status == 2 and reason in err
     assert not (tmp_path / "x.onnx").exists()
