@@ -3,8 +3,8 @@
 Batch-1 latency (mean, median, p10, p90) and batch-100 throughput at 256x256 for the
 reference model, the fast model per kernel backend, its CUDA-graph replay, torch.compile
 of the reference and, for the v1 and v2 models, timm's model (eager and compiled; its own
-random weights, so timings only), with params, MACs, kernel launches per forward and the paper's RTX 2080 Ti
-figures beside. Output: a markdown table on stdout; --json, --csv, --plot files.
+random weights, so timings only), with params, MACs, kernel launches per forward and the
+paper's RTX 2080 Ti figures beside. Output: a markdown table on stdout; --json, --csv, --plot files.
 """
 
 from __future__ import annotations
@@ -129,8 +129,10 @@ def make_config(args) -> RunConfig:
         raise UsageError(f"--backends: unknown {unknown}; choose from {FAST_BACKENDS}")
     impls = tuple(filter(None, (i.strip() for i in args.impls.split(","))))
     unknown = [i for i in impls if i not in IMPL_ORDER]
-    if unknown or not impls:
-        raise UsageError(f"--impls: unknown {unknown or 'none given'}; choose from {IMPL_ORDER}")
+    if unknown:
+        raise UsageError(f"--impls: unknown {unknown}; choose from {IMPL_ORDER}")
+    if not impls:
+        raise UsageError(f"--impls selects no implementation; choose from {IMPL_ORDER}")
     compile_ = device.type == "cuda" and name != "quick" if args.compile is None else args.compile
     mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
