@@ -321,6 +321,15 @@ def read_jsonl(path) -> list:
     return records
 
 
+def read_table(path: Path) -> Optional[dict]:
+    """A Table 5 JSON (`python -m mvit3 bench --json`), or None when it is missing or was cut
+    mid-write (the bench run rewrites it after every row; a kill can land in a write)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def parse_results_log(path) -> dict:
     """Counts and per-test outcomes of pytest's `--results-log` file (tests/conftest.py)."""
     tests = read_jsonl(path)
@@ -578,9 +587,9 @@ class Report:
         else:
             cmd += ["--no-compile"]
         result = self.command(cmd + (["--tf32"] if self.tf32 else []), timeout_s)
-        if not path.is_file():
+        bench = read_table(path)  # partial when the step was killed: still evidence
+        if bench is None:
             return _failed(result)
-        bench = json.loads(path.read_text())  # partial when the step was killed: still evidence
         self.report["bench"][dtype] = {"file": path.name, "rows": len(bench["rows"])}
         rows = bench["rows"]
         details = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
@@ -869,11 +878,11 @@ def render_summary(report: dict, folder: Optional[Path] = None) -> str:
                   f"- fp16 matmul {mm['n']}^3: {mm['tflops']:.1f} TFLOP/s ({mm['ms_median']:.3f} ms, "
                   f"median of {mm['samples']})"]
     for dtype, entry in report.get("bench", {}).items():
-        path = (folder or Path(".")) / entry["file"]
-        if not path.is_file():
-            lines += ["", f"## Table 5, {dtype}", "", f"({entry['file']} is not beside this summary)"]
+        bench = read_table((folder or Path(".")) / entry["file"])
+        if bench is None:
+            lines += ["", f"## Table 5, {dtype}", "",
+                      f"({entry['file']} is not beside this summary, or was cut mid-write)"]
             continue
-        bench = json.loads(path.read_text())
         lines += ["", render_markdown(bench, heading="##", environment=False).rstrip()]
         failures += [f"- Table 5 {dtype} {r['model']} {r['impl']}/{r['backend']}: {r['reason']}"
                      for r in bench["rows"] if r["status"] == "failed"]

@@ -644,6 +644,15 @@ def test_summary_of_a_stored_partial_report(tmp_path, capsys):
         assert expected in failures
 
 
+def test_a_table_cut_mid_write_is_reported_not_fatal(tmp_path):
+    report = stored_report(tmp_path)
+    text = (tmp_path / "table5_fp32.json").read_text()
+    (tmp_path / "table5_fp32.json").write_text(text[: len(text) // 2])  # the kill's torn write
+    summary = render_summary(report, tmp_path)
+    assert "(table5_fp32.json is not beside this summary, or was cut mid-write)" in summary
+    assert gpu_report.read_table(tmp_path / "table5_fp32.json") is None
+
+
 def test_render_summary_of_a_report_cut_before_any_step():
     report = {"started_utc": "2026-01-01T00:00:00+00:00", "budget_s": 480.0, "steps": [],
               "bench": {}, "plan": plan_json("all", 480)["steps"]}
