@@ -108,6 +108,11 @@ def run(args) -> int:
 
 
 def _evaluate(args, rank: int, world: int, device) -> int:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ImportError("eval shows its progress with tqdm: pip install tqdm (or the "
+                          "'tools' extra: pip install mvit3[tools])") from None
     model = build_model(args.model, args.checkpoint, args.backend, device)
     reference = build_model(args.model, args.checkpoint, "reference", device) if args.compare_reference else None
     dataset = ImageFolder(args.data, model.preprocess)
@@ -118,8 +123,6 @@ def _evaluate(args, rank: int, world: int, device) -> int:
                         sampler=shard(dataset, rank, world))
     # counts: images, top-1 hits, top-5 hits, top-1 agreements with the reference
     counts = torch.zeros(4, dtype=torch.float64, device=device)
-    from tqdm import tqdm
-
     start = time.perf_counter()
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=f"eval {args.model}", unit="batch", disable=rank != 0):
