@@ -123,7 +123,9 @@ def test_eval_under_torchrun_counts_each_image_once(workspace):
                "--nproc-per-node", "2", "-m", "mvit3", "eval",
                "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt", "--batch-size", "8",
                "--workers", "0", "--device", "cpu", "--json", "two.json"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=300)
+    # gloo on the loopback interface: no dependence on how this machine's hostname resolves
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((workspace / "two.json").read_text())
     assert out["images"] == 5 and out["processes"] == 2
