@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,20 +29,102 @@ _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
              torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
 
 
+class TensorArg:
+    """A tensor argument as a launch record keeps it: enough to tell Triton's specialisation
+    (dtype, and the address for its 16-byte alignment) and the bytes the launch moves.
+    Not a tuple: Triton would take a tuple for a tuple argument."""
+    __slots__ = ("dtype", "address", "nbytes")
+
+    def __init__(self, dtype: torch.dtype, address: int, nbytes: int):
+        self.dtype, self.address, self.nbytes = dtype, address, nbytes
+
+    def data_ptr(self) -> int:  # what Triton's specialisation reads of a tensor
+        return self.address
+
+    def __repr__(self) -> str:
+        return f"TensorArg({self.dtype}, address={self.address:#x}, nbytes={self.nbytes})"
+
+
+class Work(NamedTuple):
+    """The arithmetic of one launch, for the kernels report (`python -m mvit3 kernels`): 2 x the
+    multiply-adds of its matrix products on tl.dot (tensor cores for fp16/bf16, FMA units for
+    IEEE fp32) and of its other products (depthwise taps, weighted sums: FMA units).
+    Elementwise work (norms, softmax, activations) is not counted. serial_steps: the loop
+    iterations one program walks in sequence (K chunks, key blocks x heads, ...): a long chain
+    on a grid that leaves SMs idle is a batch-1 latency problem the FLOPs do not show."""
+    dot_flops: int = 0
+    simt_flops: int = 0
+    serial_steps: int = 0
+
+
 @dataclass(frozen=True)
 class LaunchRecord:
     kernel: object  # the @triton.jit function
     grid: tuple
-    signature: tuple  # ((arg name, triton type), ...) of the runtime arguments
+    args: tuple  # ((name, value), ...) of the runtime arguments; tensors as TensorArg
     constexprs: tuple  # ((name, value), ...) including num_warps / num_stages
+    work: Work = Work()
 
     @property
     def name(self) -> str:
         return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
 
     @property
+    def signature(self) -> tuple:
+        """((arg name, triton type), ...) of the runtime arguments ("constexpr" for None)."""
+        return tuple((name, _arg_type(value)) for name, value in self.args)
+
+    @property
+    def specialization(self) -> tuple:
+        """((arg name, (triton type, attribute)), ...): how Triton's JIT specialises this launch,
+        by its own rule (`runtime_specialization`): an integer equal to 1 becomes the constant
+        1, integers divisible by 16 and 16-byte aligned pointers are marked so ("D")."""
+        return tuple((name, runtime_specialization(value)) for name, value in self.args)
+
+    @property
     def key(self):
-        return (self.name, self.signature, self.constexprs)
+        """What makes a compiled kernel distinct: two records with one key share a binary."""
+        return (self.name, self.specialization, self.constexprs)
+
+    @property
+    def bytes(self) -> int:
+        """The least traffic of the launch: every tensor it is given, read or written once
+        (a tensor passed twice counts once)."""
+        seen = {(v.address, v.nbytes): v.nbytes for _, v in self.args if isinstance(v, TensorArg)}
+        return sum(seen.values())
+
+
+def runtime_specialization(value) -> tuple:
+    """(triton type, attribute) that Triton's JIT gives a runtime argument of this value:
+    ("constexpr", 1) for the integer 1, ("i32", "D") for an integer divisible by 16, ("*fp16",
+    "D") for a 16-byte aligned fp16 pointer, ("constexpr", None) for None, ...; a kernel is
+    compiled, and cached, once per distinct tuple of these."""
+    if _native_specialize is not None:
+        backend, specialize = _native_specialize
+        kind, attr = specialize(backend, value, False, True, True)[:2]
+        return kind, attr or None
+    # Triton versions without the native helper follow the same rule in Python
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool) or isinstance(value, float):
+        return _arg_type(value), None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        return _arg_type(value), "D" if value % 16 == 0 else None
+    return _arg_type(value), "D" if value.data_ptr() % 16 == 0 else None
+
+
+def _find_native_specialize():
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        return None
+    return CUDABackend, native_specialize_impl
+
+
+_native_specialize = _find_native_specialize()
 
 
 @dataclass
@@ -117,7 +200,7 @@ def _arg_type(value) -> str:
     # Called for every argument of every recorded launch: the common cases come first.
     if value is None:
         return "constexpr"
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, TensorArg)):
         return _POINTER_TYPES[value.dtype]
     if isinstance(value, bool):
         return "i1"
@@ -129,16 +212,17 @@ def _arg_type(value) -> str:
 
 
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
-           num_stages: int = 2) -> None:
+           num_stages: int = 2, work: Work = Work()) -> None:
     """Launch `kernel[grid](**args, **constexprs)`; args are the runtime arguments by name.
 
     A None argument (an absent optional tensor) is passed as a constexpr None, so the kernel
-    specialises it away (`if ptr is not None` in Triton code).
+    specialises it away (`if ptr is not None` in Triton code). `work` is the launch's
+    arithmetic, kept in the launch log for the kernels report.
     """
     if _ACTIVE_LOG is not None:
-        signature = tuple((k, _arg_type(v)) for k, v in args.items())
+        recorded = tuple((k, _recorded_arg(v)) for k, v in args.items())
         meta = tuple(sorted(constexprs.items())) + (("num_stages", num_stages), ("num_warps", num_warps))
-        _ACTIVE_LOG.records.append(LaunchRecord(kernel, tuple(grid), signature, meta))
+        _ACTIVE_LOG.records.append(LaunchRecord(kernel, tuple(grid), recorded, meta, work))
         if _ACTIVE_LOG.dry_run:
             return
     # Triton launches on the *current* device and its current stream: a model on cuda:1 while
@@ -148,6 +232,12 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
               and device.index != torch.cuda.current_device())
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
         kernel[tuple(grid)](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _recorded_arg(value):
+    if isinstance(value, torch.Tensor):
+        return TensorArg(value.dtype, value.data_ptr(), value.numel() * value.element_size())
+    return value
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -276,14 +366,14 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_m, offs_n, offs_m < M, offs_n < N
 
 
-def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict) -> None:
+def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work: Work) -> None:
     """Launch a kernel that takes its output tile from `gemm_tile`: one program per
     [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid. constexprs holds BLOCK_M,
     BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
     meta = dict(constexprs)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     grid = (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
-    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages)
+    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages, work=work)
 
 
 @triton.jit
@@ -354,15 +444,26 @@ def map_stride_args(name: str, t: torch.Tensor | None) -> dict:
 TARGET_PROGRAMS = 128  # about one wave on an H100 (132 SMs), two on an RTX 2080 Ti (68 SMs)
 
 
-def rows_per_program(programs, row_values: int, max_tile_values: int) -> int:
-    """BLOCK_M of a kernel whose programs each own BLOCK_M rows of `row_values` values.
+WGMMA_ROWS = 64  # the M of one Hopper warpgroup MMA: tl.dot tiles with fewer rows use mma.sync
 
-    The largest of 64 and 32 whose [BLOCK_M, row_values] tile stays within max_tile_values
-    and that still gives TARGET_PROGRAMS programs (`programs(block_m)` counts them), else 16
-    (the smallest tl.dot tile): batch-1 latency needs programs more than the reuse of large
-    tiles.
+
+def rows_per_program(programs, row_values: int, dtype: torch.dtype, max_rows: int = 64) -> int:
+    """BLOCK_M of a kernel whose programs each own BLOCK_M rows of `row_values` values (the
+    widest [BLOCK_M, row_values] tile it keeps in registers), at most max_rows.
+
+    fp16/bf16: WGMMA_ROWS whenever that still gives half of TARGET_PROGRAMS programs
+    (`programs(block_m)` counts them; v3-XS's layer_5 at batch 100 has 100), so that the dots
+    run on Hopper's warpgroup MMA and weight tiles are reused over 64 rows. fp32, and 16-bit
+    launches too small for that (batch 1: programs matter more than the tensor-core shape, and
+    those run mma.sync): the largest
+    of 64 and 32 whose tile stays within 4K values, for the FMA dots keep their operand
+    fragments in registers, that still gives TARGET_PROGRAMS programs; else 16 (the smallest
+    tl.dot tile).
     """
+    if (dtype != torch.float32 and max_rows >= WGMMA_ROWS
+            and programs(WGMMA_ROWS) >= TARGET_PROGRAMS // 2):
+        return WGMMA_ROWS
     for block_m in (64, 32):
-        if block_m * row_values <= max_tile_values and programs(block_m) >= TARGET_PROGRAMS:
+        if block_m <= max_rows and block_m * row_values <= 4096 and programs(block_m) >= TARGET_PROGRAMS:
             return block_m
     return 16

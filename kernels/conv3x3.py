@@ -18,10 +18,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS
 
-from ._common import (cat_maps_error, check_device, conv3x3_output, conv3x3_output_size,
+from ._common import (cat_maps_error, cdiv, check_device, conv3x3_output, conv3x3_output_size,
                       dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
                       interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
-                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error)
+                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error, Work)
 
 
 @triton.jit
@@ -144,6 +144,7 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
+    meta = _meta(cout, x.dtype)
     launch_gemm_tiles(
         _conv3x3_kernel, geometry["M"], cout,
         dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
@@ -151,5 +152,7 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
              **map_stride_args("x", x), **map_stride_args("x2", x2),
              **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
         dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-             **_meta(cout, x.dtype)))
+             **meta),
+        Work(dot_flops=2 * geometry["M"] * cout * 9 * (c1 + c2),
+             serial_steps=cdiv(9 * c1, meta["BLOCK_K"]) + cdiv(9 * c2, meta["BLOCK_K"])))
     return out

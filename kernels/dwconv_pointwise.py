@@ -16,10 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
+from ._common import (cdiv, check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, silu, vector_stride_error)
+                      pixel_coords, pixel_tile_epilogue, silu, vector_stride_error, Work)
 
 
 @triton.jit
@@ -145,6 +145,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
+    meta = _meta(cout)
     launch_gemm_tiles(
         _dwconv_pointwise_kernel, geometry["M"], cout,
         dict(x_ptr=x, dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight, bias_ptr=bias,
@@ -154,5 +155,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
              stride_dwx=dw_weight.stride(3),
              stride_wn=weight.stride(0), stride_wk=weight.stride(1),
              **map_stride_args("r", residual)),
-        dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **_meta(cout)))
+        dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
+        Work(dot_flops=2 * geometry["M"] * x.shape[1] * cout, simt_flops=2 * geometry["M"] * x.shape[1] * 9,
+             serial_steps=cdiv(x.shape[1], meta["BLOCK_K"])))
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, launch, next_pow2
+from ._common import cdiv, check_device, launch, next_pow2, Work
 
 
 @triton.jit
@@ -63,5 +63,6 @@ def group_norm_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
            dict(x_ptr=x, stats_ptr=stats, C=c, HW=h * w, W=w, eps=float(eps),
                 stride_b=x.stride(0), stride_c=x.stride(1), stride_h=x.stride(2),
                 stride_w=x.stride(3)),
-           dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=4)
+           dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=4,
+           work=Work(serial_steps=cdiv(h * w, block_p) * cdiv(c, block_c)))
     return stats

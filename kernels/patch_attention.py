@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      patch_pixel_offset, rows_per_program, vector_stride_error)
+                      patch_pixel_offset, rows_per_program, vector_stride_error, Work)
+from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
 MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in registers
@@ -186,7 +187,16 @@ def why_unsupported(qkv, num_heads, scale, proj_weight=None, proj_bias=None, res
     return int32_offset_limit(qkv=qkv, residual=residual)
 
 
-def _meta(batch: int, n: int, head_pad: int, d_pad: int) -> dict:
+def _fused_projection_fits(dtype: torch.dtype, d_pad: int) -> bool:
+    """Whether the out_proj can be fused. fp32 dots run on FMA units, which hold a thread's
+    whole K slice of the [HEAD_PAD, OUT_CHUNK] weight tile in registers: for d > 128 (head dims
+    36..60, padded to 64, two 128-wide output chunks) ptxas spills 0.5-3.4 KB a thread on sm_90
+    whatever the tiles. Those launches leave the projection to a second launch
+    (`pointwise_conv`, out_proj + bias + residual in its epilogue): one more map round trip."""
+    return dtype != torch.float32 or d_pad <= 128
+
+
+def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype) -> dict:
     """Deterministic meta-parameters.
 
     BLOCK_M: query tokens per program, the [BLOCK_M, d] fp32 out_proj accumulator within 4K
@@ -195,15 +205,26 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int) -> dict:
     weight tile alone would fill the 64 KB of shared memory of an sm_75 GPU. BLOCK_N: the fp32
     dots run on FMA units with their operand tiles in registers; ptxas -v (sm_75/80/90) shows
     these choices spilling at most about 0.7 KB per thread, where e.g. 32-key blocks at head
-    dim 64 or 32-query tiles at d > 128 spill up to 4 KB.
+    dim 64 or 32-query tiles at d > 128 spill up to 4 KB; with the runtime specialisation
+    (`python -m mvit3 kernels`) more of them spill: `_keys_per_block` and
+    `_fused_projection_fits` keep every configuration the models launch spill-free.
     """
-    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, 4096)
+    # query tiles no taller than the sequence: N = 16 (7x7 or 8x8 maps) keeps 16-row mma.sync tiles
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, max_rows=next_pow2(n))
     out_chunk = min(d_pad, 128)
     return interpreter_meta(
-        dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), 32 if head_pad == 32 else 64),
+        dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad)),
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
              num_warps=8 if block_m * d_pad >= 4096 else 4),
         BLOCK_M=min(next_pow2(n), 128), BLOCK_N=min(next_pow2(n), 256))
+
+
+def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int) -> int:
+    """BLOCK_N: keys per block of the online softmax, the largest that ptxas compiles without
+    spills on sm_80/90 for the tile around it (checked by tests/test_triton_aot.py)."""
+    if dtype == torch.float32:  # FMA dots (or TF32): operand fragments in registers
+        return 16 if block_m >= 32 or head_pad == 32 else 32
+    return 32 if head_pad == 32 or d_pad > 128 else 64
 
 
 def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
@@ -218,9 +239,12 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
     d = c3 // 3
     n = (h // 2) * (w // 2)
     head_dim = d // num_heads
+    if proj_weight is not None and not _fused_projection_fits(qkv.dtype, next_pow2(d)):
+        heads = patch_attention(qkv, num_heads, scale)
+        return pointwise_conv(heads, proj_weight, proj_bias, residual=residual)
     out = channels_last_empty(b, d, h, w, qkv)
     d_pad = next_pow2(d) if proj_weight is not None else 16  # only sizes the out_proj tile
-    meta = _meta(b, n, next_pow2(head_dim), d_pad)
+    meta = _meta(b, n, next_pow2(head_dim), d_pad, qkv.dtype)
     num_warps = meta.pop("num_warps")
     pw_strides = proj_weight.stride() if proj_weight is not None else (0, 0)
     launch(_patch_attention_kernel, (cdiv(n, meta["BLOCK_M"]), b * 4),
@@ -231,5 +255,8 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
                 **map_stride_args("qkv", qkv), stride_pw_out=pw_strides[0], stride_pw_in=pw_strides[1],
                 **map_stride_args("r", residual), **map_stride_args("out", out)),
            dict(**meta, DOT_TYPE=dot_operand_type(qkv.dtype), DOT_PRECISION=dot_precision(qkv.dtype)),
-           num_warps=num_warps)
+           num_warps=num_warps,
+           # per sequence q @ k^T and p @ v over all heads (2 n^2 d multiply-adds), then out_proj
+           work=Work(dot_flops=b * 4 * 4 * n * n * d + (2 * b * h * w * d * d if proj_weight is not None else 0),
+                     serial_steps=num_heads * cdiv(n, meta["BLOCK_N"])))
     return out

@@ -23,10 +23,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS, NORMS
 
-from ._common import (cat_maps_error, channels_last_empty, check_device, dot_operand_type,
+from ._common import (cat_maps_error, cdiv, channels_last_empty, check_device, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, vector_stride_error)
+                      pixel_coords, pixel_tile_epilogue, vector_stride_error, Work)
 from .group_norm_stats import group_norm_stats
 
 
@@ -184,6 +184,7 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
     if norm == "none":
         norm_weight = norm_bias = None
     stats = group_norm_stats(x, eps) if norm == "group" else None
+    meta = _meta(cout, x.dtype)
     launch_gemm_tiles(
         _pointwise_conv_kernel, m, cout,
         dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, res_ptr=residual,
@@ -193,5 +194,8 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
              stride_wn=weight.stride(0), stride_wk=weight.stride(1),
              **map_stride_args("r", residual)),
         dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
-             DOT_PRECISION=dot_precision(x.dtype), **_meta(cout, x.dtype)))
+             DOT_PRECISION=dot_precision(x.dtype), **meta),
+        # the LayerNorm statistics take one more pass over x's channels
+        Work(dot_flops=2 * m * cout * (c1 + c2),
+             serial_steps=(2 if norm == "layer" else 1) * cdiv(c1, meta["BLOCK_K"]) + cdiv(c2, meta["BLOCK_K"])))
     return out

@@ -31,7 +31,7 @@ import triton.language as tl
 from ._common import (TARGET_PROGRAMS, cdiv, channels_last_empty, check_device,
                       dot_operand_type, dot_precision, int32_offset_limit, interpreter_meta,
                       launch, map_stride_args, next_pow2, patch_pixel_offset, rows_per_program,
-                      vector_stride_error)
+                      vector_stride_error, Work)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -209,7 +209,7 @@ def why_unsupported(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, out_we
     return int32_offset_limit(x=x)
 
 
-def _meta(batch: int, n: int, d_pad: int) -> tuple[dict, dict, int]:
+def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype) -> tuple[dict, dict, int]:
     """(context meta, consumer meta, tokens per split).
 
     Context programs walk [BLOCK_N, d] tiles of 4K values; splits: enough for
@@ -221,10 +221,15 @@ def _meta(batch: int, n: int, d_pad: int) -> tuple[dict, dict, int]:
     block_n = min(4096 // d_pad, next_pow2(n))
     splits = max(1, min(MAX_SPLITS, cdiv(TARGET_PROGRAMS, batch * 4), cdiv(n, block_n)))
     tokens_per_split = cdiv(cdiv(n, splits), block_n) * block_n
-    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, 4096)
+    # 16-bit [64, 256] tiles spill (the normalised tile, v and the accumulator are all live):
+    # d > 128 keeps 16-row mma.sync tiles; so does fp32 from d = 128 (TF32 32-row tiles spill)
+    max_rows = next_pow2(n) if d_pad < (128 if dtype == torch.float32 else 256) else 16
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, max_rows=max_rows)
     context_meta = dict(BLOCK_N=block_n, D_PAD=d_pad, BLOCK_O=min(d_pad, 4096 // d_pad))
     consumer_meta = interpreter_meta(
-        dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_C=min(32, max(16, 2048 // d_pad)),
+        # fp32: 16-wide chunks (32 spills at d = 64: the FMA dots keep their operands in registers)
+        dict(BLOCK_M=block_m, D_PAD=d_pad,
+             BLOCK_C=16 if dtype == torch.float32 else min(32, max(16, 2048 // d_pad)),
              SPLITS_PAD=MAX_SPLITS, num_warps=8 if block_m * d_pad >= 4096 else 4),
         BLOCK_M=min(next_pow2(n), 256), BLOCK_C=128)
     return context_meta, consumer_meta, tokens_per_split
@@ -241,7 +246,7 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
     b, d, h, w = x.shape
     n = (h // 2) * (w // 2)
     d_pad = next_pow2(d)
-    context_meta, consumer_meta, tokens_per_split = _meta(b, n, d_pad)
+    context_meta, consumer_meta, tokens_per_split = _meta(b, n, d_pad, x.dtype)
     num_splits = cdiv(n, tokens_per_split)
     stats = group_norm_stats(x, eps)
     # fp32 online-softmax state of every (sequence, split): max, sum, Wk-projected weighted sum
@@ -256,7 +261,11 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
                 partial_sum_ptr=partial_sum, partial_ctx_ptr=partial_ctx,
                 N=n, patches_per_row=w // 2, D=d, tokens_per_split=tokens_per_split,
                 num_splits=num_splits, **x_strides),
-           context_meta, num_warps=4)
+           context_meta, num_warps=4,
+           # q_n = a_n . wq and the score-weighted sum of a_n per token, Wk @ (that sum) per split
+           work=Work(simt_flops=4 * b * h * w * d + 2 * b * 4 * num_splits * d * d,
+                     serial_steps=cdiv(tokens_per_split, context_meta["BLOCK_N"])
+                     + cdiv(d, context_meta["BLOCK_O"])))
 
     out = channels_last_empty(b, d, h, w, x)
     num_warps = consumer_meta.pop("num_warps")
@@ -269,5 +278,6 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
                 stride_out_w_out=out_weight.stride(0), stride_out_w_in=out_weight.stride(1),
                 **map_stride_args("out", out)),
            dict(**consumer_meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
-           num_warps=num_warps)
+           num_warps=num_warps,
+           work=Work(dot_flops=4 * b * h * w * d * d, serial_steps=cdiv(d, consumer_meta["BLOCK_C"])))
     return out

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      rows_per_program, silu, vector_stride_error)
+                      rows_per_program, silu, vector_stride_error, Work)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -122,16 +122,20 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
     return int32_offset_limit(x=x)
 
 
-def _meta(num_pixels: int, d_pad: int) -> dict:
+def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype) -> dict:
     """BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
     each) within 4K values (`rows_per_program`); BLOCK_F: hidden units per chunk, each weight
     chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
     operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
     no or small (< 0.5 KB) spills for sm_75/80/90, where larger tiles spill kilobytes."""
-    block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, 4096)
+    # 16-bit [64, 256] tiles need 80 KB of shared memory, more than an sm_75 block has (the
+    # launcher does not specialise by arch yet): d > 128 keeps 16-row mma.sync tiles
+    block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, dtype,
+                               max_rows=64 if d_pad <= 128 else 16)
     return interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
-             num_warps=8 if block_m * d_pad >= 4096 else 4),
+             # fp32 FMA dots hold more per thread: 8 warps from 2K-value tiles (4 spill at d = 128)
+             num_warps=8 if block_m * d_pad >= (2048 if dtype == torch.float32 else 4096) else 4),
         BLOCK_M=256, BLOCK_F=128)
 
 
@@ -146,7 +150,7 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     b, d, h, w = x.shape
     stats = group_norm_stats(x, eps) if norm == "group" else None
     out = channels_last_empty(b, d, h, w, x)
-    meta = _meta(b * h * w, next_pow2(d))
+    meta = _meta(b * h * w, next_pow2(d), x.dtype)
     num_warps = meta.pop("num_warps")
     launch(_transformer_mlp_kernel, (cdiv(b * h * w, meta["BLOCK_M"]),),
            dict(x_ptr=x, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats,
@@ -157,5 +161,6 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
                 stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
                 **map_stride_args("out", out)),
            dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
-           num_warps=num_warps)
+           num_warps=num_warps,
+           work=Work(dot_flops=4 * b * h * w * d * w1.shape[0], serial_steps=cdiv(w1.shape[0], meta["BLOCK_F"])))
     return out

@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": ("mvit3.predict", "top-5 ImageNet-1k classes of images"),
     "eval": ("mvit3.evaluate", "top-1/top-5 accuracy on an ImageFolder tree (torchrun: sharded)"),
     "export": ("mvit3.export", "the reference model as ONNX at a fixed input size"),
+    "kernels": ("mvit3.kernel_report.cli", "what the compiler made of each launch, and its roofline (no GPU needed)"),
 }
 
 

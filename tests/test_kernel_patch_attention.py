@@ -167,12 +167,15 @@ def test_limits():
 
 def test_launch_configurations():
     """Dry run: one launch per call; batch 1 gets small query tiles (more programs), batch 100
-    large ones, and d > 128 two out_proj slices."""
+    large ones (64 rows in fp16: wgmma), and d > 128 two out_proj slices in fp16, a second
+    launch for the out_proj in fp32 (its fused FMA form spills)."""
     with launch_log(dry_run=True) as log:
         kernel.patch_attention(*make_args(1, 64, 4, 16, 16))
-        kernel.patch_attention(*make_args(100, 64, 4, 32, 32))
+        kernel.patch_attention(*make_args(100, 64, 4, 32, 32, dtype=torch.float16))
+        kernel.patch_attention(*make_args(1, 240, 4, 8, 8, dtype=torch.float16))
         kernel.patch_attention(*make_args(1, 240, 4, 8, 8))
-    batch1, batch100, wide = (dict(r.constexprs) for r in log.records)
-    assert [r.grid for r in log.records] == [(4, 4), (4, 400), (1, 4)]
+    batch1, batch100, wide, wide_fp32, projection = (dict(r.constexprs) for r in log.records)
+    assert [r.grid for r in log.records][:4] == [(4, 4), (4, 400), (1, 4), (1, 4)]
     assert batch1["BLOCK_M"] == 16 and batch100["BLOCK_M"] == 64 and batch100["num_warps"] == 8
     assert not batch1["TWO_OUT_CHUNKS"] and wide["TWO_OUT_CHUNKS"] and wide["OUT_CHUNK"] == 128
+    assert log.records[4].name == "_pointwise_conv_kernel" and not wide_fp32["TWO_OUT_CHUNKS"]

@@ -1,0 +1,201 @@
+"""The kernels report (`python -m mvit3 kernels`): its instruction classes on kernels whose
+compiled form is known, its FLOP and byte totals against independent counts from the models'
+shapes, its GPU arithmetic, and the command itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mvit3
+from mvit3.kernel_report.gpus import GPUS, blocks_per_sm, floor_us
+from mvit3.kernel_report.report import collect
+
+HERE = Path(__file__).resolve().parent
+
+
+def _uninterpreted(args: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a Python command line without TRITON_INTERPRET (which the suite sets on CPU
+    machines and under which kernels cannot be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                            timeout=timeout, cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return json.loads(_uninterpreted([str(HERE / "report_probes.py")]).stdout.strip().splitlines()[-1])
+
+
+def test_instruction_classes_of_known_kernels(probes):
+    assert probes["dot_fp16_sm90"]["mma"] == "wgmma"  # an fp16 64x64x64 tl.dot on Hopper
+    assert probes["dot_fp16_sm80"]["mma"] == "mma"  # the same on Ampere: mma.sync
+    assert probes["dot_fp32_ieee_sm90"]["mma"] == "fma"  # IEEE fp32: no tensor cores
+    assert probes["copy_fp16_aligned"]["mma"] == "none"
+
+
+def test_load_widths_of_known_kernels(probes):
+    # contiguous fp16 with 16-byte aligned pointers and n divisible by 16: 128-bit loads;
+    # the same copy one element off alignment falls back to 16-bit loads
+    assert probes["copy_fp16_aligned"]["load_bits"] == 128
+    assert probes["copy_fp16_misaligned"]["load_bits"] == 16
+
+
+def test_ptxas_report_is_read(probes):
+    # a [64, 64] fp32 FMA dot in 4 warps needs more than 255 registers a thread: it spills
+    assert probes["dot_fp32_ieee_sm90"]["registers"] == 255
+    assert probes["dot_fp32_ieee_sm90"]["spill_bytes"] > 0
+    assert probes["dot_fp16_sm90"]["spill_bytes"] == 0
+    assert 0 < probes["dot_fp16_sm90"]["registers"] < 255
+    assert probes["dot_fp16_sm90"]["shared_bytes"] > 0
+
+
+@pytest.mark.parametrize("name", ["mobilevitv3_xs", "mobilevit_xs", "mobilevitv3_s_l2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_flops_of_v1_style_models_equal_twice_their_macs(name, batch):
+    """The fused ops of v1-style models do exactly the matrix products of the reference
+    (model_stats counts them from the reference model, independently of the kernels)."""
+    rows = collect(name, batch, torch.float32)
+    assert sum(row.flops for row in rows) == 2 * batch * mvit3.model_stats(name)["macs"]
+
+
+@pytest.mark.parametrize("name", ["mobilevitv3_050", "mobilevitv2_075"])
+def test_flops_of_v2_style_models(name):
+    """Separable attention never forms the per-pixel k projection: context = Wk (sum_n
+    score_n a_n) + bk. Per layer on M pixels of d channels, with S (sequence, split) partial
+    states, the reference's 2 M d (1 + 2d) (qkv) becomes 2 M d (q) + 2 M d (the weighted
+    sum) + 2 S d^2 (Wk per partial state) + 2 M d^2 (v); everything else is the same."""
+    rows = collect(name, 1, torch.float32)
+    expected = 2 * mvit3.model_stats(name)["macs"]
+    partial = [row for row in rows if row.kernel == "_context_partial_kernel"]
+    assert partial
+    for row in partial:
+        args = dict(row.record.args)
+        d, m = args["D"], args["N"] * row.grid[1]  # grid (splits, B * 4 sequences of N tokens)
+        states = row.grid[0] * row.grid[1]
+        expected += -2 * m * d * (1 + 2 * d) + 2 * m * d + 2 * m * d + 2 * states * d * d + 2 * m * d * d
+    assert sum(row.flops for row in rows) == expected
+
+
+def _v3_xs_least_bytes(batch: int, dtype: torch.dtype, size: int = 256) -> int:
+    """The least traffic of a fused forward of mobilevitv3_xs, counted from the reference
+    model's modules: every fused op reads its input maps, weights and biases (BatchNorm
+    folded) and writes its output once. fp32 attention with d > 128 writes its heads and
+    projects them in a second launch (kernels/patch_attention.py: `_fused_projection_fits`)."""
+    model = mvit3.create_model("mobilevitv3_xs")
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+
+    def op(*sizes):  # numels of the tensors one launch reads or writes
+        nonlocal total
+        total += item * sum(sizes)
+
+    def conv(layer):
+        c = layer.conv
+        return c.weight.numel(), c.out_channels
+
+    hw = (size // 2) ** 2
+    weight, bias = conv(model.conv_1)
+    op(batch * 3 * size * size, weight, bias, batch * 16 * hw)
+    channels = 16
+    for block in [b for k in range(1, 6) for b in getattr(model, f"layer_{k}")]:
+        if hasattr(block, "block"):  # MV2: expand, then depthwise + reduce (+ residual)
+            mv2 = block.block
+            hidden = mv2.exp_1x1.conv.out_channels
+            out_channels = mv2.red_1x1.conv.out_channels
+            hw_out = hw // block.stride ** 2
+            op(batch * channels * hw, *conv(mv2.exp_1x1), batch * hidden * hw)
+            op(batch * hidden * hw, *conv(mv2.conv_3x3), *conv(mv2.red_1x1), batch * out_channels * hw_out,
+               batch * channels * hw if block.use_residual else 0)
+            channels, hw = out_channels, hw_out
+            continue
+        d = block.local_rep.conv_1x1.conv.out_channels
+        dw_weight, dw_bias = conv(block.local_rep.conv_3x3)
+        op(batch * channels * hw, dw_weight, dw_bias, block.local_rep.conv_1x1.conv.weight.numel(),
+           batch * d * hw)
+        for layer in block.global_rep[:-1]:
+            ln1, attention = layer.pre_norm_mha[0], layer.pre_norm_mha[1]
+            ln2, fc1, fc2 = layer.pre_norm_ffn[0], layer.pre_norm_ffn[1], layer.pre_norm_ffn[4]
+            op(batch * d * hw, 2 * d, attention.qkv_proj.weight.numel(), 3 * d, batch * 3 * d * hw)
+            if dtype == torch.float32 and d > 128:  # out_proj as a second launch (its fused FMA form spills)
+                op(batch * 3 * d * hw, batch * d * hw)
+                op(batch * d * hw, d * d, d, batch * d * hw, batch * d * hw)
+            else:
+                op(batch * 3 * d * hw, d * d, d, batch * d * hw, batch * d * hw)  # + out_proj + residual
+            op(batch * d * hw, 2 * d, fc1.weight.numel(), fc1.out_features, fc2.weight.numel(), d,
+               batch * d * hw)
+        op(batch * d * hw, 2 * d, *conv(block.conv_proj), batch * channels * hw)  # final LN + conv_proj
+        op(batch * d * hw, *conv(block.fusion), batch * channels * hw, batch * channels * hw,
+           batch * channels * hw)  # [local | global] + residual -> out
+    features = model.conv_1x1_exp.conv.out_channels
+    op(batch * channels * hw, *conv(model.conv_1x1_exp), batch * features * hw)
+    op(batch * features * hw, batch * features)  # global pool
+    fc = model.classifier.fc
+    op(fc.out_features, batch * features, fc.weight.numel(), batch * fc.out_features)
+    return total
+
+
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float16), (2, torch.float32)])
+def test_bytes_of_v3_xs_equal_an_independent_count(batch, dtype):
+    rows = collect("mobilevitv3_xs", batch, dtype)
+    assert sum(row.bytes for row in rows) == _v3_xs_least_bytes(batch, dtype)
+
+
+def test_rows_follow_the_forward():
+    rows = collect("mobilevitv3_xs", 1, torch.float16)
+    assert len(rows) == 54  # 52 Triton launches + the classifier's mean and addmm
+    assert rows[0].stage == "stem" and rows[0].op == "conv3x3"
+    assert [row.kernel for row in rows[-2:]] == ["aten::mean", "aten::addmm"]
+    assert {row.stage for row in rows if row.op == "patch_attention"} == {"layer_3.1", "layer_4.1", "layer_5.1"}
+    assert sum(row.op == "patch_attention" for row in rows) == 2 + 4 + 3  # transformer layers
+
+
+def test_gpu_arithmetic():
+    h200 = GPUS["h200"]
+    # 4.8 MB at 4.8 TB/s is 1 us; 989.4 GFLOP of fp16 tensor work is 1 ms
+    assert floor_us(h200, 4_800_000, 0, 0, "tensor") == pytest.approx(1.0)
+    assert floor_us(h200, 0, int(989.4e9), 0, "tensor") == pytest.approx(1000.0)
+    assert floor_us(h200, 0, int(66.9e9), 0, "fp32") == pytest.approx(1000.0)
+    # occupancy: 64 registers x 256 threads -> 4 blocks by registers; 128 threads and 200 KB of
+    # shared memory -> 1 block; sm_75 has no 1 KB reservation
+    assert blocks_per_sm(h200, 64, 0, 8) == 4
+    assert blocks_per_sm(h200, 32, 200 * 1024, 4) == 1
+    assert blocks_per_sm(GPUS["rtx2080ti"], 32, 32 * 1024, 4) == 2
+
+
+def test_command_json_and_markdown(tmp_path):
+    """The command end to end, compiling for sm_90: every row compiled, without error."""
+    out = tmp_path / "report.json"
+    result = _uninterpreted(["-m", "mvit3", "kernels", "--model", "mobilevitv3_xxs", "--batch", "1",
+                             "--dtype", "fp16", "--gpu", "h200", "--json", str(out)])
+    assert "sum of floors" in result.stdout
+    (report,) = json.loads(out.read_text())
+    assert report["arch"] == 90 and report["gpu"]["name"] == "NVIDIA H200 SXM"
+    for key in ("launches", "bytes", "flops", "floor_us"):
+        assert report["totals"][key] > 0
+    triton_rows = [row for row in report["rows"] if not row["kernel"].startswith("aten::")]
+    assert len(triton_rows) == report["totals"]["launches"] - 2
+    for row in triton_rows:
+        assert row["compile_error"] is None
+        assert row["mma"] in ("wgmma", "mma", "fma", "none")
+        for key in ("kernel", "op", "programs", "registers", "spill_bytes", "shared_bytes",
+                    "load_bits", "bytes", "flops", "floor_us"):
+            assert row[key] is not None, key
+        assert row["registers"] > 0 and row["programs"] > 0
+
+
+def test_command_refuses_bad_input(capsys):
+    from mvit3.__main__ import main
+
+    assert main(["kernels", "--model", "nope", "--no-compile"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["kernels", "--dtype", "fp64", "--no-compile"]) == 2
+    assert main(["kernels", "--batch", "0", "--no-compile"]) == 2
