@@ -1,9 +1,13 @@
 """Every Triton kernel, at every configuration the code launches for the 15 models, compiles
-ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90, with no GPU present, within the shared
-memory a block can have there.
+ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90 as Triton's JIT will compile it there
+(runtime specialisation included), with no GPU present, within the shared memory a block can
+have there, and without a register spill on sm_90 (sm_80's spills are listed in the summary, not yet
+gated: tests/aot_compile.py).
 
 The work happens in tests/aot_compile.py, in a subprocess without TRITON_INTERPRET (which
-this test suite turns on for CPU runs, and under which kernels cannot be compiled).
+this test suite turns on for CPU runs, and under which kernels cannot be compiled), through the
+kernels report's compile path (mvit3.kernel_report.compiled), whose disk cache makes a rerun
+over unchanged kernels fast.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ def aot_summary():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="ahead-of-time compilation is the no-GPU proof; a GPU runs the kernels")
-def test_every_configuration_compiles_for_sm75_sm80_sm90(aot_summary):
+def test_every_configuration_compiles_without_spills(aot_summary):
     assert aot_summary["configurations"] > 0
     assert not aot_summary["errors"], (f"{len(aot_summary['errors'])} of "
-                                       f"{aot_summary['compilations']} compilations failed:\n"
+                                       f"{aot_summary['compilations']} compilations failed or spill:\n"
                                        + "\n".join(aot_summary["errors"][:20]))
 
 
