@@ -332,22 +332,70 @@ def dot_operand_type(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def int32_offset_limit(out_shape: tuple | None = None, **tensors) -> str | None:
-    """Why int32 element offsets cannot reach every element of the output (a dense map of
-    out_shape, when given) or of the named tensors, or None.
+INT32_MAX = 2 ** 31 - 1
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
-    Kernels index with int32 arithmetic (Triton's type for i32 sizes and strides).
-    """
-    out_elements = math.prod(out_shape) if out_shape is not None else 0
-    if out_elements > 2 ** 31 - 1:
-        return f"output has {out_elements} elements > 2**31 - 1 (the kernels use int32 offsets)"
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        if t.numel() > 0 and span > 2 ** 31 - 1:
-            return f"{name} spans {span} elements > 2**31 - 1 (the kernels use int32 offsets)"
+
+def _samples_within_int32(shape: tuple, strides: tuple) -> int:
+    """The most leading-axis entries (samples) of a tensor whose elements an int32 offset from
+    the first sample's base still reaches; 0 if not even one."""
+    rest = sum((size - 1) * abs(stride) for size, stride in zip(shape[1:], strides[1:]))
+    if rest + 1 > INT32_MAX:
+        return 0
+    return shape[0] if strides[0] == 0 else 1 + (INT32_MAX - 1 - rest) // abs(strides[0])
+
+
+def _dense_strides(shape: tuple) -> tuple:
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+
+
+def samples_per_launch(out_shape: tuple, maps: dict) -> int:
+    """How many samples one launch may cover so that int32 offsets reach every element of
+    its dense output map (out_shape, [B, ...]) and of its input maps (`maps`, [B, ...] of any
+    strides; None: absent). Kernels index with int32 arithmetic (Triton's type for i32 sizes
+    and strides) from a base pointer per tensor, so a larger batch is launched in chunks of
+    this many samples; 0 if not even one sample fits."""
+    limits = [_samples_within_int32(out_shape, _dense_strides(out_shape))]
+    limits += [_samples_within_int32(tuple(t.shape), t.stride()) for t in maps.values()
+               if t is not None and t.numel() > 0]
+    return min(limits)
+
+
+def int32_offset_limit(out_shape: tuple, maps: dict, weights: dict | None = None) -> str | None:
+    """Why int32 offsets cannot address these tensors even one sample per launch (see
+    `samples_per_launch`), or a weight whole; None if they can."""
+    if samples_per_launch(out_shape, maps) < 1:
+        return (f"one sample of the output {list(out_shape)} or of an input map spans more than "
+                f"2**31 - 1 elements (the kernels use int32 offsets)")
+    for name, t in (weights or {}).items():
+        if t is not None and t.numel() > 0 and _samples_within_int32((1,) + tuple(t.shape), (0,) + t.stride()) < 1:
+            return f"{name} spans more than 2**31 - 1 elements (the kernels use int32 offsets)"
     return None
+
+
+def _span_4d(t: torch.Tensor) -> int:
+    """Elements from the first to the last of a 4-D tensor (written out: called per launch)."""
+    (b, c, h, w), (sb, sc, sh, sw) = t.shape, t.stride()
+    return 1 + (b - 1) * abs(sb) + (c - 1) * abs(sc) + (h - 1) * abs(sh) + (w - 1) * abs(sw)
+
+
+def batch_chunks(batch: int, out_shape: tuple, maps: tuple, max_samples: int = INT32_MAX) -> list:
+    """[(start, stop), ...]: the batch in launches of at most `samples_per_launch` samples (and
+    max_samples, for a grid axis that grows with the batch). One chunk, (0, batch), unless
+    the batch is huge: v3-XS at 256 px needs several from batch 1024 on. maps: the [B, ...]
+    input maps (None: absent)."""
+    if (batch <= max_samples and math.prod(out_shape) <= INT32_MAX
+            and all(t is None or t.numel() == 0 or _span_4d(t) <= INT32_MAX for t in maps)):
+        return [(0, batch)]
+    per_launch = min(samples_per_launch(out_shape, dict(enumerate(maps))), max_samples)
+    return [(start, min(start + per_launch, batch)) for start in range(0, batch, per_launch)]
+
+
+def batch_part(t: torch.Tensor | None, start: int, stop: int):
+    """Samples start..stop-1 of a [B, ...] tensor (itself for the whole batch; None stays None)."""
+    if t is None or (start == 0 and stop == t.shape[0]):
+        return t
+    return t[start:stop]
 
 
 @triton.jit

@@ -18,10 +18,11 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS
 
-from ._common import (cat_maps_error, cdiv, check_device, conv3x3_output, conv3x3_output_size,
-                      dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
-                      interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
-                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error, Work)
+from ._common import (Work, batch_chunks, batch_part, cat_maps_error, cdiv, check_device,
+                      conv3x3_output, conv3x3_output_size, dot_operand_type, dot_precision,
+                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
+                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
+                      pixel_tile_epilogue, vector_stride_error)
 
 
 @triton.jit
@@ -130,12 +131,12 @@ def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str 
         return error
     b, _, h, w = x.shape
     out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
-    return int32_offset_limit(out_shape, x=x, x2=x2, weight=weight)
+    return int32_offset_limit(out_shape, dict(x=x, x2=x2), dict(weight=weight))
 
 
 def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     """act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias) -> channels_last [B, Cout, Hout, Wout]."""
-    error = _shape_error(x, weight, bias, x2, stride, act)
+    error = why_unsupported(x, weight, bias, x2, stride, act)
     if error is not None:
         raise ValueError(f"conv3x3: {error}")
     check_device(x, weight, bias, x2)
@@ -145,14 +146,18 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
     if geometry["M"] == 0 or cout == 0:
         return out
     meta = _meta(cout, x.dtype)
-    launch_gemm_tiles(
-        _conv3x3_kernel, geometry["M"], cout,
-        dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, out_ptr=out,
-             **geometry, C1=c1, C2=c2, N=cout,
-             **map_stride_args("x", x), **map_stride_args("x2", x2),
-             **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
-        dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-             **meta),
-        Work(dot_flops=2 * geometry["M"] * cout * 9 * (c1 + c2),
-             serial_steps=cdiv(9 * c1, meta["BLOCK_K"]) + cdiv(9 * c2, meta["BLOCK_K"])))
+    b = x.shape[0]
+    for start, stop in batch_chunks(b, out.shape, (x, x2)):
+        m = (stop - start) * geometry["HW_out"]
+        launch_gemm_tiles(
+            _conv3x3_kernel, m, cout,
+            dict(x_ptr=batch_part(x, start, stop), x2_ptr=batch_part(x2, start, stop), w_ptr=weight,
+                 bias_ptr=bias, out_ptr=batch_part(out, start, stop),
+                 **dict(geometry, M=m), C1=c1, C2=c2, N=cout,
+                 **map_stride_args("x", x), **map_stride_args("x2", x2),
+                 **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
+            dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+                 **meta),
+            Work(dot_flops=2 * m * cout * 9 * (c1 + c2),
+                 serial_steps=cdiv(9 * c1, meta["BLOCK_K"]) + cdiv(9 * c2, meta["BLOCK_K"])))
     return out

@@ -16,10 +16,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
-                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
-                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, silu, vector_stride_error, Work)
+from ._common import (Work, batch_chunks, batch_part, cdiv, check_device, conv3x3_output,
+                      conv3x3_output_size, dot_operand_type, dot_precision, gemm_tile,
+                      int32_offset_limit, interpreter_meta, launch_gemm_tiles, load_weight_tile,
+                      map_stride_args, next_pow2, pixel_coords, pixel_tile_epilogue, silu,
+                      vector_stride_error)
 
 
 @triton.jit
@@ -132,12 +133,12 @@ def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual
         return error
     b, _, h, w = x.shape
     out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
-    return int32_offset_limit(out_shape, x=x, weight=weight, residual=residual)
+    return int32_offset_limit(out_shape, dict(x=x, residual=residual), dict(weight=weight))
 
 
 def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None):
     """silu(depthwise3x3(x) + dw_bias) @ weight^T + bias + residual -> channels_last [B, Cout, Hout, Wout]."""
-    error = _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual)
+    error = why_unsupported(x, dw_weight, dw_bias, weight, bias, stride, residual)
     if error is not None:
         raise ValueError(f"dwconv_pointwise: {error}")
     check_device(x, dw_weight, dw_bias, weight, bias, residual)
@@ -146,16 +147,20 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     if geometry["M"] == 0 or cout == 0:
         return out
     meta = _meta(cout)
-    launch_gemm_tiles(
-        _dwconv_pointwise_kernel, geometry["M"], cout,
-        dict(x_ptr=x, dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight, bias_ptr=bias,
-             res_ptr=residual, out_ptr=out, **geometry, Ch=x.shape[1], N=cout,
-             **map_stride_args("x", x),
-             stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
-             stride_dwx=dw_weight.stride(3),
-             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-             **map_stride_args("r", residual)),
-        dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-        Work(dot_flops=2 * geometry["M"] * x.shape[1] * cout, simt_flops=2 * geometry["M"] * x.shape[1] * 9,
-             serial_steps=cdiv(x.shape[1], meta["BLOCK_K"])))
+    b, ch = x.shape[:2]
+    for start, stop in batch_chunks(b, out.shape, (x, residual)):
+        m = (stop - start) * geometry["HW_out"]
+        launch_gemm_tiles(
+            _dwconv_pointwise_kernel, m, cout,
+            dict(x_ptr=batch_part(x, start, stop), dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight,
+                 bias_ptr=bias, res_ptr=batch_part(residual, start, stop),
+                 out_ptr=batch_part(out, start, stop), **dict(geometry, M=m), Ch=ch, N=cout,
+                 **map_stride_args("x", x),
+                 stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
+                 stride_dwx=dw_weight.stride(3),
+                 stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                 **map_stride_args("r", residual)),
+            dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
+            Work(dot_flops=2 * m * ch * cout, simt_flops=2 * m * ch * 9,
+                 serial_steps=cdiv(ch, meta["BLOCK_K"])))
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_device, launch, next_pow2, Work
+from ._common import Work, batch_chunks, batch_part, cdiv, check_device, launch, next_pow2
 
 
 @triton.jit
@@ -59,10 +59,12 @@ def group_norm_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
     stats = torch.empty((b, 2), dtype=torch.float32, device=x.device)
     block_c = min(next_pow2(c), 64)
     block_p = max(16, 4096 // block_c)
-    launch(_group_norm_stats_kernel, (b,),
-           dict(x_ptr=x, stats_ptr=stats, C=c, HW=h * w, W=w, eps=float(eps),
-                stride_b=x.stride(0), stride_c=x.stride(1), stride_h=x.stride(2),
-                stride_w=x.stride(3)),
-           dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=4,
-           work=Work(serial_steps=cdiv(h * w, block_p) * cdiv(c, block_c)))
+    for start, stop in batch_chunks(b, stats.shape, (x,)):
+        launch(_group_norm_stats_kernel, (stop - start,),
+               dict(x_ptr=batch_part(x, start, stop), stats_ptr=batch_part(stats, start, stop),
+                    C=c, HW=h * w, W=w, eps=float(eps),
+                    stride_b=x.stride(0), stride_c=x.stride(1), stride_h=x.stride(2),
+                    stride_w=x.stride(3)),
+               dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=4,
+               work=Work(serial_steps=cdiv(h * w, block_p) * cdiv(c, block_c)))
     return stats

@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      patch_pixel_offset, rows_per_program, vector_stride_error, Work)
+from ._common import (MAX_GRID_Y, Work, batch_chunks, batch_part, cdiv, channels_last_empty,
+                      check_device, dot_operand_type, dot_precision, int32_offset_limit,
+                      interpreter_meta, launch, map_stride_args, next_pow2, patch_pixel_offset,
+                      rows_per_program, vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
@@ -184,7 +185,9 @@ def why_unsupported(qkv, num_heads, scale, proj_weight=None, proj_bias=None, res
         return f"head dim {d // num_heads} > {MAX_HEAD_DIM}"
     if proj_weight is not None and d > MAX_DIM:
         return f"d = {d} > {MAX_DIM} with the fused out_proj"
-    return int32_offset_limit(qkv=qkv, residual=residual)
+    b, c3, h, w = qkv.shape
+    return int32_offset_limit((b, c3 // 3, h, w), dict(qkv=qkv, residual=residual),
+                              dict(proj_weight=proj_weight))
 
 
 def _fused_projection_fits(dtype: torch.dtype, d_pad: int) -> bool:
@@ -247,16 +250,19 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
     meta = _meta(b, n, next_pow2(head_dim), d_pad, qkv.dtype)
     num_warps = meta.pop("num_warps")
     pw_strides = proj_weight.stride() if proj_weight is not None else (0, 0)
-    launch(_patch_attention_kernel, (cdiv(n, meta["BLOCK_M"]), b * 4),
-           dict(qkv_ptr=qkv, proj_w_ptr=proj_weight, proj_b_ptr=proj_bias, res_ptr=residual,
-                out_ptr=out,
-                N=n, patches_per_row=w // 2, D=d, head_dim=head_dim, num_heads=num_heads,
-                qk_scale=float(scale) * math.log2(math.e),
-                **map_stride_args("qkv", qkv), stride_pw_out=pw_strides[0], stride_pw_in=pw_strides[1],
-                **map_stride_args("r", residual), **map_stride_args("out", out)),
-           dict(**meta, DOT_TYPE=dot_operand_type(qkv.dtype), DOT_PRECISION=dot_precision(qkv.dtype)),
-           num_warps=num_warps,
-           # per sequence q @ k^T and p @ v over all heads (2 n^2 d multiply-adds), then out_proj
-           work=Work(dot_flops=b * 4 * 4 * n * n * d + (2 * b * h * w * d * d if proj_weight is not None else 0),
-                     serial_steps=num_heads * cdiv(n, meta["BLOCK_N"])))
+    # grid axis 1 holds the 4 sequences of each sample: at most MAX_GRID_Y // 4 samples a launch
+    for start, stop in batch_chunks(b, out.shape, (qkv, residual), max_samples=MAX_GRID_Y // 4):
+        bc = stop - start
+        launch(_patch_attention_kernel, (cdiv(n, meta["BLOCK_M"]), bc * 4),
+               dict(qkv_ptr=batch_part(qkv, start, stop), proj_w_ptr=proj_weight, proj_b_ptr=proj_bias,
+                    res_ptr=batch_part(residual, start, stop), out_ptr=batch_part(out, start, stop),
+                    N=n, patches_per_row=w // 2, D=d, head_dim=head_dim, num_heads=num_heads,
+                    qk_scale=float(scale) * math.log2(math.e),
+                    **map_stride_args("qkv", qkv), stride_pw_out=pw_strides[0], stride_pw_in=pw_strides[1],
+                    **map_stride_args("r", residual), **map_stride_args("out", out)),
+               dict(**meta, DOT_TYPE=dot_operand_type(qkv.dtype), DOT_PRECISION=dot_precision(qkv.dtype)),
+               num_warps=num_warps,
+               # per sequence q @ k^T and p @ v over all heads (2 n^2 d multiply-adds), then out_proj
+               work=Work(dot_flops=bc * 4 * 4 * n * n * d + (2 * bc * h * w * d * d if proj_weight is not None else 0),
+                         serial_steps=num_heads * cdiv(n, meta["BLOCK_N"])))
     return out

@@ -23,10 +23,10 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS, NORMS
 
-from ._common import (cat_maps_error, cdiv, channels_last_empty, check_device, dot_operand_type,
-                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
-                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, vector_stride_error, Work)
+from ._common import (Work, batch_chunks, batch_part, cat_maps_error, cdiv, channels_last_empty,
+                      check_device, dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
+                      interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
+                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 
@@ -163,14 +163,14 @@ def why_unsupported(x, weight, bias=None, x2=None, residual=None, norm="none", n
     if error is not None:
         return error
     b, _, h, w = x.shape
-    return int32_offset_limit((b, weight.shape[0], h, w), x=x, x2=x2, weight=weight,
-                              residual=residual)
+    return int32_offset_limit((b, weight.shape[0], h, w), dict(x=x, x2=x2, residual=residual),
+                              dict(weight=weight))
 
 
 def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", norm_weight=None,
                    norm_bias=None, eps=1e-5, act="none"):
     """y = act(cat(norm(x), x2) @ weight^T + bias) + residual -> channels_last [B, Cout, H, W]."""
-    error = _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act)
+    error = why_unsupported(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, eps, act)
     if error is not None:
         raise ValueError(f"pointwise_conv: {error}")
     check_device(x, weight, bias, x2, residual, norm_weight, norm_bias)
@@ -178,24 +178,28 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
     c2 = x2.shape[1] if x2 is not None else 0
     cout = weight.shape[0]
     out = channels_last_empty(b, cout, h, w, like=x)
-    m = b * h * w
-    if m == 0 or cout == 0:
+    if b * h * w == 0 or cout == 0:
         return out
     if norm == "none":
         norm_weight = norm_bias = None
     stats = group_norm_stats(x, eps) if norm == "group" else None
     meta = _meta(cout, x.dtype)
-    launch_gemm_tiles(
-        _pointwise_conv_kernel, m, cout,
-        dict(x_ptr=x, x2_ptr=x2, w_ptr=weight, bias_ptr=bias, res_ptr=residual,
-             norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats, out_ptr=out,
-             M=m, HW=h * w, W=w, C1=c1, C2=c2, N=cout, eps=float(eps),
-             **map_stride_args("x", x), **map_stride_args("x2", x2),
-             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-             **map_stride_args("r", residual)),
-        dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
-             DOT_PRECISION=dot_precision(x.dtype), **meta),
-        # the LayerNorm statistics take one more pass over x's channels
-        Work(dot_flops=2 * m * cout * (c1 + c2),
-             serial_steps=(2 if norm == "layer" else 1) * cdiv(c1, meta["BLOCK_K"]) + cdiv(c2, meta["BLOCK_K"])))
+    for start, stop in batch_chunks(b, out.shape, (x, x2, residual)):
+        part = dict(x=batch_part(x, start, stop), x2=batch_part(x2, start, stop),
+                    r=batch_part(residual, start, stop))
+        m = (stop - start) * h * w
+        launch_gemm_tiles(
+            _pointwise_conv_kernel, m, cout,
+            dict(x_ptr=part["x"], x2_ptr=part["x2"], w_ptr=weight, bias_ptr=bias, res_ptr=part["r"],
+                 norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=batch_part(stats, start, stop),
+                 out_ptr=batch_part(out, start, stop),
+                 M=m, HW=h * w, W=w, C1=c1, C2=c2, N=cout, eps=float(eps),
+                 **map_stride_args("x", x), **map_stride_args("x2", x2),
+                 stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                 **map_stride_args("r", residual)),
+            dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
+                 DOT_PRECISION=dot_precision(x.dtype), **meta),
+            # the LayerNorm statistics take one more pass over x's channels
+            Work(dot_flops=2 * m * cout * (c1 + c2),
+                 serial_steps=(2 if norm == "layer" else 1) * cdiv(c1, meta["BLOCK_K"]) + cdiv(c2, meta["BLOCK_K"])))
     return out

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TARGET_PROGRAMS, cdiv, channels_last_empty, check_device,
-                      dot_operand_type, dot_precision, int32_offset_limit, interpreter_meta,
-                      launch, map_stride_args, next_pow2, patch_pixel_offset, rows_per_program,
-                      vector_stride_error, Work)
+from ._common import (MAX_GRID_Y, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
+                      channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
+                      patch_pixel_offset, rows_per_program, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -206,7 +206,7 @@ def why_unsupported(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, out_we
         return reason
     if x.shape[1] > MAX_DIM:
         return f"d = {x.shape[1]} > {MAX_DIM}"
-    return int32_offset_limit(x=x)
+    return int32_offset_limit(tuple(x.shape), dict(x=x), dict(qkv_weight=qkv_weight))
 
 
 def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype) -> tuple[dict, dict, int]:
@@ -253,31 +253,35 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
     partial_max = torch.empty((b * 4, num_splits), dtype=torch.float32, device=x.device)
     partial_sum = torch.empty_like(partial_max)
     partial_ctx = torch.empty((b * 4, num_splits, d_pad), dtype=torch.float32, device=x.device)
+    out = channels_last_empty(b, d, h, w, x)
     x_strides = dict(**map_stride_args("x", x),
                      stride_qkv_w_out=qkv_weight.stride(0), stride_qkv_w_in=qkv_weight.stride(1))
-    launch(_context_partial_kernel, (num_splits, b * 4),
-           dict(x_ptr=x, stats_ptr=stats, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
-                qkv_w_ptr=qkv_weight, qkv_b_ptr=qkv_bias, partial_max_ptr=partial_max,
-                partial_sum_ptr=partial_sum, partial_ctx_ptr=partial_ctx,
-                N=n, patches_per_row=w // 2, D=d, tokens_per_split=tokens_per_split,
-                num_splits=num_splits, **x_strides),
-           context_meta, num_warps=4,
-           # q_n = a_n . wq and the score-weighted sum of a_n per token, Wk @ (that sum) per split
-           work=Work(simt_flops=4 * b * h * w * d + 2 * b * 4 * num_splits * d * d,
-                     serial_steps=cdiv(tokens_per_split, context_meta["BLOCK_N"])
-                     + cdiv(d, context_meta["BLOCK_O"])))
-
-    out = channels_last_empty(b, d, h, w, x)
     num_warps = consumer_meta.pop("num_warps")
-    launch(_separable_attention_kernel, (cdiv(n, consumer_meta["BLOCK_M"]), b * 4),
-           dict(x_ptr=x, stats_ptr=stats, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
-                qkv_w_ptr=qkv_weight, qkv_b_ptr=qkv_bias, out_w_ptr=out_weight, out_b_ptr=out_bias,
-                partial_max_ptr=partial_max, partial_sum_ptr=partial_sum, partial_ctx_ptr=partial_ctx,
-                out_ptr=out,
-                N=n, patches_per_row=w // 2, D=d, num_splits=num_splits, **x_strides,
-                stride_out_w_out=out_weight.stride(0), stride_out_w_in=out_weight.stride(1),
-                **map_stride_args("out", out)),
-           dict(**consumer_meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
-           num_warps=num_warps,
-           work=Work(dot_flops=4 * b * h * w * d * d, serial_steps=cdiv(d, consumer_meta["BLOCK_C"])))
+    # grid axis 1 holds the 4 sequences of each sample: at most MAX_GRID_Y // 4 samples a launch
+    for start, stop in batch_chunks(b, out.shape, (x,), max_samples=MAX_GRID_Y // 4):
+        bc = stop - start
+        x_part, stats_part = batch_part(x, start, stop), batch_part(stats, start, stop)
+        partials = dict(partial_max_ptr=batch_part(partial_max, 4 * start, 4 * stop),
+                        partial_sum_ptr=batch_part(partial_sum, 4 * start, 4 * stop),
+                        partial_ctx_ptr=batch_part(partial_ctx, 4 * start, 4 * stop))
+        launch(_context_partial_kernel, (num_splits, bc * 4),
+               dict(x_ptr=x_part, stats_ptr=stats_part, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
+                    qkv_w_ptr=qkv_weight, qkv_b_ptr=qkv_bias, **partials,
+                    N=n, patches_per_row=w // 2, D=d, tokens_per_split=tokens_per_split,
+                    num_splits=num_splits, **x_strides),
+               context_meta, num_warps=4,
+               # q_n = a_n . wq and the score-weighted sum of a_n per token, Wk @ (that sum) per split
+               work=Work(simt_flops=4 * bc * h * w * d + 2 * bc * 4 * num_splits * d * d,
+                         serial_steps=cdiv(tokens_per_split, context_meta["BLOCK_N"])
+                         + cdiv(d, context_meta["BLOCK_O"])))
+        launch(_separable_attention_kernel, (cdiv(n, consumer_meta["BLOCK_M"]), bc * 4),
+               dict(x_ptr=x_part, stats_ptr=stats_part, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
+                    qkv_w_ptr=qkv_weight, qkv_b_ptr=qkv_bias, out_w_ptr=out_weight, out_b_ptr=out_bias,
+                    **partials, out_ptr=batch_part(out, start, stop),
+                    N=n, patches_per_row=w // 2, D=d, num_splits=num_splits, **x_strides,
+                    stride_out_w_out=out_weight.stride(0), stride_out_w_in=out_weight.stride(1),
+                    **map_stride_args("out", out)),
+               dict(**consumer_meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
+               num_warps=num_warps,
+               work=Work(dot_flops=4 * bc * h * w * d * d, serial_steps=cdiv(d, consumer_meta["BLOCK_C"])))
     return out

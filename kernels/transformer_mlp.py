@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      rows_per_program, silu, vector_stride_error, Work)
+from ._common import (Work, batch_chunks, batch_part, cdiv, channels_last_empty, check_device,
+                      dot_operand_type, dot_precision, int32_offset_limit, interpreter_meta, launch,
+                      map_stride_args, next_pow2, rows_per_program, silu, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -119,7 +119,7 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
         return reason
     if x.shape[1] > MAX_DIM:
         return f"d = {x.shape[1]} > {MAX_DIM}"
-    return int32_offset_limit(x=x)
+    return int32_offset_limit(tuple(x.shape), dict(x=x))
 
 
 def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -152,15 +152,18 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     out = channels_last_empty(b, d, h, w, x)
     meta = _meta(b * h * w, next_pow2(d), x.dtype)
     num_warps = meta.pop("num_warps")
-    launch(_transformer_mlp_kernel, (cdiv(b * h * w, meta["BLOCK_M"]),),
-           dict(x_ptr=x, norm_w_ptr=norm_weight, norm_b_ptr=norm_bias, stats_ptr=stats,
-                w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=out,
-                num_pixels=b * h * w, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),
-                **map_stride_args("x", x),
-                stride_w1_f=w1.stride(0), stride_w1_d=w1.stride(1),
-                stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
-                **map_stride_args("out", out)),
-           dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
-           num_warps=num_warps,
-           work=Work(dot_flops=4 * b * h * w * d * w1.shape[0], serial_steps=cdiv(w1.shape[0], meta["BLOCK_F"])))
+    for start, stop in batch_chunks(b, out.shape, (x,)):
+        pixels = (stop - start) * h * w
+        launch(_transformer_mlp_kernel, (cdiv(pixels, meta["BLOCK_M"]),),
+               dict(x_ptr=batch_part(x, start, stop), norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
+                    stats_ptr=batch_part(stats, start, stop),
+                    w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=batch_part(out, start, stop),
+                    num_pixels=pixels, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),
+                    **map_stride_args("x", x),
+                    stride_w1_f=w1.stride(0), stride_w1_d=w1.stride(1),
+                    stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
+                    **map_stride_args("out", out)),
+               dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
+               num_warps=num_warps,
+               work=Work(dot_flops=4 * pixels * d * w1.shape[0], serial_steps=cdiv(w1.shape[0], meta["BLOCK_F"])))
     return out

@@ -144,9 +144,11 @@ def test_bad_inputs_raise(case):
 
 def test_why_unsupported():
     assert why_unsupported(*_base_args()) is None
-    # int32 offsets: a map of 3 * 2**30 elements (meta tensors: shapes only, no memory)
-    x = torch.empty(3, 3, 2 ** 15, 2 ** 15, device="meta")
-    reason = why_unsupported(x, torch.empty(16, 3, 3, 3, device="meta"), None, None, 2)
+    # int32 offsets (meta tensors: shapes only, no memory): 3 input samples of 2**30 elements
+    # (3 * 2**30 in all) are launched in chunks; an output sample of 2**32 cannot be
+    x = torch.empty(3, 1, 2 ** 15, 2 ** 15, device="meta")
+    assert why_unsupported(x, torch.empty(4, 1, 3, 3, device="meta"), None, None, 2) is None
+    reason = why_unsupported(x, torch.empty(16, 1, 3, 3, device="meta"), None, None, 2)
     assert reason is not None and "2**31" in reason
 
 
