@@ -1,15 +1,26 @@
 """Turn an image into the input tensor the official weights expect (spec section 7).
 
 Evaluation pipeline of both cvnets versions: resize the shorter side to 288 keeping the aspect
-ratio, centre-crop 256x256, scale to [0, 1] (no mean/std). v1-style weights (cvnets v0.1,
-OpenCV) expect BGR channels and a cv2 bilinear resize; v2-style weights (cvnets v0.2, PIL)
-expect RGB and a PIL bicubic resize. The resize here is torch's: bilinear without antialias
-(what cv2.INTER_LINEAR does) and bicubic with antialias (torch's PIL-compatible mode), rounded
-to uint8 like the originals; results agree with OpenCV/PIL to about one grey level.
+ratio (the longer side is int(288 * long / short); an image whose shorter side is already 288
+is not resized), centre-crop 256x256 at ((H - 256) // 2, (W - 256) // 2), divide by 255 (no
+mean/std). The two families differ in the library that read and resized the images:
+- v1-style weights (cvnets v0.1): OpenCV. Files are read with cv2.imread (BGR), resized with
+  cv2.resize INTER_LINEAR.
+- v2-style weights (cvnets v0.2): PIL. Files are read with Image.open(...).convert("RGB"),
+  resized with Image.resize BICUBIC (what torchvision's resize calls for a PIL image).
+The resize here calls that same library, so the uint8 crop is the official one bit for bit.
+When the library is missing (OpenCV is the optional extra `opencv-python-headless`, PIL is
+`pillow`), torch resizes instead, rounded to uint8, and a warning says how far it is off:
+bilinear without antialias is within one grey level of cv2.INTER_LINEAR; antialiased bicubic
+is within one grey level of PIL on about 99% of the pixels but up to ~25 levels off at sharp
+edges (PIL rounds and clips to 0..255 between its horizontal and vertical passes; torch does
+not), measured on noise and ramp images (tests/test_preprocess.py).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -18,6 +29,39 @@ import torch.nn.functional as F
 
 from .models import PreprocessConfig
 
+# The library each family's official pipeline read and resized images with, its package, and
+# how far torch's stand-in resize is from it.
+_LIBRARY = {
+    "bilinear": ("OpenCV", "opencv-python-headless", "within one grey level of"),
+    "bicubic": ("PIL", "pillow", "within one grey level on ~99% of the pixels (up to ~25 levels "
+                                 "off at sharp edges) of"),
+}
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
+
+
+def _warn_approximate(interpolation: str) -> None:
+    library, package, agreement = _LIBRARY[interpolation]
+    warnings.warn(
+        f"{library} is not installed, so mvit3.preprocess resizes with torch ({interpolation}) "
+        f"instead of the official {library} resize: the input is {agreement} the official "
+        f"pipeline's, not bit for bit. `pip install {package}` makes it exact.",
+        stacklevel=4)
+
 
 def _to_uint8_hwc(image) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image, without importing PIL
@@ -25,7 +69,8 @@ def _to_uint8_hwc(image) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"expected a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
+        raise TypeError(f"expected an image file path, a PIL image or an HxWx3 uint8 array, "
+                        f"got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 array (pixel values 0..255), got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -33,40 +78,86 @@ def _to_uint8_hwc(image) -> np.ndarray:
     return image
 
 
+def _read_file(path, interpolation: str):
+    """Read an image file as the family's official pipeline did: (HxWx3 uint8 array, its
+    channel order). cv2.imread for the OpenCV family (BGR), PIL otherwise (RGB)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path!r}")
+    cv2 = _cv2() if interpolation == "bilinear" else None
+    if cv2 is not None:
+        array = cv2.imread(path, cv2.IMREAD_COLOR)
+        if array is None:
+            raise ValueError(f"cannot read image {path!r}: OpenCV could not decode it")
+        return array, "BGR"
+    image_module = _pil_image()
+    if image_module is None:
+        raise ImportError(f"reading {path!r} needs OpenCV (opencv-python-headless) or PIL "
+                          f"(pillow); neither is installed")
+    if interpolation == "bilinear":
+        _warn_approximate(interpolation)  # decoded by PIL, not by cv2.imread
+    try:
+        with image_module.open(path) as image:
+            return np.array(image.convert("RGB")), "RGB"
+    except OSError as err:  # PIL.UnidentifiedImageError and truncated files
+        raise ValueError(f"cannot read image {path!r}: {err}") from None
+
+
+def _resize_uint8_hwc(array: np.ndarray, size_hw: tuple, interpolation: str) -> np.ndarray:
+    """HxWx3 uint8 -> size_hw[0] x size_hw[1] x 3 uint8 through the family's library (the
+    channel order does not matter: every channel is resized on its own)."""
+    height, width = size_hw
+    cv2 = _cv2() if interpolation == "bilinear" else None
+    if cv2 is not None:
+        return cv2.resize(np.ascontiguousarray(array), (width, height),
+                          interpolation=cv2.INTER_LINEAR)
+    image_module = _pil_image() if interpolation == "bicubic" else None
+    if image_module is not None:
+        image = image_module.fromarray(np.ascontiguousarray(array))  # HxWx3 uint8: RGB mode
+        return np.asarray(image.resize((width, height), image_module.Resampling.BICUBIC))
+    _warn_approximate(interpolation)
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,H,W]
+    antialias = interpolation == "bicubic"  # torch's PIL-compatible mode; cv2 has no antialias
+    x = F.interpolate(x, size=size_hw, mode=interpolation, align_corners=False, antialias=antialias)
+    return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()  # [H,W,3]
+
+
 def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
                input_order: str = "RGB") -> torch.Tensor:
-    """Image (PIL or HxWx3 uint8 array) -> float32 tensor [1, 3, crop, crop] for the model.
+    """Image (file path, PIL image or HxWx3 uint8 array) -> float32 tensor [1, 3, crop, crop]
+    for the model.
 
-    `input_order` is the channel order of an array argument ("RGB", or "BGR" for arrays read
-    by cv2.imread); PIL images are always RGB. The output is in the model's channel order.
+    A file path is read by the family's own library (cv2.imread or PIL), as the official
+    evaluation did; this matters for JPEGs, whose decoders can differ. `input_order` is the
+    channel order of an array argument ("RGB", or "BGR" for arrays read by cv2.imread); PIL
+    images and paths ignore it. The output is in the model's channel order.
     """
     cfg = model_or_cfg if isinstance(model_or_cfg, PreprocessConfig) else model_or_cfg.preprocess
     if input_order not in ("RGB", "BGR"):
         raise ValueError(f"input_order must be 'RGB' or 'BGR', got {input_order!r}")
-    array = _to_uint8_hwc(image)
-    if hasattr(image, "convert"):
-        input_order = "RGB"
+    if isinstance(image, (str, os.PathLike)):
+        array, input_order = _read_file(image, cfg.interpolation)
+    else:
+        array = _to_uint8_hwc(image)
+        if hasattr(image, "convert"):
+            input_order = "RGB"
     if input_order != cfg.channel_order:
         array = array[:, :, ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,H,W]
 
-    h, w = x.shape[-2:]
-    short, long_ = (h, w) if h <= w else (w, h)
-    new_long = int(cfg.resize * long_ / short)
-    size = (cfg.resize, new_long) if h <= w else (new_long, cfg.resize)
-    if cfg.interpolation == "bilinear":
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
-    else:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    x = x.round().clamp(0, 255)
+    h, w = array.shape[:2]
+    if min(h, w) != cfg.resize:  # cvnets leaves an image already at the size untouched
+        size = (cfg.resize, int(cfg.resize * w / h)) if h <= w else (int(cfg.resize * h / w), cfg.resize)
+        array = _resize_uint8_hwc(array, size, cfg.interpolation)
 
-    h, w = x.shape[-2:]
+    h, w = array.shape[:2]
     if h < cfg.crop or w < cfg.crop:
         raise ValueError(f"resized image {h}x{w} is smaller than the {cfg.crop} crop")
-    top = int(round((h - cfg.crop) / 2.0))
-    left = int(round((w - cfg.crop) / 2.0))
-    x = x[:, :, top:top + cfg.crop, left:left + cfg.crop]
-    x = x * cfg.scale
+    top, left = (h - cfg.crop) // 2, (w - cfg.crop) // 2  # cvnets' CenterCrop floors
+    array = array[top:top + cfg.crop, left:left + cfg.crop]
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,c,c]
+    # The official ToTensor divides by 255; multiplying by float32(1/255) is an ulp off for
+    # some pixel values.
+    x = x / round(1.0 / cfg.scale)
     if cfg.mean is not None:
         x = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
     return x.contiguous()

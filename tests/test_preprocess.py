@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_pil_images_are_rgb():
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((10, 10, 3), dtype=np.float32), "uint8"),
     (np.zeros((10, 10), dtype=np.uint8), "HxWx3"),
-    ("cat.jpg", "PIL image or an HxWx3 uint8 array"),
+    (3.5, "file path, a PIL image or an HxWx3 uint8 array"),
 ])
 def test_bad_images(bad, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -66,3 +68,128 @@ def test_bad_images(bad, message):
 def test_bad_input_order():
     with pytest.raises(ValueError, match="input_order"):
         mvit3.preprocess(_image(), PREPROCESS_CVNETS_V01, input_order="GRB")
+
+
+# --- the official pipelines, written out from cvnets' transforms, against files on disk ---
+
+def _official_crop(array, short_side=288, crop=256, resize=None):
+    """cvnets' Resize (shorter side, int() of the longer, untouched when already at the size)
+    then CenterCrop (floored offsets); `resize(array, (width, height))` is the library's."""
+    h, w = array.shape[:2]
+    if not ((w <= h and w == short_side) or (h <= w and h == short_side)):
+        if w < h:
+            size_w, size_h = short_side, int(short_side * h / w)
+        else:
+            size_w, size_h = int(short_side * w / h), short_side
+        array = resize(array, (size_w, size_h))
+    h, w = array.shape[:2]
+    i, j = (h - crop) // 2, (w - crop) // 2
+    return array[i:i + crop, j:j + crop]
+
+
+def _cvnets_v01(path):
+    cv2 = pytest.importorskip("cv2")
+    bgr = cv2.imread(str(path))
+    return _official_crop(bgr, resize=lambda a, wh: cv2.resize(a, wh, interpolation=cv2.INTER_LINEAR))
+
+
+def _cvnets_v02(path):
+    from PIL import Image
+    rgb = Image.open(path).convert("RGB")
+    return np.asarray(_official_crop(
+        np.asarray(rgb), resize=lambda a, wh: np.asarray(Image.fromarray(a).resize(wh, Image.BICUBIC))))
+
+
+def _to_uint8(x):
+    """Model input [1, 3, c, c] in [0, 1] -> the c x c x 3 uint8 crop it was divided from."""
+    u = (x[0] * 255).round()
+    assert torch.equal(u / 255, x[0])  # exactly pixel / 255, as cvnets' ToTensor divides
+    return u.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _picture(hw):
+    """Colour ramps plus noise, HxWx3 uint8: JPEG keeps detail and resizes round both ways."""
+    rng = np.random.default_rng(hw[0] * 1000 + hw[1])
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
+    base = np.stack([xx * 255 / hw[1], yy * 255 / hw[0], (xx + yy) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+
+
+def _write(tmp_path, hw, suffix):
+    from PIL import Image
+    image = _picture(hw)
+    path = tmp_path / f"image_{hw[0]}x{hw[1]}{suffix}"
+    Image.fromarray(image).save(path, quality=90) if suffix == ".jpg" else Image.fromarray(image).save(path)
+    return path
+
+
+# (400, 405): resized to 288x291, where a rounded centre offset (18) differs from cvnets' floor
+# (17); (288, 301): already at the size, not resized; the rest: odd sizes both ways.
+SIZES = [(400, 405), (333, 517), (517, 333), (288, 301), (301, 289)]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("cfg, official", [(PREPROCESS_CVNETS_V01, _cvnets_v01),
+                                           (PREPROCESS_CVNETS_V02, _cvnets_v02)])
+def test_files_match_the_official_pipeline_bit_for_bit(tmp_path, cfg, official, hw, suffix):
+    path = _write(tmp_path, hw, suffix)
+    expected = official(path)
+    assert np.array_equal(_to_uint8(mvit3.preprocess(path, cfg)), expected)
+    assert np.array_equal(_to_uint8(mvit3.preprocess(str(path), cfg)), expected)
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_decoded_arrays_match_the_official_pipeline(tmp_path, hw):
+    cv2 = pytest.importorskip("cv2")
+    from PIL import Image
+    path = _write(tmp_path, hw, ".png")
+    bgr = cv2.imread(str(path))
+    assert np.array_equal(_to_uint8(mvit3.preprocess(bgr, PREPROCESS_CVNETS_V01, input_order="BGR")),
+                          _cvnets_v01(path))
+    pil = Image.open(path)
+    assert np.array_equal(_to_uint8(mvit3.preprocess(pil, PREPROCESS_CVNETS_V02)), _cvnets_v02(path))
+    assert np.array_equal(_to_uint8(mvit3.preprocess(np.asarray(pil), PREPROCESS_CVNETS_V02)),
+                          _cvnets_v02(path))
+
+
+def _module():
+    return importlib.import_module("mvit3.preprocess")  # `mvit3.preprocess` is the function
+
+
+@pytest.mark.parametrize("cfg, missing, library", [(PREPROCESS_CVNETS_V01, "_cv2", "OpenCV"),
+                                                   (PREPROCESS_CVNETS_V02, "_pil_image", "PIL")])
+def test_without_the_library_torch_resizes_and_says_it_is_approximate(monkeypatch, cfg, missing,
+                                                                      library):
+    if cfg.interpolation == "bilinear":
+        pytest.importorskip("cv2")
+    image = _picture((333, 517))
+    exact = _to_uint8(mvit3.preprocess(image, cfg)).astype(int)
+    monkeypatch.setattr(_module(), missing, lambda: None)
+    with pytest.warns(UserWarning, match=f"{library} is not installed.*within one grey level.*"
+                                         f"not bit for bit.*pip install"):
+        approximate = _to_uint8(mvit3.preprocess(image, cfg)).astype(int)
+    difference = np.abs(approximate - exact)
+    assert difference.max() > 0  # the fallback really is another resize
+    if cfg.interpolation == "bilinear":
+        assert difference.max() <= 1
+    else:  # PIL clips between its two passes: sharp edges differ more (the warning says so)
+        assert (difference > 1).mean() < 0.01 and difference.max() <= 25
+
+
+def test_files_without_opencv_are_read_by_pil_with_a_warning(tmp_path, monkeypatch):
+    path = _write(tmp_path, (301, 289), ".png")
+    monkeypatch.setattr(_module(), "_cv2", lambda: None)
+    with pytest.warns(UserWarning, match="OpenCV is not installed"):
+        x = mvit3.preprocess(path, PREPROCESS_CVNETS_V01)
+    assert x.shape == (1, 3, 256, 256)
+
+
+def test_missing_and_unreadable_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cat.jpg"):
+        mvit3.preprocess(tmp_path / "cat.jpg", PREPROCESS_CVNETS_V02)
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"plain text")
+    for cfg in (PREPROCESS_CVNETS_V01, PREPROCESS_CVNETS_V02):
+        with pytest.raises(ValueError, match="cannot read image .*not_an_image.png"):
+            mvit3.preprocess(bad, cfg)
