@@ -94,10 +94,15 @@ def _cvnets_v01(path):
 
 
 def _cvnets_v02(path):
+    # cvnets v0.2 resizes the PIL image with torchvision's resize (which calls PIL's)
     from PIL import Image
-    rgb = Image.open(path).convert("RGB")
-    return np.asarray(_official_crop(
-        np.asarray(rgb), resize=lambda a, wh: np.asarray(Image.fromarray(a).resize(wh, Image.BICUBIC))))
+    tv = pytest.importorskip("torchvision.transforms.functional")
+    bicubic = pytest.importorskip("torchvision.transforms").InterpolationMode.BICUBIC
+
+    def resize(array, wh):
+        return np.asarray(tv.resize(Image.fromarray(array), [wh[1], wh[0]], interpolation=bicubic))
+
+    return _official_crop(np.asarray(Image.open(path).convert("RGB")), resize=resize)
 
 
 def _to_uint8(x):
