@@ -155,12 +155,24 @@ def measured_table(result: dict) -> list:
             "–" if r["latency_ms_p10"] is None else f"{_ms(r['latency_ms_p10'])}–{_ms(r['latency_ms_p90'])}",
             _ms(r["paper_latency_ms"]),
             _rate(r["throughput_img_s"]), _rate(r["paper_throughput_img_s"]),
-            _num(r["launches"]), _err(r["max_rel_err"]),
+            _num(r["launches"]), _err(r["max_rel_err"]), _times_floor(r),
         ])
     batch = result["config"]["throughput_batch"]
     return _table(["model", "implementation", "dtype", "latency ms (median)", "mean", "p10–p90",
                    "paper ms", f"img/s (batch {batch})", "paper img/s", "launches / forward",
-                   "max rel. err"], body)
+                   "max rel. err", "x floor (b1 / batch)"], body)
+
+
+def _times_floor(row: dict) -> str:
+    """Measured time over the roofline floor of the fused forward (datasheet ceilings, the
+    kernels report's bytes and FLOPs): batch-1 latency, and the time of one throughput batch."""
+    b1, batch = row.get("floor_ms_b1"), row.get("floor_ms_batch")
+    if b1 is None or row["latency_ms_median"] is None:
+        return "–"
+    text = f"{row['latency_ms_median'] / b1:.1f}x"
+    if batch and row["throughput_img_s"]:
+        text += f" / {row['throughput_batch'] / row['throughput_img_s'] * 1e3 / batch:.1f}x"
+    return text
 
 
 def facts_table(result: dict) -> list:

@@ -112,6 +112,23 @@ def model_facts(name: str) -> dict:
     }
 
 
+def floor_facts(name: str, config: RunConfig) -> dict:
+    """The datasheet roofline floor of the fused forward at batch 1 and the throughput batch
+    (`mvit3.kernel_report`), in ms, on a CUDA device whose ceilings are known; else None."""
+    floors = {"floor_ms_b1": None, "floor_ms_batch": None}
+    if config.device.type != "cuda":
+        return floors
+    from mvit3.kernel_report.gpus import gpu_for_device_name
+    from mvit3.kernel_report.report import forward_floor_us
+
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(config.device))
+    if gpu is not None:
+        dtype = DTYPES[config.dtype]
+        floors["floor_ms_b1"] = forward_floor_us(name, 1, dtype, gpu) / 1e3
+        floors["floor_ms_batch"] = forward_floor_us(name, config.throughput_batch, dtype, gpu) / 1e3
+    return floors
+
+
 def empty_row(spec: RowSpec, config: RunConfig, facts: dict) -> dict:
     """A row with every key present; measurements None until made."""
     return {
@@ -282,7 +299,7 @@ def run_rows(specs, config: RunConfig, on_row: Optional[Callable] = None,
         if on_start:
             on_start(spec)
         if spec.model not in facts:
-            facts[spec.model] = model_facts(spec.model)
+            facts[spec.model] = {**model_facts(spec.model), **floor_facts(spec.model, config)}
         if config.deadline is not None and time.monotonic() > config.deadline:
             row = empty_row(spec, config, facts[spec.model])
             row.update(status="skipped", reason="time budget exhausted (--budget-s)")

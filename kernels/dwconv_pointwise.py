@@ -13,6 +13,7 @@ GEMM, recomputing beats a tile wide enough to hold every Cout.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -92,16 +93,20 @@ def _dwconv_pointwise_kernel(
                         stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, "none")
 
 
-def _meta(n: int) -> dict:
-    """Tile sizes from N: four tile shapes (BLOCK_N 16 ... 128), the same for every dtype.
+def _meta(n: int, dtype: torch.dtype) -> dict:
+    """Tile sizes from N: four tile shapes (BLOCK_N 16 ... 128).
 
     One N tile up to Cout = 128 (the depthwise work is done once per pixel). The nine tap
-    loads in flight take many registers, so 8 warps share a 64 x 16 hidden tile; with 4
-    warps, or BLOCK_K = 32, ptxas spills. Two stages let sm_80/90 prefetch the next chunk's
-    taps (cp.async: 42-54 KB shared in fp32); sm_75 has no cp.async and needs at most 16 KB.
+    loads in flight take many registers: in fp32 8 warps share a 64 x 16 hidden tile (with 4
+    warps, or BLOCK_K = 32, ptxas spills). fp16/bf16 use 4 warps, one warpgroup for the
+    64-row wgmma on sm_90 (168-215 registers, two blocks per SM): with 8 warps ptxas holds
+    sm_80's mma.sync version to 128 registers and spills 16-40 bytes a thread. Two stages let
+    sm_80/90 prefetch the next chunk's taps (cp.async: 42-54 KB shared in fp32); sm_75 has no
+    cp.async and needs at most 16 KB.
     """
     return interpreter_meta(
-        dict(BLOCK_M=64, BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16,
+             num_warps=8 if dtype == torch.float32 else 4, num_stages=2),
         BLOCK_M=256, BLOCK_K=64)
 
 
@@ -146,7 +151,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
-    meta = _meta(cout)
+    meta = _meta(cout, x.dtype)
     b, ch = x.shape[:2]
     for start, stop in batch_chunks(b, out.shape, (x, residual)):
         m = (stop - start) * geometry["HW_out"]

@@ -199,3 +199,22 @@ def test_command_refuses_bad_input(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["kernels", "--dtype", "fp64", "--no-compile"]) == 2
     assert main(["kernels", "--batch", "0", "--no-compile"]) == 2
+
+
+def test_forward_floor_for_the_benchmarks():
+    """bench puts each measured time beside the floor of the fused forward on the GPU at hand."""
+    from mvit3.bench.report import _times_floor
+    from mvit3.kernel_report.gpus import gpu_for_device_name
+    from mvit3.kernel_report.report import analyse, forward_floor_us
+
+    assert gpu_for_device_name("NVIDIA H200").name == "NVIDIA H200 SXM"
+    assert gpu_for_device_name("NVIDIA GeForce RTX 2080 Ti").arch == 75
+    assert gpu_for_device_name("NVIDIA L4") is None
+    h200 = GPUS["h200"]
+    rows = analyse(collect("mobilevitv3_xs", 2, torch.float16), h200, 90, compile_kernels=False)
+    floor = forward_floor_us("mobilevitv3_xs", 2, torch.float16, h200)
+    assert floor == pytest.approx(sum(row.floor_us for row in rows)) and floor > 0
+    row = {"floor_ms_b1": 0.01, "floor_ms_batch": 0.8, "latency_ms_median": 0.5,
+           "throughput_batch": 100, "throughput_img_s": 50_000.0}
+    assert _times_floor(row) == "50.0x / 2.5x"  # 0.5 / 0.01; 100 images in 2 ms / 0.8 ms
+    assert _times_floor({**row, "floor_ms_b1": None}) == "–"

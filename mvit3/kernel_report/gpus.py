@@ -64,3 +64,13 @@ def floor_us(gpu: GPU, nbytes: int, dot_flops: int, simt_flops: int, dot_rate: s
     memory_us = nbytes / (gpu.memory_gb_s * 1e3)
     compute_us = dot_flops / (rate * 1e6) + simt_flops / (gpu.fp32_tflops * 1e6)
     return max(memory_us, compute_us)
+
+
+_NAME_KEYS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("4090", "rtx4090"),
+              ("2080 Ti", "rtx2080ti"))
+
+
+def gpu_for_device_name(name: str):
+    """The GPU record whose ceilings apply to a CUDA device of this name
+    (torch.cuda.get_device_name), or None for a GPU without one here."""
+    return next((GPUS[key] for part, key in _NAME_KEYS if part in name), None)

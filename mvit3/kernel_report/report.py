@@ -211,6 +211,13 @@ def analyse(rows: list, gpu: GPU, arch: int, compile_kernels: bool = True,
     return rows
 
 
+def forward_floor_us(name: str, batch: int, dtype: torch.dtype, gpu: GPU, img_size: int = 256) -> float:
+    """The sum of the roofline floors of one fast forward (Triton backend) on `gpu`: the time
+    no implementation of these fused ops beats there (bytes and FLOPs only: nothing compiled)."""
+    rows = analyse(collect(name, batch, dtype, img_size), gpu, gpu.arch, compile_kernels=False)
+    return sum(row.floor_us for row in rows)
+
+
 @dataclass
 class Report:
     model: str
