@@ -7,14 +7,16 @@ mean/std). The two families differ in the library that read and resized the imag
 - v1-style weights (cvnets v0.1): OpenCV. Files are read with cv2.imread (BGR), resized with
   cv2.resize INTER_LINEAR.
 - v2-style weights (cvnets v0.2): PIL. Files are read with Image.open(...).convert("RGB"),
-  resized with Image.resize BICUBIC (what torchvision's resize calls for a PIL image).
-The resize here calls that same library, so the uint8 crop is the official one bit for bit.
+  resized with Image.resize BICUBIC (what torchvision's resize calls for a PIL image), whose
+  two passes ran width first in the Pillow of that time (Pillow 13 may run height first).
+The resize here calls that same library, in that pass order, so the uint8 crop is the
+official one bit for bit.
 When the library is missing (OpenCV is the optional extra `opencv-python-headless`, PIL is
-`pillow`), torch resizes instead, rounded to uint8, and a warning says how far it is off:
-bilinear without antialias is within one grey level of cv2.INTER_LINEAR; antialiased bicubic
-is within one grey level of PIL on about 99% of the pixels but up to ~25 levels off at sharp
-edges (PIL rounds and clips to 0..255 between its horizontal and vertical passes; torch does
-not), measured on noise and ramp images (tests/test_preprocess.py).
+`pillow`), torch resizes instead and a warning says so: bilinear without antialias, rounded
+to uint8, for cv2.INTER_LINEAR; antialiased bicubic for PIL, width then height with rounding
+to uint8 in between as PIL does (both axes at once is up to ~25 levels off at sharp edges,
+where PIL's clipping between passes cuts the overshoot). Both are within one grey level of
+the library's output on noise and ramp images (tests/test_preprocess.py).
 """
 
 from __future__ import annotations
@@ -29,13 +31,8 @@ import torch.nn.functional as F
 
 from .models import PreprocessConfig
 
-# The library each family's official pipeline read and resized images with, its package, and
-# how far torch's stand-in resize is from it.
-_LIBRARY = {
-    "bilinear": ("OpenCV", "opencv-python-headless", "within one grey level of"),
-    "bicubic": ("PIL", "pillow", "within one grey level on ~99% of the pixels (up to ~25 levels "
-                                 "off at sharp edges) of"),
-}
+# The library each family's official pipeline read and resized images with, and its package.
+_LIBRARY = {"bilinear": ("OpenCV", "opencv-python-headless"), "bicubic": ("PIL", "pillow")}
 
 
 def _cv2():
@@ -55,11 +52,11 @@ def _pil_image():
 
 
 def _warn_approximate(interpolation: str) -> None:
-    library, package, agreement = _LIBRARY[interpolation]
+    library, package = _LIBRARY[interpolation]
     warnings.warn(
         f"{library} is not installed, so mvit3.preprocess resizes with torch ({interpolation}) "
-        f"instead of the official {library} resize: the input is {agreement} the official "
-        f"pipeline's, not bit for bit. `pip install {package}` makes it exact.",
+        f"instead of the official {library} resize: the input is within one grey level of the "
+        f"official pipeline's, not bit for bit. `pip install {package}` makes it exact.",
         stacklevel=4)
 
 
@@ -80,22 +77,26 @@ def _to_uint8_hwc(image) -> np.ndarray:
 
 def _read_file(path, interpolation: str):
     """Read an image file as the family's official pipeline did: (HxWx3 uint8 array, its
-    channel order). cv2.imread for the OpenCV family (BGR), PIL otherwise (RGB)."""
+    channel order). cv2.imread for the OpenCV family (BGR), PIL otherwise (RGB); the other
+    library, with a warning, when that one is not installed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path!r}")
-    cv2 = _cv2() if interpolation == "bilinear" else None
-    if cv2 is not None:
+    cv2, image_module = _cv2(), _pil_image()
+    if cv2 is None and image_module is None:
+        raise ImportError(f"reading {path!r} needs OpenCV (opencv-python-headless) or PIL "
+                          f"(pillow); neither is installed")
+    use_cv2 = cv2 is not None and (interpolation == "bilinear" or image_module is None)
+    if use_cv2 != (interpolation == "bilinear"):
+        official, used = ("OpenCV", "PIL") if interpolation == "bilinear" else ("PIL", "OpenCV")
+        warnings.warn(f"{official} is not installed, so {path!r} is decoded by {used} instead of "
+                      f"the official pipeline's {official}: JPEG decoders can differ. "
+                      f"`pip install {_LIBRARY[interpolation][1]}` makes it exact.", stacklevel=3)
+    if use_cv2:
         array = cv2.imread(path, cv2.IMREAD_COLOR)
         if array is None:
             raise ValueError(f"cannot read image {path!r}: OpenCV could not decode it")
         return array, "BGR"
-    image_module = _pil_image()
-    if image_module is None:
-        raise ImportError(f"reading {path!r} needs OpenCV (opencv-python-headless) or PIL "
-                          f"(pillow); neither is installed")
-    if interpolation == "bilinear":
-        _warn_approximate(interpolation)  # decoded by PIL, not by cv2.imread
     try:
         with image_module.open(path) as image:
             return np.array(image.convert("RGB")), "RGB"
@@ -111,15 +112,24 @@ def _resize_uint8_hwc(array: np.ndarray, size_hw: tuple, interpolation: str) -> 
     if cv2 is not None:
         return cv2.resize(np.ascontiguousarray(array), (width, height),
                           interpolation=cv2.INTER_LINEAR)
+    # PIL's bicubic resizes the width, then the height, rounding to uint8 in between. Pillow 13
+    # takes the height first in one call when it shrinks more (python-pillow/Pillow#9549), which
+    # the Pillow of cvnets v0.2 never did, so each pass is a call of its own here. cv2's
+    # bilinear rounds once.
+    passes = [(array.shape[0], width), size_hw] if interpolation == "bicubic" else [size_hw]
     image_module = _pil_image() if interpolation == "bicubic" else None
     if image_module is not None:
         image = image_module.fromarray(np.ascontiguousarray(array))  # HxWx3 uint8: RGB mode
-        return np.asarray(image.resize((width, height), image_module.Resampling.BICUBIC))
+        for pass_height, pass_width in passes:
+            image = image.resize((pass_width, pass_height), image_module.Resampling.BICUBIC)
+        return np.asarray(image)
     _warn_approximate(interpolation)
     x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,H,W]
     antialias = interpolation == "bicubic"  # torch's PIL-compatible mode; cv2 has no antialias
-    x = F.interpolate(x, size=size_hw, mode=interpolation, align_corners=False, antialias=antialias)
-    return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()  # [H,W,3]
+    for step in passes:
+        x = F.interpolate(x, size=step, mode=interpolation, align_corners=False,
+                          antialias=antialias).round().clamp(0, 255)
+    return x.to(torch.uint8)[0].permute(1, 2, 0).numpy()  # [H,W,3]
 
 
 def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
@@ -146,7 +156,8 @@ def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
 
     h, w = array.shape[:2]
     if min(h, w) != cfg.resize:  # cvnets leaves an image already at the size untouched
-        size = (cfg.resize, int(cfg.resize * w / h)) if h <= w else (int(cfg.resize * h / w), cfg.resize)
+        size = ((cfg.resize, int(cfg.resize * w / h)) if h <= w
+                else (int(cfg.resize * h / w), cfg.resize))
         array = _resize_uint8_hwc(array, size, cfg.interpolation)
 
     h, w = array.shape[:2]
