@@ -3,6 +3,7 @@
 // compiler for the CPU emulator with MVIT3_EMULATE).
 #pragma once
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -121,7 +122,32 @@ MVIT3_DEVICE float block_allreduce(float v, float* scratch, Op op) {
 
 // ---- launching ------------------------------------------------------------------------------
 
-inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A launch grid of x by y blocks, checked against the grid limits (mvit3.h): a launcher that
+// let an axis pass its limit would otherwise fail at launch with "invalid configuration".
+inline dim3 grid_of(int64_t x, int64_t y = 1) {
+  if (x < 1 || x > kMaxGridX || y < 1 || y > kMaxGridYZ)
+    throw std::runtime_error("mvit3: grid " + std::to_string(x) + " x " + std::to_string(y) +
+                             " is outside the grid limits (x <= " + std::to_string(kMaxGridX) +
+                             ", y <= " + std::to_string(kMaxGridYZ) + ")");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y));
+}
+
+// Grid axis x over `units` (samples, or the pixel tiles of a GEMM) of blocks_per_unit blocks
+// each, in as few launches as its limit allows: launch_chunk(first_unit, unit_count) for
+// consecutive chunks of at most kMaxGridX blocks (on a GPU, one launch for any batch below
+// about 8 million 256 px samples: the largest maps, 128 x 128, take 256 GEMM tiles a sample).
+template <class LaunchChunk>
+void launch_chunks(int64_t units, int64_t blocks_per_unit, LaunchChunk&& launch_chunk) {
+  const int64_t units_per_launch = kMaxGridX / blocks_per_unit;
+  if (units_per_launch == 0)
+    throw std::runtime_error("mvit3: one sample needs " + std::to_string(blocks_per_unit) +
+                             " blocks, more than grid axis x takes (" +
+                             std::to_string(kMaxGridX) + ")");
+  for (int64_t first = 0; first < units; first += units_per_launch)
+    launch_chunk(first, std::min(units_per_launch, units - first));
+}
 
 // kernel<<<grid, block, 0, stream>>>(args...) with the launch error turned into an exception;
 // under MVIT3_EMULATE the emulator runs it on the host.

@@ -15,11 +15,12 @@ namespace {
 constexpr int kThreads = 512;
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(GroupNormStatsArgs args) {
+__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(GroupNormStatsArgs args,
+                                                                    int first_sample) {
   if constexpr (arch_supports<T>()) {
     __shared__ float scratch[32];
     const T* x = static_cast<const T*>(args.x.data);
-    const int b = blockIdx.x;
+    const int b = first_sample + int(blockIdx.x);
     const int pixels = args.height * args.width;
     const int64_t count = int64_t(args.channels) * pixels;
     // Walk the unit-stride dimension fastest: channels for channels_last, pixels for NCHW.
@@ -39,8 +40,9 @@ __global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(GroupNormSta
     }
     const float var = block_allreduce<kThreads>(squares, scratch, Sum()) / float(count);
     if (threadIdx.x == 0) {
-      args.stats[2 * b] = mean;
-      args.stats[2 * b + 1] = rsqrtf(var + args.eps);
+      float* stats = args.stats + 2 * int64_t(b);  // [B, 2]
+      stats[0] = mean;
+      stats[1] = rsqrtf(var + args.eps);
     }
   }
 }
@@ -51,7 +53,10 @@ void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream
   if (args.batch == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch(&group_norm_stats_kernel<T>, dim3(args.batch), dim3(kThreads), stream, args);
+    launch_chunks(args.batch, 1, [&](int64_t first, int64_t samples) {
+      launch(&group_norm_stats_kernel<T>, grid_of(samples), dim3(kThreads), stream, args,
+             int(first));
+    });
   });
 }
 

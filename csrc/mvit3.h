@@ -141,4 +141,24 @@ void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream
 // Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
 constexpr int kMaxHeadDim = 64;
 
+// ---- size limits (ops.cpp checks them; mvit3/ops/cuda_lib.py::why_unsupported states them too)
+//
+// There is no limit on numel: offsets into maps are int64 (strides are int64), and a launcher
+// whose grid would pass axis x's limit launches in chunks (launch_chunks in device.cuh). What
+// stays int32 is each size and index of one dimension:
+// - B, C, H and W, and the H * W pixels of one sample (a sample's pixel index), < 2^31;
+// - every channel count (inputs, outputs, workspaces) <= kMaxChannels: an output's channels
+//   take 64 per block on grid axis y (65535 at most), and reduction lengths (9 (C1 + C2) for
+//   conv3x3) stay far inside int32;
+// - patch_attention's heads <= kMaxGridYZ (one head per block row on grid axis y).
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on grid axes y and z
+constexpr int64_t kMaxChannels = kMaxGridYZ * 64;
+#ifdef MVIT3_EMULATE
+// The emulator's limit on grid axis x is tiny so that the CPU tests run the launchers' chunk
+// loops (a GPU's is 2^31 - 1, which only a batch of thousands of 256 px samples reaches).
+constexpr int64_t kMaxGridX = 8;
+#else
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+#endif
+
 }  // namespace mvit3

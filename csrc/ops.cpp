@@ -61,14 +61,29 @@ void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
               t.sizes());
 }
 
-// The input map x [B, C, H, W] of an op: any strides, on the kernels' device.
+// The size limits of mvit3.h, in the words of mvit3/ops/cuda_lib.py::why_unsupported.
+void check_channels(int64_t channels, const char* name) {
+  TORCH_CHECK(channels <= kMaxChannels, "mvit3: ", name, " has ", channels, " channels, over ",
+              kMaxChannels, " (the kernels put 64 channels per block on grid axis y, at most ",
+              kMaxGridYZ, " blocks)");
+}
+
+// The input map x [B, C, H, W] of an op: any strides, on the kernels' device. Any numel: the
+// kernels' offsets are int64 and the launchers split grids that would pass CUDA's limits.
 void check_input(const Tensor& x, const char* name) {
   TORCH_CHECK(x.defined(), "mvit3: ", name, " is undefined");
   TORCH_CHECK(on_kernel_device(x), "mvit3: ", name, " must be a ", kDeviceName, " tensor, got ",
               x.device());
   dtype_of(x);
   TORCH_CHECK(x.dim() == 4, "mvit3: ", name, " must be a [B, C, H, W] map, got shape ", x.sizes());
-  TORCH_CHECK(x.numel() <= INT_MAX, "mvit3: ", name, " has more than 2^31 - 1 elements");
+  for (const int64_t size : x.sizes())
+    TORCH_CHECK(size <= INT_MAX, "mvit3: ", name, " [B, C, H, W] = ", x.sizes(),
+                " has a size over 2^31 - 1 (the kernels index samples, channels, rows and columns",
+                " with int32)");
+  TORCH_CHECK(x.size(2) * x.size(3) <= INT_MAX, "mvit3: ", name, " has H * W = ",
+              x.size(2) * x.size(3), " pixels, over 2^31 - 1 (the kernels index the pixels of a",
+              " sample with int32)");
+  check_channels(x.size(1), name);
 #ifndef MVIT3_EMULATE
   if (x.scalar_type() == at::kBFloat16) {
     int major = 0;
@@ -165,7 +180,7 @@ struct KernelContext {
 #endif
 };
 
-int as_int(int64_t v) { return int(v); }  // sizes: bounded by the 2^31 element check
+int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input and check_channels
 
 // ---- the ops --------------------------------------------------------------------------------
 
@@ -179,9 +194,11 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
   if (present(x2)) {
     c2 = x2->size(1);
     check_map(*x2, x, "x2", c2, height, width);
+    check_channels(c2, "x2");
   }
   TORCH_CHECK(weight.dim() == 2, "mvit3: weight must be [Cout, C1 + C2], got ", weight.sizes());
   const int64_t cout = weight.size(0);
+  check_channels(cout, "weight (Cout)");
   const Matrix w = matrix(weight, x, {cout, c1 + c2}, "weight");
   const auto b = optional_dense(bias, x, {cout}, "bias");
   if (present(residual)) check_map(*residual, x, "residual", cout, height, width);
@@ -226,6 +243,7 @@ Tensor dwconv_pointwise_op(const Tensor& x, const Tensor& dw_weight, const Tenso
   const Tensor db = dense(dw_bias, x, {channels}, "dw_bias");
   TORCH_CHECK(weight.dim() == 2, "mvit3: weight must be [Cout, C], got ", weight.sizes());
   const int64_t cout = weight.size(0);
+  check_channels(cout, "weight (Cout)");
   const Matrix w = matrix(weight, x, {cout, channels}, "weight");
   const auto b = optional_dense(bias, x, {cout}, "bias");
   if (present(residual)) check_map(*residual, x, "residual", cout, out_height, out_width);
@@ -260,11 +278,13 @@ Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& b
   if (present(x2)) {
     c2 = x2->size(1);
     check_map(*x2, x, "x2", c2, height, width);
+    check_channels(c2, "x2");
   }
   const int s = check_stride(stride);
   const int64_t out_height = (height - 1) / s + 1, out_width = (width - 1) / s + 1;
   TORCH_CHECK(weight.dim() == 4, "mvit3: weight must be [Cout, C1 + C2, 3, 3], got ", weight.sizes());
   const int64_t cout = weight.size(0);
+  check_channels(cout, "weight (Cout)");
   const Tensor w = dense(weight, x, {cout, c1 + c2, 3, 3}, "weight");
   const auto b = optional_dense(bias, x, {cout}, "bias");
 
@@ -300,6 +320,8 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
   const int64_t dim = qkv.size(1) / 3;
   TORCH_CHECK(num_heads > 0 && dim % num_heads == 0, "mvit3: num_heads (", num_heads,
               ") must divide d (", dim, ")");
+  TORCH_CHECK(num_heads <= kMaxGridYZ, "mvit3: num_heads ", num_heads, " is over ", kMaxGridYZ,
+              " (one head per block on grid axis y)");
   const int64_t head_dim = dim / num_heads;
   TORCH_CHECK(head_dim <= kMaxHeadDim, "mvit3: head dim ", head_dim, " > ", kMaxHeadDim,
               " is not supported by the CUDA kernels");
@@ -337,6 +359,7 @@ Tensor transformer_mlp_op(const Tensor& x, c10::string_view norm, const Tensor& 
   const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
   TORCH_CHECK(w1.dim() == 2, "mvit3: w1 must be [F, d], got ", w1.sizes());
   const int64_t ffn_dim = w1.size(0);
+  check_channels(ffn_dim, "w1 (F)");
   const Tensor nw = dense(norm_weight, x, {dim}, "norm_weight");
   const Tensor nb = dense(norm_bias, x, {dim}, "norm_bias");
   const Matrix w1m = matrix(w1, x, {ffn_dim, dim}, "w1");
@@ -377,6 +400,7 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
   check_input(x, "x");
   check_even(x, "separable_attention");
   const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
+  check_channels(1 + 2 * dim, "the qkv workspace (1 + 2d)");
   const Tensor nw = dense(norm_weight, x, {dim}, "norm_weight");
   const Tensor nb = dense(norm_bias, x, {dim}, "norm_bias");
   const Matrix qw = matrix(qkv_weight, x, {1 + 2 * dim, dim}, "qkv_weight");

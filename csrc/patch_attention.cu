@@ -30,7 +30,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct AttentionArgs {
   Map qkv, residual, out;
   int height, width, heads, head_dim;
-  float q_scale;  // scale * log2(e)
+  float q_scale;     // scale * log2(e)
+  int first_sample;  // the sample of block x = 0 (a launch covers a chunk of the batch)
 };
 
 // fp32: lane j of a warp computes the scores of key j for the warp's 16 rows; for P @ V, lane
@@ -208,7 +209,7 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   const int query_tiles = (tokens + kQueries - 1) / kQueries;
   const int sequence = blockIdx.x / query_tiles;
   const int q0 = (blockIdx.x % query_tiles) * kQueries;
-  const int b = sequence / 4, pos = sequence % 4;
+  const int b = args.first_sample + sequence / 4, pos = sequence % 4;
   const int head = blockIdx.y;
   const int dim = args.heads * args.head_dim;
 
@@ -314,12 +315,16 @@ void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream)
   attention.heads = args.heads;
   attention.head_dim = args.head_dim;
   attention.q_scale = args.scale * kLog2e;
-  const dim3 grid(4u * unsigned(args.batch) * ceil_div(tokens, kQueries), unsigned(args.heads));
+  // Grid: x = (sample, position, query tile) of the chunk's samples, y = head (<= 65535: ops.cpp).
+  const int64_t blocks_per_sample = 4 * ceil_div(tokens, kQueries);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_head_dim(args.head_dim, [&](auto head_dim) {
-      launch(&patch_attention_kernel<T, decltype(head_dim)::value>, grid, dim3(kThreads), stream,
-             attention);
+      launch_chunks(args.batch, blocks_per_sample, [&](int64_t first, int64_t samples) {
+        attention.first_sample = int(first);
+        launch(&patch_attention_kernel<T, decltype(head_dim)::value>,
+               grid_of(samples * blocks_per_sample, args.heads), dim3(kThreads), stream, attention);
+      });
     });
   });
   if (!project) return;

@@ -23,16 +23,18 @@ struct ContextArgs {
   Map qkv;
   float* context;  // [B, 4, d]
   int height, width, dim;
+  int first_sample;  // the sample of block x = 0 (a launch covers a chunk of the batch)
 };
 
-// Block (sequence, 32 channels): softmax statistics of q over the sequence's N patches, then
-// warp w sums score_n * k_n over patches n = w, w + 8, ... for its lane's channel.
+// Block (sequence of the launch's chunk of samples, 32 channels): softmax statistics of q over
+// the sequence's N patches, then warp w sums score_n * k_n over patches n = w, w + 8, ... for
+// its lane's channel.
 template <class T>
 MVIT3_DEVICE void context_body(const ContextArgs& args) {
   __shared__ float scratch[32];
   __shared__ float partial[kContextThreads / 32][kContextChannels];
   const T* qkv = static_cast<const T*>(args.qkv.data);
-  const int sequence = blockIdx.x, b = sequence / 4, pos = sequence % 4;
+  const int b = args.first_sample + int(blockIdx.x) / 4, pos = blockIdx.x % 4;
   const int half_width = args.width / 2;
   const int tokens = (args.height / 2) * half_width;
   auto offset = [&](int n, int channel) {  // of patch n of this sequence
@@ -59,7 +61,7 @@ MVIT3_DEVICE void context_body(const ContextArgs& args) {
   if (warp == 0 && c < args.dim) {
     float total = 0.0f;
     for (int w = 0; w < kContextThreads / 32; ++w) total += partial[w][lane];
-    args.context[int64_t(sequence) * args.dim + c] = total / denominator;
+    args.context[(int64_t(b) * 4 + pos) * args.dim + c] = total / denominator;
   }
 }
 
@@ -119,10 +121,16 @@ void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream
   context.height = args.height;
   context.width = args.width;
   context.dim = dim;
-  const dim3 grid(4u * unsigned(args.batch), ceil_div(dim, kContextChannels));
+  // Grid: x = the 4 sequences of each sample of the chunk, y = 32 channels each (1 + 2d <=
+  // kMaxChannels, which ops.cpp checks, keeps d / 32 within 65535).
+  const int64_t channel_blocks = ceil_div(dim, kContextChannels);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch(&context_kernel<T>, grid, dim3(kContextThreads), stream, context);
+    launch_chunks(args.batch, 4, [&](int64_t first, int64_t samples) {
+      context.first_sample = int(first);
+      launch(&context_kernel<T>, grid_of(4 * samples, channel_blocks), dim3(kContextThreads),
+             stream, context);
+    });
 
     SeparableOutProducer<T> producer;
     producer.qkv = args.qkv;

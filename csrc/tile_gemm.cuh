@@ -28,6 +28,7 @@
 namespace mvit3::gemm {
 
 constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32, kThreads = 256;
+static_assert(kMaxChannels <= kMaxGridYZ * kBlockN, "Cout / kBlockN blocks fit grid axis y");
 
 // What a block knows about each of its output pixels (shared memory, so no initialisers).
 struct Row {
@@ -138,9 +139,10 @@ struct WmmaMath {
   }
 };
 
+// first_tile: the pixel tile of block x = 0 (a launch covers at most kMaxGridX tiles).
 template <class T, class Producer>
 MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_matrix,
-                                 const Epilogue& ep, const Shape& shape) {
+                                 const Epilogue& ep, const Shape& shape, int64_t first_tile) {
   using Math = std::conditional_t<Tiles<T>::kTensorCores, WmmaMath<T>, SimtMath>;
   using Operand = typename Tiles<T>::Operand;
   constexpr int kLdA = Tiles<T>::kLdA, kLdB = Tiles<T>::kLdB, kLdC = Tiles<T>::kLdC;
@@ -154,7 +156,7 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   const bool k_contiguous = weight_matrix.stride_col == 1;
   const int tid = threadIdx.x;
   const int pixels_per_sample = shape.out_height * shape.out_width;
-  const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
+  const int64_t m0 = (first_tile + blockIdx.x) * kBlockM;
   const int n0 = blockIdx.y * kBlockN;
   const int64_t pixels = int64_t(shape.batch) * pixels_per_sample;
 
@@ -220,8 +222,8 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
 // the registers they need (at most 128 each, two 20 KB blocks per SM on every arch).
 template <class T, class Producer>
 __global__ void __launch_bounds__(kThreads, 2)
-    tile_gemm_kernel(Producer producer, Matrix weight, Epilogue ep, Shape shape) {
-  if constexpr (arch_supports<T>()) tile_gemm_body<T>(producer, weight, ep, shape);
+    tile_gemm_kernel(Producer producer, Matrix weight, Epilogue ep, Shape shape, int64_t first_tile) {
+  if constexpr (arch_supports<T>()) tile_gemm_body<T>(producer, weight, ep, shape, first_tile);
 }
 
 // Launch the GEMM of `producer` for the output pixels and channels of `shape`.
@@ -230,9 +232,11 @@ void run(const Producer& producer, const Matrix& weight, const Epilogue& ep, con
          Stream stream) {
   const int64_t pixels = int64_t(shape.batch) * shape.out_height * shape.out_width;
   if (pixels == 0 || shape.cout == 0) return;
-  const dim3 grid(ceil_div(pixels, kBlockM), ceil_div(shape.cout, kBlockN));
-  launch(&tile_gemm_kernel<T, Producer>, grid, dim3(kThreads), stream, producer, weight, ep,
-         shape);
+  const int64_t channel_tiles = ceil_div(shape.cout, kBlockN);  // <= 65535: kMaxChannels
+  launch_chunks(ceil_div(pixels, kBlockM), 1, [&](int64_t first_tile, int64_t tiles) {
+    launch(&tile_gemm_kernel<T, Producer>, grid_of(tiles, channel_tiles), dim3(kThreads), stream,
+           producer, weight, ep, shape, first_tile);
+  });
 }
 
 // The plain producer: A = cat(norm(x), x2) channels of one pixel (pointwise_conv and the
@@ -291,7 +295,8 @@ struct PointwiseProducer {
     if (norm == Norm::layer) {
       v = (v - row.mean) * row.rstd;
     } else {
-      v = (v - group_stats[2 * row.b]) * group_stats[2 * row.b + 1];
+      const float* stats = group_stats + 2 * int64_t(row.b);  // [B, 2]
+      v = (v - stats[0]) * stats[1];
     }
     if (norm_weight) v *= to_float(norm_weight[k]);
     if (norm_bias) v += to_float(norm_bias[k]);

@@ -193,3 +193,41 @@ def test_arch_coverage_decides_whether_the_library_takes_a_gpu(archs, capability
     assert (reason is None) == usable
     if not usable:
         assert "rebuild with `python -m mvit3 build --archs" in reason
+
+
+# ---- size limits: by dimension and grid, not by numel ---------------------------------------
+
+@pytest.mark.parametrize("batch", [1024, 20000])
+@pytest.mark.parametrize("name", ["mobilevitv3_xs", "mobilevitv3_050", "mobilevit_xs",
+                                  "mobilevitv2_050"])
+def test_why_unsupported_takes_every_op_at_huge_batches(monkeypatch, name, batch):
+    """A dry run of the model at 256 px on meta tensors (batch 20000 would be tens of GB): every
+    op call is put to cuda_lib.why_unsupported, which must take it. At batch 1024 the maps
+    reach 2^31 elements (v3-XS's layer_2 input is exactly 2^31), which the former numel limit
+    refused; the launchers split such grids instead (csrc/device.cuh: launch_chunks)."""
+    import mvit3.fast as fast
+    from mvit3.ops import reference
+
+    calls = []
+
+    def checked(op):
+        def call(*args):
+            calls.append((op, args[0].numel()))
+            reason = cuda_lib.why_unsupported(op, args)
+            assert reason is None, f"{op} on {tuple(args[0].shape)}: {reason}"
+            return torch.empty(library.output_shape(op, args), dtype=args[0].dtype,
+                               device="meta").contiguous(memory_format=torch.channels_last)
+        return call
+
+    for op in library.OPS:
+        monkeypatch.setattr(reference, op, checked(op))
+    model = fast.create_model(name, backend="torch").eval().to("meta")
+    with torch.no_grad():
+        logits = model(torch.empty(batch, 3, 256, 256, device="meta"))
+    assert logits.shape == (batch, 1000)
+    v1_style = name in ("mobilevitv3_xs", "mobilevit_xs")
+    other_attention = "separable_attention" if v1_style else "patch_attention"
+    assert {op for op, _ in calls} == set(library.OPS) - {other_attention}
+    if batch == 20000 or name == "mobilevitv3_xs":
+        assert max(numel for _, numel in calls) >= 2 ** 31
+

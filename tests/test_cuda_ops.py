@@ -352,6 +352,69 @@ def test_why_unsupported_mirrors_the_kernel_checks():
     assert why("patch_attention", (meta(2, 720, 32, 32), 4, 0.1, None, None, None)) is None
 
 
+def _expanded(*shape) -> torch.Tensor:
+    """A CPU tensor of any size holding one element (stride 0 everywhere): sizes for the checks,
+    which refuse it before anything is allocated or read."""
+    return torch.zeros((1,) * len(shape)).expand(*shape)
+
+
+_ONE = torch.zeros(1)  # stands for a tensor argument the check never reaches
+
+# (op, args, part of the reason): each call is over exactly one size limit of csrc/mvit3.h.
+SIZE_LIMITS = [
+    ("pointwise_conv", (_expanded(2 ** 31, 8, 1, 1), torch.zeros(4, 8), None, None, None, "none",
+                        None, None, 1e-5, "none"), "has a size over 2^31 - 1"),
+    ("pointwise_conv", (_expanded(1, 8, 65536, 32769), torch.zeros(4, 8), None, None, None, "none",
+                        None, None, 1e-5, "none"), "H * W = 2147549184 pixels, over 2^31 - 1"),
+    ("pointwise_conv", (torch.zeros(1, 8, 2, 2), _expanded(4194241, 10), None,
+                        torch.zeros(1, 2, 2, 2), None, "none", None, None, 1e-5, "none"),
+     "weight (Cout) has 4194241 channels, over 4194240"),
+    ("conv3x3", (torch.zeros(1, 3, 4, 4), _expanded(4194241, 3, 3, 3), None, None, 1, "none"),
+     "weight (Cout) has 4194241 channels"),
+    ("conv3x3", (torch.zeros(1, 3, 4, 4), _expanded(8, 4194244, 3, 3), None,
+                 _expanded(1, 4194241, 4, 4), 1, "none"), "x2 has 4194241 channels"),
+    ("dwconv_pointwise", (_expanded(1, 4194241, 2, 2), _ONE, _ONE, _expanded(4, 4194241), None, 1,
+                          None), "x has 4194241 channels"),
+    ("patch_attention", (_expanded(1, 3 * 65536, 2, 2), 65536, 1.0, None, None, None),
+     "num_heads 65536 is over 65535"),
+    ("transformer_mlp", (torch.zeros(1, 8, 2, 2), "layer", _ONE, _ONE, 1e-5,
+                         _expanded(4194241, 8), _ONE, _ONE, _ONE), "w1 (F) has 4194241 channels"),
+    ("separable_attention", (_expanded(1, 2097120, 2, 2), _ONE, _ONE, 1e-5, _ONE, _ONE, _ONE, _ONE),
+     "the qkv workspace (1 + 2d) has 4194241 channels"),
+]
+
+
+@pytest.mark.parametrize("op, args, expected", SIZE_LIMITS,
+                         ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(SIZE_LIMITS)])
+def test_size_limits_are_stated_alike_by_both_sides(emulated_ops, op, args, expected):
+    """The limits left (by dimension and grid, none by numel): why_unsupported names each with
+    its reason, and the op's TORCH_CHECK refuses the call in the very same words."""
+    reason = cuda_lib.why_unsupported(op, args)
+    assert reason is not None and expected in reason
+    with pytest.raises(RuntimeError) as refused:
+        getattr(emulated_ops, op)(*args)
+    assert f"mvit3: {reason}" in str(refused.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_launches_split_at_the_grid_limit(emulated_ops, dtype):
+    """The emulator takes at most 8 blocks on grid axis x (csrc/mvit3.h: kMaxGridX), so at
+    batch 9 of 8x8 maps every launcher splits its grid: GroupNorm statistics (9 samples), the
+    GEMMs (9 tiles of 64 pixels), attention and the context (4 blocks a sample). The chunks
+    must cover the batch exactly, each sample at its own offsets."""
+    case = Case("emu", (), dtype, LAYOUTS[DTYPES.index(dtype)], 9, (8, 8))
+    t = Inputs(case)
+    check(emulated_ops, "pointwise_conv",
+          (t.map(24), t.weight(40, 24), t.vector(40), None, t.map(40), "group",
+           t.vector(24, mean=1.0), t.vector(24), 1e-5, "silu"), dtype)
+    check(emulated_ops, "patch_attention",
+          (t.map(3 * 24), 2, 12 ** -0.5, t.weight(24, 24), t.vector(24), t.map(24)), dtype)
+    d = 16
+    check(emulated_ops, "separable_attention",
+          (t.map(d), t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(1 + 2 * d, d),
+           t.vector(1 + 2 * d), t.weight(d, d), t.vector(d)), dtype)
+
+
 # ---- whole models -----------------------------------------------------------------------------
 
 # Whole models: relative error of the logits against a float64 copy of the same (rounded)

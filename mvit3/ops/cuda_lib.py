@@ -158,8 +158,50 @@ def arch_reason(capability: tuple, dtype: torch.dtype, archs=None) -> str | None
 
 
 MAX_HEAD_DIM = 64  # csrc/mvit3.h: kMaxHeadDim
+INT32_MAX = 2 ** 31 - 1
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z (csrc/mvit3.h: kMaxGridYZ)
+MAX_CHANNELS = MAX_GRID_YZ * 64  # csrc/mvit3.h: kMaxChannels
 _NORMS = ("none", "layer", "group")
 _ACTS = ("none", "silu")
+
+
+def _channel_counts(op: str, args: tuple) -> dict:
+    """name -> channel count of every map, weight output and workspace of a call whose count
+    csrc/ops.cpp checks against MAX_CHANNELS (the input's is checked with its other sizes)."""
+    if op in ("pointwise_conv", "conv3x3"):
+        counts = {"weight (Cout)": args[1].shape[0]}
+        if args[3] is not None:
+            counts["x2"] = args[3].shape[1]
+        return counts
+    if op == "dwconv_pointwise":
+        return {"weight (Cout)": args[3].shape[0]}
+    if op == "transformer_mlp":
+        return {"w1 (F)": args[5].shape[0]}
+    if op == "separable_attention":
+        return {"the qkv workspace (1 + 2d)": 1 + 2 * args[0].shape[1]}
+    return {}
+
+
+def _size_reason(op: str, args: tuple) -> str | None:
+    """The size limits of csrc/mvit3.h in the words of csrc/ops.cpp. There is no limit on numel:
+    offsets are int64 and the launchers split a grid that would pass CUDA's limits; what stays
+    int32 is each size, and each channel count is a number of 64-channel blocks on grid axis y."""
+    name = "qkv" if op == "patch_attention" else "x"  # the input's name in csrc/ops.cpp
+    sizes = tuple(args[0].shape)
+    if max(sizes) > INT32_MAX:
+        return (f"{name} [B, C, H, W] = {list(sizes)} has a size over 2^31 - 1 (the kernels "
+                f"index samples, channels, rows and columns with int32)")
+    pixels = sizes[2] * sizes[3]
+    if pixels > INT32_MAX:
+        return (f"{name} has H * W = {pixels} pixels, over 2^31 - 1 (the kernels index the "
+                f"pixels of a sample with int32)")
+    for name, channels in {name: sizes[1], **_channel_counts(op, args)}.items():
+        if channels > MAX_CHANNELS:
+            return (f"{name} has {channels} channels, over {MAX_CHANNELS} (the kernels put 64 "
+                    f"channels per block on grid axis y, at most {MAX_GRID_YZ} blocks)")
+    if op == "patch_attention" and args[1] > MAX_GRID_YZ:
+        return f"num_heads {args[1]} is over {MAX_GRID_YZ} (one head per block on grid axis y)"
+    return None
 
 
 def why_unsupported(op: str, args: tuple) -> str | None:
@@ -169,8 +211,9 @@ def why_unsupported(op: str, args: tuple) -> str | None:
     x = args[0]
     if x.dim() != 4:
         return f"input must be a [B, C, H, W] map, got shape {tuple(x.shape)}"
-    if x.numel() > 2 ** 31 - 1:
-        return "input has more than 2^31 - 1 elements"
+    size_reason = _size_reason(op, args)
+    if size_reason:
+        return size_reason
     if op == "pointwise_conv":
         norm, act = args[5], args[9]
         if norm not in _NORMS or act not in _ACTS:
