@@ -43,7 +43,7 @@ def test_shorter_side_resize_then_centre_crop():
     image[:, :, 1] = np.linspace(0, 255, 600, dtype=np.uint8)[:, None]  # vertical ramp
     x = mvit3.preprocess(image, PREPROCESS_CVNETS_V02)
     resized_h = int(288 * 600 / 300)
-    top = round((resized_h - 256) / 2)
+    top = (resized_h - 256) // 2
     expected_first_row = round(255 * (top + 0.5) / resized_h) / 255
     assert x[0, 1, 0, 0].item() == pytest.approx(expected_first_row, abs=2 / 255)
 
@@ -90,7 +90,8 @@ def _official_crop(array, short_side=288, crop=256, resize=None):
 def _cvnets_v01(path):
     cv2 = pytest.importorskip("cv2")
     bgr = cv2.imread(str(path))
-    return _official_crop(bgr, resize=lambda a, wh: cv2.resize(a, wh, interpolation=cv2.INTER_LINEAR))
+    return _official_crop(
+        bgr, resize=lambda a, wh: cv2.resize(a, wh, interpolation=cv2.INTER_LINEAR))
 
 
 def _cvnets_v02(path):
@@ -129,7 +130,7 @@ def _write(tmp_path, hw, suffix):
     from PIL import Image
     image = _picture(hw)
     path = tmp_path / f"image_{hw[0]}x{hw[1]}{suffix}"
-    Image.fromarray(image).save(path, quality=90) if suffix == ".jpg" else Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, quality=90)  # PNG ignores the JPEG quality
     return path
 
 
@@ -156,12 +157,13 @@ def test_decoded_arrays_match_the_official_pipeline(tmp_path, hw):
     from PIL import Image
     path = _write(tmp_path, hw, ".png")
     bgr = cv2.imread(str(path))
-    assert np.array_equal(_to_uint8(mvit3.preprocess(bgr, PREPROCESS_CVNETS_V01, input_order="BGR")),
-                          _cvnets_v01(path))
-    pil = Image.open(path)
-    assert np.array_equal(_to_uint8(mvit3.preprocess(pil, PREPROCESS_CVNETS_V02)), _cvnets_v02(path))
-    assert np.array_equal(_to_uint8(mvit3.preprocess(np.asarray(pil), PREPROCESS_CVNETS_V02)),
-                          _cvnets_v02(path))
+    from_bgr = mvit3.preprocess(bgr, PREPROCESS_CVNETS_V01, input_order="BGR")
+    assert np.array_equal(_to_uint8(from_bgr), _cvnets_v01(path))
+    with Image.open(path) as pil:
+        from_pil = mvit3.preprocess(pil, PREPROCESS_CVNETS_V02)
+        from_rgb = mvit3.preprocess(np.asarray(pil), PREPROCESS_CVNETS_V02)
+    assert np.array_equal(_to_uint8(from_pil), _cvnets_v02(path))
+    assert np.array_equal(_to_uint8(from_rgb), _cvnets_v02(path))
 
 
 def _module():
