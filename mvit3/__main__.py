@@ -14,7 +14,7 @@ COMMANDS = {
     "info": ("mvit3.info", "list the models (params, MACs) and the kernel backends"),
     "bench": ("mvit3.bench.cli", "reproduce the paper's Table 5 (latency, throughput) here"),
     "build": ("mvit3.build", "build the CUDA C++ op library (csrc/) with CMake"),
-    "gpu-report": ("mvit3.bench.gpu_report", "run every GPU check and benchmark into one folder"),
+    "gpu-report": ("mvit3.bench.gpu_report", "one GPU lease: build, correctness, sanitizer, ceilings, benchmarks into one folder"),
     "predict": ("mvit3.predict", "top-5 ImageNet-1k classes of images"),
     "eval": ("mvit3.evaluate", "top-1/top-5 accuracy on an ImageFolder tree (torchrun: sharded)"),
     "export": ("mvit3.export", "the reference model as ONNX at a fixed input size"),
