@@ -167,16 +167,17 @@ _ACTS = ("none", "silu")
 
 def _channel_counts(op: str, args: tuple) -> dict:
     """name -> channel count of every map, weight output and workspace of a call whose count
-    csrc/ops.cpp checks against MAX_CHANNELS (the input's is checked with its other sizes)."""
+    csrc/ops.cpp checks against MAX_CHANNELS (the input's is checked with its other sizes).
+    An absent (None) tensor counts 0: other checks name it."""
+    def size(t, dim: int) -> int:
+        return t.shape[dim] if t is not None else 0
+
     if op in ("pointwise_conv", "conv3x3"):
-        counts = {"weight (Cout)": args[1].shape[0]}
-        if args[3] is not None:
-            counts["x2"] = args[3].shape[1]
-        return counts
+        return {"weight (Cout)": size(args[1], 0), "x2": size(args[3], 1)}
     if op == "dwconv_pointwise":
-        return {"weight (Cout)": args[3].shape[0]}
+        return {"weight (Cout)": size(args[3], 0)}
     if op == "transformer_mlp":
-        return {"w1 (F)": args[5].shape[0]}
+        return {"w1 (F)": size(args[5], 0)}
     if op == "separable_attention":
         return {"the qkv workspace (1 + 2d)": 1 + 2 * args[0].shape[1]}
     return {}
