@@ -349,19 +349,19 @@ def _dense_strides(shape: tuple) -> tuple:
     return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
-def samples_per_launch(out_shape: tuple, maps: dict) -> int:
+def samples_per_launch(out_shape: tuple, maps: tuple) -> int:
     """How many samples one launch may cover so that int32 offsets reach every element of
     its dense output map (out_shape, [B, ...]) and of its input maps (`maps`, [B, ...] of any
     strides; None: absent). Kernels index with int32 arithmetic (Triton's type for i32 sizes
     and strides) from a base pointer per tensor, so a larger batch is launched in chunks of
     this many samples; 0 if not even one sample fits."""
     limits = [_samples_within_int32(out_shape, _dense_strides(out_shape))]
-    limits += [_samples_within_int32(tuple(t.shape), t.stride()) for t in maps.values()
+    limits += [_samples_within_int32(tuple(t.shape), t.stride()) for t in maps
                if t is not None and t.numel() > 0]
     return min(limits)
 
 
-def int32_offset_limit(out_shape: tuple, maps: dict, weights: dict | None = None) -> str | None:
+def int32_offset_limit(out_shape: tuple, maps: tuple, weights: dict | None = None) -> str | None:
     """Why int32 offsets cannot address these tensors even one sample per launch (see
     `samples_per_launch`), or a weight whole; None if they can."""
     if samples_per_launch(out_shape, maps) < 1:
@@ -387,7 +387,7 @@ def batch_chunks(batch: int, out_shape: tuple, maps: tuple, max_samples: int = I
     if (batch <= max_samples and math.prod(out_shape) <= INT32_MAX
             and all(t is None or t.numel() == 0 or _span_4d(t) <= INT32_MAX for t in maps)):
         return [(0, batch)]
-    per_launch = min(samples_per_launch(out_shape, dict(enumerate(maps))), max_samples)
+    per_launch = min(samples_per_launch(out_shape, maps), max_samples)
     return [(start, min(start + per_launch, batch)) for start in range(0, batch, per_launch)]
 
 

@@ -131,7 +131,7 @@ def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str 
         return error
     b, _, h, w = x.shape
     out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
-    return int32_offset_limit(out_shape, dict(x=x, x2=x2), dict(weight=weight))
+    return int32_offset_limit(out_shape, (x, x2), dict(weight=weight))
 
 
 def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):

@@ -138,7 +138,7 @@ def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual
         return error
     b, _, h, w = x.shape
     out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
-    return int32_offset_limit(out_shape, dict(x=x, residual=residual), dict(weight=weight))
+    return int32_offset_limit(out_shape, (x, residual), dict(weight=weight))
 
 
 def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None):

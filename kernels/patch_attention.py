@@ -186,7 +186,7 @@ def why_unsupported(qkv, num_heads, scale, proj_weight=None, proj_bias=None, res
     if proj_weight is not None and d > MAX_DIM:
         return f"d = {d} > {MAX_DIM} with the fused out_proj"
     b, c3, h, w = qkv.shape
-    return int32_offset_limit((b, c3 // 3, h, w), dict(qkv=qkv, residual=residual),
+    return int32_offset_limit((b, c3 // 3, h, w), (qkv, residual),
                               dict(proj_weight=proj_weight))
 
 

@@ -163,7 +163,7 @@ def why_unsupported(x, weight, bias=None, x2=None, residual=None, norm="none", n
     if error is not None:
         return error
     b, _, h, w = x.shape
-    return int32_offset_limit((b, weight.shape[0], h, w), dict(x=x, x2=x2, residual=residual),
+    return int32_offset_limit((b, weight.shape[0], h, w), (x, x2, residual),
                               dict(weight=weight))
 
 

@@ -206,7 +206,7 @@ def why_unsupported(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, out_we
         return reason
     if x.shape[1] > MAX_DIM:
         return f"d = {x.shape[1]} > {MAX_DIM}"
-    return int32_offset_limit(tuple(x.shape), dict(x=x), dict(qkv_weight=qkv_weight))
+    return int32_offset_limit(tuple(x.shape), (x,), dict(qkv_weight=qkv_weight))
 
 
 def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype) -> tuple[dict, dict, int]:

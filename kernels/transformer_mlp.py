@@ -119,7 +119,7 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
         return reason
     if x.shape[1] > MAX_DIM:
         return f"d = {x.shape[1]} > {MAX_DIM}"
-    return int32_offset_limit(tuple(x.shape), dict(x=x))
+    return int32_offset_limit(tuple(x.shape), (x,))
 
 
 def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype) -> dict:

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mvit3.bench.launches import NO_KERNEL_OPS, _is_view
+
 from .gpus import GPU, blocks_per_sm, floor_us
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,8 +107,6 @@ class _ForwardRecorder(TorchDispatchMode):
         self.aten: list = []  # (position in log.records, Row)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from mvit3.bench.launches import NO_KERNEL_OPS, _is_view
-
         name = func.overloadpacket.__name__
         before = len(self.log.records)
         out = func(*args, **(kwargs or {}))
