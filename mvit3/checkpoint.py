@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from .interop import detect_layout, fitting_models, translate
+from .models.dense import load_dense_checkpoint
+from .models.dense_base import DenseModel
 
 # Where training scripts nest the weights, in the order they are tried.
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema_state_dict", "state_dict_ema",
@@ -120,19 +122,31 @@ def head_matches(model: nn.Module, state_dict: Mapping) -> bool:
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
-                    ignore_head: Union[bool, str] = False) -> LoadResult:
+                    ignore_head: Union[bool, str] = False, backbone_only: bool = False) -> LoadResult:
     """Load a checkpoint (file path or dict) into an mvit3 model.
 
     Accepts the official layout as a bare state_dict or one nested under `state_dict`, `model`,
     `model_state_dict`, ... with or without `module.` / `encoder.` prefixes, and the timm and
     transformers layouts of the v1/v2 models (`mvit3.interop`), recognised by their keys.
 
-    strict:      raise `CheckpointError` naming every missing, unexpected and mis-shaped key
-                 (in the checkpoint's own key names). With strict=False the keys that fit are
-                 loaded and the rest reported.
-    ignore_head: True loads everything but the classifier (e.g. for another num_classes);
-                 "if_mismatched" does so only when the checkpoint's head has another shape.
+    strict:        raise `CheckpointError` naming every missing, unexpected and mis-shaped key
+                   (in the checkpoint's own key names). With strict=False the keys that fit are
+                   loaded and the rest reported.
+    ignore_head:   classifiers only: True loads everything but the classifier (e.g. for another
+                   num_classes); "if_mismatched" does so only when the checkpoint's head has
+                   another shape.
+    backbone_only: dense models (DeepLabv3 / SSDLite) only: load a classification checkpoint of
+                   the backbone into `model.encoder`. Without it a dense model takes a whole
+                   official dense checkpoint (`mvit3.models.load_dense_checkpoint`).
     """
+    if isinstance(model, DenseModel):
+        if ignore_head is not False:
+            raise ValueError(f"ignore_head is for classifiers; {model.cfg.name} is a dense model "
+                             f"(backbone_only=True loads a classification checkpoint into its encoder)")
+        return load_dense_checkpoint(model, path_or_state_dict, backbone_only=backbone_only, strict=strict)
+    if backbone_only:
+        name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
+        raise ValueError(f"backbone_only is for dense models (DeepLabv3 / SSDLite), not {name}")
     state_dict = read_state_dict(path_or_state_dict)
     own = model.state_dict()
     result = LoadResult()

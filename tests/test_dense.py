@@ -173,7 +173,8 @@ def test_segmentation_float64_logits_equal_the_official_forward(name, output_str
     """At the input size, or (v2-style, as its eval pipeline does) straight at an image size."""
     path, sd = _official_checkpoint(name, tmp_path)
     model = mvit3.create_model(name).double().eval()
-    load_dense_checkpoint(model, path)
+    result = mvit3.load_checkpoint(model, path)
+    assert not (result.missing or result.unexpected or result.mismatched)
     size = (128, 192) if v01 else (128, 128)
     x = torch.rand(1, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out_size = (101, 150) if name.endswith("ade20k") else None
@@ -352,11 +353,14 @@ def test_a_classification_checkpoint_loads_into_the_encoder(tmp_path):
     classifier = model_utils.randomize_(mvit3.create_model("mobilevitv3_xs"))
     path = tmp_path / "mobilevitv3_xs.pt"
     torch.save({"state_dict": classifier.state_dict()}, path)
-    for name in ("deeplabv3_mobilevitv3_xs_voc", "ssdlite_mobilevitv3_xs_coco"):
+    for name, load in (("deeplabv3_mobilevitv3_xs_voc", mvit3.load_checkpoint),
+                       ("ssdlite_mobilevitv3_xs_coco", load_dense_checkpoint)):
         model = mvit3.create_model(name)
-        load_dense_checkpoint(model, path, backbone_only=True)
+        heads_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+        load(model, path, backbone_only=True)
         own = model.encoder.state_dict()
         assert all(torch.equal(v, classifier.state_dict()[k]) for k, v in own.items())
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in heads_before.items())
 
 
 @pytest.mark.parametrize("name, missing", [("deeplabv3_mobilevitv3_xs_voc", "seg_head.aspp.aspp_layer.convs.0"),
@@ -365,6 +369,9 @@ def test_a_classification_checkpoint_given_as_a_dense_one_names_the_keys(name, m
     path = _checkpoint_of(f"mobilevitv3_{_size(name)}", tmp_path, "classifier.pt")
     with pytest.raises(CheckpointError, match=rf"(?s)missing keys \(\d+\): {missing}.*unexpected keys"):
         mvit3.create_model(name, checkpoint_path=path)
+    with pytest.raises(CheckpointError, match=rf"(?s)missing keys \(\d+\): {missing}.*unexpected keys "
+                                              rf"\(\d+\): (conv_1x1_exp|classifier)\."):
+        mvit3.load_checkpoint(mvit3.create_model(name), path)
 
 
 def test_a_dense_checkpoint_given_as_a_classification_one_names_the_keys(tmp_path):
@@ -374,6 +381,14 @@ def test_a_dense_checkpoint_given_as_a_classification_one_names_the_keys(tmp_pat
         mvit3.load_checkpoint(mvit3.create_model("mobilevitv3_xs"), path)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(\d+\): seg_head.aspp"):
         load_dense_checkpoint(mvit3.create_model("ssdlite_mobilevitv3_xs_coco"), path, backbone_only=True)
+
+
+def test_checkpoint_options_of_the_other_kind_of_model_are_refused(tmp_path):
+    path = _checkpoint_of("mobilevitv3_xxs", tmp_path, "classifier.pt")
+    with pytest.raises(ValueError, match="backbone_only is for dense models"):
+        mvit3.load_checkpoint(mvit3.create_model("mobilevitv3_xxs"), path, backbone_only=True)
+    with pytest.raises(ValueError, match="ignore_head is for classifiers"):
+        mvit3.load_checkpoint(mvit3.create_model("deeplabv3_mobilevitv3_xxs_voc"), path, ignore_head=True)
 
 
 @pytest.mark.parametrize("name, multiple", [("deeplabv3_mobilevitv3_xs_voc", 16),

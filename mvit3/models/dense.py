@@ -56,8 +56,9 @@ def load_dense_checkpoint(model: DenseModel, path_or_state_dict, backbone_only: 
     """
     from ..checkpoint import load_checkpoint, read_state_dict
 
-    # read_state_dict unwraps the nesting and strips `module.` (and today `encoder.`, which the
-    # official dense keys carry); stripping `encoder.` here as well keeps this independent of that.
+    # read_state_dict unwraps the nesting and strips `module.` and `encoder.` (a wrapper prefix
+    # of classification checkpoints, but the official dense keys' own); stripping `encoder.` here
+    # as well keeps this independent of that.
     state_dict = _strip_encoder(read_state_dict(path_or_state_dict))
     if backbone_only:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFICATION_ONLY)}
