@@ -16,7 +16,7 @@ COMMANDS = {
     "build": ("mvit3.build", "build the CUDA C++ op library (csrc/) with CMake"),
     "gpu-report": ("mvit3.bench.gpu_report", "one GPU lease: build, correctness, sanitizer, ceilings, benchmarks into one folder"),
     "predict": ("mvit3.predict", "top-5 ImageNet-1k classes of images"),
-    "eval": ("mvit3.evaluate", "top-1/top-5 accuracy on an ImageFolder tree (torchrun: sharded)"),
+    "eval": ("mvit3.evaluate", "the accuracy tables: --task cls top-1/5, seg mIoU, det COCO mAP (torchrun: sharded)"),
     "export": ("mvit3.export", "the reference model as ONNX at a fixed input size"),
     "kernels": ("mvit3.kernel_report.cli", "what the compiler made of each launch, and its roofline (no GPU needed)"),
 }

@@ -1,5 +1,5 @@
-"""What the predict, eval and export commands share: the model arguments, the model they build,
-the ImageNet-1k class names and image reading."""
+"""What the predict, eval and export commands share: the model arguments, the model they build
+and the ImageNet-1k class names."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ import sys
 from functools import lru_cache
 from importlib import resources
 
-import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .models import create_model, list_models
+from .models import DenseModel, create_model, list_models, load_dense_checkpoint
 from .ops.backends import BACKENDS
 
 # "reference": the plain PyTorch model; the others build mvit3.fast with that kernel backend.
 MODEL_BACKENDS = ("reference",) + BACKENDS
 
 
-def add_model_arguments(parser, checkpoint_required: bool = False, runs_model: bool = True) -> None:
-    """--model, --checkpoint and, for commands that run the model here, --backend and --device."""
-    parser.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
-                        help=f"one of: {', '.join(list_models())}")
+def add_model_arguments(parser, checkpoint_required: bool = False, runs_model: bool = True,
+                        models: tuple = ()) -> None:
+    """--model (one of the classifiers, or of `models` too), --checkpoint and, for commands that
+    run the model here, --backend and --device."""
+    names = list_models() + list(models)
+    parser.add_argument("--model", required=True, choices=names, metavar="NAME",
+                        help=f"one of: {', '.join(names)}")
     parser.add_argument("--checkpoint", required=checkpoint_required, metavar="P",
                         help="weights: official, timm or transformers layout (.pt/.pth/.bin/.safetensors)")
     if runs_model:
@@ -35,7 +37,9 @@ def build_model(name: str, checkpoint, backend: str = "reference", device="cpu")
     """The eval-mode model for the command line. Without a checkpoint the weights are random,
     which is said on stderr: its predictions mean nothing."""
     model = create_model(name)
-    if checkpoint is not None:
+    if checkpoint is not None and isinstance(model, DenseModel):
+        load_dense_checkpoint(model, checkpoint)  # strict, official dense keys
+    elif checkpoint is not None:
         load_checkpoint(model, checkpoint)  # strict: a head of another size is an error here
     else:
         print(f"warning: no --checkpoint given: {name} has random weights", file=sys.stderr)
@@ -55,11 +59,3 @@ def imagenet_classes() -> tuple:
         raise RuntimeError(f"mvit3/data/imagenet1k_classes.txt holds {len(names)} names, expected 1000")
     return names
 
-
-def read_image(path) -> np.ndarray:
-    """The image as a writable HxWx3 uint8 RGB array (what `mvit3.preprocess` takes); OSError
-    (PIL's UnidentifiedImageError is one) for a missing, unreadable or non-image file."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))

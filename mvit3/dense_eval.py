@@ -3,67 +3,70 @@ SSDLite for each weights' family (dense-spec section 1.3), from an image to its 
 its detections.
 
 Segmentation. v1-style (cvnets v0.1, OpenCV): BGR, resize to exactly eval_size x eval_size
-(cv2 bilinear), /255, logits at that size, label map nearest-resized back to the image size.
-v2-style (cvnets v0.2, PIL): RGB, shorter side to eval_size keeping the aspect ratio
-(bicubic), /255, H and W floored to multiples of the output stride (bilinear,
+(cv2.resize INTER_LINEAR), /255, logits at that size, label map nearest-resized back to the
+image size. v2-style (cvnets v0.2, PIL): RGB, shorter side to eval_size keeping the aspect
+ratio (PIL bicubic), /255, H and W floored to multiples of the output stride (bilinear,
 align_corners=True), logits upsampled by the model straight to the image size.
-Detection: resize to eval_size x eval_size (v1-style cv2 bilinear, BGR; v2-style bicubic,
-RGB), /255; the normalised boxes are scaled to the image size and clipped to it.
-The resizes are torch's, rounded to uint8 as the originals are (see `mvit3.preprocess`).
+Detection: resize to eval_size x eval_size (v1-style cv2 INTER_LINEAR, BGR; v2-style PIL
+bicubic, RGB), /255; the normalised boxes are scaled to the image size and clipped to it.
+Files are read and resized by the family's library as in `mvit3.preprocess`, so the input is
+the official one bit for bit when that library is installed.
+
+Each pipeline is split in two: `*_input` (image -> network input, on the CPU: what the eval
+command's data-loading workers run) and `*_output` (network input -> prediction at the image
+size, on the model's device).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .models import DeepLabV3, SSDLite
-from .preprocess import _to_uint8_hwc
+from .preprocess import image_array, resize_uint8, shorter_side_to, to_unit_tensor
 
 
-def _read(image):
-    """A path is read as an RGB array; PIL images and HxWx3 uint8 arrays pass through."""
-    if not isinstance(image, (str, os.PathLike)):
-        return image
-    if not os.path.isfile(image):
-        raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-    from .command_utils import read_image  # here: it imports the op layer, `import mvit3` need not
-
-    try:
-        return read_image(image)
-    except OSError as err:  # PIL.UnidentifiedImageError and truncated files
-        raise ValueError(f"cannot read image {os.fspath(image)!r}: {err}") from None
-
-
-def _resize_uint8(x: torch.Tensor, size: tuple, interpolation: str) -> torch.Tensor:
-    """[1, 3, H, W] pixel values -> resized and rounded to integers like cv2 / PIL do."""
-    if interpolation == "bilinear":  # cv2.INTER_LINEAR: no antialiasing
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
-    else:  # PIL bicubic
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return x.round().clamp(0, 255)
-
-
-def _pixels(image, model, input_order: str, kind: type, factory: str) -> torch.Tensor:
-    """Check the call; image -> float64 [1, 3, H, W] pixel values (0..255) in the channel order
-    of the model's weights, on the model's device."""
+def _array(image, model, input_order: str, kind: type, factory: str):
+    """Check the call; image -> HxWx3 uint8 array in the channel order of the model's weights."""
     if not isinstance(model, kind):
         raise TypeError(f"expected an mvit3 {kind.__name__} (mvit3.create_model('{factory}_...')), "
                         f"got {type(model).__name__}")
     if model.training:
         raise ValueError("this runs the evaluation pipeline: call model.eval() first")
-    if input_order not in ("RGB", "BGR"):
-        raise ValueError(f"input_order must be 'RGB' or 'BGR', got {input_order!r}")
-    image = _read(image)
-    if hasattr(image, "convert"):
-        input_order = "RGB"
-    array = _to_uint8_hwc(image)
-    if input_order != model.preprocess.channel_order:
-        array = array[:, :, ::-1]
-    device = next(model.parameters()).device
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].to(device, torch.float64)
+    return image_array(image, model.preprocess, input_order)
+
+
+def segmentation_input(image, model: DeepLabV3, input_order: str = "RGB"):
+    """Image -> (network input float32 [1, 3, h, w] on the CPU, the image's (H, W))."""
+    array = _array(image, model, input_order, DeepLabV3, "deeplabv3")
+    height, width = array.shape[:2]
+    size, stride = model.cfg.eval_size, model.output_stride
+    if model.cfg.style == "v1":
+        # eval_size (512) is a multiple of every v1-style output stride (16), so the official
+        # floor-to-a-multiple resize is a no-op here
+        x = to_unit_tensor(resize_uint8(array, (size, size), "bilinear"), model.preprocess)
+        return x, (height, width)
+    resized = shorter_side_to(height, width, size)
+    x = to_unit_tensor(resize_uint8(array, resized, "bicubic"), model.preprocess)
+    floored = tuple(n // stride * stride for n in resized)
+    if floored != resized:
+        x = F.interpolate(x, size=floored, mode="bilinear", align_corners=True)
+    return x, (height, width)
+
+
+@torch.no_grad()
+def segmentation_output(model: DeepLabV3, x: torch.Tensor, image_size: tuple):
+    """`segmentation_input`'s x -> (labels [H, W] int64 at the image size, logits): v1-style
+    logits [1, classes, h, w] at the network input size, v2-style at the image size."""
+    weight = next(model.parameters())
+    x = x.to(weight.device, weight.dtype)
+    if model.cfg.style == "v1":
+        logits = model(x)
+        labels = logits.argmax(dim=1, keepdim=True).to(torch.float32)
+        labels = F.interpolate(labels, size=tuple(image_size), mode="nearest")[0, 0].long()
+        return labels, logits
+    logits = model(x, out_size=tuple(image_size))
+    return logits.argmax(dim=1)[0], logits
 
 
 @torch.no_grad()
@@ -74,28 +77,8 @@ def segment(image, model: DeepLabV3, input_order: str = "RGB"):
     Returns (labels [H, W] int64 at the image size, logits [1, num_classes, h, w]): v1-style
     logits are at the network input size (eval_size^2), v2-style at the image size.
     """
-    x = _pixels(image, model, input_order, DeepLabV3, "deeplabv3")
-    weight = next(model.parameters())
-    height, width = x.shape[-2:]
-    size, stride = model.cfg.eval_size, model.output_stride
-
-    if model.cfg.style == "v1":
-        # eval_size (512) is a multiple of every v1-style output stride (16), so the official
-        # floor-to-a-multiple resize is a no-op here
-        x = _resize_uint8(x, (size, size), "bilinear") / 255.0
-        logits = model(x.to(weight.dtype))
-        labels = logits.argmax(dim=1, keepdim=True).to(torch.float32)
-        labels = F.interpolate(labels, size=(height, width), mode="nearest")[0, 0].long()
-        return labels, logits
-
-    # cvnets v0.2 Resize: the shorter side to `size`, the longer to int(size * long / short)
-    resized = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
-    x = _resize_uint8(x, resized, "bicubic") / 255.0
-    floored = tuple(n // stride * stride for n in resized)
-    if floored != resized:
-        x = F.interpolate(x, size=floored, mode="bilinear", align_corners=True)
-    logits = model(x.to(weight.dtype), out_size=(height, width))
-    return logits.argmax(dim=1)[0], logits
+    x, image_size = segmentation_input(image, model, input_order)
+    return segmentation_output(model, x, image_size)
 
 
 @torch.no_grad()
@@ -106,11 +89,25 @@ def detect(image, model: SSDLite, input_order: str = "RGB", conf_threshold=None,
     [n], "labels" [n] (1..80; 0 is background)} by the post-processing of the weights' family
     (`SSDLite.detect`; `conf_threshold` / `nms_iou` replace its values).
     """
-    x = _pixels(image, model, input_order, SSDLite, "ssdlite")
-    height, width = x.shape[-2:]
+    x, image_size = detection_input(image, model, input_order)
+    return detection_output(model, x, image_size, conf_threshold, nms_iou)
+
+
+def detection_input(image, model: SSDLite, input_order: str = "RGB"):
+    """Image -> (network input float32 [1, 3, eval_size, eval_size] on the CPU, the image's (H, W))."""
+    array = _array(image, model, input_order, SSDLite, "ssdlite")
     size = model.cfg.eval_size
-    x = _resize_uint8(x, (size, size), "bilinear" if model.cfg.style == "v1" else "bicubic") / 255.0
-    found = model.detect(x.to(next(model.parameters()).dtype), conf_threshold, nms_iou)[0]
+    resized = resize_uint8(array, (size, size), model.preprocess.interpolation)
+    return to_unit_tensor(resized, model.preprocess), array.shape[:2]
+
+
+@torch.no_grad()
+def detection_output(model: SSDLite, x: torch.Tensor, image_size: tuple, conf_threshold=None,
+                     nms_iou=None) -> dict:
+    """`detection_input`'s x [1, 3, h, w] of an image of `image_size` (H, W) -> `detect`'s result."""
+    weight = next(model.parameters())
+    found = model.detect(x.to(weight.device, weight.dtype), conf_threshold, nms_iou)[0]
+    height, width = image_size
     scale = found["boxes"].new_tensor([width, height, width, height])
     found["boxes"] = torch.minimum(found["boxes"].clamp(min=0) * scale, scale)
     return found

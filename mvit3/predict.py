@@ -1,5 +1,6 @@
 """`python -m mvit3 predict IMAGE... --model NAME [--checkpoint P]`: the top-5 ImageNet-1k
-classes of each image, through the model's own preprocessing (its channel order and resize).
+classes of each image, through the model's own preprocessing: the file is read and resized by
+the library of the weights' official pipeline (OpenCV for v1-style weights, PIL for v2-style).
 
 A missing or unreadable file is reported by name on stderr and the others are still
 classified; the exit status is 1 when any file failed.
@@ -12,19 +13,20 @@ import sys
 
 import torch
 
-from .command_utils import add_model_arguments, build_model, imagenet_classes, read_image
+from .command_utils import add_model_arguments, build_model, imagenet_classes
 from .preprocess import preprocess
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything OpenCV / PIL reads)")
     add_model_arguments(parser)
     parser.add_argument("--top", type=int, default=5, help="how many classes per image (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
 
 
 def classify(model, image, top: int) -> list:
-    """[{"index", "label", "probability"}] of the `top` most probable classes of one image."""
+    """[{"index", "label", "probability"}] of the `top` most probable classes of one image (a
+    file path, read as the official pipeline of the model's family reads it, or an array)."""
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(preprocess(image, model).to(device))  # [1, num_classes]
@@ -43,13 +45,13 @@ def run(args) -> int:
     results, failed = [], 0
     for path in args.images:
         try:
-            image = read_image(path)
-        except OSError as err:
+            top = classify(model, path, args.top)
+        except (OSError, ValueError) as err:  # missing file; a file the library cannot decode
             failed += 1
-            print(f"error: cannot read image {path!r}: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
             results.append({"image": path, "error": str(err)})
             continue
-        results.append({"image": path, "top": classify(model, image, args.top)})
+        results.append({"image": path, "top": top})
         if not args.json:
             print(path)
             for row in results[-1]["top"]:

@@ -104,7 +104,7 @@ def _read_file(path, interpolation: str):
         raise ValueError(f"cannot read image {path!r}: {err}") from None
 
 
-def _resize_uint8_hwc(array: np.ndarray, size_hw: tuple, interpolation: str) -> np.ndarray:
+def resize_uint8(array: np.ndarray, size_hw: tuple, interpolation: str) -> np.ndarray:
     """HxWx3 uint8 -> size_hw[0] x size_hw[1] x 3 uint8 through the family's library (the
     channel order does not matter: every channel is resized on its own)."""
     height, width = size_hw
@@ -122,7 +122,7 @@ def _resize_uint8_hwc(array: np.ndarray, size_hw: tuple, interpolation: str) -> 
         image = image_module.fromarray(np.ascontiguousarray(array))  # HxWx3 uint8: RGB mode
         for pass_height, pass_width in passes:
             image = image.resize((pass_width, pass_height), image_module.Resampling.BICUBIC)
-        return np.asarray(image)
+        return np.array(image)  # writable, unlike np.asarray of a PIL image
     _warn_approximate(interpolation)
     x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,H,W]
     antialias = interpolation == "bicubic"  # torch's PIL-compatible mode; cv2 has no antialias
@@ -132,17 +132,23 @@ def _resize_uint8_hwc(array: np.ndarray, size_hw: tuple, interpolation: str) -> 
     return x.to(torch.uint8)[0].permute(1, 2, 0).numpy()  # [H,W,3]
 
 
-def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
-               input_order: str = "RGB") -> torch.Tensor:
-    """Image (file path, PIL image or HxWx3 uint8 array) -> float32 tensor [1, 3, crop, crop]
-    for the model.
+def shorter_side_to(height: int, width: int, size: int) -> tuple:
+    """(H, W) after cvnets' aspect-preserving Resize: the shorter side becomes `size`, the
+    longer int(size * long / short) (truncated, as both cvnets versions compute it)."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def image_array(image, cfg: PreprocessConfig, input_order: str = "RGB") -> np.ndarray:
+    """Image (file path, PIL image or HxWx3 uint8 array) -> HxWx3 uint8 array in the channel
+    order of the weights (`cfg.channel_order`).
 
     A file path is read by the family's own library (cv2.imread or PIL), as the official
     evaluation did; this matters for JPEGs, whose decoders can differ. `input_order` is the
     channel order of an array argument ("RGB", or "BGR" for arrays read by cv2.imread); PIL
-    images and paths ignore it. The output is in the model's channel order.
+    images and paths ignore it.
     """
-    cfg = model_or_cfg if isinstance(model_or_cfg, PreprocessConfig) else model_or_cfg.preprocess
     if input_order not in ("RGB", "BGR"):
         raise ValueError(f"input_order must be 'RGB' or 'BGR', got {input_order!r}")
     if isinstance(image, (str, os.PathLike)):
@@ -151,24 +157,34 @@ def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
         array = _to_uint8_hwc(image)
         if hasattr(image, "convert"):
             input_order = "RGB"
-    if input_order != cfg.channel_order:
-        array = array[:, :, ::-1]
+    return array[:, :, ::-1] if input_order != cfg.channel_order else array
+
+
+def to_unit_tensor(array: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """HxWx3 uint8 -> float32 [1, 3, H, W] scaled as the official ToTensor does."""
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,H,W]
+    # The official ToTensor divides by 255; multiplying by float32(1/255) is an ulp off for
+    # some pixel values.
+    return x / round(1.0 / cfg.scale)
+
+
+def preprocess(image, model_or_cfg: Union[torch.nn.Module, PreprocessConfig],
+               input_order: str = "RGB") -> torch.Tensor:
+    """Image (file path, PIL image or HxWx3 uint8 array, as `image_array` takes it) -> float32
+    tensor [1, 3, crop, crop] for the model, in the model's channel order."""
+    cfg = model_or_cfg if isinstance(model_or_cfg, PreprocessConfig) else model_or_cfg.preprocess
+    array = image_array(image, cfg, input_order)
 
     h, w = array.shape[:2]
     if min(h, w) != cfg.resize:  # cvnets leaves an image already at the size untouched
-        size = ((cfg.resize, int(cfg.resize * w / h)) if h <= w
-                else (int(cfg.resize * h / w), cfg.resize))
-        array = _resize_uint8_hwc(array, size, cfg.interpolation)
+        array = resize_uint8(array, shorter_side_to(h, w, cfg.resize), cfg.interpolation)
 
     h, w = array.shape[:2]
     if h < cfg.crop or w < cfg.crop:
         raise ValueError(f"resized image {h}x{w} is smaller than the {cfg.crop} crop")
     top, left = (h - cfg.crop) // 2, (w - cfg.crop) // 2  # cvnets' CenterCrop floors
     array = array[top:top + cfg.crop, left:left + cfg.crop]
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # [1,3,c,c]
-    # The official ToTensor divides by 255; multiplying by float32(1/255) is an ulp off for
-    # some pixel values.
-    x = x / round(1.0 / cfg.scale)
+    x = to_unit_tensor(array, cfg)  # [1, 3, crop, crop]
     if cfg.mean is not None:
         x = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
     return x.contiguous()
