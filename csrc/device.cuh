@@ -150,14 +150,16 @@ void launch_chunks(int64_t units, int64_t blocks_per_unit, LaunchChunk&& launch_
 }
 
 // kernel<<<grid, block, 0, stream>>>(args...) with the launch error turned into an exception;
-// under MVIT3_EMULATE the emulator runs it on the host.
+// under MVIT3_EMULATE the emulator runs it on the host (or records it, in its record mode).
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, const Args&... args) {
+  constexpr size_t kDynamicSharedBytes = 0;  // every kernel's shared memory is static
 #ifdef MVIT3_EMULATE
   (void)stream;
-  emu::launch(grid, block, [&] { kernel(args...); });
+  emu::launch(grid, block, [&] { kernel(args...); }, reinterpret_cast<emu::KernelId>(kernel),
+              kDynamicSharedBytes);
 #else
-  kernel<<<grid, block, 0, stream>>>(args...);
+  kernel<<<grid, block, kDynamicSharedBytes, stream>>>(args...);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess)
     throw std::runtime_error(std::string("mvit3 kernel launch failed: ") + cudaGetErrorString(error));

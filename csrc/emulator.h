@@ -25,10 +25,16 @@
 //   warp synchronisation instead of an explicit __syncwarp() would fail in the emulator, which
 //   errs on the safe side.
 // - Threads that return early no longer count at barriers (as on sm_70 and newer).
+//
+// Record mode (`python -m mvit3 kernels --backend cuda`): launches are recorded (kernel, grid,
+// block, dynamic shared memory), not run, and grid axis x takes the GPU's limit instead of the
+// tests' 8, so a forward of a fast model on CPU tensors yields the launches a GPU would get, at
+// any batch, in milliseconds. Nothing is computed: outputs keep whatever their memory held.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <dlfcn.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -50,6 +56,24 @@
 namespace mvit3::emu {
 
 struct Stream {};  // launches run in order, synchronously
+
+// The limit on grid axis x the launchers split their grids at (mvit3.h: kMaxGridX): tiny, so
+// that the CPU tests run the launchers' chunk loops; the GPU's in record mode.
+inline constexpr int64_t kTestGridX = 8;
+inline constexpr int64_t kGpuGridX = (int64_t(1) << 31) - 1;
+inline int64_t max_grid_x = kTestGridX;
+
+// A kernel's identity: its address (see mvit3_emu_recorded_launch).
+using KernelId = void (*)();
+
+struct LaunchRecord {
+  KernelId kernel;
+  dim3 grid, block;
+  size_t dynamic_shared_bytes;
+};
+
+inline bool recording = false;
+inline std::vector<LaunchRecord> recorded_launches;
 
 enum class Wait { none, block_barrier, warp_barrier, done, failed };
 
@@ -173,15 +197,21 @@ inline void run_block(Block& block) {
   }
 }
 
-// Run `body` (the kernel call) for every thread of every block of the grid.
-inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body) {
+// Run `body` (the kernel call) for every thread of every block of the grid; in record mode,
+// record the launch of `kernel` instead.
+inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
+                   KernelId kernel = nullptr, size_t dynamic_shared_bytes = 0) {
+  const unsigned count = threads.x * threads.y * threads.z;
+  if (count == 0 || count > 1024 || count % 32 != 0)
+    throw std::runtime_error("emulated launch: block size must be a multiple of 32 up to 1024");
+  if (recording) {
+    recorded_launches.push_back(LaunchRecord{kernel, grid, threads, dynamic_shared_bytes});
+    return;
+  }
   Block block;
   block.grid_dim = grid;
   block.block_dim = threads;
   block.body = &body;
-  const unsigned count = threads.x * threads.y * threads.z;
-  if (count == 0 || count > 1024 || count % 32 != 0)
-    throw std::runtime_error("emulated launch: block size must be a multiple of 32 up to 1024");
   block.fibers.resize(count);
   block.exchange.resize(count);
   block.mma_log.resize(count / 32);
@@ -223,6 +253,42 @@ V shuffle_xor(V value, int lane_mask) {
 }
 
 }  // namespace mvit3::emu
+
+// Record mode, for Python (ctypes on the emulator's library). `used`: emitted although nothing
+// in the library calls them.
+extern "C" {
+
+// Turn record mode on (with an empty log) or off.
+__attribute__((used, visibility("default"))) inline void mvit3_emu_set_recording(int on) {
+  ::mvit3::emu::recording = on != 0;
+  ::mvit3::emu::max_grid_x = on ? ::mvit3::emu::kGpuGridX : ::mvit3::emu::kTestGridX;
+  if (on) ::mvit3::emu::recorded_launches.clear();
+}
+
+__attribute__((used, visibility("default"))) inline int64_t mvit3_emu_recorded_count() {
+  return static_cast<int64_t>(::mvit3::emu::recorded_launches.size());
+}
+
+// Launch `index` of the log as 8 numbers: the kernel's address relative to the library's base
+// (its symbol's value in `nm`, -1 if unknown), grid x, y, z, block x, y, z, dynamic shared
+// memory bytes. Returns 0, or -1 for an index out of range.
+__attribute__((used, visibility("default"))) inline int mvit3_emu_recorded_launch(int64_t index,
+                                                                                 int64_t* out) {
+  const auto& log = ::mvit3::emu::recorded_launches;
+  if (index < 0 || index >= static_cast<int64_t>(log.size())) return -1;
+  const ::mvit3::emu::LaunchRecord& r = log[index];
+  Dl_info where{};
+  const void* address = reinterpret_cast<const void*>(r.kernel);
+  out[0] = r.kernel && dladdr(address, &where)
+               ? static_cast<const char*>(address) - static_cast<const char*>(where.dli_fbase)
+               : -1;
+  const int64_t rest[7] = {r.grid.x, r.grid.y, r.grid.z, r.block.x, r.block.y, r.block.z,
+                           static_cast<int64_t>(r.dynamic_shared_bytes)};
+  std::copy(rest, rest + 7, out + 1);
+  return 0;
+}
+
+}  // extern "C"
 
 #define threadIdx (::mvit3::emu::self().index)
 #define blockIdx (::mvit3::emu::active_block()->block_idx)
