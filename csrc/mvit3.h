@@ -154,9 +154,10 @@ constexpr int kMaxHeadDim = 64;
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on grid axes y and z
 constexpr int64_t kMaxChannels = kMaxGridYZ * 64;
 #ifdef MVIT3_EMULATE
-// The emulator's limit on grid axis x is tiny so that the CPU tests run the launchers' chunk
-// loops (a GPU's is 2^31 - 1, which only a batch of thousands of 256 px samples reaches).
-constexpr int64_t kMaxGridX = 8;
+// The emulator's limit on grid axis x is tiny (8) so that the CPU tests run the launchers' chunk
+// loops (a GPU's is 2^31 - 1, which only a batch of thousands of 256 px samples reaches); its
+// record mode takes the GPU's (emulator.h), to record the launches a GPU would get.
+inline const int64_t& kMaxGridX = emu::max_grid_x;
 #else
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 #endif
