@@ -115,15 +115,25 @@ class _ForwardRecorder(TorchDispatchMode):
                 self.launch_ops[index] = (name, self.stage[0])
         elif func.namespace == "mvit3":
             raise RuntimeError("the kernels report of the triton backend saw a CUDA C++ op")
-        elif not (_is_view(func) or name in NO_KERNEL_OPS):
-            inputs = [a for a in args if isinstance(a, torch.Tensor)]
-            outputs = out if isinstance(out, (tuple, list)) else [out]
-            nbytes = sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
-            row = Row(kernel=f"{func.namespace}::{name}", op=f"{func.namespace}::{name}",
-                      stage=self.stage[0], grid=(), bytes=nbytes,
-                      dot_flops=_aten_flops(name, args, out), simt_flops=0, dot_rate="tensor")
-            self.aten.append((len(self.log.records), row))
+        else:
+            row = aten_row(func, args, out, self.stage[0])
+            if row is not None:
+                self.aten.append((len(self.log.records), row))
         return out
+
+
+def aten_row(func, args, out, stage: str) -> Optional[Row]:
+    """The row of an ATen op of a forward (it launches work of its own), or None for views and
+    ops that launch nothing (as in mvit3.bench.launches)."""
+    name = func.overloadpacket.__name__
+    if _is_view(func) or name in NO_KERNEL_OPS:
+        return None
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    outputs = out if isinstance(out, (tuple, list)) else [out]
+    nbytes = sum(map(_nbytes, inputs)) + sum(map(_nbytes, outputs))
+    return Row(kernel=f"{func.namespace}::{name}", op=f"{func.namespace}::{name}", stage=stage,
+               grid=(), bytes=nbytes, dot_flops=_aten_flops(name, args, out), simt_flops=0,
+               dot_rate="tensor")
 
 
 def _stage_labels(model) -> list:
