@@ -1,6 +1,7 @@
-// conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias). Semantics:
-// mvit3.ops.reference.conv3x3. The dense 3x3 convs: the stem, and MobileViTv1's local conv
-// and fusion (whose concat of two maps is read through two pointers, never materialised).
+// conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias).
+// Semantics: mvit3.ops.reference.conv3x3. The dense 3x3 convs: the stem, MobileViTv1's local
+// conv and fusion (whose concat of two maps is read through two pointers, never materialised)
+// and the dilated branches of DeepLabv3's ASPP.
 //
 // An implicit GEMM (tile_gemm.cuh) with K = 9 * (C1 + C2). k = c * 9 + 3 * ky + kx is the
 // flattening of a contiguous [Cout, Cin, 3, 3] weight: a row-major [Cout, K] matrix as it is.
@@ -12,7 +13,7 @@ namespace {
 template <class T>
 struct Conv3x3Producer {
   Map x, x2;
-  int c1 = 0, height = 0, width = 0, stride = 1;
+  int c1 = 0, height = 0, width = 0, stride = 1, dilation = 1;
   // Consecutive k are taps of one channel, so stage pixel-fastest: unit-stride for NCHW maps.
   bool channels_contiguous = false;
 
@@ -25,8 +26,8 @@ struct Conv3x3Producer {
 
   MVIT3_DEVICE float a(const gemm::Row& row, int k) const {
     const int c = k / 9, tap = k % 9;
-    const int iy = row.y * stride - 1 + tap / 3;
-    const int ix = row.x * stride - 1 + tap % 3;
+    const int iy = row.y * stride + (tap / 3 - 1) * dilation;
+    const int ix = row.x * stride + (tap % 3 - 1) * dilation;
     if (iy < 0 || iy >= height || ix < 0 || ix >= width) return 0.0f;  // zero padding
     if (c < c1) {
       const T* src = static_cast<const T*>(x.data) + row.offset;
@@ -49,6 +50,7 @@ void conv3x3(const Conv3x3Args& args, DType dtype, Stream stream) {
     producer.height = args.height;
     producer.width = args.width;
     producer.stride = args.stride;
+    producer.dilation = args.dilation;
     gemm::Epilogue ep;
     ep.bias = args.bias;
     ep.out = args.out;

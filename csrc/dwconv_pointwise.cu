@@ -1,6 +1,7 @@
-// dwconv_pointwise: out = silu(depthwise3x3(x, stride, padding 1) + dw_bias) @ weight^T + bias
-// + residual. Semantics: mvit3.ops.reference.dwconv_pointwise. The second half of an MV2 block
-// and the local representation of a MobileViT block.
+// dwconv_pointwise: out = silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias)
+// @ weight^T + bias + residual. Semantics: mvit3.ops.reference.dwconv_pointwise. The second half
+// of an MV2 block and the local representation of a MobileViT block (dilated in the v2-style
+// dense backbones).
 //
 // One tile GEMM whose producer computes the depthwise conv while staging the A tile, so the
 // [B, C, Ho, Wo] intermediate never reaches memory. Each block recomputes the depthwise values
@@ -14,7 +15,7 @@ namespace {
 template <class T>
 struct DwconvProducer {
   Map x;
-  int height = 0, width = 0, stride = 1;
+  int height = 0, width = 0, stride = 1, dilation = 1;
   const T* dw_weight = nullptr;  // [C, 1, 3, 3] contiguous
   const T* dw_bias = nullptr;    // [C]
   bool channels_contiguous = false;
@@ -29,11 +30,11 @@ struct DwconvProducer {
     float acc = to_float(dw_bias[c]);
     MVIT3_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
-      const int iy = row.y * stride - 1 + ky;
+      const int iy = row.y * stride + (ky - 1) * dilation;
       if (iy < 0 || iy >= height) continue;
       MVIT3_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
-        const int ix = row.x * stride - 1 + kx;
+        const int ix = row.x * stride + (kx - 1) * dilation;
         if (ix < 0 || ix >= width) continue;
         acc = fmaf(to_float(src[iy * x.stride_h + ix * x.stride_w]), to_float(w[3 * ky + kx]), acc);
       }
@@ -52,6 +53,7 @@ void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream strea
     producer.height = args.height;
     producer.width = args.width;
     producer.stride = args.stride;
+    producer.dilation = args.dilation;
     producer.dw_weight = static_cast<const T*>(args.dw_weight);
     producer.dw_bias = static_cast<const T*>(args.dw_bias);
     producer.channels_contiguous = args.x.stride_c == 1;

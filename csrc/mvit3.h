@@ -56,22 +56,23 @@ struct PointwiseConvArgs {
   Act act = Act::none;
 };
 
-// dwconv_pointwise: out = silu(dw3x3(x, stride) + dw_bias) @ weight^T + bias + residual.
+// dwconv_pointwise: out = silu(dw3x3(x, stride, dilation, padding = dilation) + dw_bias)
+// @ weight^T + bias + residual.
 struct DwconvPointwiseArgs {
   Map x, residual, out;          // x [B, C, H, W], residual/out [B, Cout, Ho, Wo]
   int batch = 0, height = 0, width = 0, channels = 0, cout = 0;
-  int stride = 1, out_height = 0, out_width = 0;
+  int stride = 1, dilation = 1, out_height = 0, out_width = 0;
   const void* dw_weight = nullptr;  // [C, 1, 3, 3], contiguous
   const void* dw_bias = nullptr;    // [C]
   Matrix weight;                    // [Cout, C]
   const void* bias = nullptr;       // [Cout] or null
 };
 
-// conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias).
+// conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias).
 struct Conv3x3Args {
   Map x, x2, out;                // x [B, C1, H, W], x2 [B, C2, H, W], out [B, Cout, Ho, Wo]
   int batch = 0, height = 0, width = 0, c1 = 0, c2 = 0, cout = 0;
-  int stride = 1, out_height = 0, out_width = 0;
+  int stride = 1, dilation = 1, out_height = 0, out_width = 0;
   const void* weight = nullptr;  // [Cout, C1 + C2, 3, 3], contiguous
   const void* bias = nullptr;    // [Cout] or null
   Act act = Act::none;
@@ -150,7 +151,9 @@ constexpr int kMaxHeadDim = 64;
 // - every channel count (inputs, outputs, workspaces) <= kMaxChannels: an output's channels
 //   take 64 per block on grid axis y (65535 at most), and reduction lengths (9 (C1 + C2) for
 //   conv3x3) stay far inside int32;
-// - patch_attention's heads <= kMaxGridYZ (one head per block row on grid axis y).
+// - patch_attention's heads <= kMaxGridYZ (one head per block row on grid axis y);
+// - the 3x3 ops' H + dilation and W + dilation <= 2^31: the last tap's input row or column,
+//   at most H - 1 + dilation, is an int.
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on grid axes y and z
 constexpr int64_t kMaxChannels = kMaxGridYZ * 64;
 #ifdef MVIT3_EMULATE

@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <optional>
 #include <string_view>
@@ -142,6 +143,15 @@ int check_stride(int64_t stride) {
   return int(stride);
 }
 
+// After check_input (H, W < 2^31): the taps' input rows and columns reach H - 1 + dilation.
+int check_dilation(int64_t dilation, const Tensor& x) {
+  TORCH_CHECK(dilation >= 1, "mvit3: dilation must be a positive int, got ", dilation);
+  TORCH_CHECK(dilation <= (int64_t(1) << 31) - std::max(x.size(2), x.size(3)),
+              "mvit3: H + dilation and W + dilation must be <= 2^31 (the kernels index tap rows and ",
+              "columns with int32), got ", x.size(2), "x", x.size(3), " with dilation ", dilation);
+  return int(dilation);
+}
+
 void check_even(const Tensor& x, const char* op) {
   TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, "mvit3: ", op,
               " sees the map as 2x2 patches: H and W must be even, got ", x.size(2), "x", x.size(3));
@@ -234,10 +244,11 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
 
 Tensor dwconv_pointwise_op(const Tensor& x, const Tensor& dw_weight, const Tensor& dw_bias,
                            const Tensor& weight, const OptionalTensor& bias, int64_t stride,
-                           const OptionalTensor& residual) {
+                           const OptionalTensor& residual, int64_t dilation) {
   check_input(x, "x");
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int s = check_stride(stride);
+  const int d = check_dilation(dilation, x);
   const int64_t out_height = (height - 1) / s + 1, out_width = (width - 1) / s + 1;
   const Tensor dw = dense(dw_weight, x, {channels, 1, 3, 3}, "dw_weight");
   const Tensor db = dense(dw_bias, x, {channels}, "dw_bias");
@@ -259,6 +270,7 @@ Tensor dwconv_pointwise_op(const Tensor& x, const Tensor& dw_weight, const Tenso
   args.channels = as_int(channels);
   args.cout = as_int(cout);
   args.stride = s;
+  args.dilation = d;
   args.out_height = as_int(out_height);
   args.out_width = as_int(out_width);
   args.dw_weight = dw.data_ptr();
@@ -271,7 +283,7 @@ Tensor dwconv_pointwise_op(const Tensor& x, const Tensor& dw_weight, const Tenso
 }
 
 Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
-                  const OptionalTensor& x2, int64_t stride, c10::string_view act) {
+                  const OptionalTensor& x2, int64_t stride, c10::string_view act, int64_t dilation) {
   check_input(x, "x");
   const int64_t batch = x.size(0), c1 = x.size(1), height = x.size(2), width = x.size(3);
   int64_t c2 = 0;
@@ -281,6 +293,7 @@ Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& b
     check_channels(c2, "x2");
   }
   const int s = check_stride(stride);
+  const int d = check_dilation(dilation, x);
   const int64_t out_height = (height - 1) / s + 1, out_width = (width - 1) / s + 1;
   TORCH_CHECK(weight.dim() == 4, "mvit3: weight must be [Cout, C1 + C2, 3, 3], got ", weight.sizes());
   const int64_t cout = weight.size(0);
@@ -300,6 +313,7 @@ Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& b
   args.c2 = as_int(c2);
   args.cout = as_int(cout);
   args.stride = s;
+  args.dilation = d;
   args.out_height = as_int(out_height);
   args.out_width = as_int(out_width);
   args.weight = w.data_ptr();
@@ -453,8 +467,9 @@ MVIT3_LIBRARY(MVIT3_NAMESPACE, m) {
   m.def("pointwise_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
         "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor");
   m.def("dwconv_pointwise(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
-        "int stride, Tensor? residual) -> Tensor");
-  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act) -> Tensor");
+        "int stride, Tensor? residual, int dilation=1) -> Tensor");
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act, "
+        "int dilation=1) -> Tensor");
   m.def("patch_attention(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "
         "Tensor? proj_bias, Tensor? residual) -> Tensor");
   m.def("transformer_mlp(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "

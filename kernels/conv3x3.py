@@ -1,13 +1,17 @@
-"""Dense 3x3 conv (padding 1) over cat(x, x2) as an implicit GEMM, with a bias/act epilogue.
+"""Dense 3x3 conv (padding = dilation) over cat(x, x2) as an implicit GEMM, with a bias/act
+epilogue.
 
 Twin of `mvit3.ops.reference.conv3x3`:
-    y = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias).
+    y = act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias).
 
 GEMM view: M = B*Hout*Wout output pixels, N = Cout, K = 9 * (C1 + C2). K is walked per
 input map (x, then x2 through a second pointer: no concatenation in memory), each as one
 flat index k = tap * C + channel, channel fastest. A K chunk therefore reads contiguous
 channels of a channels_last map, and a small Cin is not padded per tap: the stem's
 K = 9 * 3 = 27 takes two 16-wide chunks, not nine (one per tap).
+
+The dilation is a runtime int: Triton specialises the value 1 to a constant (the stem's and
+v1's convs compile as before) and every other dilation (ASPP's 6 ... 36) shares one binary.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ._common import (Work, batch_chunks, batch_part, cat_maps_error, cdiv, chec
 
 
 @triton.jit
-def _accumulate_map(acc, src_ptr, C, channel_offset, b, y0, x0, row_mask, H, W,
+def _accumulate_map(acc, src_ptr, C, channel_offset, b, y0, x0, dilation, row_mask, H, W,
                     stride_b, stride_c, stride_h, stride_w,
                     w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
                     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -41,12 +45,13 @@ def _accumulate_map(acc, src_ptr, C, channel_offset, b, y0, x0, row_mask, H, W,
         channel = k % C
         dy = tap // 3
         dx = tap % 3
-        # [BLOCK_M, BLOCK_K] input coordinates; outside the map = zero padding
-        y_in = y0[:, None] + dy[None, :]
-        x_in = x0[:, None] + dx[None, :]
+        # [BLOCK_M, BLOCK_K] input coordinates of the taps, `dilation` apart; outside the map =
+        # zero padding
+        y_in = y0[:, None] + (dy * dilation)[None, :]
+        x_in = x0[:, None] + (dx * dilation)[None, :]
         in_map = (y_in >= 0) & (y_in < H) & (x_in >= 0) & (x_in < W)
         a = tl.load(src_ptr + window_origin[:, None]
-                    + (channel * stride_c + dy * stride_h + dx * stride_w)[None, :],
+                    + (channel * stride_c + (dy * stride_h + dx * stride_w) * dilation)[None, :],
                     mask=row_mask[:, None] & k_mask[None, :] & in_map, other=0.0)
         w_k = (channel_offset + channel) * stride_wc + dy * stride_wy + dx * stride_wx
         w_tile = load_weight_tile(w_ptr, w_k, k_mask, offs_n, n_mask, stride_wn)
@@ -59,7 +64,7 @@ def _conv3x3_kernel(
     # pointers (x2 and bias may be None)
     x_ptr, x2_ptr, w_ptr, bias_ptr, out_ptr,
     # sizes: input map H x W, output map Hout x Wout, N = Cout
-    M, H, W, HW_out, W_out, C1, C2, N, conv_stride,
+    M, H, W, HW_out, W_out, C1, C2, N, conv_stride, dilation,
     # strides: x, x2 [B, C, H, W]; weight [N, C1 + C2, 3, 3]
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_x2b, stride_x2c, stride_x2h, stride_x2w,
@@ -69,18 +74,19 @@ def _conv3x3_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
-    # output pixel m = (b, y, x); its 3x3 window starts at input (y*stride - 1, x*stride - 1)
+    # output pixel m = (b, y, x); its 3x3 window starts at input
+    # (y*stride - dilation, x*stride - dilation): padding = dilation
     b, y, x = pixel_coords(offs_m, HW_out, W_out)
-    y0 = y * conv_stride - 1
-    x0 = x * conv_stride - 1
+    y0 = y * conv_stride - dilation
+    x0 = x * conv_stride - dilation
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _accumulate_map(acc, x_ptr, C1, 0, b, y0, x0, row_mask, H, W,
+    acc = _accumulate_map(acc, x_ptr, C1, 0, b, y0, x0, dilation, row_mask, H, W,
                           stride_xb, stride_xc, stride_xh, stride_xw,
                           w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
                           DOT_TYPE, DOT_PRECISION, BLOCK_K)
     if x2_ptr is not None:
-        acc = _accumulate_map(acc, x2_ptr, C2, C1, b, y0, x0, row_mask, H, W,
+        acc = _accumulate_map(acc, x2_ptr, C2, C1, b, y0, x0, dilation, row_mask, H, W,
                               stride_x2b, stride_x2c, stride_x2h, stride_x2w,
                               w_ptr, offs_n, n_mask, stride_wn, stride_wc, stride_wy, stride_wx,
                               DOT_TYPE, DOT_PRECISION, BLOCK_K)
@@ -105,7 +111,7 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
         BLOCK_M=256, BLOCK_K=64)
 
 
-def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
+def _shape_error(x, weight, bias, x2, stride, act, dilation) -> str | None:
     error = cat_maps_error(x, x2)
     if error is not None:
         return error
@@ -119,14 +125,16 @@ def _shape_error(x, weight, bias, x2, stride, act) -> str | None:
         return f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}"
     if not isinstance(stride, int) or stride < 1:
         return f"stride must be a positive int, got {stride!r}"
+    if not isinstance(dilation, int) or dilation < 1:
+        return f"dilation must be a positive int, got {dilation!r}"
     if act not in ACTS:
         return f"act must be one of {ACTS}, got {act!r}"
     return vector_stride_error(bias=bias)
 
 
-def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str | None:
+def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none", dilation=1) -> str | None:
     """None if the Triton kernel takes these arguments, else why not."""
-    error = _shape_error(x, weight, bias, x2, stride, act)
+    error = _shape_error(x, weight, bias, x2, stride, act, dilation)
     if error is not None:
         return error
     b, _, h, w = x.shape
@@ -134,9 +142,10 @@ def why_unsupported(x, weight, bias=None, x2=None, stride=1, act="none") -> str 
     return int32_offset_limit(out_shape, (x, x2), dict(weight=weight))
 
 
-def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
-    """act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias) -> channels_last [B, Cout, Hout, Wout]."""
-    error = why_unsupported(x, weight, bias, x2, stride, act)
+def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none", dilation=1):
+    """act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias)
+    -> channels_last [B, Cout, Hout, Wout]."""
+    error = why_unsupported(x, weight, bias, x2, stride, act, dilation)
     if error is not None:
         raise ValueError(f"conv3x3: {error}")
     check_device(x, weight, bias, x2)
@@ -153,7 +162,7 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none"):
             _conv3x3_kernel, m, cout,
             dict(x_ptr=batch_part(x, start, stop), x2_ptr=batch_part(x2, start, stop), w_ptr=weight,
                  bias_ptr=bias, out_ptr=batch_part(out, start, stop),
-                 **dict(geometry, M=m), C1=c1, C2=c2, N=cout,
+                 **dict(geometry, M=m), C1=c1, C2=c2, N=cout, dilation=dilation,
                  **map_stride_args("x", x), **map_stride_args("x2", x2),
                  **dict(zip(("stride_wn", "stride_wc", "stride_wy", "stride_wx"), weight.stride()))),
             dict(ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),

@@ -1,7 +1,8 @@
 """Depthwise 3x3 + SiLU feeding a 1x1 conv, with the hidden map never leaving the chip.
 
 Twin of `mvit3.ops.reference.dwconv_pointwise`:
-    y = silu(depthwise3x3(x, stride, padding 1) + dw_bias) @ weight^T + bias + residual.
+    y = silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias) @ weight^T
+        + bias + residual.
 
 GEMM view: M = B*Hout*Wout output pixels, N = Cout, K = Ch hidden channels. The A tile
 [BLOCK_M pixels, BLOCK_K hidden channels] is made in registers: nine shifted [BLOCK_M,
@@ -9,6 +10,10 @@ BLOCK_K] loads of x (one per tap, masked at the borders = zero padding) times th
 weights, + dw_bias, SiLU, fp32 throughout, then straight into tl.dot. Each N tile repeats
 that work for its rows; at 9 FMAs per hidden value against BLOCK_N (up to 128) in the
 GEMM, recomputing beats a tile wide enough to hold every Cout.
+
+The dilation (the v2-style dense backbones' 2 and 4) is a runtime int: Triton specialises the
+value 1 to a constant, so the classification models' launches compile as before, and the
+dilated ones share one binary per tile shape.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def _dwconv_pointwise_kernel(
     # pointers (dw_bias, bias and residual may be None)
     x_ptr, dw_w_ptr, dw_b_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     # sizes: input map H x W, output map Hout x Wout, Ch hidden channels, N = Cout
-    M, H, W, HW_out, W_out, Ch, N, conv_stride,
+    M, H, W, HW_out, W_out, Ch, N, conv_stride, dilation,
     # strides: x [B, Ch, H, W]; dw_weight [Ch, 1, 3, 3]; weight [N, Ch]; residual [B, N, Hout, Wout]
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_dwc, stride_dwy, stride_dwx,
@@ -41,17 +46,20 @@ def _dwconv_pointwise_kernel(
 ):
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # output pixel m = (b, y, x); its 3x3 window starts at input (y*stride - 1, x*stride - 1)
+    # output pixel m = (b, y, x); its 3x3 window starts at input
+    # (y*stride - dilation, x*stride - dilation) and its taps are `dilation` apart
     b, y, x = pixel_coords(offs_m, HW_out, W_out)
-    y0 = y * conv_stride - 1
-    x0 = x * conv_stride - 1
+    y0 = y * conv_stride - dilation
+    x0 = x * conv_stride - dilation
     window_origin = x_ptr + b * stride_xb + y0 * stride_xh + x0 * stride_xw  # [BLOCK_M] pointers
-    # With padding 1 only the window's outer rows / columns can leave the map: its middle
-    # row y*stride and column x*stride are always inside.
+    # With padding = dilation only the window's outer rows / columns can leave the map: its
+    # middle row y*stride and column x*stride are always inside.
     top_ok = row_mask & (y0 >= 0)
-    bottom_ok = row_mask & (y0 + 2 < H)
+    bottom_ok = row_mask & (y0 + 2 * dilation < H)
     left_ok = x0 >= 0
-    right_ok = x0 + 2 < W
+    right_ok = x0 + 2 * dilation < W
+    row_step = dilation * stride_xh
+    column_step = dilation * stride_xw
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, Ch, BLOCK_K):
@@ -68,7 +76,7 @@ def _dwconv_pointwise_kernel(
                 row_ok = row_mask
             else:
                 row_ok = bottom_ok
-            tap_x_ptrs = window_ptrs + dy * stride_xh
+            tap_x_ptrs = window_ptrs + dy * row_step
             tap_w_ptrs = dw_w_ptrs + dy * stride_dwy
             for dx in tl.static_range(3):
                 if dx == 0:
@@ -80,7 +88,7 @@ def _dwconv_pointwise_kernel(
                 tap_x = tl.load(tap_x_ptrs, mask=pixel_ok[:, None] & channel_mask, other=0.0)
                 tap_w = tl.load(tap_w_ptrs, mask=k_mask, other=0.0)
                 hidden += tap_x.to(tl.float32) * tap_w.to(tl.float32)[None, :]
-                tap_x_ptrs += stride_xw
+                tap_x_ptrs += column_step
                 tap_w_ptrs += stride_dwx
         if dw_b_ptr is not None:
             hidden += tl.load(dw_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
@@ -110,7 +118,7 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
         BLOCK_M=256, BLOCK_K=64)
 
 
-def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual) -> str | None:
+def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation) -> str | None:
     if x.dim() != 4:
         return f"x must be [B, Ch, H, W], got shape {tuple(x.shape)}"
     b, ch, h, w = x.shape
@@ -125,15 +133,18 @@ def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual) -> str |
         return f"bias must be [Cout] = [{cout}], got shape {tuple(bias.shape)}"
     if not isinstance(stride, int) or stride < 1:
         return f"stride must be a positive int, got {stride!r}"
+    if not isinstance(dilation, int) or dilation < 1:
+        return f"dilation must be a positive int, got {dilation!r}"
     out_shape = (b, cout, conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     if residual is not None and tuple(residual.shape) != out_shape:
         return f"residual must be [B, Cout, Hout, Wout] = {list(out_shape)}, got shape {tuple(residual.shape)}"
     return vector_stride_error(dw_bias=dw_bias, bias=bias)
 
 
-def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None) -> str | None:
+def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None,
+                    dilation=1) -> str | None:
     """None if the Triton kernel takes these arguments, else why not."""
-    error = _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual)
+    error = _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation)
     if error is not None:
         return error
     b, _, h, w = x.shape
@@ -141,9 +152,10 @@ def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual
     return int32_offset_limit(out_shape, (x, residual), dict(weight=weight))
 
 
-def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None):
-    """silu(depthwise3x3(x) + dw_bias) @ weight^T + bias + residual -> channels_last [B, Cout, Hout, Wout]."""
-    error = why_unsupported(x, dw_weight, dw_bias, weight, bias, stride, residual)
+def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None, dilation=1):
+    """silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias) @ weight^T + bias
+    + residual -> channels_last [B, Cout, Hout, Wout]."""
+    error = why_unsupported(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation)
     if error is not None:
         raise ValueError(f"dwconv_pointwise: {error}")
     check_device(x, dw_weight, dw_bias, weight, bias, residual)
@@ -160,6 +172,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
             dict(x_ptr=batch_part(x, start, stop), dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight,
                  bias_ptr=bias, res_ptr=batch_part(residual, start, stop),
                  out_ptr=batch_part(out, start, stop), **dict(geometry, M=m), Ch=ch, N=cout,
+                 dilation=dilation,
                  **map_stride_args("x", x),
                  stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
                  stride_dwx=dw_weight.stride(3),

@@ -269,6 +269,27 @@ def test_conv3x3(kernels, case):
     check(kernels, "conv3x3", args, case.dtype)
 
 
+# Dilated 3x3 ops of the dense models, (dilation, stride): v2-style backbones' depthwise convs
+# (2 and 4) and ASPP's dense convs (6 ... 36), on odd maps the taps partly or wholly leave.
+DILATED = [(2, 1), (4, 1), (2, 2), (6, 1)]
+
+
+@pytest.mark.parametrize("device", ["emu", pytest.param("cuda", marks=GPU_MARKS)])
+@pytest.mark.parametrize("dilation, stride", DILATED)
+def test_dilated_3x3_ops(request, device, dilation, stride):
+    kernels = request.getfixturevalue("emulated_ops" if device == "emu" else "cuda_ops")
+    i = DILATED.index((dilation, stride))
+    case = Case(device, (), DTYPES[i % 3], LAYOUTS[i % 3], 2, ((9, 7), (5, 11))[i % 2])
+    t = Inputs(case, seed=i)
+    h, w = case.size
+    out_size = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    check(kernels, "dwconv_pointwise", (t.map(24), t.filter(24, 1, depthwise=True), t.vector(24),
+                                        t.weight(16, 24), t.vector(16), stride,
+                                        t.map(16, size=out_size), dilation), case.dtype)
+    check(kernels, "conv3x3", (t.map(12), t.filter(20, 16), t.vector(20), t.map(4), stride, "none",
+                               dilation), case.dtype)
+
+
 # "block": out_proj + residual, as in the models; "heads": the bare heads; "residual": heads + x.
 ATTENTION_USES = ([a + ("block",) for a in ATTENTION]
                   + [a + (use,) for a, use in zip(ATTENTION, itertools.cycle(("heads", "residual")))])
@@ -332,6 +353,8 @@ def test_invalid_arguments_are_refused_with_a_reason(emulated_ops):
         kernels.patch_attention(torch.randn(1, 48, 5, 4), 4, 0.1, None, None, None)
     with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
         kernels.conv3x3(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, None, 3, "none")
+    with pytest.raises(RuntimeError, match="dilation must be a positive int"):
+        kernels.conv3x3(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, None, 1, "none", 0)
     with pytest.raises(RuntimeError, match="norm must be"):
         kernels.pointwise_conv(torch.randn(1, 8, 4, 4), torch.randn(4, 8), None, None, None,
                                "batch", None, None, 1e-5, "none")
@@ -349,6 +372,8 @@ def test_why_unsupported_mirrors_the_kernel_checks():
     assert why("patch_attention", (meta(1, 204, 4, 4), 1, 0.1, None, None, None)) == "head dim 68 > 64"
     assert "odd map size" in why("separable_attention", (meta(1, 8, 5, 4),) + (None,) * 7)
     assert "stride 3" in why("conv3x3", (meta(1, 3, 8, 8), None, None, None, 3, "none"))
+    assert "dilation must be a positive int, got 0" in why("conv3x3", (meta(1, 3, 8, 8), None, None, None, 1, "none", 0))
+    assert why("dwconv_pointwise", (meta(1, 8, 8, 8),) + (None,) * 4 + (1, None, 36)) is None
     assert why("patch_attention", (meta(2, 720, 32, 32), 4, 0.1, None, None, None)) is None
 
 
@@ -375,6 +400,8 @@ SIZE_LIMITS = [
                  _expanded(1, 4194241, 4, 4), 1, "none"), "x2 has 4194241 channels"),
     ("dwconv_pointwise", (_expanded(1, 4194241, 2, 2), _ONE, _ONE, _expanded(4, 4194241), None, 1,
                           None), "x has 4194241 channels"),
+    ("dwconv_pointwise", (_expanded(1, 1, 2 ** 30, 1), _expanded(1, 1, 3, 3), torch.zeros(1),
+                          torch.zeros(1, 1), None, 1, None, 2 ** 30 + 1), "H + dilation and W + dilation"),
     ("patch_attention", (_expanded(1, 3 * 65536, 2, 2), 65536, 1.0, None, None, None),
      "num_heads 65536 is over 65535"),
     ("transformer_mlp", (torch.zeros(1, 8, 2, 2), "layer", _ONE, _ONE, 1e-5,

@@ -1,5 +1,6 @@
 """The Triton conv3x3 (implicit GEMM over cat(x, x2), bias/act epilogue) against the float64
-reference: the stems of all 15 models and MobileViTv1's local 3x3 and fusion convs."""
+reference: the stems of all 15 models, MobileViTv1's local 3x3 and fusion convs, and the
+dilated 3x3 convs of DeepLabv3's ASPP."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
 
 def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True, stride=1,
-              act="silu", seed=0):
+              act="silu", seed=0, dilation=1):
     """Positional arguments of conv3x3; x2 uses another layout than x."""
     gen = torch.Generator().manual_seed(seed)
     h, w = size
@@ -34,7 +35,7 @@ def make_args(device, dtype, b, size, layout, packing, c1, cout, c2=0, bias=True
     x2 = random_map(gen, b, c2, h, w, other_layout(layout), dtype, device) if c2 else None
     weight = random_weight(gen, cout, c1 + c2, packing, dtype, device, window=(3, 3))
     bias_t = random_vector(gen, cout, dtype, device) if bias else None
-    return (x, weight, bias_t, x2, stride, act)
+    return (x, weight, bias_t, x2, stride, act, dilation)
 
 
 def check(args, dtype=torch.float32):
@@ -101,6 +102,28 @@ def test_option_matrix(device, stride, c2, bias, act):
                     act=act, seed=i, **kw))
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dilation", (1, 2, 4))
+@pytest.mark.parametrize("stride", (1, 2))
+def test_dilation(device, dilation, stride):
+    """Padding = dilation on odd maps, some smaller than the dilated window (taps fall off two
+    borders at once), with x2 so that both maps take the dilated taps."""
+    i = dilation + stride
+    kw = {**variant(i), "b": 2, "size": ((7, 5), (9, 11), (5, 13))[i % 3]}
+    check(make_args(device, torch.float32, c1=12, c2=4, cout=20, stride=stride, dilation=dilation,
+                    seed=i, **kw))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("rate", (6, 12))
+def test_aspp_branch(device, rate):
+    """DeepLabv3's ASPP 3x3 branch (v1-style XS: 160 -> 256 on the 32x32 map of a 512 px
+    input), channel-reduced for the interpreter and on an odd 33x31 map: rate 12 leaves most
+    taps of the border pixels outside the map."""
+    check(make_args(device, torch.float32, b=1, size=(33, 31), layout="nhwc", packing="kmajor",
+                    c1=40, cout=64, act="none", dilation=rate, seed=rate))
+
+
 LOW_PRECISION_CASES = {
     "local-C96": dict(c1=96, cout=96),
     "fusion-C64": dict(c1=64, c2=64, cout=64),
@@ -133,6 +156,7 @@ BAD_INPUTS = {
     "bias-strided": (dict(bias=with_stride_2(torch.zeros(8))), "bias must have unit stride"),
     "stride-0": (dict(stride=0), "stride must be"),
     "act-name": (dict(act="gelu"), "act must be one of"),
+    "dilation-0": (dict(dilation=0), "dilation must be a positive int"),
 }
 
 

@@ -1,5 +1,6 @@
 """The Triton dwconv_pointwise (depthwise 3x3 + SiLU made on chip, fed into a 1x1 GEMM)
-against the float64 reference, at every distinct channel configuration of the 15 models."""
+against the float64 reference, at every distinct channel configuration of the 15 models, and
+dilated as in the v2-style dense backbones."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
 
 def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, dw_bias=True,
-              bias=True, residual=False, seed=0):
+              bias=True, residual=False, seed=0, dilation=1):
     """Positional arguments of dwconv_pointwise; the residual uses another layout than x."""
     gen = torch.Generator().manual_seed(seed)
     h, w = size
@@ -40,7 +41,7 @@ def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, d
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     other = other_layout(layout)
     res = random_map(gen, b, cout, h_out, w_out, other, dtype, device) if residual else None
-    return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res)
+    return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res, dilation)
 
 
 def check(args, dtype=torch.float32):
@@ -112,6 +113,18 @@ def test_other_strides(device, stride):
                     hidden=24, cout=16, stride=stride))
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dilation", (1, 2, 4))
+@pytest.mark.parametrize("stride", (1, 2))
+def test_dilation(device, dilation, stride):
+    """Padding = dilation on odd maps, some smaller than the dilated window (a tap can fall off
+    both borders), with the residual at stride 1 as in a dilated MV2 block of layer_5 (OS 8)."""
+    i = dilation + stride
+    kw = {**variant(i), "b": 2, "size": ((7, 5), (9, 11), (5, 13))[i % 3]}
+    check(make_args(device, torch.float32, hidden=40, cout=24, stride=stride, residual=stride == 1,
+                    dilation=dilation, seed=i, **kw))
+
+
 LOW_PRECISION_CASES = {
     "mv2-128to64-s1-res": dict(hidden=128, cout=64, residual=True),
     "mv2-384to160-s2": dict(hidden=384, cout=160, stride=2),
@@ -142,6 +155,7 @@ BAD_INPUTS = {
     "bias": (dict(bias=torch.zeros(8)), "bias must be"),
     "dw-bias-strided": (dict(dw_bias=with_stride_2(torch.zeros(8))), "dw_bias must have unit stride"),
     "stride-0": (dict(stride=0), "stride must be"),
+    "dilation-0": (dict(dilation=0), "dilation must be a positive int"),
     "residual-size": (dict(residual=torch.zeros(2, 16, 5, 6)), "residual must be"),
 }
 

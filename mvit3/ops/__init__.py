@@ -42,17 +42,18 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 def dwconv_pointwise(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, weight: Tensor,
                      bias: Optional[Tensor] = None, stride: int = 1,
-                     residual: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """silu(depthwise3x3(x) + dw_bias) @ weight^T + bias + residual."""
+                     residual: Optional[Tensor] = None, dilation: int = 1,
+                     *, backend: str = "auto") -> Tensor:
+    """silu(depthwise3x3(x) + dw_bias) @ weight^T + bias + residual, padding = dilation."""
     return dispatch("dwconv_pointwise", backend, x, dw_weight, dw_bias, weight, bias,
-                    int(stride), residual)
+                    int(stride), residual, int(dilation))
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             x2: Optional[Tensor] = None, stride: int = 1, act: str = "none",
-            *, backend: str = "auto") -> Tensor:
-    """act(conv3x3(cat(x, x2)) + bias), padding 1."""
-    return dispatch("conv3x3", backend, x, weight, bias, x2, int(stride), act)
+            dilation: int = 1, *, backend: str = "auto") -> Tensor:
+    """act(conv3x3(cat(x, x2)) + bias), padding = dilation."""
+    return dispatch("conv3x3", backend, x, weight, bias, x2, int(stride), act, int(dilation))
 
 
 def patch_attention(qkv: Tensor, num_heads: int, scale: float,

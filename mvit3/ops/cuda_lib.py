@@ -163,6 +163,8 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z (csrc/mvit3.h: kMaxGrid
 MAX_CHANNELS = MAX_GRID_YZ * 64  # csrc/mvit3.h: kMaxChannels
 _NORMS = ("none", "layer", "group")
 _ACTS = ("none", "silu")
+# Position of the 3x3 ops' `dilation` in their schema; a call may leave it out (default 1).
+_DILATION_ARG = {"dwconv_pointwise": 7, "conv3x3": 6}
 
 
 def _channel_counts(op: str, args: tuple) -> dict:
@@ -223,6 +225,12 @@ def why_unsupported(op: str, args: tuple) -> str | None:
         stride = args[5] if op == "dwconv_pointwise" else args[4]
         if stride not in (1, 2):
             return f"stride {stride} (kernels take 1 and 2)"
+        dilation = args[_DILATION_ARG[op]] if len(args) > _DILATION_ARG[op] else 1
+        if dilation < 1:
+            return f"dilation must be a positive int, got {dilation}"
+        if max(x.shape[2], x.shape[3]) + dilation > 2 ** 31:
+            return (f"H + dilation and W + dilation must be <= 2^31 (the kernels index tap rows and "
+                    f"columns with int32), got {x.shape[2]}x{x.shape[3]} with dilation {dilation}")
         if op == "conv3x3" and args[5] not in _ACTS:
             return f"act {args[5]!r} (kernels take {_ACTS})"
     elif op == "patch_attention":

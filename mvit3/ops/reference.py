@@ -76,13 +76,16 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 def dwconv_pointwise(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, weight: Tensor,
                      bias: Optional[Tensor] = None, stride: int = 1,
-                     residual: Optional[Tensor] = None) -> Tensor:
-    """y = silu(depthwise3x3(x, stride) + dw_bias) @ weight^T + bias + residual.
+                     residual: Optional[Tensor] = None, dilation: int = 1) -> Tensor:
+    """y = silu(depthwise3x3(x, stride, dilation) + dw_bias) @ weight^T + bias + residual.
 
-    x [B, Ch, H, W], dw_weight [Ch, 1, 3, 3] (padding 1), weight [Cout, Ch]. The second half
-    of an MV2 block (dw 3x3 + reduce 1x1) and the local representation of a MobileViT block.
+    x [B, Ch, H, W], dw_weight [Ch, 1, 3, 3] (padding = dilation, so the output is
+    [B, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1] at any dilation), weight [Cout, Ch].
+    The second half of an MV2 block (dw 3x3 + reduce 1x1) and the local representation of a
+    MobileViT block (dilated in the v2-style dense backbones).
     """
-    h = F.silu(F.conv2d(x, dw_weight, dw_bias, stride=stride, padding=1, groups=x.shape[1]))
+    h = F.silu(F.conv2d(x, dw_weight, dw_bias, stride=stride, padding=dilation, dilation=dilation,
+                        groups=x.shape[1]))
     y = F.conv2d(h, weight[:, :, None, None], bias)
     if residual is not None:
         y = y + residual
@@ -90,11 +93,14 @@ def dwconv_pointwise(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, weight: Tens
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-            x2: Optional[Tensor] = None, stride: int = 1, act: str = "none") -> Tensor:
-    """y = act(conv3x3(cat(x, x2), weight, stride, padding 1) + bias): the dense 3x3 convs
-    (the stem, and MobileViTv1's local conv and fusion). weight [Cout, C1 + C2, 3, 3]."""
+            x2: Optional[Tensor] = None, stride: int = 1, act: str = "none",
+            dilation: int = 1) -> Tensor:
+    """y = act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias): the
+    dense 3x3 convs (the stem, MobileViTv1's local conv and fusion, ASPP's dilated branches).
+    weight [Cout, C1 + C2, 3, 3]; the output size depends on the stride only."""
     a = x if x2 is None else torch.cat((x, x2), dim=1)
-    return _channels_last(apply_act(F.conv2d(a, weight, bias, stride=stride, padding=1), act))
+    return _channels_last(apply_act(F.conv2d(a, weight, bias, stride=stride, padding=dilation,
+                                             dilation=dilation), act))
 
 
 def patch_attention(qkv: Tensor, num_heads: int, scale: float,
