@@ -124,6 +124,21 @@ _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 
 
+def short_kernel_name(demangled: str) -> str:
+    """'tile_gemm_kernel<__half, PointwiseProducer<__half> >': a demangled kernel name without
+    return type, namespaces and parameters."""
+    name = demangled
+    for noise in ("(anonymous namespace)::", "mvit3::", "gemm::"):
+        name = name.replace(noise, "")
+    name = name.removeprefix("void ")
+    depth = 0
+    for i, ch in enumerate(name):  # cut the parameter list: the first "(" outside <...>
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
 def _short_names(mangled: list) -> dict:
     """Mangled kernel name -> a readable one without namespaces and parameters (c++filt)."""
     names = {m: m for m in mangled}
@@ -132,16 +147,7 @@ def _short_names(mangled: list) -> dict:
         return names
     out = subprocess.run([cxxfilt], input="\n".join(mangled), capture_output=True, text=True).stdout
     for m, name in zip(mangled, out.splitlines()):
-        for noise in ("(anonymous namespace)::", "mvit3::", "gemm::"):
-            name = name.replace(noise, "")
-        name = name.removeprefix("void ")
-        depth = 0
-        for i, ch in enumerate(name):  # cut the parameter list: the first "(" outside <...>
-            depth += (ch == "<") - (ch == ">")
-            if ch == "(" and depth == 0:
-                name = name[:i]
-                break
-        names[m] = name
+        names[m] = short_kernel_name(name)
     return names
 
 
