@@ -39,8 +39,10 @@ def render_markdown(report) -> str:
         f"{gpu.sms} SMs.",
         "",
         f"**{totals['launches']} launches, {_size(totals['bytes'])} least traffic, "
-        f"{_flops(totals['flops'])}FLOP, sum of floors {totals['floor_us']:.1f} us, "
-        f"{totals['serial_steps']} serial loop steps** "
+        f"{_flops(totals['flops'])}FLOP, sum of floors {totals['floor_us']:.1f} us"
+        # the CUDA rows do not know their kernels' loops
+        + (f", {totals['serial_steps']} serial loop steps" if report.backend == "triton" else "")
+        + "** "
         f"({totals['launches_with_spills']} launches spill, {totals['compile_errors']} failed to compile).",
         "",
         "Share of the sum of floors by op: " + ", ".join(
@@ -62,7 +64,7 @@ def render_markdown(report) -> str:
                               str(d["blocks_per_sm"]), d["mma"], load]
         else:
             compiled_cells = [""] * 6
-        warps = f"{d['num_warps']}/{d['num_stages']}" if d["num_warps"] else ""
+        warps = "/".join(str(n) for n in (d["num_warps"], d["num_stages"]) if n is not None)
         grid = "x".join(map(str, row.grid)) if row.grid else ""
         intensity = f"{d['intensity']:.1f}" if d["intensity"] is not None else ""
         lines.append("| " + " | ".join([
