@@ -21,7 +21,9 @@ def add_arguments(parser) -> None:
                         help="whose datasheet ceilings and occupancy limits to use (default h200)")
     parser.add_argument("--arch", type=int, default=None,
                         help="compile for sm_<arch> (default: the --gpu's, e.g. 90)")
-    parser.add_argument("--backend", default="triton", choices=("triton", "cuda"))
+    parser.add_argument("--backend", default="triton", choices=("triton", "cuda"),
+                        help="whose kernels: the Triton ones (default) or the CUDA C++ library's "
+                             "(needs it built for --arch: `python -m mvit3 build`)")
     parser.add_argument("--no-compile", action="store_true",
                         help="launches, bytes, FLOPs and floors only (no compilation)")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
@@ -36,6 +38,7 @@ def _list(text: str, kind=str) -> list:
 def run(args) -> int:
     import mvit3
 
+    from .cuda_rows import CudaReportError, analyse_cuda, collect_cuda
     from .render import render_markdown
     from .report import DTYPES, Report, analyse, collect
 
@@ -57,25 +60,29 @@ def run(args) -> int:
     if not batches or min(batches) < 1:
         print("python -m mvit3 kernels: --batch needs sizes >= 1", file=sys.stderr)
         return 2
-    if not args.no_compile and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if (args.backend == "triton" and not args.no_compile
+            and os.environ.get("TRITON_INTERPRET", "0") == "1"):
         print("python -m mvit3 kernels: unset TRITON_INTERPRET (interpreted kernels cannot be "
               "compiled), or pass --no-compile", file=sys.stderr)
         return 2
     gpu = GPUS[args.gpu]
     arch = args.arch or gpu.arch
-    if args.backend == "cuda":
-        print("python -m mvit3 kernels: --backend cuda is not built yet: the CUDA C++ launchers' "
-              "grids are known only where they run (a GPU, or the CPU emulator); the library's "
-              "registers, spills and shared memory per kernel are in the ptxas_report.txt that "
-              "`python -m mvit3 build` writes", file=sys.stderr)
-        return 2
     reports = []
     for dtype in dtypes:
         for batch in batches:
             began = time.perf_counter()
-            rows = collect(args.model, batch, DTYPES[dtype], args.img_size)
-            analyse(rows, gpu, arch, compile_kernels=not args.no_compile, workers=args.workers)
-            reports.append(Report(args.model, batch, dtype, args.img_size, gpu, arch, "triton", rows))
+            if args.backend == "cuda":
+                try:
+                    rows = collect_cuda(args.model, batch, DTYPES[dtype], args.img_size)
+                    analyse_cuda(rows, gpu, arch, compile_kernels=not args.no_compile)
+                except CudaReportError as err:
+                    print(f"python -m mvit3 kernels --backend cuda: {err}", file=sys.stderr)
+                    return 2
+            else:
+                rows = collect(args.model, batch, DTYPES[dtype], args.img_size)
+                analyse(rows, gpu, arch, compile_kernels=not args.no_compile, workers=args.workers)
+            reports.append(Report(args.model, batch, dtype, args.img_size, gpu, arch, args.backend,
+                                  rows))
             print(f"[{args.model} batch {batch} {dtype}: {len(rows)} launches analysed in "
                   f"{time.perf_counter() - began:.1f} s]", file=sys.stderr)
     text = "\n\n".join(render_markdown(report) for report in reports)
