@@ -335,7 +335,11 @@ def _evaluate(args, rank: int, world: int, device) -> int:
         print(f"error: --backend {args.backend}: {err}", file=sys.stderr)
         return 2
     reference = build_model(args.model, args.checkpoint, "reference", device) if args.compare_reference else None
-    dataset = DATASETS[args.task](args.data, model)
+    try:
+        dataset = DATASETS[args.task](args.data, model)
+    except (FileNotFoundError, ValueError) as err:  # a layout or annotation problem, named
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # seg / det items are single images of their own size: no batching (batch_size=None)
     batch_size = args.batch_size if args.task == "cls" else None
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,

@@ -30,6 +30,15 @@ DET_MODEL = "ssdlite_mobilevitv3_xxs_coco"
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
+@pytest.fixture
+def reference_as_fast(monkeypatch):
+    """The eval command builds the reference model for any --backend: --compare-reference's
+    bookkeeping is tested without a fast dense model (identical models agree exactly)."""
+    build = mvit3.evaluate.build_model
+    monkeypatch.setattr(mvit3.evaluate, "build_model",
+                        lambda name, checkpoint, backend, device: build(name, checkpoint, "reference", device))
+
+
 def _pixels(height, width, seed):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
@@ -66,13 +75,9 @@ def voc(tmp_path):
     return tmp_path
 
 
-def test_seg_on_voc_gives_the_known_miou(voc, mvit3_command, monkeypatch):
-    """Everything predicted 0: IoU_0 = n0 / (n0 + n1), IoU_1 = 0. --compare-reference runs
-    with the reference standing in for the fast model (no fast DeepLabv3 is needed to test
-    the comparison itself): the pixels agree everywhere."""
-    build = mvit3.evaluate.build_model
-    monkeypatch.setattr(mvit3.evaluate, "build_model",
-                        lambda name, checkpoint, backend, device: build(name, checkpoint, "reference", device))
+def test_seg_on_voc_gives_the_known_miou(voc, mvit3_command, reference_as_fast):
+    """Everything predicted 0: IoU_0 = n0 / (n0 + n1), IoU_1 = 0; with the reference standing
+    in for the fast model, the pixels agree everywhere."""
     status, out, err = mvit3_command("eval", "--task", "seg", "--data", ".", "--model", SEG_MODEL,
                                      "--checkpoint", "seg.pt", "--backend", "torch", "--compare-reference",
                                      "--workers", "0", "--device", "cpu", "--json", "seg.json", cwd=voc)
@@ -174,10 +179,7 @@ def expected_coco(coco) -> tuple:
     return detections, metrics.coco_map(annotations, detections, sorted(COCO_IMAGES))[0]
 
 
-def test_det_on_coco_is_the_map_of_the_pipeline_detections(coco, expected_coco, mvit3_command, monkeypatch):
-    build = mvit3.evaluate.build_model
-    monkeypatch.setattr(mvit3.evaluate, "build_model",
-                        lambda name, checkpoint, backend, device: build(name, checkpoint, "reference", device))
+def test_det_on_coco_is_the_map_of_the_pipeline_detections(coco, expected_coco, mvit3_command, reference_as_fast):
     status, out, err = mvit3_command("eval", "--task", "det", "--data", ".", "--model", DET_MODEL,
                                      "--checkpoint", "det.pt", "--backend", "torch", "--compare-reference",
                                      "--workers", "0", "--device", "cpu", "--json", "det.json", cwd=coco)
@@ -214,10 +216,13 @@ def test_coco_without_its_annotation_file_or_an_image_is_named(coco, tmp_path):
         COCODetectionSet(str(tmp_path), model)
 
 
-def test_task_and_model_must_match(mvit3_command, tmp_path):
+def test_task_and_model_must_match_and_a_missing_layout_is_named(coco, mvit3_command, tmp_path):
     status, _, err = mvit3_command("eval", "--task", "seg", "--data", ".", "--model", DET_MODEL,
                                    "--checkpoint", "x.pt", cwd=tmp_path)
     assert status == 2 and "--task seg evaluates deeplabv3_mobilevitv3_xxs_voc" in err
+    status, _, err = mvit3_command("eval", "--task", "det", "--data", ".", "--model", DET_MODEL,
+                                   "--checkpoint", str(coco / "det.pt"), "--device", "cpu", cwd=tmp_path)
+    assert status == 2 and "error: COCO annotation file" in err
 
 
 def _official_v1(path, size_hw):
