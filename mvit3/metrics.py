@@ -1,10 +1,12 @@
 """The accuracy metrics of the paper's tables: mIoU of a segmentation (Tables 3a, 3b) and COCO
 mAP of detections (Tables 4a, 4b).
 
-mIoU: a confusion matrix summed over all pixels of all images (rows: true class, columns:
-predicted class; pixels labelled 255 are left out), IoU_k = TP_k / (TP_k + FP_k + FN_k) per
-class, mIoU = the mean over the classes that occur in the truth or the prediction (a class
-absent from both has no IoU; on the VOC and ADE20K val sets every class occurs).
+mIoU as cvnets' evaluation computes it (its ConfusionMatrix, both versions): a confusion
+matrix summed over all pixels of all images at their original size (rows: true class,
+columns: predicted class; pixels labelled 255 are left out), IoU_k = TP_k / (TP_k + FP_k +
+FN_k) per class, mIoU = their mean. cvnets averages over all classes, so a class absent from
+both truth and prediction makes its mean NaN; here such a class is left out of the mean (on
+the VOC and ADE20K val sets every class occurs, so the two agree).
 
 COCO mAP: pycocotools' COCOeval (the optional extra `pycocotools`), on detections whose boxes
 are in pixels of the original image and whose labels 1..80 are mapped back to COCO's category
@@ -63,8 +65,9 @@ def mean_iou(confusion: torch.Tensor) -> dict:
 
 
 def ade20k_labels(mask: np.ndarray) -> np.ndarray:
-    """An ADE20K annotation (0 = other, 1..150 = classes) -> training labels 0..149 with 255
-    for "other": the official dataset class subtracts 1 in uint8, so 0 wraps to 255."""
+    """An ADE20K annotation (0 = other, 1..150 = classes) -> labels 0..149, "other" 255. The
+    official dataset class subtracts 1 in int64, so "other" becomes -1, which its confusion
+    matrix skips as out of range; here it becomes the ignore label (uint8 wrap-around)."""
     if mask.dtype != np.uint8:
         raise TypeError(f"expected a uint8 ADE20K annotation, got dtype {mask.dtype}")
     return mask - np.uint8(1)
