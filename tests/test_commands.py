@@ -108,15 +108,18 @@ def test_shards_cover_every_image_once(count, world):
 
 
 def test_eval_single_process_with_the_reference_comparison(workspace, mvit3_command):
-    status, _, err = mvit3_command("eval", "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt",
-                                   "--backend", "torch", "--compare-reference", "--batch-size", "8",
-                                   "--workers", "0", "--device", "cpu", "--json", "one.json", cwd=workspace)
+    status, printed, err = mvit3_command("eval", "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt",
+                                       "--backend", "torch", "--compare-reference", "--batch-size", "8",
+                                       "--workers", "0", "--device", "cpu", "--json", "one.json", cwd=workspace)
     assert status == 0, err
     assert "eval mobilevitv2_050" in err  # the tqdm bar
+    assert "top-1 20.00%" in printed and "paper (Table 2): top-1 70.18%" in printed
     out = json.loads((workspace / "one.json").read_text())
     assert out["images"] == 5 and out["classes"] == 3 and out["processes"] == 1
     assert out["top1"] == pytest.approx(EXPECTED_TOP1) and out["top5"] == pytest.approx(EXPECTED_TOP5)
     assert out["top1_agreement_with_reference"] == 1.0 and out["images_per_second"] > 0
+    assert out["paper"] == {"table": "Table 2", "value": pytest.approx(0.7018), "note": "",
+                            "measured_minus_paper": pytest.approx(EXPECTED_TOP1 - 0.7018)}
 
 
 def test_eval_under_torchrun_counts_each_image_once(workspace):
