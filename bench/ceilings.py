@@ -5,7 +5,8 @@ matmul rate, a few seconds in all (`gpu-report` step `ceilings`).
   written (2 x size), the traffic a memory-bound kernel's GB/s is compared with.
 - matmul: an n x n x n fp16 matmul (cuBLAS, tensor cores); TFLOP/s = 2 n^3 / time.
 Each is the median of `time_callable` samples (CUDA events; perf_counter on a CPU, where the
-figures only check the code).
+figures only check the code). `mvit3.bench.floors` turns them into the ceilings of the roofline
+floors that `bench` and the micro-benchmarks show beside their times.
 
 `python -m mvit3.bench.ceilings [--json PATH] [--device cuda]`
 """
@@ -44,7 +45,10 @@ def matmul_rate(device: torch.device, n: int) -> dict:
 
 
 def measure(device: torch.device, copy_mib: int = COPY_MIB, matmul_n: int = MATMUL_N) -> dict:
-    return {"device": str(device), "copy": copy_bandwidth(device, copy_mib),
+    """Both probes; `device_name` (the CUDA device's name, None on a CPU) lets a reader of the
+    file refuse figures measured on another GPU (`mvit3.bench.floors`)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "device_name": name, "copy": copy_bandwidth(device, copy_mib),
             "matmul_fp16": matmul_rate(device, matmul_n)}
 
 

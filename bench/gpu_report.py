@@ -23,7 +23,13 @@ machine). The first lease (`--focus all`, 480 s including the install before it)
   summary     kept back for summary.md
 Later leases: `--focus compile` (torch.compile rows in the default mode, of the reference and
 of timm, and the max-autotune tests), `--focus micro` (the whole micro-benchmark grid),
-`--focus table5` (every model, both dtypes, longer rows, no compile).
+`--focus table5` (every model, both dtypes, longer rows, no compile), `--focus dense`
+(`bench --task seg` and `--task det` in fp16 for the models the fast dense tests check:
+DeepLabv3 XS-VOC and 0.5-ADE20K at 512 px, SSDLite XS and 1.0 at 320 px).
+
+Every time of a benchmark step is shown beside its roofline floor at the ceilings the
+`ceilings` step measured (the steps pass report.json on: `bench --ceilings`, MVIT3_CEILINGS),
+or at the datasheet's when that step did not finish.
 
 Budgets: a step may run until the planned end of its slot (the sum of the budgets up to and
 including it, from the start of the lease), so time an earlier step saved flows to the later
@@ -31,7 +37,7 @@ ones; a step whose slot was eaten by the steps before still gets its minimum whi
 has room before the summary's slot, and is skipped, saying so, once it has not. A step past
 its timeout is killed with its whole process group.
 
-Output (`--out`): at most 8 files, no folder (`OUTPUT_FILES`). Every step writes into `--out`
+Output (`--out`): at most 8 files, no folder (`output_files`). Every step writes into `--out`
 as it goes (pytest appends each test's outcome to tests.jsonl, the Table 5 runs rewrite their
 JSON after every row, the micro-benchmarks append each row to micro.jsonl), and report.json
 and summary.md are rewritten when a step starts and ends, so a kill at any moment keeps every
@@ -65,12 +71,16 @@ from .report import render_markdown
 
 SCHEMA = "mvit3.gpu_report/2"
 DEFAULT_BUDGET_S = 480.0
-# Everything a report writes into --out: the device tool brings back at most 8 files.
-OUTPUT_FILES = ("summary.md", "report.json", "log.txt", "tests.jsonl", "table5_fp16.json",
-                "table5_fp32.json", "micro.jsonl", "step.json")
+# What every report may write into --out, besides one JSON per benchmark step
+# (`output_files`): the device tool brings back at most 8 files.
+COMMON_FILES = ("summary.md", "report.json", "log.txt", "tests.jsonl", "micro.jsonl", "step.json")
 STEP_SCRATCH = "step.json"  # a subprocess's JSON result, merged into report.json, then removed
-FOCUSES = ("all", "compile", "micro", "table5")
+FOCUSES = ("all", "compile", "micro", "table5", "dense")
 ALL_MODELS = TABLE5_MODELS + ("mobilevitv3_050", "mobilevitv3_075", "mobilevitv3_100")
+# The dense lease's models: those the fast dense models are tested on (issue 15), v1-style and
+# v2-style each; the other dense models cost a lease the same and show nothing new.
+DENSE_SEG_MODELS = ("deeplabv3_mobilevitv3_xs_voc", "deeplabv3_mobilevitv3_050_ade20k")
+DENSE_DET_MODELS = ("ssdlite_mobilevitv3_xs_coco", "ssdlite_mobilevitv3_100_coco")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 SANITIZER_ERROR_EXIT = 86  # compute-sanitizer's exit code when it found errors (--error-exitcode)
 SANITIZER_REFUSED = "Device not supported"  # its message where the runtime hides the GPU's debug interface
@@ -115,9 +125,12 @@ def _lease(*steps: Step) -> list:
     return [INSTALL, ENV, BUILD, *steps, SUMMARY]
 
 
-def _table5(dtype: str, title: str, budget_s: float, min_s: float, models: tuple, **options) -> Step:
-    return Step(f"table5_{dtype}", title, budget_s, min_s,
-                (("dtype", dtype), ("models", models), *options.items()))
+def _bench(task: str, dtype: str, title: str, budget_s: float, min_s: float, models: tuple,
+           **options) -> Step:
+    """A `python -m mvit3 bench --task <task>` step; it writes <name>.json."""
+    name = f"{'table5' if task == 'cls' else task}_{dtype}"
+    return Step(name, title, budget_s, min_s,
+                (("task", task), ("dtype", dtype), ("models", models), *options.items()))
 
 
 def _first_lease() -> list:
@@ -128,8 +141,8 @@ def _first_lease() -> list:
         # initialisation and two forwards slowed tens of times.
         Step("sanitizer", "compute-sanitizer memcheck and racecheck", 60, 15),
         CEILINGS,
-        _table5("fp16", "Table 5, fp16", 60, 20, TABLE5_MODELS, compile_mode="default"),
-        _table5("fp32", "Table 5, fp32", 45, 20, TABLE5_MODELS, compile_mode="default"),
+        _bench("cls", "fp16", "Table 5, fp16", 60, 20, TABLE5_MODELS, compile_mode="default"),
+        _bench("cls", "fp32", "Table 5, fp32", 45, 20, TABLE5_MODELS, compile_mode="default"),
         Step("micro", "headline ops at v3-XS shapes, fp16", 30, 15,
              (("models", (MICRO_FIRST_MODEL,)), ("kinds", MICRO_FIRST_KINDS),
               ("dtypes", ("fp16",)))))
@@ -139,10 +152,10 @@ def _compile_lease() -> list:
     compiled = ("reference", "cuda-graph", "compile", "timm-compile")
     return _lease(
         CEILINGS,
-        _table5("fp16", "torch.compile (default mode) rows, fp16", 165, 30, TABLE5_MODELS,
+        _bench("cls", "fp16", "torch.compile (default mode) rows, fp16", 165, 30, TABLE5_MODELS,
                 compile_mode="default", impls=compiled),
         Step("tests", "torch.compile max-autotune tests", 100, 30, (("k", "max_autotune"),)),
-        _table5("fp32", "torch.compile (default mode) rows, fp32", 80, 30, TABLE5_MODELS,
+        _bench("cls", "fp32", "torch.compile (default mode) rows, fp32", 80, 30, TABLE5_MODELS,
                 compile_mode="default", impls=compiled))
 
 
@@ -155,12 +168,28 @@ def _table5_lease() -> list:
     no_compile = ("reference", "timm", "fast", "cuda-graph")
     return _lease(
         CEILINGS,
-        _table5("fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 175, 30, ALL_MODELS, impls=no_compile),
-        _table5("fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 170, 30, ALL_MODELS, impls=no_compile))
+        _bench("cls", "fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 175, 30, ALL_MODELS, impls=no_compile),
+        _bench("cls", "fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 170, 30, ALL_MODELS, impls=no_compile))
+
+
+def _dense_lease() -> list:
+    # Reference, fast per backend and CUDA-graph rows first, model by model; the compile rows
+    # (default mode) after them, while the step's budget lasts.
+    return _lease(
+        CEILINGS,
+        _bench("seg", "fp16", "DeepLabv3 at 512 px, fp16", 190, 30, DENSE_SEG_MODELS,
+               compile_mode="default"),
+        _bench("det", "fp16", "SSDLite at 320 px, fp16", 155, 30, DENSE_DET_MODELS,
+               compile_mode="default"))
 
 
 _PLANS = {"all": _first_lease, "compile": _compile_lease, "micro": _micro_lease,
-          "table5": _table5_lease}
+          "table5": _table5_lease, "dense": _dense_lease}
+
+
+def output_files(focus: str) -> tuple:
+    """Every file a report of this focus may write into --out."""
+    return COMMON_FILES + tuple(f"{s.name}.json" for s in plan(focus) if s.option("task"))
 
 
 def plan(focus: str = "all", budget_s: float = DEFAULT_BUDGET_S) -> list:
@@ -181,7 +210,7 @@ def plan_json(focus: str, budget_s: float) -> dict:
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in step.options}})
         start += step.budget_s
     return {"schema": SCHEMA, "focus": focus, "budget_s": budget_s, "total_s": round(start, 1),
-            "output_files": list(OUTPUT_FILES), "steps": steps}
+            "output_files": list(output_files(focus)), "steps": steps}
 
 
 class Budget:
@@ -571,15 +600,22 @@ class Report:
         return "ok", {"gbps": round(ceilings["copy"]["gbps"]),
                       "fp16_tflops": round(ceilings["matmul_fp16"]["tflops"], 1)}
 
-    def _table5(self, step: Step, timeout_s: float):
-        dtype = step.option("dtype")
-        path = self.out / f"table5_{dtype}.json"
+    def ceilings_spec(self) -> str:
+        """What the benchmark steps take as their floors' ceilings: this report's file once its
+        ceilings step measured them, else the datasheet (measuring again would cost the lease
+        the time the failed step did)."""
+        return str(self.out / "report.json") if self.report["ceilings"] else "datasheet"
+
+    def _bench_table(self, step: Step, timeout_s: float):
+        path = self.out / f"{step.name}.json"
         path.unlink(missing_ok=True)
         # Stop starting rows early enough for the row in flight to finish before the timeout.
         inner_budget = max(10.0, timeout_s - max(15.0, 0.15 * timeout_s))
-        cmd = [self.python, "-m", "mvit3", "bench", "--device", "cuda", "--dtype", dtype,
-               "--models", ",".join(step.option("models")), "--backends", ",".join(KERNEL_BACKENDS),
-               "--lease", "--json", path, "--budget-s", f"{inner_budget:.0f}", "--no-progress"]
+        cmd = [self.python, "-m", "mvit3", "bench", "--task", step.option("task"), "--device",
+               "cuda", "--dtype", step.option("dtype"), "--models", ",".join(step.option("models")),
+               "--backends", ",".join(KERNEL_BACKENDS), "--lease", "--json", path,
+               "--budget-s", f"{inner_budget:.0f}", "--ceilings", self.ceilings_spec(),
+               "--no-progress"]
         if step.option("impls"):
             cmd += ["--impls", ",".join(step.option("impls"))]
         if step.option("compile_mode"):
@@ -590,15 +626,14 @@ class Report:
         bench = read_table(path)  # partial when the step was killed: still evidence
         if bench is None:
             return _failed(result)
-        self.report["bench"][dtype] = {"file": path.name, "rows": len(bench["rows"])}
+        self.report["bench"][step.name] = {"file": path.name, "rows": len(bench["rows"])}
         rows = bench["rows"]
         details = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
         if result.timed_out:
             return "timeout", {**details, "reason": "killed at its timeout; rows so far kept"}
         return ("ok" if result.returncode == 0 else "failed"), details
 
-    step_table5_fp16 = _table5
-    step_table5_fp32 = _table5
+    step_table5_fp16 = step_table5_fp32 = step_seg_fp16 = step_det_fp16 = _bench_table
 
     def step_micro(self, step: Step, timeout_s: float):
         from mvit3 import bench
@@ -613,7 +648,7 @@ class Report:
             cmd += ["-k", selection]
         result = self.command(cmd, timeout_s, env={
             "MVIT3_BENCH_BUDGET_S": f"{budget:.0f}", "MVIT3_MICRO_LOG": path,
-            "MVIT3_BENCH_TF32": "1" if self.tf32 else "0"})
+            "MVIT3_BENCH_TF32": "1" if self.tf32 else "0", "MVIT3_CEILINGS": self.ceilings_spec()})
         if not path.is_file():
             return _failed(result)
         self.report["micro"] = read_jsonl(path)
@@ -736,8 +771,7 @@ def _pct(value: Optional[float], ceiling: Optional[float]) -> str:
 
 
 # Columns of the micro-benchmark table after the case and op: (header, cell(impls, ceilings)),
-# `impls` the rows of one case by implementation. A new column (a per-launch floor, say) is one
-# more entry here.
+# `impls` the rows of one case by implementation. A new column is one more entry here.
 def _micro_ms(impl: str):
     def cell(impls: dict, ceilings: dict) -> str:
         row, stock = impls.get(impl), impls.get("torch", {}).get("gpu_ms_median")
@@ -765,6 +799,28 @@ def _best_tflops(impls: dict, ceilings: dict) -> str:
     return "–" if best is None else f"{best['tflops']:.2f}{_pct(best['tflops'], peak)}"
 
 
+def _floor_of_best(impls: dict, ceilings: dict) -> str:
+    """The case's roofline floor (the same for every implementation) and the share of it the
+    fastest fused implementation achieved."""
+    floor_us = next((r["floor_us"] for r in impls.values() if r.get("floor_us") is not None), None)
+    if floor_us is None:
+        return "–"
+    best = _best(impls)
+    share = "" if best is None else f" ({100 * floor_us / 1e3 / best['gpu_ms_median']:.0f}%)"
+    return f"{floor_us:.2f}{share}"
+
+
+def micro_floors_note(micro: list) -> str:
+    """Which ceilings the micro-benchmarks' floors were computed with, or why there are none."""
+    used = next((r["ceilings"] for r in micro if r.get("ceilings")), None)
+    if used is None:
+        why = next((r["floor_reason"] for r in micro if r.get("floor_reason")), "not recorded")
+        return f"No floors: {why}."
+    return ("Floor: the roofline of the case's Triton launches (least bytes and FLOPs as "
+            f"`python -m mvit3 kernels` counts them) at these ceilings: {used}; in brackets the "
+            "share of it the fastest fused implementation achieved (floor / its time).")
+
+
 MICRO_COLUMNS = (
     ("stock torch ms", _micro_ms("torch")),
     ("triton ms", _micro_ms("triton")),
@@ -772,6 +828,7 @@ MICRO_COLUMNS = (
     ("reference modules ms", _micro_ms("module")),
     ("best GB/s (of measured copy)", _best_gbps),
     ("best TFLOP/s (of measured fp16 matmul)", _best_tflops),
+    ("floor us (best: achieved)", _floor_of_best),
 )
 
 
@@ -877,21 +934,23 @@ def render_summary(report: dict, folder: Optional[Path] = None) -> str:
                   f"in {copy['ms_median']:.3f} ms, median of {copy['samples']})",
                   f"- fp16 matmul {mm['n']}^3: {mm['tflops']:.1f} TFLOP/s ({mm['ms_median']:.3f} ms, "
                   f"median of {mm['samples']})"]
-    for dtype, entry in report.get("bench", {}).items():
+    # Keyed by step name ("table5_fp16", "seg_fp16"); reports before --focus dense by dtype.
+    for step_name, entry in report.get("bench", {}).items():
         bench = read_table((folder or Path(".")) / entry["file"])
         if bench is None:
-            lines += ["", f"## Table 5, {dtype}", "",
+            lines += ["", f"## Benchmark {step_name}", "",
                       f"({entry['file']} is not beside this summary, or was cut mid-write)"]
             continue
         lines += ["", render_markdown(bench, heading="##", environment=False).rstrip()]
-        failures += [f"- Table 5 {dtype} {r['model']} {r['impl']}/{r['backend']}: {r['reason']}"
+        failures += [f"- {step_name} {r['model']} {r['impl']}/{r['backend']}: {r['reason']}"
                      for r in bench["rows"] if r["status"] == "failed"]
     if report.get("micro"):
         tf32 = any(r.get("tf32") for r in report["micro"])
         lines += ["", "## Kernel micro-benchmarks", "",
                   "Device time per call (CUDA events, calls queued back to back), median; "
                   f"speedup over the stock torch sequence in brackets; TF32 {'on' if tf32 else 'off'}"
-                  " on both sides; rates in brackets as a share of the ceilings measured above.", ""]
+                  " on both sides; rates in brackets as a share of the ceilings measured above."]
+        lines += [micro_floors_note(report["micro"]), ""]
         lines += _micro_table(report["micro"], ceilings)
     evidence = report.get("auto_order_evidence")
     if evidence and evidence["ops"]:
@@ -913,7 +972,8 @@ def add_arguments(parser) -> None:
                         help="output folder (default: gpu-report-<device>-<date> here)")
     parser.add_argument("--focus", choices=FOCUSES, default="all",
                         help="all: the first lease; compile, micro, table5: a later lease around "
-                             "what the first left out")
+                             "what the first left out; dense: the segmentation and detection "
+                             "benchmarks (issue 15)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help="wall-clock budget of the lease, install included (default "
                              f"{DEFAULT_BUDGET_S:.0f}); the plan's slots are scaled to it")

@@ -1,10 +1,13 @@
-"""The MobileViTv3 paper's Table 5, as data: the figures measured benchmarks are set beside.
+"""The MobileViTv3 paper's Tables 5, 3 and 4, as data: the figures measured benchmarks are set
+beside.
 
 Source: Wadekar & Chaurasia, "MobileViTv3: Mobile-Friendly Vision Transformer with Simple and
 Effective Fusion of Local, Global and Input Features" (2022), section 4.4 and Table 5.
 Latency and throughput are the paper's own measurements on an NVIDIA GeForce RTX 2080 Ti, fp32,
 256x256: latency is the mean of 10,000 batch-1 runs timed with CUDA events, throughput comes
 from 1,000 runs at batch 100. They are not measurements made by mvit3.
+Tables 3 and 4 (sections 4.2, 4.3) give the segmentation and detection models' parameters and
+accuracy only: the paper times no dense model and counts none of their FLOPs.
 """
 
 from __future__ import annotations
@@ -73,3 +76,40 @@ def paper_row(model: str) -> Optional[PaperRow]:
         if row.model == model:
             return row
     return None
+
+
+DENSE_SOURCE = "MobileViTv3 paper (Wadekar & Chaurasia, 2022), Tables 3 and 4"
+
+
+@dataclass(frozen=True)
+class DensePaperRow:
+    model: str  # the mvit3 model name
+    paper_name: str  # the backbone as printed in the paper
+    table: str  # "3a" (PASCAL VOC 2012), "3b" (ADE20K), "4" (COCO: 4a and 4b agree)
+    params_m: float  # "# Params (M)": the whole model without the aux head (dense-spec section 6)
+    metric: str
+    score: float
+
+
+def _dense_rows(table: str, task: str, dataset: str, metric: str, rows: tuple) -> tuple:
+    return tuple(DensePaperRow(f"{task}_mobilevitv3_{size}_{dataset}", f"MobileViTv3-{printed}",
+                               table, params_m, metric, score)
+                 for size, printed, params_m, score in rows)
+
+
+# The MobileViTv3 rows of Tables 3a, 3b, 4a and 4b, in the paper's order.
+DENSE_PAPER = (
+    *_dense_rows("3a", "deeplabv3", "voc", "VOC mIOU (%)", (
+        ("xxs", "XXS", 1.96, 74.04), ("050", "0.5", 6.3, 76.48), ("xs", "XS", 3.3, 78.77),
+        ("s", "S", 7.2, 79.59), ("100", "1.0", 13.56, 80.04))),
+    *_dense_rows("3b", "deeplabv3", "ade20k", "ADE20K mIOU (%)", (
+        ("050", "0.5", 6.37, 33.57), ("075", "0.75", 9.71, 36.43), ("100", "1.0", 13.62, 39.13))),
+    *_dense_rows("4", "ssdlite", "coco", "COCO mAP (%)", (
+        ("xxs", "XXS", 1.53, 19.3), ("050", "0.5", 2, 21.8), ("075", "0.75", 3.7, 25.0),
+        ("xs", "XS", 2.7, 25.6), ("100", "1.0", 5.8, 27.0), ("s", "S", 5.5, 27.3))),
+)
+
+
+def dense_paper_row(model: str) -> Optional[DensePaperRow]:
+    """The Table 3/4 row of a dense mvit3 model, or None (v3-0.75 on VOC is not in the paper)."""
+    return next((row for row in DENSE_PAPER if row.model == model), None)

@@ -12,14 +12,16 @@ from collections import defaultdict
 from typing import Optional
 
 from .env import format_env
-from .paper import PAPER_LABEL, PAPER_SOURCE, RATIO_PAIRS
+from .floors import achieved
+from .paper import DENSE_SOURCE, PAPER_LABEL, PAPER_SOURCE, RATIO_PAIRS
 
 CSV_COLUMNS = (
     "model", "impl", "backend", "dtype", "device", "status", "reason",
     "latency_ms_median", "latency_ms_mean", "latency_ms_p10", "latency_ms_p90", "latency_n",
     "throughput_img_s", "throughput_batch", "throughput_n", "launches", "max_rel_err",
-    "compile_s", "params", "macs", "macs_cvnets", "paper_latency_ms", "paper_throughput_img_s",
-    "paper_params_m", "paper_flops_m", "paper_top1",
+    "compile_s", "params", "params_eval", "macs", "macs_cvnets", "floor_ms_b1", "floor_ms_batch",
+    "paper_latency_ms", "paper_throughput_img_s", "paper_params_m", "paper_flops_m", "paper_top1",
+    "paper_metric", "paper_score",
 )
 MVIT3_IMPLS = ("fast", "cuda-graph")  # what "fastest mvit3" picks from
 
@@ -138,11 +140,17 @@ def _shown(row: dict) -> bool:
     return row["status"] == "ok" or (row["status"] == "skipped" and row["launches"] is not None)
 
 
+def _task(result: dict) -> str:
+    return result["config"].get("task", "cls")  # results stored before --task were Table 5's
+
+
 def measured_table(result: dict) -> list:
     from .runner import sort_key
 
     order = list(dict.fromkeys(r["model"] for r in result["rows"]))
     rows = sorted(filter(_shown, result["rows"]), key=lambda r: (order.index(r["model"]), sort_key(r)))
+    table5 = _task(result) == "cls"  # the paper times only Table 5's models
+    floors = any(r.get("floor_ms_b1") is not None for r in rows)
     body = []
     for r in rows:
         label = impl_label(r)
@@ -150,35 +158,72 @@ def measured_table(result: dict) -> list:
             host_ms = (r.get("launch_counts") or {}).get("host_ms_dry_run")
             label += (" (not run: launches from a dry run" +
                       ("" if host_ms is None else f"; host time {host_ms:.2f} ms a forward") + ")")
-        body.append([
-            r["model"], label, r["dtype"], _ms(r["latency_ms_median"]), _ms(r["latency_ms_mean"]),
-            "–" if r["latency_ms_p10"] is None else f"{_ms(r['latency_ms_p10'])}–{_ms(r['latency_ms_p90'])}",
-            _ms(r["paper_latency_ms"]),
-            _rate(r["throughput_img_s"]), _rate(r["paper_throughput_img_s"]),
-            _num(r["launches"]), _err(r["max_rel_err"]), _times_floor(r),
-        ])
+        latency = [_ms(r["latency_ms_median"]), _ms(r["latency_ms_mean"]),
+                   "–" if r["latency_ms_p10"] is None
+                   else f"{_ms(r['latency_ms_p10'])}–{_ms(r['latency_ms_p90'])}"]
+        throughput = [_rate(r["throughput_img_s"])]
+        if table5:
+            latency.append(_ms(r["paper_latency_ms"]))
+            throughput.append(_rate(r["paper_throughput_img_s"]))
+        body.append([r["model"], label, r["dtype"], *latency, *throughput, _num(r["launches"]),
+                     _err(r["max_rel_err"])] + (_floor_cells(r) if floors else []))
     batch = result["config"]["throughput_batch"]
-    return _table(["model", "implementation", "dtype", "latency ms (median)", "mean", "p10–p90",
-                   "paper ms", f"img/s (batch {batch})", "paper img/s", "launches / forward",
-                   "max rel. err", "x floor (b1 / batch)"], body)
+    header = (["model", "implementation", "dtype", "latency ms (median)", "mean", "p10–p90"]
+              + (["paper ms"] if table5 else []) + [f"img/s (batch {batch})"]
+              + (["paper img/s"] if table5 else []) + ["launches / forward", "max rel. err"]
+              + (["floor ms (b1 / batch)", "of floor (b1 / batch)"] if floors else []))
+    return _table(header, body)
 
 
-def _times_floor(row: dict) -> str:
-    """Measured time over the roofline floor of the fused forward (datasheet ceilings, the
-    kernels report's bytes and FLOPs): batch-1 latency, and the time of one throughput batch."""
+def batch_ms(row: dict) -> Optional[float]:
+    """The time of one throughput batch (ms), from the throughput."""
+    if not row["throughput_img_s"]:
+        return None
+    return row["throughput_batch"] / row["throughput_img_s"] * 1e3
+
+
+def _floor_cells(row: dict) -> list:
+    """The roofline floor of the fused forward at batch 1 and at the throughput batch, and the
+    achieved fraction of each (floor / measured time: 100% is the roofline)."""
     b1, batch = row.get("floor_ms_b1"), row.get("floor_ms_batch")
-    if b1 is None or row["latency_ms_median"] is None:
-        return "–"
-    text = f"{row['latency_ms_median'] / b1:.1f}x"
-    if batch and row["throughput_img_s"]:
-        text += f" / {row['throughput_batch'] / row['throughput_img_s'] * 1e3 / batch:.1f}x"
-    return text
+    if b1 is None:
+        return ["–", "–"]
+    shares = [achieved(b1, row["latency_ms_median"]), achieved(batch, batch_ms(row))]
+    return [f"{b1:.3g} / {batch:.3g}",
+            " / ".join("–" if share is None else f"{100 * share:.1f}%" for share in shares)]
+
+
+def floors_note(result: dict) -> list:
+    """Which ceilings the floors were computed with, or why there are none."""
+    cfg = result["config"]
+    if result["env"]["device_type"] != "cuda":
+        return []
+    if cfg.get("ceilings") is None:
+        why = cfg.get("no_floors_reason") or "no ceilings were given"
+        return [f"No roofline floors: {why}."]
+    lines = [f"Floors: the roofline of the fused forward (least bytes and FLOPs of each launch, "
+             f"as `python -m mvit3 kernels` counts them) at these ceilings: "
+             f"{cfg['ceilings']['text']}. 'of floor' is floor / measured time (median batch-1 "
+             f"latency; one batch-{cfg['throughput_batch']} forward at the measured throughput)."]
+    reasons = sorted({r["floor_reason"] for r in result["rows"]
+                      if r.get("floor_ms_b1") is None and r.get("floor_reason")})
+    lines += [f"No floor: {reason}." for reason in reasons]
+    return lines
 
 
 def facts_table(result: dict) -> list:
     first = {}
     for row in result["rows"]:
         first.setdefault(row["model"], row)
+    if _task(result) != "cls":
+        size = result["config"]["img_size"]
+        body = [[m, _num(r["params"]), _num(r["params_eval"]), _num(r["paper_params_m"]),
+                 _num(r["macs_cvnets"] / 1e6, 1), _num(r["macs"] / 1e6, 1),
+                 "–" if r["paper_metric"] is None else f"{r['paper_score']} ({r['paper_metric']})"]
+                for m, r in first.items()]
+        return _table(["model", "params", "params without the aux head (the paper's count)",
+                       "paper params (M)", f"MACs at {size} px, paper's convention (M)",
+                       f"MACs at {size} px, exact (M)", "paper accuracy"], body)
     body = [[m, _num(r["params"]), _num(r["paper_params_m"]), _num(r["macs_cvnets"] / 1e6, 1),
              _num(r["paper_flops_m"], 0), _num(r["macs"] / 1e6, 1), _num(r["paper_top1"])]
             for m, r in first.items()]
@@ -226,19 +271,24 @@ def not_run_lines(result: dict) -> list:
 
 
 def render_markdown(result: dict, heading: str = "##", environment: bool = True) -> str:
+    from .runner import TASKS
+
     cfg, env = result["config"], result["env"]
     protocol = cfg["protocol"]
     cap = "no time cap" if protocol["max_s"] is None else f"at most {protocol['max_s']} s each"
+    paper = (f"Paper columns: {PAPER_LABEL} ({PAPER_SOURCE}), fp32, means; they were not measured "
+             "here." if _task(result) == "cls" else
+             f"The paper ({DENSE_SOURCE}) gives these models' parameters and accuracy only: no "
+             "timings, no FLOPs.")
     lines = [
-        f"{heading} MobileViT Table 5 on {env['device']} ({cfg['dtype']}, {cfg['img_size']}x"
-        f"{cfg['img_size']})",
+        f"{heading} {TASKS[_task(result)].title} on {env['device']} ({cfg['dtype']}, "
+        f"{cfg['img_size']}x{cfg['img_size']})",
         "",
         f"Protocol '{protocol['name']}': {protocol['warmup']} warm-ups, up to "
         f"{protocol['latency_iters']:,} batch-1 runs and {protocol['throughput_iters']:,} runs at "
         f"batch {cfg['throughput_batch']} ({cap}); "
         f"{'CUDA events' if env['device_type'] == 'cuda' else 'perf_counter'} around each run. "
-        f"TF32 {'on' if cfg['tf32'] else 'off'}. Paper columns: {PAPER_LABEL} ({PAPER_SOURCE}), "
-        f"fp32, means; they were not measured here.",
+        f"TF32 {'on' if cfg['tf32'] else 'off'}. {paper}",
     ]
     if env["device_type"] != "cuda":
         lines += ["", "**No GPU was used: these are CPU timings**, not comparable with the paper's "
@@ -247,6 +297,9 @@ def render_markdown(result: dict, heading: str = "##", environment: bool = True)
         lines += ["", "No row was measured."]
     else:
         lines += [""] + measured_table(result)
+        note = floors_note(result)
+        if note:
+            lines += [""] + note
         if any(r["impl"].startswith("timm") and _shown(r) for r in result["rows"]):
             from .runner import TIMM_WEIGHTS
 

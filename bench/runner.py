@@ -1,8 +1,14 @@
-"""The Table 5 runs: every (model, implementation) row, measured, counted and checked.
+"""The benchmark runs: every (model, implementation) row, measured, counted and checked.
+
+Three tasks (`TASKS`): `cls`, the paper's Table 5 (classifiers at 256 px, throughput at batch
+100); `seg` and `det`, the paper's DeepLabv3 (512 px) and SSDLite (320 px) models (Tables 3
+and 4), throughput at batch 16.
 
 Implementations of one model, side by side:
 - `reference`  the eager reference model (`mvit3.create_model`), as the paper timed it;
-- `fast`       `mvit3.fast` with one kernel backend per row (torch, triton, cuda);
+- `fast`       `mvit3.fast` with one kernel backend per row (torch, triton, cuda); a dense
+               model through `mvit3.fast.create_model(name)`, a row skipped with the reason
+               while that refuses the name;
 - `cuda-graph` the fast model (backend auto) replayed from a CUDA graph (CUDA only);
 - `compile`    torch.compile of the reference (mode max-autotune on GPU);
 - `timm`, `timm-compile`  timm's own model of the same name (v1 and v2 models: the baseline
@@ -31,11 +37,30 @@ import torch
 import mvit3
 from mvit3.ops import BackendUnavailable, availability
 
+from .floors import Ceilings, forward_floors_ms
 from .launches import count_launches, dry_run_host_ms
-from .paper import paper_row
-from .timing import Protocol, synchronize, time_callable
+from .paper import dense_paper_row, paper_row
+from .timing import QUICK_CPU_THROUGHPUT_BATCH, Protocol, synchronize, time_callable
 
-IMG_SIZE = 256
+IMG_SIZE = 256  # Table 5's
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    title: str  # the report's heading
+    pattern: str  # `mvit3.list_models` pattern of its models
+    img_size: int
+    throughput_batch: Optional[int]  # None: the protocol's (Table 5: 100)
+    quick_cpu_batch: int  # the throughput batch of --quick on a CPU
+
+
+TASKS = {
+    "cls": Task("cls", "MobileViT Table 5", "mobilevit*", IMG_SIZE, None, QUICK_CPU_THROUGHPUT_BATCH),
+    # A CPU takes seconds per 512 px forward: its quick throughput batch is 2.
+    "seg": Task("seg", "DeepLabv3 segmentation", "deeplabv3*", 512, 16, 2),
+    "det": Task("det", "SSDLite detection", "ssdlite*", 320, 16, 2),
+}
 IMPL_ORDER = ("reference", "timm", "fast", "cuda-graph", "compile", "timm-compile")
 # Models timm has under the same name and architecture.
 TIMM_MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s",
@@ -64,10 +89,18 @@ class RunConfig:
     compile_mode: str
     deadline: Optional[float] = None  # time.monotonic() after which rows are skipped
     impls: tuple = IMPL_ORDER  # the implementations to run (a subset of IMPL_ORDER)
+    task: str = "cls"  # a key of TASKS
+    img_size: int = IMG_SIZE
+    ceilings: Optional[Ceilings] = None  # of the roofline floors; None: no floors
+    no_floors_reason: Optional[str] = None  # why ceilings is None on a CUDA device
 
 
 class Skip(Exception):
     """This row cannot run here; the message says why."""
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def plan_rows(models, config: RunConfig) -> list:
@@ -96,36 +129,40 @@ def sort_key(row: dict) -> tuple:
     return impl, backend
 
 
-def model_facts(name: str) -> dict:
-    """Params, MACs (exact and the paper's convention) and the paper's Table 5 figures."""
-    stats = mvit3.model_stats(name, IMG_SIZE)
-    paper = paper_row(name)
+def model_facts(name: str, img_size: int = IMG_SIZE) -> dict:
+    """Params, MACs (exact and the paper's convention) at img_size and the paper's figures:
+    Table 5's for a classifier; Table 3's or 4's parameters and accuracy for a dense model,
+    whose `params_eval` (without the aux head, run only in training) is the paper's count."""
+    stats = mvit3.model_stats(name, img_size)
+    paper, dense = paper_row(name), dense_paper_row(name)
     return {
         "params": stats["params"],
+        "params_eval": stats.get("params_eval"),
         "macs": stats["macs"],
         "macs_cvnets": stats["macs_cvnets"],
         "paper_latency_ms": paper.latency_ms if paper else None,
         "paper_throughput_img_s": paper.throughput_img_s if paper else None,
-        "paper_params_m": paper.params_m if paper else None,
+        "paper_params_m": paper.params_m if paper else dense.params_m if dense else None,
         "paper_flops_m": paper.flops_m if paper else None,
         "paper_top1": paper.top1 if paper else None,
+        "paper_metric": dense.metric if dense else None,
+        "paper_score": dense.score if dense else None,
     }
 
 
 def floor_facts(name: str, config: RunConfig) -> dict:
-    """The datasheet roofline floor of the fused forward at batch 1 and the throughput batch
-    (`mvit3.kernel_report`), in ms, on a CUDA device whose ceilings are known; else None."""
-    floors = {"floor_ms_b1": None, "floor_ms_batch": None}
-    if config.device.type != "cuda":
+    """The roofline floor of the fused forward (`mvit3.kernel_report`'s bytes and FLOPs at
+    `config.ceilings`) at batch 1 and at the throughput batch, in ms; None without ceilings or
+    where the kernels report cannot take the model (`floor_reason` says why)."""
+    floors = {"floor_ms_b1": None, "floor_ms_batch": None, "floor_reason": config.no_floors_reason}
+    if config.ceilings is None:
         return floors
-    from mvit3.kernel_report.gpus import gpu_for_device_name
-    from mvit3.kernel_report.report import forward_floor_us
-
-    gpu = gpu_for_device_name(torch.cuda.get_device_name(config.device))
-    if gpu is not None:
-        dtype = DTYPES[config.dtype]
-        floors["floor_ms_b1"] = forward_floor_us(name, 1, dtype, gpu) / 1e3
-        floors["floor_ms_batch"] = forward_floor_us(name, config.throughput_batch, dtype, gpu) / 1e3
+    try:
+        floors["floor_ms_b1"], floors["floor_ms_batch"] = forward_floors_ms(
+            name, DTYPES[config.dtype], (1, config.throughput_batch), config.ceilings.gpu,
+            config.img_size)
+    except Exception as err:  # e.g. a dense model mvit3.fast does not build yet
+        floors["floor_reason"] = f"the kernels report cannot take {name}: {_first_line(err)}"
     return floors
 
 
@@ -181,8 +218,15 @@ def _timm_model(name: str) -> torch.nn.Module:
 
 
 def _input(batch: int, config: RunConfig) -> torch.Tensor:
-    return torch.rand(batch, 3, IMG_SIZE, IMG_SIZE, device=config.device,
+    return torch.rand(batch, 3, config.img_size, config.img_size, device=config.device,
                       dtype=DTYPES[config.dtype])
+
+
+def flat_output(out) -> torch.Tensor:
+    """A model's output as one float64 vector: a classifier's or segmenter's logits, or a
+    detector's (scores, locations)."""
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return torch.cat([part.double().flatten() for part in parts])
 
 
 class ModelRunner:
@@ -195,7 +239,7 @@ class ModelRunner:
         reference = mvit3.create_model(name).eval()
         self.x1 = _input(1, config)
         with torch.no_grad():  # fp32 reference output: the yardstick of every row's error
-            self.expected = reference.to(config.device)(self.x1.float()).double()
+            self.expected = flat_output(reference.to(config.device)(self.x1.float()))
         self.reference = reference.to(dtype=DTYPES[config.dtype])
 
     def build(self, spec: RowSpec) -> Callable:
@@ -208,15 +252,28 @@ class ModelRunner:
             return model if spec.impl == "timm" else self._compiled(model, spec.backend)
         if spec.impl == "compile":
             return self._compiled(copy.deepcopy(self.reference), spec.backend)
-        fast = _fast_module()
         if spec.impl == "cuda-graph":
             if self.config.device.type != "cuda":
                 raise Skip("CUDA graphs need a CUDA device")
-            return fast.cuda_graph(fast.convert(self.reference, backend="auto").eval())
+            return _fast_module().cuda_graph(self.fast_model("auto"))
         reason = _backend_reason(spec.backend)
         if reason is not None:
             raise Skip(f"backend {spec.backend} unavailable: {reason}")
-        return fast.convert(self.reference, backend=spec.backend).eval()
+        return self.fast_model(spec.backend)
+
+    def fast_model(self, backend: str) -> torch.nn.Module:
+        """The fast model with the reference's weights, in eval mode: `mvit3.fast.convert` of a
+        classifier; `mvit3.fast.create_model(name)` of a dense model (Skip while it refuses
+        the name: the fast dense models are recent)."""
+        fast = _fast_module()
+        if self.config.task == "cls":
+            return fast.convert(self.reference, backend=backend).eval()
+        try:
+            model = fast.create_model(self.name, backend=backend)
+        except (KeyError, ValueError, TypeError, NotImplementedError) as err:
+            raise Skip(f"mvit3.fast.create_model does not take {self.name}: {_first_line(err)}") from None
+        model.load_state_dict(self.reference.state_dict())
+        return model.to(device=self.config.device, dtype=DTYPES[self.config.dtype]).eval()
 
     @staticmethod
     def _compiled(model: torch.nn.Module, mode: str) -> Callable:
@@ -228,7 +285,7 @@ class ModelRunner:
         if spec.impl != "fast" or spec.backend != "triton" or self.config.device.type != "cpu":
             return None
         try:
-            model = _fast_module().convert(self.reference, backend="triton").eval()
+            model = self.fast_model("triton")
             return {**count_launches(model, self.x1, dry_run=True).as_dict(),
                     "host_ms_dry_run": dry_run_host_ms(model, self.x1)}
         except Exception:  # a missing kernel module: nothing to count
@@ -247,7 +304,7 @@ class ModelRunner:
                 row["compile_s"] = round(time.perf_counter() - began, 2)
             out = model(self.x1)
             if not spec.impl.startswith("timm"):  # timm's weights are its own: no comparison
-                row["max_rel_err"] = float((out.double() - self.expected).abs().max()
+                row["max_rel_err"] = float((flat_output(out) - self.expected).abs().max()
                                            / self.expected.abs().max())
             latency = time_callable(lambda: model(self.x1), cfg.device, warmup=protocol.warmup,
                                     iters=protocol.latency_iters, min_iters=protocol.min_iters,
@@ -278,8 +335,7 @@ class ModelRunner:
         except BackendUnavailable as why:  # the fast model's first forward: an input it refuses
             row.update(status="skipped", reason=str(why).splitlines()[0])
         except Exception as err:
-            row.update(status="failed",
-                       reason=f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}",
+            row.update(status="failed", reason=_first_line(err),
                        traceback=traceback.format_exc(limit=-8))
         if row["status"] != "ok":
             dry = self.dry_run_launches(spec)
@@ -299,7 +355,8 @@ def run_rows(specs, config: RunConfig, on_row: Optional[Callable] = None,
         if on_start:
             on_start(spec)
         if spec.model not in facts:
-            facts[spec.model] = {**model_facts(spec.model), **floor_facts(spec.model, config)}
+            facts[spec.model] = {**model_facts(spec.model, config.img_size),
+                                 **floor_facts(spec.model, config)}
         if config.deadline is not None and time.monotonic() > config.deadline:
             row = empty_row(spec, config, facts[spec.model])
             row.update(status="skipped", reason="time budget exhausted (--budget-s)")

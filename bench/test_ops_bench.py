@@ -11,7 +11,11 @@ For each v3 model (XXS/XS/S and 0.5/0.75/1.0), batch 1 and 100, fp32 and fp16, a
 pytest-benchmark's own statistics are the wall time of one call followed by a device
 synchronisation (what eager code sees). `extra_info` adds CUDA-event device time per call with
 calls queued back to back (`gpu_ms_*`), the GB/s and TFLOP/s derived from it, and the largest
-relative difference from the stock sequence.
+relative difference from the stock sequence, and the roofline floor of the case (its Triton
+launches' least bytes and FLOPs, as the kernels report counts them, recorded in a dry run) with
+the achieved fraction of it (`floor_us`, `of_floor`, `ceilings`: `mvit3.bench.floors`).
+MVIT3_CEILINGS picks the ceilings: a file (gpu-report passes its report.json), "measure" (the
+default: a few seconds of probes once per session) or "datasheet".
 
 TF32 is off on both sides unless MVIT3_BENCH_TF32=1 (bench/conftest.py); `extra_info.tf32`
 records which. With MVIT3_MICRO_LOG=PATH each benchmark's row is also appended to that
@@ -30,6 +34,8 @@ import os
 import pytest
 import torch
 
+from mvit3.bench import ceilings as ceiling_probes
+from mvit3.bench import floors
 from mvit3.bench.cases import HEADLINE, MICRO_MODELS, build_cases, kinds
 from mvit3.bench.timing import synchronize, tf32_requested, time_callable
 
@@ -70,6 +76,33 @@ def _stock_output(model: str, batch: int, dtype: str, kind: str) -> torch.Tensor
         return _cases(model, batch, dtype)[kind].fused("torch").double()
 
 
+@functools.lru_cache(maxsize=1)
+def _ceilings() -> tuple:
+    """(Ceilings or None, why none) of this session's floors."""
+    if DEVICE.type != "cuda":
+        return None, "no floors on a CPU (they are a GPU's)"
+    return floors.resolve(os.environ.get("MVIT3_CEILINGS", floors.MEASURE),
+                          torch.cuda.get_device_name(DEVICE),
+                          measure=lambda: ceiling_probes.measure(DEVICE))
+
+
+def floor_info(case, ceilings, no_floor_reason) -> dict:
+    """extra_info's floor of a case: its Triton launches' roofline floor at the ceilings, or
+    None and the reason."""
+    if ceilings is None:
+        return {"floor_us": None, "floor_reason": no_floor_reason}
+    try:
+        floor = floors.ops_floor_us(lambda: case.fused("triton"), ceilings.gpu)
+    except Exception as err:  # the Triton backend refuses the case: no launch to take a floor of
+        return {"floor_us": None, "floor_reason": f"{type(err).__name__}: {err}".splitlines()[0]}
+    return {"floor_us": floor, "ceilings": ceilings.describe()}
+
+
+@functools.lru_cache(maxsize=None)
+def _floor(model: str, batch: int, dtype: str, kind: str) -> dict:
+    return floor_info(_cases(model, batch, dtype)[kind], *_ceilings())
+
+
 @pytest.mark.parametrize("dtype,batch,model,kind,impl", list(_params()))
 def test_op(benchmark, dtype, batch, model, kind, impl):
     from mvit3.ops import BackendUnavailable
@@ -96,7 +129,10 @@ def test_op(benchmark, dtype, batch, model, kind, impl):
         rounds = max(5, min(500, int(TARGET_S * 1e3 / max(one_call.median_ms, 1e-3))))
         benchmark.pedantic(call_and_sync, rounds=rounds, warmup_rounds=2)
     seconds = queued.median_ms / 1e3
+    floor = _floor(model, batch, dtype, kind)
+    floor_ms = None if floor["floor_us"] is None else floor["floor_us"] / 1e3
     benchmark.extra_info.update(
+        **floor, of_floor=floors.achieved(floor_ms, queued.median_ms),
         model=model, kind=kind, op=case.ops, where=case.where, impl=impl,
         gpu_ms_median=queued.median_ms, gpu_ms_p10=queued.p10_ms, gpu_ms_p90=queued.p90_ms,
         gpu_calls_per_sample=inner, gpu_samples=queued.n,

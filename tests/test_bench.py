@@ -5,6 +5,7 @@ counting, the micro-benchmark cases against the reference modules, and the repor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -20,7 +21,7 @@ from mvit3.__main__ import main
 from mvit3.bench import env as bench_env
 from mvit3.bench.cases import MICRO_MODELS, build_cases
 from mvit3.bench.launches import count_launches, dry_run_host_ms
-from mvit3.bench.paper import RATIO_PAIRS, TABLE5
+from mvit3.bench.paper import RATIO_PAIRS, TABLE5, TABLE5_MODELS
 from mvit3.bench.report import compute_ratios, render_csv, render_markdown
 from mvit3.bench import runner
 from mvit3.bench.runner import RunConfig, plan_rows
@@ -403,3 +404,236 @@ def test_markdown_and_csv_of_a_stored_result():
     assert "12.00x" in text  # cuda-graph vs reference, v3-XXS
     lines = render_csv(result).splitlines()
     assert len(lines) == 1 + len(result["rows"])
+
+
+# ---- roofline floors beside the times --------------------------------------------------------
+
+def ceilings_file(tmp_path, copy_gbps=4000.0, tflops=600.0, device_name="NVIDIA H200") -> Path:
+    """A ceilings file as `python -m mvit3.bench.ceilings --json` writes it on a GPU."""
+    path = tmp_path / "ceilings.json"
+    path.write_text(json.dumps({"device": "cuda", "device_name": device_name,
+                                "copy": {"bytes": 2**31, "ms_median": 1.0, "samples": 20,
+                                         "gbps": copy_gbps},
+                                "matmul_fp16": {"n": 8192, "dtype": "fp16", "ms_median": 2.0,
+                                                "samples": 20, "tflops": tflops}}))
+    return path
+
+
+def test_ceilings_come_from_a_file_a_measurement_or_the_datasheet(tmp_path):
+    from mvit3.bench import floors
+    from mvit3.kernel_report.gpus import GPUS
+
+    sheet = GPUS["h200"]
+    ceilings, why = floors.resolve(str(ceilings_file(tmp_path)), "NVIDIA H200")
+    assert why is None and ceilings.measured and ceilings.datasheet == sheet
+    gpu = ceilings.gpu  # measured bandwidth and fp16 rate; the fp32 rates stay the datasheet's
+    assert (gpu.memory_gb_s, gpu.tensor_tflops) == (4000.0, 600.0)
+    assert (gpu.tf32_tflops, gpu.fp32_tflops, gpu.sms) == (sheet.tf32_tflops, sheet.fp32_tflops, sheet.sms)
+    assert ceilings.describe().startswith(
+        "measured (ceilings.json): copy 4,000 GB/s (83% of the datasheet's), fp16 matmul 600.0 "
+        "TFLOP/s (61%); TF32 494.7 and fp32 66.9 TFLOP/s from the datasheet of the NVIDIA H200 SXM")
+    # gpu-report's report.json: the ceilings step's figures, the device from its env step.
+    report = tmp_path / "report.json"
+    record = json.loads(ceilings_file(tmp_path, 3000.0).read_text())
+    report.write_text(json.dumps({"env": {"device": "NVIDIA H200"}, "ceilings": record}))
+    assert floors.resolve(str(report), "NVIDIA H200")[0].gpu.memory_gb_s == 3000.0
+    with pytest.raises(ValueError, match="measured on the NVIDIA H200, this device is the NVIDIA H100"):
+        floors.resolve(str(report), "NVIDIA H100 80GB HBM3")
+    measured = floors.resolve("measure", "NVIDIA H100 80GB HBM3", measure=lambda: record)[0]
+    assert measured.source == "measured here" and measured.gpu.memory_gb_s == 3000.0
+    datasheet = floors.resolve("datasheet", "NVIDIA H200")[0]
+    assert datasheet.gpu == sheet and datasheet.describe().startswith("datasheet of the NVIDIA H200")
+    assert floors.resolve("measure", "NVIDIA L4", measure=None) == (
+        None, "no datasheet record for the NVIDIA L4 in mvit3/kernel_report/gpus.py (its fp32 "
+              "rates are needed)")
+    (tmp_path / "bad.json").write_text(json.dumps({"copy": {}}))
+    with pytest.raises(ValueError, match="expected copy.gbps and matmul_fp16.tflops"):
+        floors.resolve(str(tmp_path / "bad.json"), "NVIDIA H200")
+    with pytest.raises(ValueError, match="does not exist"):
+        floors.resolve(str(tmp_path / "missing.json"), "NVIDIA H200")
+
+
+def test_bench_floors_use_the_given_ceilings(tmp_path):
+    """The floors of a row come from config.ceilings: with compute rates far out of reach every
+    launch is memory-bound, so halving the bandwidth doubles both floors."""
+    pytest.importorskip("triton", reason="Triton is not installed (the dry run records its launches)")
+    from mvit3.bench import floors
+    from mvit3.kernel_report.gpus import GPUS
+
+    sheet = dataclasses.replace(GPUS["h200"], tensor_tflops=1e9, tf32_tflops=1e9, fp32_tflops=1e9)
+    config = RunConfig(device=torch.device("cpu"), dtype="fp16", protocol=PROTOCOLS["quick"],
+                       throughput_batch=2, backends=(), compile=False, compile_mode="default")
+    facts = []
+    for gb_s in (4000.0, 2000.0):
+        config.ceilings = floors.Ceilings(floors.with_measured(sheet, gb_s, 1e9), "measured here", sheet)
+        facts.append(runner.floor_facts("mobilevitv3_xxs", config))
+    assert facts[0]["floor_reason"] is None and 0 < facts[0]["floor_ms_b1"] < facts[0]["floor_ms_batch"]
+    for key in ("floor_ms_b1", "floor_ms_batch"):
+        assert facts[1][key] == pytest.approx(2 * facts[0][key], rel=1e-12)
+    config.ceilings, config.no_floors_reason = None, "no datasheet record for the NVIDIA L4"
+    assert runner.floor_facts("mobilevitv3_xxs", config) == {
+        "floor_ms_b1": None, "floor_ms_batch": None, "floor_reason": config.no_floors_reason}
+
+
+def test_rows_show_the_floor_and_the_achieved_fraction_of_it(tmp_path):
+    """Fake timings against fake floors: the report's arithmetic and its statement of the
+    ceilings used."""
+    from mvit3.bench import floors
+
+    ceilings, _ = floors.resolve(str(ceilings_file(tmp_path)), "NVIDIA H200")
+    result = synthetic_result()
+    result["config"]["ceilings"] = ceilings.as_dict()
+    row = next(r for r in result["rows"] if r["model"] == "mobilevitv3_xxs" and r["impl"] == "fast")
+    # 1.5 ms at batch 1; 2000 / 1.5 img/s at batch 100: 75 ms a batch.
+    row.update(floor_ms_b1=0.3, floor_ms_batch=15.0)
+    text = render_markdown(result)
+    table = markdown_tables(text)[0]
+    header, cells = table[0], next(r for r in table[2:] if r[:2] == ["mobilevitv3_xxs", "fast/triton"])
+    assert header[-2:] == ["floor ms (b1 / batch)", "of floor (b1 / batch)"]
+    assert cells[-2:] == ["0.3 / 15", "20.0% / 20.0%"]
+    reference = next(r for r in table[2:] if r[:2] == ["mobilevitv3_xxs", "reference"])
+    assert reference[-2:] == ["–", "–"]  # its model's floors were not given
+    assert f"at these ceilings: {ceilings.describe()}." in text
+    assert floors.achieved(0.3, 1.5) == pytest.approx(0.2) and floors.achieved(None, 1.5) is None
+    result["config"]["ceilings"], result["config"]["no_floors_reason"] = None, "no record"
+    for r in result["rows"]:
+        r.update(floor_ms_b1=None, floor_ms_batch=None)
+    text = render_markdown(result)
+    assert "No roofline floors: no record." in text and "of floor" not in text
+
+
+def test_micro_case_floors_are_the_cases_bytes_and_flops_at_the_ceilings():
+    """A case's floor, from the dry-run records of its Triton launch, against the case's own
+    count of bytes and FLOPs (bench/cases.py): memory-bound on a GPU of unbounded rates,
+    compute-bound (fp16 tensor rate) on one of unbounded bandwidth."""
+    pytest.importorskip("triton", reason="Triton is not installed (the dry run records its launches)")
+    from mvit3.bench import floors
+    from mvit3.bench.test_ops_bench import floor_info
+    from mvit3.kernel_report.gpus import GPUS
+
+    sheet = GPUS["h200"]
+    memory_bound = dataclasses.replace(sheet, tensor_tflops=1e9, tf32_tflops=1e9, fp32_tflops=1e9)
+    compute_bound = dataclasses.replace(sheet, memory_gb_s=1e12)
+    cases = build_cases("mobilevitv3_xs", 1, torch.float16, "cpu")
+    for kind in ("stem", "mv2", "fusion", "mlp"):
+        case = cases[kind]
+        fused = lambda: case.fused("triton")  # noqa: E731
+        assert floors.ops_floor_us(fused, memory_bound) == pytest.approx(
+            case.bytes / (memory_bound.memory_gb_s * 1e3), rel=1e-9), kind
+    fusion = cases["fusion"]  # a 1x1 conv: all its products are tensor-core dots
+    assert floors.ops_floor_us(lambda: fusion.fused("triton"), compute_bound) == pytest.approx(
+        fusion.flops / (sheet.tensor_tflops * 1e6), rel=1e-9)
+    ceilings = floors.Ceilings(sheet, floors.DATASHEET, sheet)
+    assert floor_info(fusion, ceilings, None) == {
+        "floor_us": floors.ops_floor_us(lambda: fusion.fused("triton"), sheet),
+        "ceilings": ceilings.describe()}
+    assert floor_info(fusion, None, "no floors on a CPU") == {"floor_us": None,
+                                                              "floor_reason": "no floors on a CPU"}
+    with pytest.raises(ValueError, match="no Triton launch"):
+        floors.ops_floor_us(lambda: fusion.fused("torch"), sheet)
+
+
+# ---- segmentation and detection (--task seg|det) ---------------------------------------------
+
+# The MobileViTv3 rows of the paper's Tables 3a, 3b, 4a and 4b, verbatim (tab-separated as
+# extracted from the PDF).
+PAPER_DENSE_TEXT = {
+    "3a": "MobileViTv3-XXS\t1.96\t74.04 (+0.44%)\nMobileViTv3-0.5\t6.3\t76.48 (+1.41%)\n"
+          "MobileViTv3-XS\t3.3\t78.77 (+1.60%)\nMobileViTv3-S\t7.2\t79.59 (+0.49%)\n"
+          "MobileViTv3-1.0\t13.56\t80.04 (+1.10%)\n",
+    "3b": "MobileViTv3-0.5\t6.37\t33.57 (+1.64%)\nMobileViTv3-0.75\t9.71\t36.43 (+1.73%)\n"
+          "MobileViTv3-1.0\t13.62\t39.13 (+2.07%)\n",
+    "4a": "MobileViTv3-XXS\t1.53\t19.3 (\u21910.8%)\nMobileViTv3-0.5\t2\t21.8 (\u21910.6%)\n"
+          "MobileViTv3-0.75\t3.7\t25.0 (\u21910.4%)\nMobileViTv3-XS\t2.7\t25.6 (\u21912.6%)\n",
+    "4b": "MobileViTv3-XS\t2.7\t25.6 (\u21910.4%)\nMobileViTv3-1.0\t5.8\t27.0 (\u21911.8%)\n"
+          "MobileViTv3-S\t5.5\t27.3 (\u21912.1%)\n",
+}
+
+
+def test_dense_paper_data_equals_the_papers_tables_3_and_4():
+    from mvit3.bench.paper import DENSE_PAPER
+
+    parsed, printed = {}, {}
+    for table, text in PAPER_DENSE_TEXT.items():
+        for line in text.splitlines():
+            name, params, score = line.split("\t")
+            key = (table[0] if table[0] == "4" else table, name)  # 4a and 4b agree on XS
+            parsed[key] = (float(params), float(score.split(" (")[0]))
+            printed[key] = params
+    rows = {(r.table, r.paper_name): r for r in DENSE_PAPER}
+    assert {key: (r.params_m, r.score) for key, r in rows.items()} == parsed
+    for key, row in rows.items():  # the model each row names has the paper's count, as printed
+        decimals = len(printed[key].partition(".")[2])
+        params_m = mvit3.model_stats(row.model, 64)["params_eval"] / 1e6
+        assert abs(params_m - row.params_m) <= 0.5 * 10.0 ** -decimals, row
+
+
+def quick_cpu_bench(tmp_path, capsys, *argv) -> tuple:
+    """(markdown, JSON result) of a quick `python -m mvit3 bench` run on the CPU that succeeded."""
+    path = tmp_path / "result.json"
+    rc = main(["bench", "--quick", "--device", "cpu", "--no-progress", "--json", str(path), *argv])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for table in markdown_tables(out):
+        assert_well_formed(table)
+    return out, json.loads(path.read_text())
+
+
+def test_det_task_on_one_small_model(tmp_path, capsys):
+    out, result = quick_cpu_bench(tmp_path, capsys, "--task", "det", "--models",
+                                  "ssdlite_mobilevitv3_xxs_coco", "--throughput-batch", "1",
+                                  "--backends", "torch")
+    assert out.startswith("## SSDLite detection on CPU") and "(fp32, 320x320)" in out
+    assert "paper ms" not in out and "gives these models' parameters and accuracy only" in out
+    assert result["config"]["task"] == "det" and result["config"]["img_size"] == 320
+    rows = {(r["impl"], r["backend"]): r for r in result["rows"]}
+    reference = rows[("reference", "eager")]
+    assert reference["status"] == "ok" and reference["max_rel_err"] == 0  # (scores, boxes) flattened
+    assert reference["params_eval"] == 1_533_450 and reference["paper_params_m"] == 1.53
+    assert (reference["paper_metric"], reference["paper_score"]) == ("COCO mAP (%)", 19.3)
+    assert reference["macs_cvnets"] == mvit3.model_stats("ssdlite_mobilevitv3_xxs_coco", 320)["macs_cvnets"]
+    fast = rows[("fast", "torch")]
+    if fast["status"] == "ok":  # mvit3.fast builds the dense models
+        assert fast["max_rel_err"] < 1e-5
+    else:  # not yet: the row says why instead of failing the run
+        assert fast["status"] == "skipped", fast["reason"]
+        assert fast["reason"].startswith("mvit3.fast.create_model does not take ssdlite_mobilevitv3_xxs_coco")
+
+
+def test_seg_task_at_a_smaller_size(tmp_path, capsys):
+    out, result = quick_cpu_bench(tmp_path, capsys, "--task", "seg", "--models",
+                                  "deeplabv3_mobilevitv3_050_ade20k", "--img-size", "64",
+                                  "--impls", "reference")
+    assert out.startswith("## DeepLabv3 segmentation on CPU")
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["throughput_batch"] == 2  # a quick CPU run's batch
+    stats = mvit3.model_stats("deeplabv3_mobilevitv3_050_ade20k", 64)
+    assert (row["params"], row["params_eval"], row["macs"]) == (6_608_677, 6_367_887, stats["macs"])
+    facts = markdown_tables(out)[1]
+    assert facts[0][2] == "params without the aux head (the paper's count)"
+    assert facts[2][:4] == ["deeplabv3_mobilevitv3_050_ade20k", "6,608,677", "6,367,887", "6.37"]
+    assert facts[2][-1] == "33.57 (ADE20K mIOU (%))"
+
+
+def test_dense_models_by_task():
+    from mvit3.bench.cli import resolve_models
+
+    assert resolve_models(None, "seg") == mvit3.list_models("deeplabv3*") and len(mvit3.list_models("deeplabv3*")) == 9
+    assert resolve_models(None, "det") == mvit3.list_models("ssdlite*")
+    assert resolve_models(None, "cls") == list(TABLE5_MODELS)
+    assert resolve_models("ssdlite_mobilevitv3_x*", "det") == ["ssdlite_mobilevitv3_xxs_coco",
+                                                                "ssdlite_mobilevitv3_xs_coco"]
+    assert runner.flat_output((torch.ones(1, 2, 3), torch.zeros(1, 2))).shape == (8,)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "seg", "--models", "mobilevitv3_xs"], "--task seg does not take mobilevitv3_xs"),
+    (["--task", "det", "--models", "table5"], "--models table5 is the classification table"),
+    (["--task", "det", "--paper-protocol"], "the paper times no SSDLite detection model"),
+    (["--img-size", "128"], "--img-size applies to --task seg|det"),
+    (["--task", "seg", "--img-size", "16"], "--img-size must be at least 32"),
+    (["--device", "cpu", "--ceilings", "datasheet"], "the floors are a GPU's"),
+])
+def test_dense_and_ceilings_arguments_are_checked_before_running(argv, message, capsys):
+    assert main(["bench", "--no-progress"] + argv) == 2
+    assert message in capsys.readouterr().err

@@ -21,10 +21,10 @@ from bench_synthetic import GPU_ENV, synthetic_result
 from mvit3.__main__ import main
 from mvit3.bench import cli as bench_cli
 from mvit3.bench import gpu_report
-from mvit3.bench.gpu_report import (DEFAULT_BUDGET_S, OUTPUT_FILES, Budget, CommandResult, Report,
+from mvit3.bench.gpu_report import (DEFAULT_BUDGET_S, Budget, CommandResult, Report,
                                     auto_order_evidence, first_error_line, gpu_arch,
-                                    micro_selection, parse_results_log, plan, plan_json,
-                                    render_summary, run_command, sanitizer_summary)
+                                    micro_selection, output_files, parse_results_log, plan,
+                                    plan_json, render_summary, run_command, sanitizer_summary)
 
 HERE = Path(__file__).resolve().parent
 FIRST_LEASE = ["install", "env", "build", "tests", "sanitizer", "ceilings", "table5_fp16",
@@ -54,7 +54,8 @@ def test_plan_of_the_first_lease_is_the_issues_order_in_480_s(capsys):
     assert steps["tests"]["k"] == "not max_autotune"  # max-autotune is a later lease's
     assert steps["table5_fp16"]["compile_mode"] == "default"
     assert steps["micro"]["dtypes"] == ["fp16"]
-    assert shown["output_files"] == list(OUTPUT_FILES) and len(OUTPUT_FILES) <= 8
+    assert shown["output_files"] == list(gpu_report.COMMON_FILES) + ["table5_fp16.json",
+                                                                     "table5_fp32.json"]
 
 
 @pytest.mark.parametrize("focus", gpu_report.FOCUSES)
@@ -67,6 +68,7 @@ def test_every_focus_fits_its_budget(focus, budget_s):
     assert len(set(names)) == len(names)
     for step in plan(focus, budget_s):  # each step has a runner
         assert step.name in gpu_report.OUTSIDE_STEPS or hasattr(Report, f"step_{step.name}")
+    assert shown["output_files"] == list(output_files(focus)) and len(output_files(focus)) <= 8
     with pytest.raises(ValueError, match="focus must be one of"):
         plan("everything")
 
@@ -141,7 +143,7 @@ def test_steps_run_in_order_within_their_slots(tmp_path, monkeypatch):
         ("ceilings", "ok"), ("table5_fp16", "ok"), ("table5_fp32", "ok"), ("micro", "ok")]
     assert saved["elapsed_s"] == pytest.approx(25 + sum(durations.values()) - 30)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert set(files) <= set(OUTPUT_FILES) and len(files) <= 8
+    assert set(files) <= set(output_files("all")) and len(files) <= 8
     assert all(p.is_file() for p in tmp_path.iterdir())  # no folder: 0 levels deep
 
 
@@ -311,6 +313,16 @@ def test_sanitizer_runs_each_tool_per_backend_and_stops_where_the_machine_is_ref
     assert "refused this machine" in details["reason"] == report.report["sanitizer"][3]["note"]
 
 
+def bench_config_of(cmd: list):
+    """The bench command's arguments as its parser takes them (on the CPU here: the device
+    and the GPU-only ceilings swapped)."""
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(cmd[cmd.index("bench") + 1:])
+    args.device, args.ceilings = "cpu", None
+    return bench_cli.make_config(args)
+
+
 def test_table5_steps_run_the_lease_protocol_with_compile_default(tmp_path):
     report = RecordingReport(tmp_path)
     step = {s.name: s for s in plan("all")}["table5_fp16"]
@@ -318,17 +330,37 @@ def test_table5_steps_run_the_lease_protocol_with_compile_default(tmp_path):
     assert status == "failed"  # the recorded command wrote no JSON
     cmd = report.calls[0][0]
     assert cmd[cmd.index("--dtype") + 1] == "fp16" and "--lease" in cmd
+    assert cmd[cmd.index("--task") + 1] == "cls"
     assert cmd[cmd.index("--compile-mode") + 1] == "default" and "--tf32" not in cmd
     assert cmd[cmd.index("--json") + 1] == str(tmp_path / "table5_fp16.json")
     assert cmd[cmd.index("--models") + 1].split(",") == list(gpu_report.TABLE5_MODELS)
-    # The bench command takes these arguments (on the CPU here: the device swapped).
-    parser = argparse.ArgumentParser()
-    bench_cli.add_arguments(parser)
-    args = parser.parse_args(cmd[cmd.index("bench") + 1:])
-    args.device = "cpu"
-    config = bench_cli.make_config(args)
+    assert cmd[cmd.index("--ceilings") + 1] == "datasheet"  # the ceilings step has not run
+    config = bench_config_of(cmd)
     assert config.protocol.name == "lease" and config.compile and config.compile_mode == "default"
-    assert config.backends == ("triton", "cuda")
+    assert config.backends == ("triton", "cuda") and config.task == "cls"
+    # Once the ceilings step measured them, the benchmarks read them from report.json.
+    report.report["ceilings"] = {"copy": {"gbps": 4000.0}, "matmul_fp16": {"tflops": 600.0}}
+    report.step_table5_fp16(step, 60)
+    cmd = report.calls[1][0]
+    assert cmd[cmd.index("--ceilings") + 1] == str(tmp_path / "report.json")
+
+
+def test_the_dense_lease_runs_seg_and_det_benchmarks(tmp_path):
+    steps = {s.name: s for s in plan("dense")}
+    assert list(steps) == ["install", "env", "build", "ceilings", "seg_fp16", "det_fp16", "summary"]
+    report = RecordingReport(tmp_path)
+    for name, task, size in (("seg_fp16", "seg", 512), ("det_fp16", "det", 320)):
+        status, _ = getattr(report, f"step_{name}")(steps[name], 100)
+        assert status == "failed"  # the recorded command wrote no JSON
+        cmd = report.calls[-1][0]
+        assert cmd[cmd.index("--task") + 1] == task and "--lease" in cmd
+        assert cmd[cmd.index("--json") + 1] == str(tmp_path / f"{name}.json")
+        models = cmd[cmd.index("--models") + 1].split(",")
+        assert models == list(steps[name].option("models")) and len(models) == 2
+        config = bench_config_of(cmd)
+        assert (config.task, config.img_size, config.throughput_batch) == (task, size, 16)
+        assert config.compile and config.compile_mode == "default"
+        assert bench_cli.resolve_models(",".join(models), task) == models
 
 
 def test_micro_selection_picks_the_three_headline_ops_of_v3_xs():
@@ -368,6 +400,7 @@ def test_env_and_micro_steps_run_for_real_on_the_cpu(tmp_path, monkeypatch):
     assert {(r["impl"], r["group"]) for r in rows} == {
         (impl, "mobilevitv3_xxs fusion batch 1 fp32") for impl in ("torch", "module")}
     assert all(r["tf32"] is False and r["gpu_ms_median"] > 0 for r in rows)
+    assert all(r["floor_us"] is None and "on a CPU" in r["floor_reason"] for r in rows)
 
 
 def gpu_report_commit():
@@ -601,12 +634,13 @@ def stored_report(folder: Path) -> dict:
                                                 "gbps": 4000.0},
                      "matmul_fp16": {"n": 8192, "dtype": "fp16", "ms_median": 1.8, "samples": 20,
                                      "tflops": 600.0}},
-        "bench": {"fp32": {"file": "table5_fp32.json", "rows": 13}},
+        "bench": {"table5_fp32": {"file": "table5_fp32.json", "rows": 13}},
         "micro": [
             {"name": "a", "group": "mobilevitv3_xs fusion batch 1 fp16", "impl": "torch", "kind": "fusion",
              "op": "pointwise_conv", "gpu_ms_median": 0.06, "gbps": 50.0, "tflops": 0.5, "tf32": False},
             {"name": "b", "group": "mobilevitv3_xs fusion batch 1 fp16", "impl": "triton", "kind": "fusion",
-             "op": "pointwise_conv", "gpu_ms_median": 0.02, "gbps": 2000.0, "tflops": 1.5, "tf32": False},
+             "op": "pointwise_conv", "gpu_ms_median": 0.02, "gbps": 2000.0, "tflops": 1.5, "tf32": False,
+             "floor_us": 5.0, "ceilings": "measured (report.json): copy 4,000 GB/s"},
             {"name": "c", "group": "mobilevitv3_xs fusion batch 1 fp16", "impl": "module", "kind": "fusion",
              "op": "pointwise_conv", "gpu_ms_median": 0.08, "gbps": 40.0, "tflops": 0.4, "tf32": False},
         ],
@@ -633,14 +667,15 @@ def test_summary_of_a_stored_partial_report(tmp_path, capsys):
     assert "| mobilevitv3_xxs | cuda-graph/auto | fp32 | 0.500 |" in summary  # Table 5 row
     assert "| 7.120 |" in summary  # the paper's figure beside it
     assert ("| mobilevitv3_xs fusion batch 1 fp16 | pointwise_conv | 0.0600 | 0.0200 (3.00x) | – "
-            "| 0.0800 | 2000 (50%) | 1.50 (0%) |") in summary
+            "| 0.0800 | 2000 (50%) | 1.50 (0%) | 5.00 (25%) |") in summary  # 5 us of 0.02 ms
+    assert "at these ceilings: measured (report.json): copy 4,000 GB/s; in brackets" in summary
     assert "TF32 off on both sides" in summary
     assert "- pointwise_conv: triton > cuda (2 cases)" in summary
     failures = summary.split("## Failures")[1]
     for expected in ("step build: error: identifier \"foo\" is undefined",
                      "test tests.test_k::test_attention[fp16]: AssertionError: max error 0.5 > 0.01",
                      "racecheck triton: RACECHECK SUMMARY",
-                     "Table 5 fp32 mobilevitv3_xxs_l2 cuda-graph/auto: RuntimeError: capture failed"):
+                     "table5_fp32 mobilevitv3_xxs_l2 cuda-graph/auto: RuntimeError: capture failed"):
         assert expected in failures
 
 
