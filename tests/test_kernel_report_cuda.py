@@ -107,14 +107,16 @@ def test_known_kernels_get_their_class(xs_rows):
 def test_fp32_kernels_are_fma(library):
     rows = cuda_rows.analyse_cuda(cuda_rows.collect_cuda("mobilevitv3_xxs", 1, torch.float32),
                                   GPUS["h200"], ARCH)
-    gemm = next(row for row in rows if row.kernel == "tile_gemm_kernel<float, PointwiseProducer<float> >")
+    gemm = next(row for row in rows
+                if row.kernel == "tile_gemm_kernel<float, PointwiseProducer<float> >")
     assert gemm.compiled.mma == "fma"
 
 
 def test_registers_and_shared_memory_match_cuobjdump(library, xs_rows):
     """One kernel's registers and stack as cuobjdump prints them, its shared memory as ptxas
     reported it (cuobjdump's SHARED of sm_90 code adds the 1 KB reserved per block)."""
-    row = next(r for r in xs_rows if r.kernel == "tile_gemm_kernel<__half, PointwiseProducer<__half> >")
+    row = next(r for r in xs_rows
+               if r.kernel == "tile_gemm_kernel<__half, PointwiseProducer<__half> >")
     text = subprocess.run([cuda_rows._cuobjdump(), "--dump-resource-usage", str(library)],
                           capture_output=True, text=True, check=True).stdout
     # the sections of the sm_90 cubins (one per translation unit, between sm_75 ones)

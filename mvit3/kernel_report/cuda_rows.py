@@ -240,8 +240,9 @@ def collect_cuda(name: str, batch: int, dtype: torch.dtype, img_size: int = 256)
         for position, launch in enumerate(call.launches):
             first = position == 0
             rows.append(CudaRow(
-                kernel=short_kernel_name(launch.symbol), op=call.op, stage=call.stage, grid=launch.grid,
-                bytes=call.bytes if first else 0, dot_flops=call.dot_flops if first else 0,
+                kernel=short_kernel_name(launch.symbol), op=call.op, stage=call.stage,
+                grid=launch.grid, bytes=call.bytes if first else 0,
+                dot_flops=call.dot_flops if first else 0,
                 simt_flops=call.simt_flops if first else 0, dot_rate=dot_rate, launch=launch))
     rows += [row for _, row in aten]
     return rows
@@ -258,10 +259,11 @@ def built_library(arch: int) -> Path:
         raise CudaReportError(f"the CUDA C++ library is not available: {status['reason']}")
     archs = [str(a) for a in (status["info"] or {}).get("archs", [])]
     if str(arch) not in archs:
+        wanted = ";".join(sorted(set(archs) | {str(arch)}, key=int))
         raise CudaReportError(
-            f"the built CUDA library ({status['path']}) has machine code for sm_{', sm_'.join(archs)} "
-            f"only, not sm_{arch}: rebuild with `python -m mvit3 build --archs "
-            f"\"{';'.join(sorted(set(archs) | {str(arch)}))}\"`")
+            f"the built CUDA library ({status['path']}) has machine code for "
+            f"sm_{', sm_'.join(archs)} only, not sm_{arch}: rebuild with "
+            f"`python -m mvit3 build --archs \"{wanted}\"`")
     return Path(status["path"])
 
 
@@ -403,7 +405,8 @@ def analyse_library(library: Path, arch: int) -> dict:
         # function also holds the 1 KB the runtime reserves per block, which blocks_per_sm adds
         shared, spill_stores = reported[key]
         analysis[name] = Compiled(registers=registers, stack_bytes=stack, shared_bytes=shared,
-                                  spill_bytes=spill_stores, **classify_sass(bodies.get(mangled, "")))
+                                  spill_bytes=spill_stores,
+                                  **classify_sass(bodies.get(mangled, "")))
     if not any(c.error for c in analysis.values()):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({name: asdict(c) for name, c in analysis.items()}))
@@ -421,8 +424,8 @@ def analyse_cuda(rows: list, gpu: GPU, arch: int, compile_kernels: bool = True) 
         row.compiled = analysis.get(row.launch.symbol) or Compiled(
             error=f"no function {row.launch.symbol} in the sm_{arch} code of the built library")
         if not row.compiled.error:
-            row.blocks_per_sm = blocks_per_sm(gpu, row.compiled.registers,
-                                              row.compiled.shared_bytes + row.launch.dynamic_shared_bytes,
+            shared = row.compiled.shared_bytes + row.launch.dynamic_shared_bytes
+            row.blocks_per_sm = blocks_per_sm(gpu, row.compiled.registers, shared,
                                               row.launch.threads // 32)
             if row.blocks_per_sm:
                 row.waves = round(row.programs / (gpu.sms * row.blocks_per_sm), 3)
