@@ -12,7 +12,7 @@ import sys
 
 COMMANDS = {
     "info": ("mvit3.info", "list the models (params, MACs) and the kernel backends"),
-    "bench": ("mvit3.bench.cli", "reproduce the paper's Table 5 (latency, throughput) here"),
+    "bench": ("mvit3.bench.cli", "reproduce the paper's Table 5 (latency, throughput) here; --task seg|det its dense models"),
     "build": ("mvit3.build", "build the CUDA C++ op library (csrc/) with CMake"),
     "gpu-report": ("mvit3.bench.gpu_report", "one GPU lease: build, correctness, sanitizer, ceilings, benchmarks into one folder"),
     "predict": ("mvit3.predict", "top-5 ImageNet-1k classes of images"),
