@@ -183,3 +183,10 @@ def test_ops_are_held_to_the_triton_rows_accounting(xs_rows):
     launch_rows = [row for row in xs_rows if isinstance(row, cuda_rows.CudaRow)]
     assert all(row.flops > 0 for row in launch_rows if row.bytes)
     assert sum(1 for row in launch_rows if row.bytes) < len(launch_rows)  # ops of several kernels
+
+
+def test_bf16_below_sm_80_is_refused(capsys):
+    from mvit3.__main__ import main
+
+    assert main(["kernels", "--backend", "cuda", "--arch", "75", "--dtype", "fp16,bf16"]) == 2
+    assert "bf16 needs sm_80" in capsys.readouterr().err

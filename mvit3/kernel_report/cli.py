@@ -67,6 +67,11 @@ def run(args) -> int:
         return 2
     gpu = GPUS[args.gpu]
     arch = args.arch or gpu.arch
+    if args.backend == "cuda" and "bf16" in dtypes and arch < 80:
+        print(f"python -m mvit3 kernels --backend cuda: --dtype bf16 needs sm_80 or newer (the "
+              f"library's bf16 kernels for sm_{arch} are empty: ops.cpp refuses bf16 there)",
+              file=sys.stderr)
+        return 2
     reports = []
     for dtype in dtypes:
         for batch in batches:
