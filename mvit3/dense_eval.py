@@ -22,32 +22,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models import DeepLabV3, SSDLite
+from .models import DeepLabV3, DetectionConfig, SegmentationConfig, SSDLite
 from .preprocess import image_array, resize_uint8, shorter_side_to, to_unit_tensor
 
 
-def _array(image, model, input_order: str, kind: type, factory: str):
-    """Check the call; image -> HxWx3 uint8 array in the channel order of the model's weights."""
-    if not isinstance(model, kind):
-        raise TypeError(f"expected an mvit3 {kind.__name__} (mvit3.create_model('{factory}_...')), "
+def _array(image, model, input_order: str, config: type, kind: str, factory: str):
+    """Check the call; image -> (HxWx3 uint8 array in the channel order of the model's weights,
+    the model's config). Any model carrying the dense config (`model.cfg`) is taken, so a fast
+    model's input is made alike."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, config):
+        raise TypeError(f"expected an mvit3 {kind} (mvit3.create_model('{factory}_...')), "
                         f"got {type(model).__name__}")
     if model.training:
         raise ValueError("this runs the evaluation pipeline: call model.eval() first")
-    return image_array(image, model.preprocess, input_order)
+    return image_array(image, cfg.backbone_cfg.preprocess, input_order), cfg
 
 
 def segmentation_input(image, model: DeepLabV3, input_order: str = "RGB"):
     """Image -> (network input float32 [1, 3, h, w] on the CPU, the image's (H, W))."""
-    array = _array(image, model, input_order, DeepLabV3, "deeplabv3")
+    array, cfg = _array(image, model, input_order, SegmentationConfig, "DeepLabV3", "deeplabv3")
     height, width = array.shape[:2]
-    size, stride = model.cfg.eval_size, model.output_stride
-    if model.cfg.style == "v1":
+    size, stride, scaling = cfg.eval_size, cfg.output_stride, cfg.backbone_cfg.preprocess
+    if cfg.style == "v1":
         # eval_size (512) is a multiple of every v1-style output stride (16), so the official
         # floor-to-a-multiple resize is a no-op here
-        x = to_unit_tensor(resize_uint8(array, (size, size), "bilinear"), model.preprocess)
-        return x, (height, width)
+        return to_unit_tensor(resize_uint8(array, (size, size), "bilinear"), scaling), (height, width)
     resized = shorter_side_to(height, width, size)
-    x = to_unit_tensor(resize_uint8(array, resized, "bicubic"), model.preprocess)
+    x = to_unit_tensor(resize_uint8(array, resized, "bicubic"), scaling)
     floored = tuple(n // stride * stride for n in resized)
     if floored != resized:
         x = F.interpolate(x, size=floored, mode="bilinear", align_corners=True)
@@ -95,10 +97,10 @@ def detect(image, model: SSDLite, input_order: str = "RGB", conf_threshold=None,
 
 def detection_input(image, model: SSDLite, input_order: str = "RGB"):
     """Image -> (network input float32 [1, 3, eval_size, eval_size] on the CPU, the image's (H, W))."""
-    array = _array(image, model, input_order, SSDLite, "ssdlite")
-    size = model.cfg.eval_size
-    resized = resize_uint8(array, (size, size), model.preprocess.interpolation)
-    return to_unit_tensor(resized, model.preprocess), array.shape[:2]
+    array, cfg = _array(image, model, input_order, DetectionConfig, "SSDLite", "ssdlite")
+    preprocess = cfg.backbone_cfg.preprocess
+    resized = resize_uint8(array, (cfg.eval_size, cfg.eval_size), preprocess.interpolation)
+    return to_unit_tensor(resized, preprocess), array.shape[:2]
 
 
 @torch.no_grad()
