@@ -37,6 +37,7 @@ class Ceilings:
     gpu: GPU  # the datasheet record, with measured bandwidth and tensor rate where measured
     source: str  # "datasheet", "measured here" or "measured (<file>)"
     datasheet: GPU  # the record as gpus.py has it
+    note: str = ""  # why the datasheet's were used where a measurement was asked for
 
     @property
     def measured(self) -> bool:
@@ -47,7 +48,7 @@ class Ceilings:
         if not self.measured:
             return (f"datasheet of the {sheet.name}: {sheet.memory_gb_s:,.0f} GB/s, fp16/bf16 "
                     f"tensor {sheet.tensor_tflops:g}, TF32 {sheet.tf32_tflops:g}, fp32 "
-                    f"{sheet.fp32_tflops:g} TFLOP/s")
+                    f"{sheet.fp32_tflops:g} TFLOP/s" + (f" ({self.note})" if self.note else ""))
         return (f"{self.source}: copy {gpu.memory_gb_s:,.0f} GB/s "
                 f"({_share(gpu.memory_gb_s, sheet.memory_gb_s)} of the datasheet's), fp16 matmul "
                 f"{gpu.tensor_tflops:,.1f} TFLOP/s ({_share(gpu.tensor_tflops, sheet.tensor_tflops)}); "
@@ -95,10 +96,11 @@ def resolve(spec: str, device_name: str,
             measure: Optional[Callable[[], dict]] = None) -> tuple:
     """(Ceilings or None, why none) for a CUDA device of this name.
 
-    spec: "datasheet"; "measure" (calls `measure()`, which returns `ceilings.measure`'s record);
-    or the path of a ceilings file. A file measured on another GPU is refused (ValueError).
+    spec: "datasheet"; "measure" (calls `measure()`, which returns `ceilings.measure`'s record;
+    a probe that fails leaves the datasheet's, saying so); or the path of a ceilings file. A
+    file measured on another GPU is refused (ValueError).
     """
-    sheet = gpu_for_device_name(device_name)
+    sheet, note = gpu_for_device_name(device_name), ""
     if spec not in (MEASURE, DATASHEET):
         measured = read_measured(spec)
         if measured["device_name"] and measured["device_name"] != device_name:
@@ -106,10 +108,14 @@ def resolve(spec: str, device_name: str,
                              f"this device is the {device_name}")
         source = f"measured ({Path(spec).name})"
     elif spec == MEASURE and sheet is not None:
-        record = measure()
-        measured = {"copy_gb_s": record["copy"]["gbps"],
-                    "matmul_fp16_tflops": record["matmul_fp16"]["tflops"]}
-        source = "measured here"
+        try:
+            record = measure()
+            measured = {"copy_gb_s": record["copy"]["gbps"],
+                        "matmul_fp16_tflops": record["matmul_fp16"]["tflops"]}
+            source = "measured here"
+        except RuntimeError as err:  # out of memory, a CUDA error: the floors still have a yardstick
+            measured, source = None, DATASHEET
+            note = f"the probes failed: {str(err).strip().splitlines()[0]}"
     else:
         measured, source = None, DATASHEET
     if sheet is None:
@@ -117,7 +123,7 @@ def resolve(spec: str, device_name: str,
                       "(its fp32 rates are needed)")
     gpu = sheet if measured is None else with_measured(sheet, measured["copy_gb_s"],
                                                        measured["matmul_fp16_tflops"])
-    return Ceilings(gpu, source, sheet), None
+    return Ceilings(gpu, source, sheet, note), None
 
 
 def ops_floor_us(fn: Callable[[], object], gpu: GPU) -> float:

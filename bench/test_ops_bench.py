@@ -104,7 +104,7 @@ def _floor(model: str, batch: int, dtype: str, kind: str) -> dict:
 
 
 @pytest.mark.parametrize("dtype,batch,model,kind,impl", list(_params()))
-def test_op(benchmark, dtype, batch, model, kind, impl):
+def test_op(benchmark, measured_rows, dtype, batch, model, kind, impl):
     from mvit3.ops import BackendUnavailable
 
     case = _cases(model, batch, dtype)[kind]
@@ -140,6 +140,7 @@ def test_op(benchmark, dtype, batch, model, kind, impl):
         tflops=case.flops / seconds / 1e12, gbps=case.bytes / seconds / 1e9,
         max_rel_err_vs_stock=rel_err, tf32=tf32_requested(),
     )
+    measured_rows.append({"name": benchmark.name, **benchmark.extra_info})
     log = os.environ.get("MVIT3_MICRO_LOG")
     if log:
         with open(log, "a") as rows:

@@ -443,6 +443,14 @@ def test_ceilings_come_from_a_file_a_measurement_or_the_datasheet(tmp_path):
     assert measured.source == "measured here" and measured.gpu.memory_gb_s == 3000.0
     datasheet = floors.resolve("datasheet", "NVIDIA H200")[0]
     assert datasheet.gpu == sheet and datasheet.describe().startswith("datasheet of the NVIDIA H200")
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore")
+
+    fallback = floors.resolve("measure", "NVIDIA H200", measure=out_of_memory)[0]
+    assert fallback.gpu == sheet and not fallback.measured
+    assert fallback.describe().endswith(
+        "(the probes failed: CUDA out of memory. Tried to allocate 1.00 GiB)")
     assert floors.resolve("measure", "NVIDIA L4", measure=None) == (
         None, "no datasheet record for the NVIDIA L4 in mvit3/kernel_report/gpus.py (its fp32 "
               "rates are needed)")
@@ -531,6 +539,21 @@ def test_micro_case_floors_are_the_cases_bytes_and_flops_at_the_ceilings():
                                                               "floor_reason": "no floors on a CPU"}
     with pytest.raises(ValueError, match="no Triton launch"):
         floors.ops_floor_us(lambda: fusion.fused("torch"), sheet)
+
+
+def test_micro_benchmarks_close_with_their_floors():
+    from mvit3.bench.conftest import floors_section
+
+    rows = [{"name": "test_op[xs-fusion-b1-fp16-triton]", "gpu_ms_median": 0.02, "floor_us": 5.0,
+             "of_floor": 0.25, "ceilings": "measured here: copy 4,000 GB/s"},
+            {"name": "test_op[xs-fusion-b1-fp16-torch]", "gpu_ms_median": 0.06, "floor_us": 5.0,
+             "of_floor": 5.0 / 60}]
+    lines = floors_section(rows)
+    assert lines[0] == "ceilings: measured here: copy 4,000 GB/s"
+    assert lines[2].split() == ["test_op[xs-fusion-b1-fp16-triton]", "0.0200", "5.00", "25.0%"]
+    assert lines[3].split()[-1] == "8.3%"
+    assert floors_section([{"name": "a", "gpu_ms_median": 1.0, "floor_us": None,
+                            "floor_reason": "no record"}])[0] == "no floors: no record"
 
 
 # ---- segmentation and detection (--task seg|det) ---------------------------------------------

@@ -401,6 +401,8 @@ def test_env_and_micro_steps_run_for_real_on_the_cpu(tmp_path, monkeypatch):
         (impl, "mobilevitv3_xxs fusion batch 1 fp32") for impl in ("torch", "module")}
     assert all(r["tf32"] is False and r["gpu_ms_median"] > 0 for r in rows)
     assert all(r["floor_us"] is None and "on a CPU" in r["floor_reason"] for r in rows)
+    log = (tmp_path / "log.txt").read_text()
+    assert "device time against the roofline floor" in log and "no floors: no floors on a CPU" in log
 
 
 def gpu_report_commit():
