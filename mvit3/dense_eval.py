@@ -47,7 +47,8 @@ def segmentation_input(image, model: DeepLabV3, input_order: str = "RGB"):
     if cfg.style == "v1":
         # eval_size (512) is a multiple of every v1-style output stride (16), so the official
         # floor-to-a-multiple resize is a no-op here
-        return to_unit_tensor(resize_uint8(array, (size, size), "bilinear"), scaling), (height, width)
+        x = to_unit_tensor(resize_uint8(array, (size, size), "bilinear"), scaling)
+        return x, (height, width)
     resized = shorter_side_to(height, width, size)
     x = to_unit_tensor(resize_uint8(array, resized, "bicubic"), scaling)
     floored = tuple(n // stride * stride for n in resized)
@@ -84,7 +85,8 @@ def segment(image, model: DeepLabV3, input_order: str = "RGB"):
 
 
 @torch.no_grad()
-def detect(image, model: SSDLite, input_order: str = "RGB", conf_threshold=None, nms_iou=None) -> dict:
+def detect(image, model: SSDLite, input_order: str = "RGB", conf_threshold=None,
+           nms_iou=None) -> dict:
     """Detect objects in one image (as `segment` takes it) with an SSDLite model in eval mode.
 
     Returns {"boxes" [n, 4] (x0, y0, x1, y1) in pixels of the image, clipped to it, "scores"
@@ -96,7 +98,8 @@ def detect(image, model: SSDLite, input_order: str = "RGB", conf_threshold=None,
 
 
 def detection_input(image, model: SSDLite, input_order: str = "RGB"):
-    """Image -> (network input float32 [1, 3, eval_size, eval_size] on the CPU, the image's (H, W))."""
+    """Image -> (network input float32 [1, 3, eval_size, eval_size] on the CPU, the image's
+    (H, W))."""
     array, cfg = _array(image, model, input_order, DetectionConfig, "SSDLite", "ssdlite")
     preprocess = cfg.backbone_cfg.preprocess
     resized = resize_uint8(array, (cfg.eval_size, cfg.eval_size), preprocess.interpolation)
@@ -106,7 +109,8 @@ def detection_input(image, model: SSDLite, input_order: str = "RGB"):
 @torch.no_grad()
 def detection_output(model: SSDLite, x: torch.Tensor, image_size: tuple, conf_threshold=None,
                      nms_iou=None) -> dict:
-    """`detection_input`'s x [1, 3, h, w] of an image of `image_size` (H, W) -> `detect`'s result."""
+    """`detection_input`'s x [1, 3, h, w] of an image of `image_size` (H, W) -> `detect`'s
+    result."""
     weight = next(model.parameters())
     found = model.detect(x.to(weight.device, weight.dtype), conf_threshold, nms_iou)[0]
     height, width = image_size

@@ -17,7 +17,8 @@ from the reference model (top-1 agreement, pixel agreement, mAP difference).
 
 Under `torchrun --nproc-per-node N -m mvit3 eval ...` each process evaluates its shard of the
 images (`shard`: DistributedSampler without its padding repeats); counts and confusion
-matrices are all-reduced and COCO detections gathered on rank 0, so each image counts once.
+matrices are all-reduced and COCO detections gathered from every process, so each image
+counts once.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class ImageFolder(Dataset):
         ]
         if not self.samples:
             raise FileNotFoundError(f"--data {root!r} holds no class folder with images "
-                                    f"({', '.join(IMAGE_EXTENSIONS)}): expected DIR/<class>/<image>")
+                                    f"({', '.join(IMAGE_EXTENSIONS)}): expected "
+                                    f"DIR/<class>/<image>")
         if len(self.classes) > model.num_classes:
             raise ValueError(f"--data has {len(self.classes)} class folders but the model has "
                              f"{model.num_classes} outputs")
@@ -126,14 +128,17 @@ class SegmentationSet(Dataset):
             with open(names) as f:
                 stems = [line.strip() for line in f if line.strip()]
             self.pairs = [(os.path.join(root, "JPEGImages", f"{stem}.jpg"),
-                           os.path.join(root, "SegmentationClass", f"{stem}.png")) for stem in stems]
+                           os.path.join(root, "SegmentationClass", f"{stem}.png"))
+                          for stem in stems]
         else:
             images = _require(os.path.join(root, "images", "validation"),
                               "ADE20K image folder (DIR/images/validation)")
             masks = _require(os.path.join(root, "annotations", "validation"),
                              "ADE20K annotation folder (DIR/annotations/validation)")
-            self.pairs = [(os.path.join(images, file), os.path.join(masks, os.path.splitext(file)[0] + ".png"))
-                          for file in sorted(os.listdir(images)) if file.lower().endswith(IMAGE_EXTENSIONS)]
+            self.pairs = [(os.path.join(images, file),
+                           os.path.join(masks, os.path.splitext(file)[0] + ".png"))
+                          for file in sorted(os.listdir(images))
+                          if file.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.pairs:
             raise FileNotFoundError(f"--data {root!r} lists no {self.dataset} validation image")
         for image, mask in self.pairs:
@@ -175,8 +180,8 @@ class COCODetectionSet(Dataset):
             raise ValueError(f"{annotations!r} has {len(self.category_ids)} categories; the model "
                              f"predicts {model.num_classes - 1} (and background)")
         self.image_ids = sorted(self.coco.getImgIds())
-        self.files = [_require(os.path.join(root, "val2017", self.coco.imgs[i]["file_name"]), "image")
-                      for i in self.image_ids]
+        self.files = [_require(os.path.join(root, "val2017", self.coco.imgs[i]["file_name"]),
+                               "image") for i in self.image_ids]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -197,22 +202,28 @@ def shard(dataset, rank: int, world: int) -> list:
     repeats sit at positions >= N, the tail of each rank's list, so keeping the first
     len(range(r, N, world)) indices drops exactly them.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False,
+                                 drop_last=False)
     return list(sampler)[:len(range(rank, len(dataset), world))]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=TASKS, default="cls",
-                        help="cls: ImageNet top-1/top-5 (default); seg: VOC / ADE20K mIoU; det: COCO mAP")
+                        help="cls: ImageNet top-1/top-5 (default); seg: VOC / ADE20K mIoU; "
+                             "det: COCO mAP")
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="cls: DIR/<class>/<image>; seg: the VOC2012 or ADEChallengeData2016 "
                              "folder; det: the COCO folder holding val2017 and annotations")
-    add_model_arguments(parser, checkpoint_required=True, models=list_models("deeplabv3*") + list_models("ssdlite*"))
+    add_model_arguments(parser, checkpoint_required=True,
+                        models=list_models(TASKS["seg"]) + list_models(TASKS["det"]))
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="cls only; seg and det run one image per forward (images differ in size)")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
+                        help="cls only; seg and det run one image per forward (images differ "
+                             "in size)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="data-loading processes per GPU/process")
     parser.add_argument("--compare-reference", action="store_true",
-                        help="also run the reference model; report the fast model's agreement with it")
+                        help="also run the reference model; report the fast model's agreement "
+                             "with it")
     parser.add_argument("--json", metavar="F", help="write the result to this JSON file")
 
 
@@ -287,7 +298,8 @@ def _segment(model, reference, batches, dataset, device, world: int) -> dict:
             agreement += torch.stack([(segmentation_output(reference, x, size)[0] == labels).sum(),
                                       torch.tensor(labels.numel(), device=labels.device)])
     confusion = _sum_over_processes(confusion, world)
-    result = {"images": int(_sum_over_processes(images, world).item()), **metrics.mean_iou(confusion)}
+    result = {"images": int(_sum_over_processes(images, world).item()),
+              **metrics.mean_iou(confusion)}
     if reference is not None:
         equal, pixels = _sum_over_processes(agreement, world).tolist()
         result["pixel_agreement_with_reference"] = equal / pixels
@@ -310,10 +322,12 @@ def _detect(model, reference, batches, dataset, device, world: int) -> dict:
             if net is not None:
                 found[key] += metrics.coco_detections(image_id, detection_output(net, x, size),
                                                       dataset.category_ids)
-    stats, summary = metrics.coco_map(dataset.coco, _gather_lists(found["model"], world), dataset.image_ids)
+    # every process gathers all detections and scores them alike; only rank 0 prints
+    detections = {key: _gather_lists(rows, world) for key, rows in found.items()}
+    stats, summary = metrics.coco_map(dataset.coco, detections["model"], dataset.image_ids)
     result = {"images": len(dataset), "map": stats["AP"], "coco": stats, "coco_summary": summary}
     if reference is not None:
-        reference_stats, _ = metrics.coco_map(dataset.coco, _gather_lists(found["reference"], world),
+        reference_stats, _ = metrics.coco_map(dataset.coco, detections["reference"],
                                               dataset.image_ids)
         result["map_minus_reference_map"] = stats["AP"] - reference_stats["AP"]
     return result
@@ -338,7 +352,8 @@ def _evaluate(args, rank: int, world: int, device) -> int:
     except TypeError as err:  # mvit3.fast.convert refuses a model it has no fast version of
         print(f"error: --backend {args.backend}: {err}", file=sys.stderr)
         return 2
-    reference = build_model(args.model, args.checkpoint, "reference", device) if args.compare_reference else None
+    reference = (build_model(args.model, args.checkpoint, "reference", device)
+                 if args.compare_reference else None)
     try:
         dataset = DATASETS[args.task](args.data, model)
     except (FileNotFoundError, ValueError) as err:  # a layout or annotation problem, named
@@ -372,13 +387,14 @@ def _evaluate(args, rank: int, world: int, device) -> int:
 
 def _print(result: dict, metric_name: str, measured: float) -> None:
     processes = result["processes"]
-    print(f"{result['model']} on {result['images']} images ({processes} process{'es' * (processes > 1)}): "
-          f"{metric_name} {measured:.2%}, {result['images_per_second']:.1f} images/s (data loading included)")
+    print(f"{result['model']} on {result['images']} images "
+          f"({processes} process{'es' * (processes > 1)}): {metric_name} {measured:.2%}, "
+          f"{result['images_per_second']:.1f} images/s (data loading included)")
     if "paper" in result:
         paper = result["paper"]
         note = f"; {paper['note']}" if paper["note"] else ""
-        print(f"paper ({paper['table']}): {metric_name} {paper['value']:.2%}{note}; measured - paper: "
-              f"{paper['measured_minus_paper'] * 100:+.2f} points")
+        print(f"paper ({paper['table']}): {metric_name} {paper['value']:.2%}{note}; "
+              f"measured - paper: {paper['measured_minus_paper'] * 100:+.2f} points")
     else:
         print(f"paper: no {metric_name} figure for {result['model']} in Tables 2-5")
     if "top5" in result:

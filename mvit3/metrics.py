@@ -60,7 +60,8 @@ def mean_iou(confusion: torch.Tensor) -> dict:
         raise ValueError("no labelled pixel was counted: every target pixel is the ignore label")
     iou = true_positives / union.clamp(min=1)
     return {"miou": iou[present].mean().item(),
-            "iou": [value if counted else None for value, counted in zip(iou.tolist(), present.tolist())],
+            "iou": [value if counted else None
+                    for value, counted in zip(iou.tolist(), present.tolist())],
             "pixel_accuracy": (true_positives.sum() / confusion.sum()).item()}
 
 
@@ -103,9 +104,10 @@ def coco_detections(image_id: int, found: dict, category_ids: list) -> list:
     if labels and (min(labels) < 1 or max(labels) > len(category_ids)):
         raise ValueError(f"detection labels must be 1..{len(category_ids)} (0 is background), "
                          f"got {min(labels)}..{max(labels)}")
+    boxes, scores = found["boxes"].tolist(), found["scores"].tolist()
     return [{"image_id": image_id, "category_id": category_ids[label - 1],
              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
-            for (x0, y0, x1, y1), score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), labels)]
+            for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels)]
 
 
 def coco_map(coco, detections: list, image_ids: list) -> tuple:
@@ -122,5 +124,6 @@ def coco_map(coco, detections: list, image_ids: list) -> tuple:
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    lines = [line for line in summary.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    lines = [line for line in summary.getvalue().splitlines()
+             if line.lstrip().startswith("Average")]
     return dict(zip(COCO_STAT_NAMES, map(float, evaluation.stats))), "\n".join(lines)

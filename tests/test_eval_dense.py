@@ -36,7 +36,8 @@ def reference_as_fast(monkeypatch):
     bookkeeping is tested without a fast dense model (identical models agree exactly)."""
     build = mvit3.evaluate.build_model
     monkeypatch.setattr(mvit3.evaluate, "build_model",
-                        lambda name, checkpoint, backend, device: build(name, checkpoint, "reference", device))
+                        lambda name, checkpoint, backend, device:
+                        build(name, checkpoint, "reference", device))
 
 
 def _pixels(height, width, seed):
@@ -79,17 +80,20 @@ def test_seg_on_voc_gives_the_known_miou(voc, mvit3_command, reference_as_fast):
     """Everything predicted 0: IoU_0 = n0 / (n0 + n1), IoU_1 = 0; with the reference standing
     in for the fast model, the pixels agree everywhere."""
     status, out, err = mvit3_command("eval", "--task", "seg", "--data", ".", "--model", SEG_MODEL,
-                                     "--checkpoint", "seg.pt", "--backend", "torch", "--compare-reference",
-                                     "--workers", "0", "--device", "cpu", "--json", "seg.json", cwd=voc)
+                                     "--checkpoint", "seg.pt", "--backend", "torch",
+                                     "--compare-reference", "--workers", "0", "--device", "cpu",
+                                     "--json", "seg.json", cwd=voc)
     assert status == 0, err
     result = json.loads((voc / "seg.json").read_text())
     n0, n1 = (VOC_LABELS == 0).sum(), (VOC_LABELS == 1).sum()
     assert result["images"] == 1 and result["task"] == "seg"
     assert result["miou"] == pytest.approx(n0 / (n0 + n1) / 2)
-    assert result["iou"][:2] == pytest.approx([n0 / (n0 + n1), 0.0]) and set(result["iou"][2:]) == {None}
+    assert result["iou"][:2] == pytest.approx([n0 / (n0 + n1), 0.0])
+    assert set(result["iou"][2:]) == {None}
     assert result["pixel_accuracy"] == pytest.approx(n0 / (n0 + n1))
     assert result["pixel_agreement_with_reference"] == 1.0 and result["images_per_second"] > 0
-    assert result["paper"]["table"] == "Table 3a" and result["paper"]["value"] == pytest.approx(0.7404)
+    assert result["paper"]["table"] == "Table 3a"
+    assert result["paper"]["value"] == pytest.approx(0.7404)
     assert "paper (Table 3a): mIoU 74.04%" in out and "eval deeplabv3_mobilevitv3_xxs_voc" in err
 
 
@@ -97,7 +101,8 @@ def test_voc_image_without_its_mask_is_named(voc):
     (voc / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007_000002\n")
     PIL.fromarray(_pixels(30, 30, 1)).save(voc / "JPEGImages" / "2007_000002.jpg")
     model = mvit3.create_model(SEG_MODEL).eval()
-    with pytest.raises(FileNotFoundError, match=r"label mask of .*2007_000002.jpg.* not found: .*2007_000002.png"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"label mask of .*2007_000002.jpg.* not found: .*2007_000002.png"):
         SegmentationSet(str(voc), model)
     os.remove(voc / "ImageSets/Segmentation/val.txt")
     with pytest.raises(FileNotFoundError, match=r"ImageSets/Segmentation/val.txt\) not found"):
@@ -108,7 +113,8 @@ def test_voc_mask_must_hold_class_indices_of_the_image_size(voc):
     model = mvit3.create_model(SEG_MODEL).eval()
     mask = voc / "SegmentationClass" / "2007_000001.png"
     PIL.fromarray(_pixels(40, 56, 2)).save(mask)  # an RGB colour picture, not indices
-    with pytest.raises(ValueError, match=r"2007_000001.png' is a RGB image: expected class indices"):
+    with pytest.raises(ValueError,
+                       match=r"2007_000001.png' is a RGB image: expected class indices"):
         SegmentationSet(str(voc), model)[0]
     _save_mask(VOC_LABELS[:30], mask)
     with pytest.raises(ValueError, match=r"2007_000001.png' is 30x56, its image 40x56"):
@@ -116,10 +122,12 @@ def test_voc_mask_must_hold_class_indices_of_the_image_size(voc):
 
 
 def test_ade20k_layout_shifts_the_labels_and_names_a_missing_annotation(tmp_path):
-    images, annotations = tmp_path / "images" / "validation", tmp_path / "annotations" / "validation"
+    images = tmp_path / "images" / "validation"
+    annotations = tmp_path / "annotations" / "validation"
     os.makedirs(images)
     os.makedirs(annotations)
-    labels = np.array([[0, 1, 150], [2, 0, 75]], dtype=np.uint8).repeat(10, axis=0).repeat(12, axis=1)
+    labels = np.array([[0, 1, 150], [2, 0, 75]], dtype=np.uint8)
+    labels = labels.repeat(10, axis=0).repeat(12, axis=1)  # 20x36
     PIL.fromarray(_pixels(20, 36, 3)).save(images / "ADE_val_00000001.jpg")
     _save_mask(labels, annotations / "ADE_val_00000001.png", mode="L")
     model = mvit3.create_model(ADE_MODEL).eval()
@@ -129,13 +137,19 @@ def test_ade20k_layout_shifts_the_labels_and_names_a_missing_annotation(tmp_path
     assert torch.equal(target, torch.from_numpy(metrics.ade20k_labels(labels).astype(np.int64)))
     assert target.unique().tolist() == [0, 1, 74, 149, 255]
     PIL.fromarray(_pixels(20, 20, 4)).save(images / "ADE_val_00000002.jpg")
-    with pytest.raises(FileNotFoundError, match=r"label mask of .*ADE_val_00000002.jpg.* not found"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"label mask of .*ADE_val_00000002.jpg.* not found"):
         SegmentationSet(str(tmp_path), model)
 
 
 # COCO: three images of odd sizes (two shards of 2 and 1 under torchrun), a few objects
 COCO_IMAGES = {11: (50, 70), 4: (64, 48), 9: (33, 41)}  # id: (height, width)
-COCO_OBJECTS = [(11, 1, [5.0, 5.0, 40.0, 30.0]), (4, 1, [0.0, 10.0, 40.0, 50.0]), (9, 90, [3.0, 3.0, 20.0, 20.0])]
+COCO_OBJECTS = [(11, 1, [5.0, 5.0, 40.0, 30.0]), (4, 1, [0.0, 10.0, 40.0, 50.0]),
+                (9, 90, [3.0, 3.0, 20.0, 20.0])]
+
+
+def _coco_file(root, image_id):
+    return root / "val2017" / f"{image_id:012d}.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +161,7 @@ def coco(tmp_path_factory):
     os.makedirs(root / "val2017")
     os.makedirs(root / "annotations")
     for image_id, (height, width) in COCO_IMAGES.items():
-        PIL.fromarray(_pixels(height, width, image_id)).save(root / "val2017" / f"{image_id:012d}.jpg")
+        PIL.fromarray(_pixels(height, width, image_id)).save(_coco_file(root, image_id))
     data = {"info": {}, "licenses": [],
             "images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w}
                        for i, (h, w) in COCO_IMAGES.items()],
@@ -160,8 +174,9 @@ def coco(tmp_path_factory):
     model = mvit3.create_model(DET_MODEL)
     with torch.no_grad():
         for head in model.ssd_heads:
-            predictor = head.loc_cls_layer.pw_conv if hasattr(head.loc_cls_layer, "pw_conv") else head.loc_cls_layer
-            bias = predictor.block.conv.bias.view(-1, 85)  # per anchor: 4 box values, 81 class logits
+            layer = head.loc_cls_layer  # separable (pw_conv) or, at the 1x1 level, one conv
+            predictor = layer.pw_conv if hasattr(layer, "pw_conv") else layer
+            bias = predictor.block.conv.bias.view(-1, 85)  # per anchor: 4 box, 81 class logits
             bias[:, 4 + 1] += 6.0
     torch.save(model.state_dict(), root / "det.pt")
     return root
@@ -174,35 +189,40 @@ def expected_coco(coco) -> tuple:
     model = mvit3.create_model(DET_MODEL, checkpoint_path=str(coco / "det.pt")).eval()
     detections = [d for image_id in COCO_IMAGES
                   for d in metrics.coco_detections(
-                      image_id, mvit3.detect(coco / "val2017" / f"{image_id:012d}.jpg", model), COCO_CATEGORY_IDS)]
+                      image_id, mvit3.detect(_coco_file(coco, image_id), model), COCO_CATEGORY_IDS)]
     annotations = metrics.load_coco(str(coco / "annotations" / "instances_val2017.json"))
     return detections, metrics.coco_map(annotations, detections, sorted(COCO_IMAGES))[0]
 
 
-def test_det_on_coco_is_the_map_of_the_pipeline_detections(coco, expected_coco, mvit3_command, reference_as_fast):
+def test_det_on_coco_is_the_map_of_the_pipeline_detections(coco, expected_coco, mvit3_command,
+                                                            reference_as_fast):
     status, out, err = mvit3_command("eval", "--task", "det", "--data", ".", "--model", DET_MODEL,
-                                     "--checkpoint", "det.pt", "--backend", "torch", "--compare-reference",
-                                     "--workers", "0", "--device", "cpu", "--json", "det.json", cwd=coco)
+                                     "--checkpoint", "det.pt", "--backend", "torch",
+                                     "--compare-reference", "--workers", "0", "--device", "cpu",
+                                     "--json", "det.json", cwd=coco)
     assert status == 0, err
     result = json.loads((coco / "det.json").read_text())
     detections, expected = expected_coco
     assert {d["category_id"] for d in detections} >= {1}  # the biased class was found
     assert result["images"] == 3 and result["coco"] == pytest.approx(expected)
-    assert result["map"] == pytest.approx(expected["AP"]) and result["map_minus_reference_map"] == 0.0
+    assert result["map"] == pytest.approx(expected["AP"])
+    assert result["map_minus_reference_map"] == 0.0
     assert result["paper"]["table"] == "Table 4a" and "paper (Table 4a): mAP@[.5:.95] 19.30%" in out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in out
 
 
 def test_det_under_torchrun_counts_each_image_once(coco, expected_coco):
     """2 gloo processes on 3 images: the gathered detections give the single-process mAP."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mvit3", "eval", "--task", "det", "--data", ".", "--model", DET_MODEL,
-               "--checkpoint", "det.pt", "--workers", "0", "--device", "cpu", "--json", "two.json"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "mvit3", "eval", "--task", "det", "--data", ".",
+               "--model", DET_MODEL, "--checkpoint", "det.pt", "--workers", "0", "--device", "cpu",
+               "--json", "two.json"]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
     result = subprocess.run(command, capture_output=True, text=True, cwd=coco, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((coco / "two.json").read_text())
-    assert out["images"] == 3 and out["processes"] == 2 and out["coco"] == pytest.approx(expected_coco[1])
+    assert out["images"] == 3 and out["processes"] == 2
+    assert out["coco"] == pytest.approx(expected_coco[1])
 
 
 def test_coco_without_its_annotation_file_or_an_image_is_named(coco, tmp_path):
@@ -221,7 +241,8 @@ def test_task_and_model_must_match_and_a_missing_layout_is_named(coco, mvit3_com
                                    "--checkpoint", "x.pt", cwd=tmp_path)
     assert status == 2 and "--task seg evaluates deeplabv3_mobilevitv3_xxs_voc" in err
     status, _, err = mvit3_command("eval", "--task", "det", "--data", ".", "--model", DET_MODEL,
-                                   "--checkpoint", str(coco / "det.pt"), "--device", "cpu", cwd=tmp_path)
+                                   "--checkpoint", str(coco / "det.pt"), "--device", "cpu",
+                                   cwd=tmp_path)
     assert status == 2 and "error: COCO annotation file" in err
 
 
@@ -252,13 +273,15 @@ def test_dense_inputs_are_the_official_libraries_output_bit_for_bit(tmp_path, su
 
     path = tmp_path / f"image{suffix}"
     PIL.fromarray(_pixels(75, 101, 5)).save(path)
-    seg_v1, seg_v2 = mvit3.create_model(SEG_MODEL).eval(), mvit3.create_model("deeplabv3_mobilevitv3_050_voc").eval()
+    seg_v1 = mvit3.create_model(SEG_MODEL).eval()
+    seg_v2 = mvit3.create_model("deeplabv3_mobilevitv3_050_voc").eval()
     x, size = segmentation_input(path, seg_v1)
     assert size == (75, 101) and torch.equal(x, _official_v1(path, (512, 512)))
     x, _ = segmentation_input(path, seg_v2)  # 75x101 -> 512x689 -> 512x688
     expected = torch.nn.functional.interpolate(_official_v2(path, (512, 689)), size=(512, 688),
                                                mode="bilinear", align_corners=True)
     assert torch.equal(x, expected)
-    for name, official in (("ssdlite_mobilevitv3_xxs_coco", _official_v1), ("ssdlite_mobilevitv3_050_coco", _official_v2)):
+    for name, official in (("ssdlite_mobilevitv3_xxs_coco", _official_v1),
+                           ("ssdlite_mobilevitv3_050_coco", _official_v2)):
         x, size = detection_input(path, mvit3.create_model(name).eval())
         assert size == (75, 101) and torch.equal(x, official(path, (320, 320)))

@@ -80,20 +80,23 @@ def _found(objects, score=0.9):
     """mvit3.detect's output for these objects: corner boxes in pixels, labels 1..3."""
     labels = [CATEGORIES.index(category) + 1 for _, category, _ in objects]
     boxes = [(x, y, x + w, y + h) for _, _, (x, y, w, h) in objects]
-    return {"boxes": torch.tensor(boxes).reshape(-1, 4), "scores": torch.full((len(objects),), score),
+    return {"boxes": torch.tensor(boxes).reshape(-1, 4),
+            "scores": torch.full((len(objects),), score),
             "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
 def _detections(objects):
     return [d for image in (7, 2)
-            for d in metrics.coco_detections(image, _found([o for o in objects if o[0] == image]), CATEGORIES)]
+            for d in metrics.coco_detections(image, _found([o for o in objects if o[0] == image]),
+                                             CATEGORIES)]
 
 
 def test_labels_and_boxes_go_back_to_coco_ids_and_xywh(coco):
     assert metrics.coco_category_ids(coco) == CATEGORIES
     rows = metrics.coco_detections(7, _found(OBJECTS[:2]), CATEGORIES)
     assert [(r["category_id"], r["bbox"], r["score"]) for r in rows] == [
-        (3, [10.0, 5.0, 30.0, 20.0], pytest.approx(0.9)), (90, [40.0, 30.0, 15.0, 25.0], pytest.approx(0.9))]
+        (3, [10.0, 5.0, 30.0, 20.0], pytest.approx(0.9)),
+        (90, [40.0, 30.0, 15.0, 25.0], pytest.approx(0.9))]
     with pytest.raises(ValueError, match=r"labels must be 1..3"):
         metrics.coco_detections(7, {"boxes": torch.zeros(1, 4), "scores": torch.ones(1),
                                     "labels": torch.tensor([0])}, CATEGORIES)
