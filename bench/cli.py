@@ -144,6 +144,19 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def check_img_size(models: list, config: RunConfig) -> None:
+    """A segmentation model takes sides that are multiples of its output stride."""
+    if config.task != "seg":
+        return
+    from mvit3.models import DENSE_CONFIGS
+
+    for name in models:
+        stride = DENSE_CONFIGS[name].output_stride
+        if config.img_size % stride:
+            raise UsageError(f"--img-size {config.img_size}: {name} takes multiples of its output "
+                             f"stride {stride} (e.g. {config.img_size // stride * stride or stride})")
+
+
 def resolve_ceilings(spec, device: torch.device) -> tuple:
     """(Ceilings or None, why none) of the floors: none on a CPU (the floors are a GPU's)."""
     if device.type != "cuda":
@@ -262,6 +275,7 @@ def run(args) -> int:
     try:
         models = resolve_models(args.models, args.task)
         config = make_config(args)
+        check_img_size(models, config)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -655,6 +655,8 @@ def test_dense_models_by_task():
     (["--task", "det", "--paper-protocol"], "the paper times no SSDLite detection model"),
     (["--img-size", "128"], "--img-size applies to --task seg|det"),
     (["--task", "seg", "--img-size", "16"], "--img-size must be at least 32"),
+    (["--task", "seg", "--img-size", "100", "--models", "deeplabv3_mobilevitv3_050_ade20k"],
+     "deeplabv3_mobilevitv3_050_ade20k takes multiples of its output stride 8 (e.g. 96)"),
     (["--device", "cpu", "--ceilings", "datasheet"], "the floors are a GPU's"),
 ])
 def test_dense_and_ceilings_arguments_are_checked_before_running(argv, message, capsys):
