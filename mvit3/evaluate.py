@@ -37,7 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import metrics
 from .command_utils import add_model_arguments, build_model
 from .dense_eval import detection_input, detection_output, segmentation_input, segmentation_output
-from .models import DENSE_CONFIGS, DetectionConfig, list_models
+from .models import list_models
 from .preprocess import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -149,10 +149,10 @@ class SegmentationSet(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index):
+        from PIL import Image  # here: the cls task needs no PIL when OpenCV reads its images
+
         image, mask_path = self.pairs[index]
         x, size = segmentation_input(image, self.model)
-        from PIL import Image
-
         with Image.open(mask_path) as mask:
             if mask.mode not in ("P", "L"):
                 raise ValueError(f"label mask {mask_path!r} is a {mask.mode} image: expected "
