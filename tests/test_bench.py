@@ -461,6 +461,26 @@ def test_ceilings_come_from_a_file_a_measurement_or_the_datasheet(tmp_path):
         floors.resolve(str(tmp_path / "missing.json"), "NVIDIA H200")
 
 
+def test_bench_on_a_gpu_measures_its_ceilings_or_reads_them(tmp_path, monkeypatch):
+    """The command's ceilings on a CUDA device (its name faked): measured by default, read from
+    --ceilings FILE, refused from another GPU's file."""
+    from mvit3.bench import cli as bench_cli
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    record = json.loads(ceilings_file(tmp_path, 4100.0, 700.0).read_text())
+    monkeypatch.setattr(bench_cli.ceiling_probes, "measure", lambda device: record)
+    ceilings, why = bench_cli.resolve_ceilings(None, cuda)
+    assert why is None and ceilings.source == "measured here" and ceilings.gpu.memory_gb_s == 4100.0
+    from_file = bench_cli.resolve_ceilings(str(ceilings_file(tmp_path, 3900.0)), cuda)[0]
+    assert from_file.source == "measured (ceilings.json)" and from_file.gpu.memory_gb_s == 3900.0
+    assert not bench_cli.resolve_ceilings("datasheet", cuda)[0].measured
+    other = ceilings_file(tmp_path, device_name="NVIDIA A100-SXM4-80GB")
+    with pytest.raises(bench_cli.UsageError, match="--ceilings: ceilings file .* was measured on "
+                                                   "the NVIDIA A100-SXM4-80GB"):
+        bench_cli.resolve_ceilings(str(other), cuda)
+
+
 def test_bench_floors_use_the_given_ceilings(tmp_path):
     """The floors of a row come from config.ceilings: with compute rates far out of reach every
     launch is memory-bound, so halving the bandwidth doubles both floors."""
