@@ -137,6 +137,23 @@ def test_eval_under_torchrun_counts_each_image_once(workspace):
     assert out["top1"] == pytest.approx(EXPECTED_TOP1) and out["top5"] == pytest.approx(EXPECTED_TOP5)
 
 
+def test_eval_input_of_a_v1_style_model_is_opencvs(tmp_path):
+    """A JPEG through the eval dataset equals cvnets v0.1's input: cv2.imread (BGR), cv2.resize
+    of the shorter side to 288, floored centre crop, /255. (The path is passed on, so the file
+    is decoded by OpenCV; this machine's OpenCV and Pillow decode JPEGs alike, so the test
+    checks the pipeline, not which decoder ran.)"""
+    cv2 = pytest.importorskip("cv2")
+    os.makedirs(tmp_path / "cls")
+    pixels = np.random.default_rng(3).integers(0, 256, (301, 333, 3), dtype=np.uint8)
+    PIL.fromarray(pixels).save(tmp_path / "cls" / "x.jpg", quality=80)
+    x, label = ImageFolder(str(tmp_path), mvit3.create_model("mobilevit_xxs"))[0]
+    official = cv2.resize(cv2.imread(str(tmp_path / "cls" / "x.jpg")), (int(288 * 333 / 301), 288),
+                          interpolation=cv2.INTER_LINEAR)
+    top, left = (288 - 256) // 2, (official.shape[1] - 256) // 2
+    official = official[top:top + 256, left:left + 256]
+    assert label == 0 and torch.equal(x, torch.from_numpy(official).permute(2, 0, 1).float() / 255)
+
+
 def test_eval_refuses_bad_input(workspace, tmp_path, mvit3_command):
     status, _, err = mvit3_command("eval", "--data", "data", "--model", MODEL, "--checkpoint", "weights.pt",
                                    "--compare-reference", cwd=workspace)
