@@ -88,7 +88,11 @@ def load_coco(annotation_file: str):
     """pycocotools' COCO object of an instances json (its loading messages kept off stdout)."""
     coco_class, _ = _pycocotools()
     with contextlib.redirect_stdout(io.StringIO()):
-        return coco_class(annotation_file)
+        coco = coco_class(annotation_file)
+    # pycocotools 2.0.10's loadRes copies the "info" entry, which COCO's own files have and a
+    # hand-made subset may lack
+    coco.dataset.setdefault("info", {})
+    return coco
 
 
 def coco_category_ids(coco) -> list:

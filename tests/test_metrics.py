@@ -62,8 +62,7 @@ OBJECTS = [  # (image id, category id, box x, y, w, h)
 @pytest.fixture
 def coco(tmp_path):
     pytest.importorskip("pycocotools")
-    data = {
-        "info": {"description": "written by the test"}, "licenses": [],
+    data = {  # without COCO's "info" and "licenses" entries, as a hand-made subset may be
         "images": [{"id": 7, "file_name": "7.jpg", "width": 64, "height": 60},
                    {"id": 2, "file_name": "2.jpg", "width": 80, "height": 48}],
         "categories": [{"id": i, "name": f"c{i}"} for i in CATEGORIES],
