@@ -153,10 +153,10 @@ def _compile_lease() -> list:
     return _lease(
         CEILINGS,
         _bench("cls", "fp16", "torch.compile (default mode) rows, fp16", 165, 30, TABLE5_MODELS,
-                compile_mode="default", impls=compiled),
+               compile_mode="default", impls=compiled),
         Step("tests", "torch.compile max-autotune tests", 100, 30, (("k", "max_autotune"),)),
         _bench("cls", "fp32", "torch.compile (default mode) rows, fp32", 80, 30, TABLE5_MODELS,
-                compile_mode="default", impls=compiled))
+               compile_mode="default", impls=compiled))
 
 
 def _micro_lease() -> list:
@@ -168,8 +168,10 @@ def _table5_lease() -> list:
     no_compile = ("reference", "timm", "fast", "cuda-graph")
     return _lease(
         CEILINGS,
-        _bench("cls", "fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 175, 30, ALL_MODELS, impls=no_compile),
-        _bench("cls", "fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 170, 30, ALL_MODELS, impls=no_compile))
+        _bench("cls", "fp16", "Table 5 and v3 0.5/0.75/1.0, fp16", 175, 30, ALL_MODELS,
+               impls=no_compile),
+        _bench("cls", "fp32", "Table 5 and v3 0.5/0.75/1.0, fp32", 170, 30, ALL_MODELS,
+               impls=no_compile))
 
 
 def _dense_lease() -> list:

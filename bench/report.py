@@ -175,7 +175,7 @@ def measured_table(result: dict) -> list:
     return _table(header, body)
 
 
-def batch_ms(row: dict) -> Optional[float]:
+def _batch_ms(row: dict) -> Optional[float]:
     """The time of one throughput batch (ms), from the throughput."""
     if not row["throughput_img_s"]:
         return None
@@ -188,7 +188,7 @@ def _floor_cells(row: dict) -> list:
     b1, batch = row.get("floor_ms_b1"), row.get("floor_ms_batch")
     if b1 is None:
         return ["–", "–"]
-    shares = [achieved(b1, row["latency_ms_median"]), achieved(batch, batch_ms(row))]
+    shares = [achieved(b1, row["latency_ms_median"]), achieved(batch, _batch_ms(row))]
     return [f"{b1:.3g} / {batch:.3g}",
             " / ".join("–" if share is None else f"{100 * share:.1f}%" for share in shares)]
 
