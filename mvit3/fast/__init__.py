@@ -15,27 +15,39 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..interop import detect_layout, from_module
-from ..models import MobileViT, get_config, list_models
+from ..models import DENSE_CONFIGS, MobileViT, SegmentationConfig, get_config, list_models
 from . import graph
+from .dense import FastDeepLabV3, FastSSDLite
 from .graph import CudaGraphModel, cuda_graph
 from .model import FastMobileViT
 
-__all__ = ["CudaGraphModel", "FastMobileViT", "convert", "create_model", "cuda_graph",
-           "list_models", "s", "s_l2", "w050", "w075", "w100", "xs", "xs_l2", "xxs", "xxs_l2"]
+__all__ = ["CudaGraphModel", "FastDeepLabV3", "FastMobileViT", "FastSSDLite", "convert",
+           "create_model", "cuda_graph", "list_models", "s", "s_l2", "w050", "w075", "w100", "xs",
+           "xs_l2", "xxs", "xxs_l2"]
 
 
-def create_model(name: str, backend: str = "auto", num_classes: int = 1000, in_chans: int = 3,
-                 checkpoint_path: Optional[str] = None, cuda_graph: bool = False) -> nn.Module:
-    """A fast model for a registered name (any of `mvit3.list_models()`).
+def create_model(name: str, backend: str = "auto", num_classes: Optional[int] = None,
+                 in_chans: int = 3, checkpoint_path: Optional[str] = None,
+                 cuda_graph: bool = False) -> nn.Module:
+    """A fast model for a registered name: any of `mvit3.list_models("*")`, the classifiers
+    (num_classes default 1000) and the DeepLabv3 / SSDLite models (default: the dataset's;
+    their official checkpoints load strictly, as with `mvit3.create_model`).
 
     backend: "auto" | "torch" | "triton" | "cuda" (MVIT3_BACKEND overrides); cuda_graph=True
     returns the model wrapped by `mvit3.fast.cuda_graph` (move and .eval() it first: the
-    wrapper's `.model` is the FastMobileViT).
+    wrapper's `.model` is the fast model).
     """
-    model = FastMobileViT(get_config(name), num_classes=num_classes, in_chans=in_chans,
-                          backend=backend)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, strict=True, ignore_head="if_mismatched")
+    if name in DENSE_CONFIGS:
+        cfg = DENSE_CONFIGS[name]
+        cls = FastDeepLabV3 if isinstance(cfg, SegmentationConfig) else FastSSDLite
+        model = cls(cfg, num_classes=num_classes, in_chans=in_chans, backend=backend)
+        if checkpoint_path is not None:
+            load_checkpoint(model, checkpoint_path, strict=True)
+    else:
+        model = FastMobileViT(get_config(name), num_classes=1000 if num_classes is None else num_classes,
+                              in_chans=in_chans, backend=backend)
+        if checkpoint_path is not None:
+            load_checkpoint(model, checkpoint_path, strict=True, ignore_head="if_mismatched")
     return graph.cuda_graph(model) if cuda_graph else model
 
 

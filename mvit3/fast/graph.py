@@ -3,7 +3,7 @@
 A graph is captured per input signature (shape, dtype, device, strides) on first use and
 replayed afterwards: one CPU call launches the whole forward. The weights are read at replay
 time from the same memory, and the graphs are re-captured if the model's weights change: a
-FastMobileViT's graphs read its derived weights (`plan()`), so they are captured again when
+fast model's graphs read its derived weights (`plan()`), so they are captured again when
 the plan is rebuilt, which is checked per call without walking the parameters.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import FastMobileViT
+from .model import DerivedWeights
 
 
 class CudaGraphModel(nn.Module):
@@ -24,7 +24,7 @@ class CudaGraphModel(nn.Module):
         self.warmup = warmup
         self.clone_output = clone_output
         self._graphs = {}  # signature -> (graph, static input, static output)
-        self._captured_plan = None  # the FastMobileViT plan whose weights the graphs read
+        self._captured_plan = None  # the fast model's plan whose weights the graphs read
 
     def _signature(self, x: Tensor) -> tuple:
         return (tuple(x.shape), x.dtype, x.device, x.stride())
@@ -46,7 +46,7 @@ class CudaGraphModel(nn.Module):
     def _graph_for(self, x: Tensor) -> tuple:
         """(graph, static input, static output) for x's signature, captured if needed: the
         host work of a replayed call before its copy and replay."""
-        plan = self.model.plan() if isinstance(self.model, FastMobileViT) else None
+        plan = self.model.plan() if isinstance(self.model, DerivedWeights) else None
         if plan is not self._captured_plan:
             self._graphs.clear()  # weights replaced or edited: capture again
             self._captured_plan = plan
@@ -64,7 +64,11 @@ class CudaGraphModel(nn.Module):
         graph, static_in, static_out = self._graph_for(x)
         static_in.copy_(x)
         graph.replay()
-        return static_out.clone() if self.clone_output else static_out
+        if not self.clone_output:
+            return static_out
+        if isinstance(static_out, tuple):  # SSDLite: (scores, locations)
+            return tuple(t.clone() for t in static_out)
+        return static_out.clone()
 
     def reset(self) -> None:
         """Drop every captured graph (and the memory they hold)."""

@@ -62,6 +62,7 @@ class MV2Plan:
     reduce: fold.Pointwise
     stride: int
     residual: bool
+    dilation: int  # of the depthwise 3x3: > 1 in the dense models' layers past their output stride
 
 
 @dataclass
@@ -85,6 +86,7 @@ class BlockPlan:
     final_norm: fold.Norm
     proj: fold.Pointwise  # conv_proj (+BN)
     fusion: Optional[object]  # v1-style: Pointwise (v3) or Conv3x3 (v1); v2-style: None
+    local_dilation: int  # > 1 in the v2-style dense models' blocks past their output stride
 
 
 @dataclass
@@ -92,13 +94,15 @@ class Plan:
     version: Optional[int]  # sum of the watched version counters it was built at; None: traced
     stem: fold.Conv3x3
     stages: list = field(default_factory=list)  # MV2Plan or BlockPlan, in order
+    level_ends: list = field(default_factory=list)  # stages[:level_ends[k]] end at layer_{k+1}
     head: Optional[fold.Pointwise] = None  # conv_1x1_exp (v1-style) or None
 
 
 def _mv2_plan(block: InvertedResidual, dtype) -> MV2Plan:
     b = block.block
     return MV2Plan(fold.pointwise(b.exp_1x1, dtype), fold.conv3x3(b.conv_3x3, dtype),
-                   fold.pointwise(b.red_1x1, dtype), block.stride, block.use_residual)
+                   fold.pointwise(b.red_1x1, dtype), block.stride, block.use_residual,
+                   b.conv_3x3.conv.dilation[0])
 
 
 def _layer_plan(layer, dtype) -> LayerPlan:
@@ -132,22 +136,23 @@ def _block_plan(block, dtype) -> BlockPlan:
     layers = [_layer_plan(layer, dtype) for layer in list(block.global_rep)[:-1]]
     return BlockPlan(fold.conv3x3(local_conv, dtype), fold.pointwise(local_proj, dtype), layers,
                      fold.norm(block.global_rep[-1], dtype), fold.pointwise(block.conv_proj, dtype),
-                     fusion)
+                     fusion, local_conv.conv.dilation[0])
 
 
-class FastMobileViT(MobileViT):
-    """A MobileViT with a fused inference forward; see the module docstring."""
+class DerivedWeights:
+    """Inference weights derived from a module's parameters (BN folded, 1x1 weights packed),
+    kept as a plan and rebuilt whenever the parameters change. Mixed into an nn.Module before
+    it in the bases; the module implements `_build_plan(version)`, whose result has a
+    `version` field.
+    """
 
-    def __init__(self, cfg, num_classes: int = 1000, in_chans: int = 3, backend: str = "auto"):
-        super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
-        self.backend = ops.requested_backend(backend)
-        self._plan: Optional[Plan] = None
+    def _init_derived_weights(self) -> None:
+        self._plan = None
         # The parameters and buffers whose version counters are watched (see _weights_version)
         # and the registration count at which they were listed.
         self._watched: Optional[list] = None
         self._watched_registrations = -1
 
-    # ----- derived weights -------------------------------------------------------------
     def _weights_version(self) -> int:
         """A number that grows whenever a watched parameter or buffer is modified in place.
 
@@ -202,60 +207,93 @@ class FastMobileViT(MobileViT):
             self.plan()
         return self
 
-    def plan(self) -> Plan:
+    def plan(self):
         """The folded/packed inference weights, rebuilt if the weights changed."""
         version = None if torch.compiler.is_compiling() else self._weights_version()
         if self._plan is not None and (version is None or version == self._plan.version):
             return self._plan
-        dtype = self.conv_1.conv.weight.dtype
         with torch.no_grad():
-            plan = Plan(version=version, stem=fold.conv3x3(self.conv_1, dtype))
-            for layer in (self.layer_1, self.layer_2, self.layer_3, self.layer_4, self.layer_5):
-                for block in layer:
-                    plan.stages.append(_mv2_plan(block, dtype) if isinstance(block, InvertedResidual)
-                                       else _block_plan(block, dtype))
-            if not isinstance(self.conv_1x1_exp, torch.nn.Identity):
-                plan.head = fold.pointwise(self.conv_1x1_exp, dtype)
-        self._plan = plan
+            self._plan = self._build_plan(version)
+        return self._plan
+
+
+class FastMobileViT(DerivedWeights, MobileViT):
+    """A MobileViT with a fused inference forward; see the module docstring. With
+    `features_only` (the dense models' encoder) `forward_levels` is fused too."""
+
+    def __init__(self, cfg, num_classes: int = 1000, in_chans: int = 3, backend: str = "auto",
+                 output_stride: int = 32, features_only: bool = False):
+        super().__init__(cfg, num_classes=num_classes, in_chans=in_chans,
+                         output_stride=output_stride, features_only=features_only)
+        self.backend = ops.requested_backend(backend)
+        self._init_derived_weights()
+
+    def _build_plan(self, version) -> Plan:
+        dtype = self.conv_1.conv.weight.dtype
+        plan = Plan(version=version, stem=fold.conv3x3(self.conv_1, dtype))
+        for layer in (self.layer_1, self.layer_2, self.layer_3, self.layer_4, self.layer_5):
+            for block in layer:
+                plan.stages.append(_mv2_plan(block, dtype) if isinstance(block, InvertedResidual)
+                                   else _block_plan(block, dtype))
+            plan.level_ends.append(len(plan.stages))
+        if not self.features_only and not isinstance(self.conv_1x1_exp, torch.nn.Identity):
+            plan.head = fold.pointwise(self.conv_1x1_exp, dtype)
         return plan
 
     # ----- forward -----------------------------------------------------------------------
+    def forward_levels(self, x: Tensor) -> list:
+        if self.training or torch.is_grad_enabled():
+            return super().forward_levels(x)
+        self._check_fused_input(x)
+        return self._fused_levels(x, self.plan())
+
     def forward_features(self, x: Tensor) -> Tensor:
         if self.training or torch.is_grad_enabled():
             return super().forward_features(x)
+        self._check_fused_input(x)
+        plan = self.plan()
+        x = self._fused_levels(x, plan)[-1]
+        if plan.head is not None:
+            x = ops.pointwise_conv(x, plan.head.weight, plan.head.bias, act="silu", backend=self.backend)
+        return x
+
+    def _check_fused_input(self, x: Tensor) -> None:
         check_input(x, self.in_chans)
         weight = self.conv_1.conv.weight
         if x.dtype != weight.dtype or x.device != weight.device:
             raise TypeError(f"input is {x.dtype} on {x.device} but the model is {weight.dtype} on "
                             f"{weight.device}; convert one of them")
-        return self._fused_features(x, self.plan())
 
-    def _fused_features(self, x: Tensor, plan: Plan) -> Tensor:
+    def _fused_levels(self, x: Tensor, plan: Plan) -> list:
+        """The outputs of layer_1 ... layer_5 (channels_last maps)."""
         be = self.backend
         x = ops.conv3x3(x, plan.stem.weight, plan.stem.bias, None, 2, "silu", backend=be)
-        for stage in plan.stages:
+        levels = []
+        for index, stage in enumerate(plan.stages, start=1):
             if isinstance(stage, MV2Plan):
                 x = self._mv2(x, stage)
             elif self.cfg.style == "v1":
                 x = self._block_v1_style(x, stage)
             else:
                 x = self._block_v2_style(x, stage)
-        if plan.head is not None:
-            x = ops.pointwise_conv(x, plan.head.weight, plan.head.bias, act="silu", backend=be)
-        return x
+            if index == plan.level_ends[len(levels)]:
+                levels.append(x)
+        return levels
 
     def _mv2(self, x: Tensor, p: MV2Plan) -> Tensor:
         be = self.backend
         h = ops.pointwise_conv(x, p.expand.weight, p.expand.bias, act="silu", backend=be)
         return ops.dwconv_pointwise(h, p.dw.weight, p.dw.bias, p.reduce.weight, p.reduce.bias,
-                                    p.stride, x if p.residual else None, backend=be)
+                                    p.stride, x if p.residual else None, p.dilation, backend=be)
 
     def _local(self, x: Tensor, p: BlockPlan) -> Tensor:
         be = self.backend
         if p.local_conv.weight.shape[1] == 1:  # depthwise: fused with the 1x1 projection
             return ops.dwconv_pointwise(x, p.local_conv.weight, p.local_conv.bias,
-                                        p.local_proj.weight, None, 1, None, backend=be)
-        h = ops.conv3x3(x, p.local_conv.weight, p.local_conv.bias, None, 1, "silu", backend=be)
+                                        p.local_proj.weight, None, 1, None, p.local_dilation,
+                                        backend=be)
+        h = ops.conv3x3(x, p.local_conv.weight, p.local_conv.bias, None, 1, "silu", p.local_dilation,
+                        backend=be)
         return ops.pointwise_conv(h, p.local_proj.weight, None, backend=be)
 
     def _block_v1_style(self, x: Tensor, p: BlockPlan) -> Tensor:

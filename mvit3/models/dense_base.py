@@ -23,7 +23,10 @@ def classifier_conv(in_channels, out_channels) -> ConvLayer:
 class DenseModel(nn.Module):
     """A dense model on a MobileViTv3 backbone: `encoder` is the classification network
     without conv_1x1_exp and classifier (the official dense models delete both, so their keys
-    do not exist), registered first like the official one; subclasses add the heads."""
+    do not exist), registered first like the official one; subclasses add the heads.
+    `encoder_class` builds it (the fast dense models put their fused backbone there)."""
+
+    encoder_class = MobileViT
 
     def __init__(self, cfg, num_classes: Optional[int], in_chans: int, min_classes: int,
                  output_stride: int = 32):
@@ -35,5 +38,5 @@ class DenseModel(nn.Module):
         self.preprocess = cfg.backbone_cfg.preprocess  # channel order of the weights' family
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.encoder = MobileViT(cfg.backbone_cfg, in_chans=in_chans, output_stride=output_stride,
-                                 features_only=True)
+        self.encoder = self.encoder_class(cfg.backbone_cfg, in_chans=in_chans,
+                                          output_stride=output_stride, features_only=True)

@@ -40,6 +40,14 @@ class SeparableConv(nn.Module):
         return self.pw_conv(self.dw_conv(x))
 
 
+def split_predictions(x: torch.Tensor, num_classes: int) -> tuple:
+    """A predictor's output [B, anchors * (4 + K), h, w] -> (class logits [B, h * w * anchors, K],
+    box regressions [B, h * w * anchors, 4]). Channels are anchor-major (anchor a: 4 box values,
+    then K class logits), so NHWC flattens in (row, column, anchor) order."""
+    x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, BOX_COORDS + num_classes)
+    return x[..., BOX_COORDS:], x[..., :BOX_COORDS]
+
+
 class SSDHead(nn.Module):
     """One prediction level: optional 1x1 projection (BN, ReLU) when the input width differs
     from the level's projection width, then ONE conv predicting box and class together
@@ -63,11 +71,7 @@ class SSDHead(nn.Module):
     def forward(self, x):
         if self.proj_layer is not None:
             x = self.proj_layer(x)
-        x = self.loc_cls_layer(x)  # [B, anchors * (4 + K), h, w]
-        # Channels are anchor-major (anchor a: 4 box values, then K class logits), so NHWC
-        # flattens to [B, h * w * anchors, 4 + K] in (row, column, anchor) order.
-        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, BOX_COORDS + self.num_classes)
-        return x[..., BOX_COORDS:], x[..., :BOX_COORDS]
+        return split_predictions(self.loc_cls_layer(x), self.num_classes)
 
 
 def level_scales(cfg: DetectionConfig) -> list:
