@@ -12,14 +12,13 @@ import mvit3
 import mvit3.fast
 from mvit3.bench.launches import count_launches
 from mvit3.fast import FastDeepLabV3, FastSSDLite
+from mvit3.models import DENSE_CONFIGS
 
 import model_utils
 from conftest import INTERPRET
 
-SEG_KINDS = ["deeplabv3_mobilevitv3_xs_voc",  # v1-style, OS 16, no dilated conv in the backbone
-             "deeplabv3_mobilevitv3_050_voc",  # v2-style, OS 16: layer_5's block dilated x2
-             "deeplabv3_mobilevitv3_050_ade20k"]  # v2-style, OS 8: dilations 2 and 4, rates 12-36
-DET_KINDS = ["ssdlite_mobilevitv3_xs_coco", "ssdlite_mobilevitv3_050_coco"]  # 0.5: no proj at os 32
+DENSE_NAMES = list(DENSE_CONFIGS)  # v1-style VOC (no dilated conv), v2-style VOC (OS 16) and ADE20K
+# (OS 8: dilations 2 and 4, rates 12-36), SSDLite (0.5: no projection at OS 32)
 
 
 def _pair(name, dtype=torch.float64, backend="torch", seed=0):
@@ -42,12 +41,13 @@ def _input(size, batch=1, dtype=torch.float64):
     return torch.rand(batch, 3, *size, dtype=dtype, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name, size", [(n, (64, 48)) for n in SEG_KINDS] + [(n, (128, 96)) for n in DET_KINDS])
-def test_fused_forward_equals_the_reference_in_float64(name, size):
-    """torch backend: the fused plan's folding and wiring (dilations, the ASPP projection split
-    over the branches with the pooled branch as a residual, SSD separable convs) to 1e-12."""
+@pytest.mark.parametrize("name", DENSE_NAMES)
+def test_fused_forward_equals_the_reference_in_float64(name):
+    """torch backend, all 15 models: the fused plan's folding and wiring (dilations, the ASPP
+    projection split over the branches with the pooled branch as a residual, SSD separable
+    convs) to 1e-12."""
     ref, fast = _pair(name)
-    x = _input(size, batch=2)
+    x = _input((64, 48), batch=2)
     with torch.no_grad():
         official, ours = ref(x), fast(x)
     assert _relative_error(ours, official) < 1e-12
@@ -69,8 +69,12 @@ def test_the_fused_path_runs_the_fused_ops_and_the_reference_path_in_training():
     assert len(log.records) == 0 and isinstance(out, tuple)
 
 
-def test_head_weights_edited_in_place_are_seen():
-    ref, fast = _pair("ssdlite_mobilevitv3_xs_coco")
+def test_convert_and_head_weights_edited_in_place():
+    """mvit3.fast.convert makes the fast twin of a reference dense model; an in-place edit of
+    a head weight reaches its derived weights."""
+    ref = model_utils.randomize_(mvit3.create_model("ssdlite_mobilevitv3_xs_coco")).double().eval()
+    fast = mvit3.fast.convert(ref, backend="torch")
+    assert isinstance(fast, FastSSDLite) and not fast.training
     x = _input((64, 64))
     with torch.no_grad():
         before = fast(x)[0]

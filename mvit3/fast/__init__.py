@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..interop import detect_layout, from_module
-from ..models import DENSE_CONFIGS, MobileViT, SegmentationConfig, get_config, list_models
+from ..models import DENSE_CONFIGS, DenseModel, MobileViT, SegmentationConfig, get_config, list_models
 from . import graph
 from .dense import FastDeepLabV3, FastSSDLite
 from .graph import CudaGraphModel, cuda_graph
@@ -51,20 +51,27 @@ def create_model(name: str, backend: str = "auto", num_classes: Optional[int] = 
     return graph.cuda_graph(model) if cuda_graph else model
 
 
-def convert(model: nn.Module, backend: str = "auto") -> FastMobileViT:
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """A fast copy of a reference model: same weights, device, dtype and train/eval mode.
 
-    `model` is an mvit3 MobileViT, or a timm / transformers MobileViT v1/v2 classifier, whose
-    weights are mapped onto the matching mvit3 model first (`mvit3.interop.from_module`).
+    `model` is an mvit3 MobileViT or dense model (DeepLabv3 / SSDLite), or a timm /
+    transformers MobileViT v1/v2 classifier, whose weights are mapped onto the matching mvit3
+    model first (`mvit3.interop.from_module`).
     """
-    if not isinstance(model, MobileViT):
-        if not isinstance(model, nn.Module) or detect_layout(model.state_dict()) is None:
-            raise TypeError(f"expected an mvit3 MobileViT or a timm / transformers MobileViT "
-                            f"classifier, got {type(model).__name__}")
-        model = from_module(model)
-    weight = model.conv_1.conv.weight
-    fast = FastMobileViT(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans,
-                         backend=backend).to(device=weight.device, dtype=weight.dtype)
+    if isinstance(model, DenseModel):
+        weight = model.encoder.conv_1.conv.weight
+        fast = create_model(model.cfg.name, backend=backend, num_classes=model.num_classes,
+                            in_chans=model.in_chans)
+    else:
+        if not isinstance(model, MobileViT):
+            if not isinstance(model, nn.Module) or detect_layout(model.state_dict()) is None:
+                raise TypeError(f"expected an mvit3 MobileViT or dense model, or a timm / "
+                                f"transformers MobileViT classifier, got {type(model).__name__}")
+            model = from_module(model)
+        weight = model.conv_1.conv.weight
+        fast = FastMobileViT(model.cfg, num_classes=model.num_classes, in_chans=model.in_chans,
+                             backend=backend)
+    fast = fast.to(device=weight.device, dtype=weight.dtype)
     fast.load_state_dict(model.state_dict())
     return fast.train(model.training)
 
