@@ -4,8 +4,12 @@ state_dict keys) whose inference forward (eval mode, grad disabled) runs the fus
 
 The heads' ReLUs run as in-place torch ops after the fused convs: the kernels' epilogues
 take SiLU or nothing. SSDLite's separable convs have no activation between the depthwise 3x3
-and the 1x1, and `dwconv_pointwise` applies SiLU there, so their depthwise 3x3 (a few
-thousand pixels at 320 px) runs in torch and the 1x1 through `pointwise_conv`.
+and the 1x1, where `dwconv_pointwise` applies SiLU. On the small maps (the extra layers and
+the predictors from output stride 64 on: 5x5 and smaller at 320 px) the two convs are composed
+into one dense 3x3 (`folding.compose_separable`): one `conv3x3` launch in place of two, at 9x
+the FLOPs of the pair, which such maps do not notice. The predictors at output stride 16 and 32
+(20x20 and 10x10 maps, 512 and 256 channels: the dense form would cost 9x) run the depthwise
+3x3 in torch and the 1x1 through `pointwise_conv`.
 
 Launches besides the backbone's, per forward:
   DeepLabv3  ASPP: 1x1 branch pointwise_conv, 3 dilated conv3x3, a ReLU each;
@@ -13,10 +17,11 @@ Launches besides the backbone's, per forward:
              per-sample bias); projection over the 5 branches as two pointwise_convs of two
              branches each (x and x2 pointers, the pooled branch as a broadcast residual, no
              concatenation), ReLU; classifier pointwise_conv; bilinear upsampling.
-  SSDLite    extra layers: torch depthwise 3x3, pointwise_conv, ReLU (x3); mean,
-             pointwise_conv, ReLU; heads: [pointwise_conv, ReLU] projection where the level
-             has one, torch depthwise 3x3 + pointwise_conv predictor (x5), pointwise_conv (1x1
-             level); two concatenations. Decoding and NMS stay in torch (`detect`).
+  SSDLite    extra layers: composed conv3x3 (stride 2), ReLU (x3); mean, pointwise_conv, ReLU;
+             heads: [pointwise_conv, ReLU] projection where the level has one; predictors:
+             torch depthwise 3x3 + pointwise_conv (os 16, 32), composed conv3x3 (os 64, 128,
+             256), pointwise_conv (the 1x1 level); two concatenations. Decoding and NMS stay
+             in torch (`detect`).
 """
 
 from __future__ import annotations
@@ -120,26 +125,32 @@ class FastDeepLabV3(DerivedWeights, DeepLabV3):
         return ops.pointwise_conv(y, p.classifier.weight, p.classifier.bias, backend=be)
 
 
+# Predictors of the levels before this one (output strides 16 and 32) keep the separable form.
+FIRST_COMPOSED_LEVEL = 2
+
+
 @dataclass
 class SeparablePlan:
-    """Depthwise 3x3 (+BN, no activation) then a 1x1 (+BN or bias)."""
+    """Depthwise 3x3 (+BN, no activation) then a 1x1 with bias, stride 1."""
     dw: fold.Conv3x3
     pw: fold.Pointwise
-    stride: int
 
 
 @dataclass
 class SSDPlan:
     version: Optional[int]
-    extra: list  # SeparablePlan (ReLU after) per stride-2 extra layer
+    extra: list  # composed fold.Conv3x3 (stride 2, ReLU after) per separable extra layer
     global_conv: fold.Pointwise  # os_-1: 1x1 after the global pool, no BN, ReLU after
     projections: list  # per head: fold.Pointwise (+ReLU) or None
-    predictors: list  # per head: SeparablePlan, or fold.Pointwise on the 1x1 level
+    predictors: list  # per head: SeparablePlan, composed fold.Conv3x3, or fold.Pointwise (1x1)
 
 
-def _separable_plan(conv: SeparableConv, dtype) -> SeparablePlan:
-    return SeparablePlan(fold.conv3x3(conv.dw_conv, dtype), fold.pointwise(conv.pw_conv, dtype),
-                         conv.dw_conv.conv.stride[0])
+def _predictor_plan(level: int, layer, dtype):
+    if not isinstance(layer, SeparableConv):
+        return fold.pointwise(layer, dtype)
+    if level >= FIRST_COMPOSED_LEVEL:
+        return fold.compose_separable(layer.dw_conv, layer.pw_conv, dtype)
+    return SeparablePlan(fold.conv3x3(layer.dw_conv, dtype), fold.pointwise(layer.pw_conv, dtype))
 
 
 def _ssd_plan(model: SSDLite, version) -> SSDPlan:
@@ -147,13 +158,12 @@ def _ssd_plan(model: SSDLite, version) -> SSDPlan:
     layers = list(model.extra_layers.values())
     return SSDPlan(
         version=version,
-        extra=[_separable_plan(layer, dtype) for layer in layers[:-1]],
+        extra=[fold.compose_separable(layer.dw_conv, layer.pw_conv, dtype) for layer in layers[:-1]],
         global_conv=fold.pointwise(layers[-1][1], dtype),
         projections=[fold.pointwise(head.proj_layer, dtype) if head.proj_layer is not None else None
                      for head in model.ssd_heads],
-        predictors=[_separable_plan(head.loc_cls_layer, dtype)
-                    if isinstance(head.loc_cls_layer, SeparableConv)
-                    else fold.pointwise(head.loc_cls_layer, dtype) for head in model.ssd_heads],
+        predictors=[_predictor_plan(level, head.loc_cls_layer, dtype)
+                    for level, head in enumerate(model.ssd_heads)],
     )
 
 
@@ -171,10 +181,6 @@ class FastSSDLite(DerivedWeights, SSDLite):
     def _build_plan(self, version) -> SSDPlan:
         return _ssd_plan(self, version)
 
-    def _separable(self, x: Tensor, p: SeparablePlan) -> Tensor:
-        h = F.conv2d(x, p.dw.weight, p.dw.bias, stride=p.stride, padding=1, groups=x.shape[1])
-        return ops.pointwise_conv(h, p.pw.weight, p.pw.bias, backend=self.backend)
-
     def forward(self, x: Tensor):
         if self.training or torch.is_grad_enabled():
             return super().forward(x)
@@ -182,8 +188,9 @@ class FastSSDLite(DerivedWeights, SSDLite):
         p = self.plan()
         levels = self.encoder.forward_levels(x)
         maps = [levels[3], levels[4]]
-        for layer in p.extra:
-            maps.append(torch.relu_(self._separable(maps[-1], layer)))
+        for conv in p.extra:
+            maps.append(torch.relu_(ops.conv3x3(maps[-1], conv.weight, conv.bias, None, 2, "none",
+                                                backend=be)))
         pooled = maps[-1].mean(dim=(2, 3), keepdim=True)
         maps.append(torch.relu_(ops.pointwise_conv(pooled, p.global_conv.weight, None, backend=be)))
         scores, locations = [], []
@@ -191,7 +198,11 @@ class FastSSDLite(DerivedWeights, SSDLite):
             if projection is not None:
                 fm = torch.relu_(ops.pointwise_conv(fm, projection.weight, projection.bias, backend=be))
             if isinstance(predictor, SeparablePlan):
-                out = self._separable(fm, predictor)
+                dw = predictor.dw
+                fm = F.conv2d(fm, dw.weight, dw.bias, padding=1, groups=fm.shape[1])
+                predictor = predictor.pw
+            if isinstance(predictor, fold.Conv3x3):
+                out = ops.conv3x3(fm, predictor.weight, predictor.bias, None, 1, "none", backend=be)
             else:
                 out = ops.pointwise_conv(fm, predictor.weight, predictor.bias, backend=be)
             level_scores, level_locations = split_predictions(out, self.num_classes)

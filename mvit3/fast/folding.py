@@ -71,6 +71,18 @@ def conv3x3(layer: ConvLayer, dtype: torch.dtype) -> Conv3x3:
     return Conv3x3(w.contiguous(), b)
 
 
+def compose_separable(dw: ConvLayer, pw: ConvLayer, dtype: torch.dtype) -> Conv3x3:
+    """A depthwise 3x3 (+BN) followed, with no activation between, by a 1x1 (+BN or bias) as
+    one dense 3x3: weight[o, c] = P[o, c] * D[c] ([Cout, C, 3, 3]), bias = P @ d + p, where
+    (D [C, 1, 3, 3], d) and (P [Cout, C], p) are the two folded convs."""
+    work = _fold_dtype(dw.conv.weight)
+    dw_w, dw_b = fold_conv_bn(dw, work)
+    pw_w, pw_b = fold_conv_bn(pw, work)
+    pw_w = pw_w.reshape(pw_w.shape[0], -1)
+    weight = pw_w[:, :, None, None] * dw_w[None, :, 0]
+    return Conv3x3(weight.to(dtype).contiguous(), (pw_w @ dw_b + pw_b).to(dtype))
+
+
 @dataclass
 class Norm:
     weight: Tensor
