@@ -6,14 +6,16 @@ Every kernel launch goes through `launch()`. That gives one place to
   kernel, its argument types and constexprs without running it), which
   `tests/test_triton_aot.py` compiles ahead of time for sm_75, sm_80 and sm_90.
 
-Kernels pick their meta-parameters with deterministic heuristics (no `triton.autotune`), so
-that a launch is CUDA-graph capturable on its first call and the set of configurations is
-known ahead of time.
+Kernels pick their meta-parameters with deterministic heuristics (no `triton.autotune`) from
+the shapes, the dtype and the GPU's compute capability (`target_arch`; `compile_target` for
+dry runs), so that a launch is CUDA-graph capturable on its first call and the set of
+configurations of each arch is known ahead of time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -163,6 +165,39 @@ def _dry_run() -> bool:
 def cpu_allowed() -> bool:
     """Kernels may take CPU tensors: in the interpreter, or while only recording (dry run)."""
     return INTERPRET or _dry_run()
+
+
+DEFAULT_TARGET_ARCH = 90  # H100/H200: the GPU the meta-parameters are tuned for first
+_TARGET_ARCH = DEFAULT_TARGET_ARCH
+
+
+@contextlib.contextmanager
+def compile_target(arch: int):
+    """Inside this block, launches of CPU (or meta) tensors, i.e. dry runs and the interpreter,
+    pick the meta-parameters a GPU of compute capability sm_<arch> would get: how the kernels
+    report and the AOT test see the configurations of sm_75, sm_80 and sm_90 without a GPU."""
+    global _TARGET_ARCH
+    previous, _TARGET_ARCH = _TARGET_ARCH, int(arch)
+    try:
+        yield
+    finally:
+        _TARGET_ARCH = previous
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def target_arch(t: torch.Tensor) -> int:
+    """The compute capability (e.g. 90) the kernels for `t` are compiled for: its GPU's, or
+    for CPU tensors the `compile_target` in effect (DEFAULT_TARGET_ARCH outside one).
+    Meta-parameters depend on it: Hopper's warpgroup MMA wants 64-row tiles that mma.sync
+    GPUs (sm_75/80/86/89) hold in fewer registers and less shared memory."""
+    if t.is_cuda:
+        return _cuda_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _TARGET_ARCH
 
 
 _INTERPRETER_TILES = False
@@ -493,22 +528,22 @@ TARGET_PROGRAMS = 128  # about one wave on an H100 (132 SMs), two on an RTX 2080
 
 
 WGMMA_ROWS = 64  # the M of one Hopper warpgroup MMA: tl.dot tiles with fewer rows use mma.sync
+WGMMA_ARCH = 90  # the first compute capability with warpgroup MMA
 
 
-def rows_per_program(programs, row_values: int, dtype: torch.dtype, max_rows: int = 64) -> int:
+def rows_per_program(programs, row_values: int, dtype: torch.dtype, arch: int, max_rows: int = 64) -> int:
     """BLOCK_M of a kernel whose programs each own BLOCK_M rows of `row_values` values (the
-    widest [BLOCK_M, row_values] tile it keeps in registers), at most max_rows.
+    widest [BLOCK_M, row_values] tile it keeps in registers), at most max_rows, for sm_<arch>.
 
-    fp16/bf16: WGMMA_ROWS whenever that still gives half of TARGET_PROGRAMS programs
+    fp16/bf16 on sm_90: WGMMA_ROWS whenever that still gives half of TARGET_PROGRAMS programs
     (`programs(block_m)` counts them; v3-XS's layer_5 at batch 100 has 100), so that the dots
-    run on Hopper's warpgroup MMA and weight tiles are reused over 64 rows. fp32, and 16-bit
-    launches too small for that (batch 1: programs matter more than the tensor-core shape, and
-    those run mma.sync): the largest
-    of 64 and 32 whose tile stays within 4K values, for the FMA dots keep their operand
-    fragments in registers, that still gives TARGET_PROGRAMS programs; else 16 (the smallest
-    tl.dot tile).
+    run on Hopper's warpgroup MMA and weight tiles are reused over 64 rows. Otherwise (fp32,
+    mma.sync GPUs, where 64-row 16-bit tiles at d = 128 spill, and 16-bit launches too small
+    for that: at batch 1 programs matter more than the tensor-core shape): the largest of 64
+    and 32 whose tile stays within 4K values, for the FMA dots keep their operand fragments
+    in registers, that still gives TARGET_PROGRAMS programs; else 16 (the smallest tl.dot tile).
     """
-    if (dtype != torch.float32 and max_rows >= WGMMA_ROWS
+    if (dtype != torch.float32 and arch >= WGMMA_ARCH and max_rows >= WGMMA_ROWS
             and programs(WGMMA_ROWS) >= TARGET_PROGRAMS // 2):
         return WGMMA_ROWS
     for block_m in (64, 32):

@@ -22,11 +22,11 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS
 
-from ._common import (Work, batch_chunks, batch_part, cat_maps_error, cdiv, check_device,
+from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cat_maps_error, cdiv, check_device,
                       conv3x3_output, conv3x3_output_size, dot_operand_type, dot_precision,
                       gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
                       load_weight_tile, map_stride_args, next_pow2, pixel_coords,
-                      pixel_tile_epilogue, vector_stride_error)
+                      pixel_tile_epilogue, target_arch, vector_stride_error)
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _conv3x3_kernel(
                         0, 0, 0, 0, out_ptr, ACT)
 
 
-def _meta(n: int, dtype: torch.dtype) -> dict:
+def _meta(n: int, dtype: torch.dtype, arch: int) -> dict:
     """Tile sizes from (N, dtype): three tile shapes (BLOCK_N 16, 32, 64).
 
     Cout is 16 ... 32 for the stem and up to 160 for v1's local and fusion convs; 64-wide
@@ -103,11 +103,16 @@ def _meta(n: int, dtype: torch.dtype) -> dict:
     get taller (the stem: 128 pixels x 16 or 32 channels). BLOCK_K = 16: fp32 runs on FMA
     units whose K-chunk operand fragments sit in registers (32 spills at 64 x 64), and so
     do sm_75's fp16 mma fragments. Shared memory <= 16 KB (20 KB for TF32 on sm_90).
+    16-bit on mma.sync GPUs: 8 warps (with 4, ptxas holds sm_80's two-input 64 x 64 tile to
+    80 registers and spills); sm_90 keeps one warpgroup per 64-row wgmma. fp32 64-wide tiles
+    take 32 rows (64 x 64 spills on sm_90 in the SSD heads' convs without activation).
     """
     block_n = min(next_pow2(n), 64)
+    sixteen_bit_mma_sync = dtype != torch.float32 and arch < WGMMA_ARCH
+    block_m = 128 if block_n <= 32 else 32 if dtype == torch.float32 else 64
     return interpreter_meta(
-        dict(BLOCK_M=128 if block_n <= 32 else 64, BLOCK_N=block_n, BLOCK_K=16,
-             num_warps=4, num_stages=2 if dtype == torch.float32 else 3),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16,
+             num_warps=8 if sixteen_bit_mma_sync else 4, num_stages=2 if dtype == torch.float32 else 3),
         BLOCK_M=256, BLOCK_K=64)
 
 
@@ -154,7 +159,7 @@ def conv3x3(x, weight, bias=None, x2=None, stride=1, act="none", dilation=1):
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
-    meta = _meta(cout, x.dtype)
+    meta = _meta(cout, x.dtype, target_arch(x))
     b = x.shape[0]
     for start, stop in batch_chunks(b, out.shape, (x, x2)):
         m = (stop - start) * geometry["HW_out"]

@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Work, batch_chunks, batch_part, cdiv, check_device, conv3x3_output,
-                      conv3x3_output_size, dot_operand_type, dot_precision, gemm_tile,
-                      int32_offset_limit, interpreter_meta, launch_gemm_tiles, load_weight_tile,
-                      map_stride_args, next_pow2, pixel_coords, pixel_tile_epilogue, silu,
-                      vector_stride_error)
+from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv, check_device,
+                      conv3x3_output, conv3x3_output_size, dot_operand_type, dot_precision,
+                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
+                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
+                      pixel_tile_epilogue, silu, target_arch, vector_stride_error)
 
 
 @triton.jit
@@ -101,19 +101,22 @@ def _dwconv_pointwise_kernel(
                         stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, "none")
 
 
-def _meta(n: int, dtype: torch.dtype) -> dict:
+def _meta(n: int, dtype: torch.dtype, arch: int) -> dict:
     """Tile sizes from N: four tile shapes (BLOCK_N 16 ... 128).
 
     One N tile up to Cout = 128 (the depthwise work is done once per pixel). The nine tap
     loads in flight take many registers: in fp32 8 warps share a 64 x 16 hidden tile (with 4
     warps, or BLOCK_K = 32, ptxas spills). fp16/bf16 use 4 warps, one warpgroup for the
     64-row wgmma on sm_90 (168-215 registers, two blocks per SM): with 8 warps ptxas holds
-    sm_80's mma.sync version to 128 registers and spills 16-40 bytes a thread. Two stages let
-    sm_80/90 prefetch the next chunk's taps (cp.async: 42-54 KB shared in fp32); sm_75 has no
-    cp.async and needs at most 16 KB.
+    sm_80's mma.sync version to 128 registers and spills 16-40 bytes a thread. mma.sync GPUs
+    gain nothing from 64 rows: there 16-bit tiles take 32 (4 warps at 64 rows spill 4-16
+    bytes on sm_80; 32 rows need 128-145 registers). Two stages let sm_80/90 prefetch the
+    next chunk's taps (cp.async: 42-54 KB shared in fp32); sm_75 has no cp.async and needs at
+    most 16 KB.
     """
     return interpreter_meta(
-        dict(BLOCK_M=64, BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16,
+        dict(BLOCK_M=64 if dtype == torch.float32 or arch >= WGMMA_ARCH else 32,
+             BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16,
              num_warps=8 if dtype == torch.float32 else 4, num_stages=2),
         BLOCK_M=256, BLOCK_K=64)
 
@@ -163,7 +166,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
-    meta = _meta(cout, x.dtype)
+    meta = _meta(cout, x.dtype, target_arch(x))
     b, ch = x.shape[:2]
     for start, stop in batch_chunks(b, out.shape, (x, residual)):
         m = (stop - start) * geometry["HW_out"]

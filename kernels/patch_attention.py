@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_GRID_Y, Work, batch_chunks, batch_part, cdiv, channels_last_empty,
-                      check_device, dot_operand_type, dot_precision, int32_offset_limit,
+from ._common import (MAX_GRID_Y, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
+                      channels_last_empty, check_device, dot_operand_type, dot_precision, int32_offset_limit,
                       interpreter_meta, launch, map_stride_args, next_pow2, patch_pixel_offset,
-                      rows_per_program, vector_stride_error)
+                      rows_per_program, target_arch, vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
@@ -199,7 +199,7 @@ def _fused_projection_fits(dtype: torch.dtype, d_pad: int) -> bool:
     return dtype != torch.float32 or d_pad <= 128
 
 
-def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype) -> dict:
+def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
     """Deterministic meta-parameters.
 
     BLOCK_M: query tokens per program, the [BLOCK_M, d] fp32 out_proj accumulator within 4K
@@ -213,21 +213,28 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype) -> 
     `_fused_projection_fits` keep every configuration the models launch spill-free.
     """
     # query tiles no taller than the sequence: N = 16 (7x7 or 8x8 maps) keeps 16-row mma.sync tiles
-    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, max_rows=next_pow2(n))
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, arch,
+                               max_rows=next_pow2(n))
     out_chunk = min(d_pad, 128)
     return interpreter_meta(
-        dict(BLOCK_M=block_m, BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad)),
+        dict(BLOCK_M=block_m,
+             BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch)),
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
-             num_warps=8 if block_m * d_pad >= 4096 else 4),
+             num_warps=8 if block_m * d_pad >= 4096 else 4,
+             # mma.sync GPUs: no software pipelining of the key blocks (with 2 stages sm_80's
+             # 16-bit and TF32 16-row tiles spill 8 bytes a thread)
+             num_stages=2 if arch >= WGMMA_ARCH else 1),
         BLOCK_M=min(next_pow2(n), 128), BLOCK_N=min(next_pow2(n), 256))
 
 
-def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int) -> int:
+def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int, arch: int) -> int:
     """BLOCK_N: keys per block of the online softmax, the largest that ptxas compiles without
     spills on sm_80/90 for the tile around it (checked by tests/test_triton_aot.py)."""
     if dtype == torch.float32:  # FMA dots (or TF32): operand fragments in registers
         return 16 if block_m >= 32 or head_pad == 32 else 32
-    return 32 if head_pad == 32 or d_pad > 128 else 64
+    if head_pad == 32:  # 16-bit 32-key blocks of head dim <= 32 spill on mma.sync GPUs
+        return 32 if arch >= WGMMA_ARCH else 16
+    return 32 if d_pad > 128 else 64
 
 
 def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
@@ -247,8 +254,8 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
         return pointwise_conv(heads, proj_weight, proj_bias, residual=residual)
     out = channels_last_empty(b, d, h, w, qkv)
     d_pad = next_pow2(d) if proj_weight is not None else 16  # only sizes the out_proj tile
-    meta = _meta(b, n, next_pow2(head_dim), d_pad, qkv.dtype)
-    num_warps = meta.pop("num_warps")
+    meta = _meta(b, n, next_pow2(head_dim), d_pad, qkv.dtype, target_arch(qkv))
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     pw_strides = proj_weight.stride() if proj_weight is not None else (0, 0)
     # grid axis 1 holds the 4 sequences of each sample: at most MAX_GRID_Y // 4 samples a launch
     for start, stop in batch_chunks(b, out.shape, (qkv, residual), max_samples=MAX_GRID_Y // 4):
@@ -261,7 +268,7 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
                     **map_stride_args("qkv", qkv), stride_pw_out=pw_strides[0], stride_pw_in=pw_strides[1],
                     **map_stride_args("r", residual), **map_stride_args("out", out)),
                dict(**meta, DOT_TYPE=dot_operand_type(qkv.dtype), DOT_PRECISION=dot_precision(qkv.dtype)),
-               num_warps=num_warps,
+               num_warps=num_warps, num_stages=num_stages,
                # per sequence q @ k^T and p @ v over all heads (2 n^2 d multiply-adds), then out_proj
                work=Work(dot_flops=bc * 4 * 4 * n * n * d + (2 * bc * h * w * d * d if proj_weight is not None else 0),
                          serial_steps=num_heads * cdiv(n, meta["BLOCK_N"])))

@@ -31,7 +31,7 @@ import triton.language as tl
 from ._common import (MAX_GRID_Y, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
                       channels_last_empty, check_device, dot_operand_type, dot_precision,
                       int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      patch_pixel_offset, rows_per_program, vector_stride_error)
+                      patch_pixel_offset, rows_per_program, target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -209,7 +209,7 @@ def why_unsupported(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, out_we
     return int32_offset_limit(tuple(x.shape), (x,), dict(qkv_weight=qkv_weight))
 
 
-def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype) -> tuple[dict, dict, int]:
+def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype, arch: int) -> tuple[dict, dict, int]:
     """(context meta, consumer meta, tokens per split).
 
     Context programs walk [BLOCK_N, d] tiles of 4K values; splits: enough for
@@ -224,7 +224,7 @@ def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype) -> tuple[dict, dic
     # 16-bit [64, 256] tiles spill (the normalised tile, v and the accumulator are all live):
     # d > 128 keeps 16-row mma.sync tiles; so does fp32 from d = 128 (TF32 32-row tiles spill)
     max_rows = next_pow2(n) if d_pad < (128 if dtype == torch.float32 else 256) else 16
-    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, max_rows=max_rows)
+    block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, arch, max_rows=max_rows)
     context_meta = dict(BLOCK_N=block_n, D_PAD=d_pad, BLOCK_O=min(d_pad, 4096 // d_pad))
     consumer_meta = interpreter_meta(
         # fp32: 16-wide chunks (32 spills at d = 64: the FMA dots keep their operands in registers)
@@ -246,7 +246,7 @@ def separable_attention(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: t
     b, d, h, w = x.shape
     n = (h // 2) * (w // 2)
     d_pad = next_pow2(d)
-    context_meta, consumer_meta, tokens_per_split = _meta(b, n, d_pad, x.dtype)
+    context_meta, consumer_meta, tokens_per_split = _meta(b, n, d_pad, x.dtype, target_arch(x))
     num_splits = cdiv(n, tokens_per_split)
     stats = group_norm_stats(x, eps)
     # fp32 online-softmax state of every (sequence, split): max, sum, Wk-projected weighted sum

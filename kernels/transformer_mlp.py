@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Work, batch_chunks, batch_part, cdiv, channels_last_empty, check_device,
-                      dot_operand_type, dot_precision, int32_offset_limit, interpreter_meta, launch,
-                      map_stride_args, next_pow2, rows_per_program, silu, vector_stride_error)
+from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv, channels_last_empty,
+                      check_device, dot_operand_type, dot_precision, int32_offset_limit,
+                      interpreter_meta, launch, map_stride_args, next_pow2, rows_per_program, silu,
+                      target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -122,20 +123,23 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
     return int32_offset_limit(tuple(x.shape), (x,))
 
 
-def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype) -> dict:
+def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
     """BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
     each) within 4K values (`rows_per_program`); BLOCK_F: hidden units per chunk, each weight
     chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
     operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
     no or small (< 0.5 KB) spills for sm_75/80/90, where larger tiles spill kilobytes."""
-    # 16-bit [64, 256] tiles need 80 KB of shared memory, more than an sm_75 block has (the
-    # launcher does not specialise by arch yet): d > 128 keeps 16-row mma.sync tiles
-    block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, dtype,
-                               max_rows=64 if d_pad <= 128 else 16)
+    # 16-bit [64, 256] tiles need 80 KB of shared memory: an sm_90 block has 227 KB, an sm_75
+    # one 64 KB; they only pay on sm_90 (warpgroup MMA), so elsewhere d > 128 keeps 16 rows
+    block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, dtype, arch,
+                               max_rows=64 if d_pad <= 128 or arch >= WGMMA_ARCH else 16)
     return interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
              # fp32 FMA dots hold more per thread: 8 warps from 2K-value tiles (4 spill at d = 128)
-             num_warps=8 if block_m * d_pad >= (2048 if dtype == torch.float32 else 4096) else 4),
+             num_warps=8 if block_m * d_pad >= (2048 if dtype == torch.float32 else 4096) else 4,
+             # and no software pipelining for fp32 [16, 128] tiles: two stages spill 4 bytes on
+             # sm_90 there (one stage spills at d = 256)
+             num_stages=1 if dtype == torch.float32 and (block_m, d_pad) == (16, 128) else 2),
         BLOCK_M=256, BLOCK_F=128)
 
 
@@ -150,8 +154,8 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     b, d, h, w = x.shape
     stats = group_norm_stats(x, eps) if norm == "group" else None
     out = channels_last_empty(b, d, h, w, x)
-    meta = _meta(b * h * w, next_pow2(d), x.dtype)
-    num_warps = meta.pop("num_warps")
+    meta = _meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     for start, stop in batch_chunks(b, out.shape, (x,)):
         pixels = (stop - start) * h * w
         launch(_transformer_mlp_kernel, (cdiv(pixels, meta["BLOCK_M"]),),
@@ -164,6 +168,6 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
                     stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
                     **map_stride_args("out", out)),
                dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
-               num_warps=num_warps,
+               num_warps=num_warps, num_stages=num_stages,
                work=Work(dot_flops=4 * pixels * d * w1.shape[0], serial_steps=cdiv(w1.shape[0], meta["BLOCK_F"])))
     return out

@@ -1,11 +1,12 @@
-"""Enumerate every Triton launch configuration of the 15 models and compile each one ahead of
-time for sm_75, sm_80 and sm_90, exactly as Triton's JIT compiles it at run time (the runtime
+"""Enumerate every Triton launch configuration of the 30 models (15 classifiers, 15 dense) as
+each of sm_75, sm_80 and sm_90 gets it (the meta-parameters depend on the arch:
+`mvit3.kernels._common.compile_target`) and compile each one ahead of time for its arch, exactly as Triton's JIT compiles it at run time (the runtime
 arguments specialised by Triton's rule: `LaunchRecord.specialization`), through the kernels
 report's own path (`mvit3.kernel_report.compiled.compile_all`). Run as a script with
 TRITON_INTERPRET unset (the test suite turns the interpreter on, and interpreted kernels cannot
 be compiled); prints a JSON summary with every failure: a compile error, more shared memory
-than a block can have, or (sm_90) a register spill. Spills on sm_80 are listed apart
-(`ungated_spills`), not yet failures: see SPILL_GATED_ARCHS.
+than a block can have, or (sm_80, sm_90) a register spill. Spills on sm_75 are listed apart
+(`ungated_spills`), not failures: see SPILL_GATED_ARCHS.
 
 The configurations are not listed by hand: the fast models run with the Triton backend under
 `launch_log(dry_run=True)`, which records each launch (kernel, arguments, constexprs,
@@ -25,34 +26,47 @@ import torch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (batch, size): the paper's 256, odd maps (224: 7x7 layer_5), N = 1024 (512), batch 100.
 INPUTS = ((1, 256), (1, 224), (1, 512), (100, 256))
+# the dense models at their papers' sizes (DeepLabv3 512 px, SSDLite 320 px), batch 1 and the
+# benchmarks' batch 16 (`python -m mvit3 bench --task seg|det`)
+DENSE_INPUTS = {"deeplabv3_*": ((1, 512), (16, 512)), "ssdlite_*": ((1, 320), (16, 320))}
+
+
+def model_inputs() -> list:
+    """[(model name, ((batch, size), ...)), ...] for the 15 classifiers and 15 dense models."""
+    import mvit3
+
+    pairs = [(name, INPUTS) for name in mvit3.list_models()]
+    for pattern, inputs in DENSE_INPUTS.items():
+        pairs += [(name, inputs) for name in mvit3.list_models(pattern)]
+    return pairs
 ARCHS = (75, 80, 90)
-# Spills fail on sm_90, the GPU the kernels are tuned for (H100/H200). On sm_80 the 16-bit
-# kernels compile to mma.sync with other register needs, and some spill (up to 120 bytes a
-# thread, mostly dwconv_pointwise with 8 warps): reported in the summary, to be fixed before
-# sm_80 joins this tuple. sm_75 is checked for errors and shared memory only.
-SPILL_GATED_ARCHS = (90,)
+# Spills fail on sm_90 (H100/H200, the GPU the kernels are tuned for) and sm_80 (A100, and the
+# code the RTX 30/40 series run), whose meta-parameters differ where mma.sync needs other
+# tiles. sm_75 is checked for errors and shared memory; its spills are listed in the summary.
+SPILL_GATED_ARCHS = (80, 90)
 # The most shared memory one block may use (with opt-in), by the arch compiled for. sm_80 code
 # also runs on sm_86 and sm_89 (RTX 30 and 40 series), which have less than the A100, so it is
 # held to their limit. A config over the limit compiles but fails at launch on such a GPU.
 SHARED_MEMORY_LIMIT = {75: 64 * 1024, 80: 99 * 1024, 90: 227 * 1024}
 
 
-def enumerate_launches() -> list:
-    import mvit3
+def enumerate_launches(arch: int) -> list:
+    """The distinct launches (by `LaunchRecord.key`) of the 30 models as a GPU of compute
+    capability sm_<arch> gets them: the meta-parameters depend on the arch."""
     import mvit3.fast as fast
-    from mvit3.kernels._common import launch_log
+    from mvit3.kernels._common import compile_target, launch_log
 
     records = {}
     for tf32 in (False, True):  # TF32 changes the dot precision constexpr of fp32 kernels
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        for name in mvit3.list_models():
+        for name, inputs in model_inputs():
             for dtype in DTYPES:
                 if tf32 and dtype != torch.float32:
                     continue
                 model = fast.create_model(name, backend="triton").to(dtype).eval()
-                for batch, size in INPUTS:
+                for batch, size in inputs:
                     x = torch.zeros(batch, 3, size, size, dtype=dtype)
-                    with torch.no_grad(), launch_log(dry_run=True) as log:
+                    with torch.no_grad(), compile_target(arch), launch_log(dry_run=True) as log:
                         model(x)
                     for record in log.records:
                         records.setdefault(record.key, record)
@@ -84,18 +98,19 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    records = enumerate_launches()
-    errors, spills, compilations = [], [], 0
+    errors, spills, compilations, configurations = [], [], 0, {}
     for arch in ARCHS:
+        records = enumerate_launches(arch)
         # the backends never launch bf16 below sm_80 (mvit3/ops/backends.py)
         targets = [r for r in records
                    if arch >= 80 or not any(kind.endswith("bf16") for _, kind in r.signature)]
         compilations += len(targets)
         errors += problems(targets, arch, spills)
+        configurations.update((r.key, r) for r in targets)
     kernels = {}
-    for record in records:
+    for record in configurations.values():
         kernels[record.name] = kernels.get(record.name, 0) + 1
-    print(json.dumps({"configurations": len(records), "compilations": compilations,
+    print(json.dumps({"configurations": len(configurations), "compilations": compilations,
                       "per_kernel": kernels, "errors": errors, "ungated_spills": spills}))
     return 0
 

@@ -158,6 +158,19 @@ def test_rows_follow_the_forward():
     assert sum(row.op == "patch_attention" for row in rows) == 2 + 4 + 3  # transformer layers
 
 
+def test_rows_of_a_dense_model():
+    """The backbone's launches are tagged with the encoder's blocks, the rest is the head; the
+    dilated depthwise convs of output stride 16 are the launches of layer_5 (dilation 2)."""
+    rows = collect("deeplabv3_mobilevitv3_xs_voc", 1, torch.float16, img_size=512)
+    stages = [row.stage for row in rows]
+    assert stages[0] == "stem" and stages[-1] == "head"
+    assert {s.split(".")[0] for s in stages if s.startswith("layer_")} == {f"layer_{k}" for k in range(1, 6)}
+    dilated = {row.stage for row in rows if row.record is not None
+               and dict(row.record.args).get("dilation", 1) > 1}
+    assert dilated and all(stage in ("layer_5.0", "layer_5.1", "head") for stage in dilated)
+    assert sum(row.op == "conv3x3" and row.stage == "head" for row in rows) == 3  # ASPP rates 6, 12, 18
+
+
 def test_gpu_arithmetic():
     h200 = GPUS["h200"]
     # 4.8 MB at 4.8 TB/s is 1 us; 989.4 GFLOP of fp16 tensor work is 1 ms
@@ -203,7 +216,7 @@ def test_command_refuses_bad_input(capsys):
 
 def test_forward_floor_for_the_benchmarks():
     """bench puts each measured time beside the floor of the fused forward on the GPU at hand."""
-    from mvit3.bench.report import _times_floor
+    from mvit3.bench.report import _floor_cells
     from mvit3.kernel_report.gpus import gpu_for_device_name
     from mvit3.kernel_report.report import analyse, forward_floor_us
 
@@ -216,5 +229,6 @@ def test_forward_floor_for_the_benchmarks():
     assert floor == pytest.approx(sum(row.floor_us for row in rows)) and floor > 0
     row = {"floor_ms_b1": 0.01, "floor_ms_batch": 0.8, "latency_ms_median": 0.5,
            "throughput_batch": 100, "throughput_img_s": 50_000.0}
-    assert _times_floor(row) == "50.0x / 2.5x"  # 0.5 / 0.01; 100 images in 2 ms / 0.8 ms
-    assert _times_floor({**row, "floor_ms_b1": None}) == "–"
+    # floor / measured: 0.01 / 0.5 ms at batch 1; 0.8 ms / (100 images in 2 ms) at batch 100
+    assert _floor_cells(row) == ["0.01 / 0.8", "2.0% / 40.0%"]
+    assert _floor_cells({**row, "floor_ms_b1": None}) == ["–", "–"]

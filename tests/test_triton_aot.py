@@ -1,8 +1,9 @@
-"""Every Triton kernel, at every configuration the code launches for the 15 models, compiles
-ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90 as Triton's JIT will compile it there
-(runtime specialisation included), with no GPU present, within the shared memory a block can
-have there, and without a register spill on sm_90 (sm_80's spills are listed in the summary, not yet
-gated: tests/aot_compile.py).
+"""Every Triton kernel, at every configuration the code launches for the 30 models (classifiers
+and dense), compiles ahead of time for sm_75 (RTX 2080 Ti), sm_80 and sm_90 with the
+meta-parameters each arch gets and as Triton's JIT will compile it there (runtime specialisation
+included), with no GPU present, within the shared memory a block can have there, and without a
+register spill on sm_80 and sm_90 (sm_75's spills are listed in the summary, not gated:
+tests/aot_compile.py).
 
 The work happens in tests/aot_compile.py, in a subprocess without TRITON_INTERPRET (which
 this test suite turns on for CPU runs, and under which kernels cannot be compiled), through the

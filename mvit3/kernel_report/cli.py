@@ -13,7 +13,7 @@ from .gpus import GPUS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="mobilevitv3_xs", help="a name of mvit3.list_models()")
+    parser.add_argument("--model", default="mobilevitv3_xs", help="a name of mvit3.list_models('*') (classifiers and dense models)")
     parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,100)")
     parser.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16, comma-separated")
     parser.add_argument("--img-size", type=int, default=256)
@@ -42,9 +42,9 @@ def run(args) -> int:
     from .render import render_markdown
     from .report import DTYPES, Report, analyse, collect
 
-    if args.model not in mvit3.list_models():
+    if args.model not in mvit3.list_models("*"):
         print(f"python -m mvit3 kernels: unknown model {args.model!r}; one of "
-              f"{', '.join(mvit3.list_models())}", file=sys.stderr)
+              f"{', '.join(mvit3.list_models('*'))}", file=sys.stderr)
         return 2
     dtypes = _list(args.dtype)
     unknown = [d for d in dtypes if d not in DTYPES]
@@ -84,7 +84,7 @@ def run(args) -> int:
                     print(f"python -m mvit3 kernels --backend cuda: {err}", file=sys.stderr)
                     return 2
             else:
-                rows = collect(args.model, batch, DTYPES[dtype], args.img_size)
+                rows = collect(args.model, batch, DTYPES[dtype], args.img_size, arch)
                 analyse(rows, gpu, arch, compile_kernels=not args.no_compile, workers=args.workers)
             reports.append(Report(args.model, batch, dtype, args.img_size, gpu, arch, args.backend,
                                   rows))

@@ -144,7 +144,9 @@ def _stage_labels(model) -> list:
 @contextlib.contextmanager
 def _stage_tracking(model, stage: list):
     """Sets stage[0] to the block the fast model is in: its block methods are wrapped on this
-    instance only, for the duration of the report."""
+    instance only (a dense model's: on its encoder), for the duration of the report. Launches
+    outside the blocks are "head" (the classifier, or a dense model's ASPP / SSD heads)."""
+    model = getattr(model, "encoder", model)
     labels = iter(_stage_labels(model))
     wrapped = ("_mv2", "_block_v1_style", "_block_v2_style")
 
@@ -173,16 +175,17 @@ def _dot_rate(record) -> str:
     return "tf32" if meta.get("DOT_PRECISION") == "tf32" else "fp32"
 
 
-def collect(name: str, batch: int, dtype: torch.dtype, img_size: int = 256) -> list:
+def collect(name: str, batch: int, dtype: torch.dtype, img_size: int = 256, arch: int = 90) -> list:
     """The rows of one forward of `mvit3.fast.create_model(name, backend="triton")` on a
-    [batch, 3, img_size, img_size] input, in launch order (dry run on the CPU)."""
+    [batch, 3, img_size, img_size] input, in launch order (dry run on the CPU), with the
+    meta-parameters the launchers pick for a GPU of compute capability sm_<arch>."""
     import mvit3.fast as fast
-    from mvit3.kernels._common import launch_log
+    from mvit3.kernels._common import compile_target, launch_log
 
     model = fast.create_model(name, backend="triton").to(dtype).eval()
     x = torch.zeros(batch, model.in_chans, img_size, img_size, dtype=dtype)
     stage = ["stem"]
-    with torch.no_grad(), launch_log(dry_run=True) as log:
+    with torch.no_grad(), compile_target(arch), launch_log(dry_run=True) as log:
         model(x)  # derives the inference weights: its ATen work is not part of a forward
         log.records.clear()
         recorder = _ForwardRecorder(log, stage)
@@ -224,7 +227,7 @@ def analyse(rows: list, gpu: GPU, arch: int, compile_kernels: bool = True,
 def forward_floor_us(name: str, batch: int, dtype: torch.dtype, gpu: GPU, img_size: int = 256) -> float:
     """The sum of the roofline floors of one fast forward (Triton backend) on `gpu`: the time
     no implementation of these fused ops beats there (bytes and FLOPs only: nothing compiled)."""
-    rows = analyse(collect(name, batch, dtype, img_size), gpu, gpu.arch, compile_kernels=False)
+    rows = analyse(collect(name, batch, dtype, img_size, gpu.arch), gpu, gpu.arch, compile_kernels=False)
     return sum(row.floor_us for row in rows)
 
 

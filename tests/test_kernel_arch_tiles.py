@@ -1,0 +1,87 @@
+"""The meta-parameters a kernel picks for another GPU generation than sm_90 (or, on sm_90, tiles
+the other kernel tests' shapes never reach) compute the same op: each case runs in the
+interpreter under `compile_target(arch)`, checks the launch took the tiles that arch gets
+(the configurations tests/aot_compile.py compiles for it), and compares with float64 at the
+tolerance of the op's own kernel tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import test_kernel_conv3x3 as conv3x3_tests
+import test_kernel_dwconv_pointwise as dwconv_tests
+import test_kernel_separable_attention as separable_tests
+import test_kernel_transformer_mlp as mlp_tests
+from conftest import INTERPRET
+from kernel_utils import check_output, variant
+from mvit3.kernels._common import compile_target, launch_log, target_arch
+from mvit3.kernels.conv3x3 import conv3x3
+from mvit3.kernels.dwconv_pointwise import dwconv_pointwise
+from mvit3.kernels.separable_attention import separable_attention
+from mvit3.kernels.transformer_mlp import transformer_mlp
+from mvit3.ops import reference
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="compile_target sets the tiles of CPU tensors "
+                                                      "(the interpreter); a GPU uses its own arch")
+FP16 = torch.float16
+
+
+def _dwconv():
+    # an MV2 reduce with its residual: mma.sync GPUs take 32-row 16-bit tiles (64 spill on sm_80)
+    args = dwconv_tests.make_args("cpu", FP16, hidden=128, cout=64, residual=True, **variant(1))
+    return dwconv_pointwise, reference.dwconv_pointwise, args, dwconv_tests.TOLERANCE
+
+
+def _conv3x3():
+    # v1's fusion conv over cat(local, global): 16-bit on mma.sync GPUs runs 8 warps
+    args = conv3x3_tests.make_args("cpu", FP16, c1=48, c2=48, cout=64, **variant(2))
+    return conv3x3, reference.conv3x3, args, conv3x3_tests.TOLERANCE
+
+
+def _separable():
+    # d = 128 at N = 1024 (v2-style 1.0 layer_3 at 512 px): 32-row tiles on sm_80
+    args = separable_tests.make_args(1, 128, 64, 64, dtype=FP16, channels_last=True)
+    return separable_attention, reference.separable_attention, args, separable_tests.TOLERANCE
+
+
+def _mlp():
+    # d = 256 (F = 512) over 4096 pixels: sm_90 takes 64-row wgmma tiles (80 KB shared memory)
+    args = mlp_tests.make_args(1, 256, 512, 64, 64, "group", dtype=FP16, channels_last=True)
+    return transformer_mlp, reference.transformer_mlp, args, mlp_tests.TOLERANCE
+
+
+# (case, arch, kernel name, constexprs its launch must have)
+CASES = {
+    "dwconv_pointwise-sm80": (_dwconv, 80, "_dwconv_pointwise_kernel", dict(BLOCK_M=32, num_warps=4)),
+    "dwconv_pointwise-sm90": (_dwconv, 90, "_dwconv_pointwise_kernel", dict(BLOCK_M=64, num_warps=4)),
+    "conv3x3-sm80": (_conv3x3, 80, "_conv3x3_kernel", dict(num_warps=8)),
+    "separable_attention-sm80": (_separable, 80, "_separable_attention_kernel", dict(BLOCK_M=32)),
+    "transformer_mlp-sm90": (_mlp, 90, "_transformer_mlp_kernel", dict(BLOCK_M=64, D_PAD=256)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tiles_of_the_target_arch(case):
+    make, arch, kernel, expected = CASES[case]
+    op, reference_op, args, tolerances = make()
+    with compile_target(arch), launch_log() as log:
+        assert target_arch(args[0]) == arch
+        out = op(*args)
+    launches = [dict(r.constexprs) for r in log.records if r.name == kernel]
+    assert launches, f"{kernel} was not launched"
+    for meta in launches:
+        assert {k: meta[k] for k in expected} == expected
+    check_output(out, args, out.shape, reference_op, tolerances)
+
+
+def test_compile_target_is_scoped():
+    x = torch.zeros(1)
+    before = target_arch(x)
+    with compile_target(75):
+        assert target_arch(x) == 75
+        with compile_target(80):
+            assert target_arch(x) == 80
+        assert target_arch(x) == 75
+    assert target_arch(x) == before == 90
