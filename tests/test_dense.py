@@ -403,13 +403,28 @@ def _uint8_image(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def _official_resize(image: np.ndarray, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """[1, 3, height, width] float64 of the uint8 HxWx3 image resized as the official pipelines
+    do, through their own libraries: cv2 INTER_LINEAR (v1 family), or PIL bicubic one axis per
+    call, width first (as the Pillow of cvnets v0.2 did)."""
+    if interpolation == "bilinear":
+        import cv2
+
+        resized = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
+    else:
+        from PIL import Image
+
+        pil = Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC)
+        resized = np.asarray(pil.resize((width, height), Image.BICUBIC))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].double()
+
+
 def test_segment_runs_the_v1_style_pipeline():
     """BGR, exactly 512x512 (bilinear, rounded), /255; label map nearest-resized back."""
     model = mvit3.create_model("deeplabv3_mobilevitv3_xxs_voc").eval()
     image = _uint8_image(150, 200)
     labels, logits = mvit3.segment(image, model)
-    x = torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1)[None].double()
-    x = F.interpolate(x, size=(512, 512), mode="bilinear", align_corners=False).round().clamp(0, 255) / 255
+    x = _official_resize(image[:, :, ::-1], 512, 512, "bilinear") / 255
     with torch.no_grad():
         expected = model(x.float())
     assert logits.shape == (1, 21, 512, 512) and torch.allclose(logits, expected, atol=1e-5)
@@ -428,9 +443,8 @@ def test_segment_runs_the_v2_style_pipeline(tmp_path):
     image = _uint8_image(201, 300)
     Image.fromarray(image).save(tmp_path / "image.png")
     labels, logits = mvit3.segment(tmp_path / "image.png", model)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].double()  # 201x300 -> 512x764 -> 512x752
-    x = F.interpolate(x, size=(512, 764), mode="bicubic", align_corners=False, antialias=True)
-    x = F.interpolate(x.round().clamp(0, 255) / 255, size=(512, 752), mode="bilinear", align_corners=True)
+    x = _official_resize(image, 512, 764, "bicubic")  # 201x300 -> 512x764 -> 512x752
+    x = F.interpolate(x / 255, size=(512, 752), mode="bilinear", align_corners=True)
     with torch.no_grad():
         expected = model(x.float(), out_size=(201, 300))
     assert logits.shape == (1, 21, 201, 300) and torch.allclose(logits, expected, atol=1e-5)
@@ -457,9 +471,7 @@ def test_detect_runs_the_pipeline_and_gives_pixel_boxes():
     model = mvit3.create_model("ssdlite_mobilevitv3_050_coco").eval()
     image = _uint8_image(150, 200)
     found = mvit3.detect(image, model)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
-    x = F.interpolate(x, size=(320, 320), mode="bicubic", align_corners=False, antialias=True)
-    expected = model.detect((x.round().clamp(0, 255) / 255).float())[0]
+    expected = model.detect((_official_resize(image, 320, 320, "bicubic") / 255).float())[0]
     assert found["labels"].numel() > 0 and torch.equal(found["labels"], expected["labels"])
     scale = torch.tensor([200, 150, 200, 150])
     assert torch.allclose(found["boxes"], torch.minimum(expected["boxes"].clamp(min=0) * scale, scale))
