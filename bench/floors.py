@@ -130,14 +130,14 @@ def ops_floor_us(fn: Callable[[], object], gpu: GPU) -> float:
     """The sum of the roofline floors of the Triton launches `fn()` makes, recorded in a dry
     run (nothing runs; CPU or CUDA tensors): each launch's least bytes and FLOPs as the kernels
     report counts them."""
-    from mvit3.kernel_report.report import _dot_rate
+    from mvit3.kernel_report.report import dot_rate
     from mvit3.kernels._common import launch_log
 
     with torch.no_grad(), launch_log(dry_run=True) as log:
         fn()
     if not log.records:
         raise ValueError("the call made no Triton launch: nothing to take a floor of")
-    return sum(floor_us(gpu, r.bytes, r.work.dot_flops, r.work.simt_flops, _dot_rate(r))
+    return sum(floor_us(gpu, r.bytes, r.work.dot_flops, r.work.simt_flops, dot_rate(r))
                for r in log.records)
 
 

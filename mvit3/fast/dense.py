@@ -35,7 +35,6 @@ from torch import Tensor
 
 from .. import ops
 from ..models.deeplabv3 import DeepLabV3
-from ..models.dense_configs import DetectionConfig, SegmentationConfig
 from ..models.ssdlite import SeparableConv, SSDLite, split_predictions
 from . import folding as fold
 from .model import DerivedWeights, FastMobileViT
@@ -79,16 +78,20 @@ def _aspp_plan(model: DeepLabV3, version) -> ASPPPlan:
     )
 
 
-class FastDeepLabV3(DerivedWeights, DeepLabV3):
-    """A DeepLabV3 with a fused inference forward (see the module docstring)."""
+class _FastDense(DerivedWeights):
+    """What the fast dense models share: a fused encoder on the model's backend, derived weights.
+    Listed before the reference class, so its __init__ wraps the reference model's."""
 
     encoder_class = FastMobileViT
 
-    def __init__(self, cfg: SegmentationConfig, num_classes: Optional[int] = None, in_chans: int = 3,
-                 backend: str = "auto"):
+    def __init__(self, cfg, num_classes: Optional[int] = None, in_chans: int = 3, backend: str = "auto"):
         super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
         self.backend = self.encoder.backend = ops.requested_backend(backend)
         self._init_derived_weights()
+
+
+class FastDeepLabV3(_FastDense, DeepLabV3):
+    """A DeepLabV3 with a fused inference forward (see the module docstring)."""
 
     def _build_plan(self, version) -> ASPPPlan:
         return _aspp_plan(self, version)
@@ -167,16 +170,8 @@ def _ssd_plan(model: SSDLite, version) -> SSDPlan:
     )
 
 
-class FastSSDLite(DerivedWeights, SSDLite):
+class FastSSDLite(_FastDense, SSDLite):
     """An SSDLite with a fused inference forward (see the module docstring)."""
-
-    encoder_class = FastMobileViT
-
-    def __init__(self, cfg: DetectionConfig, num_classes: Optional[int] = None, in_chans: int = 3,
-                 backend: str = "auto"):
-        super().__init__(cfg, num_classes=num_classes, in_chans=in_chans)
-        self.backend = self.encoder.backend = ops.requested_backend(backend)
-        self._init_derived_weights()
 
     def _build_plan(self, version) -> SSDPlan:
         return _ssd_plan(self, version)

@@ -167,7 +167,8 @@ def _stage_tracking(model, stage: list):
             delattr(model, name)
 
 
-def _dot_rate(record) -> str:
+def dot_rate(record) -> str:
+    """The peak a launch's tl.dot products are held to: "tensor" (16-bit tiles), "tf32" or "fp32"."""
     meta = dict(record.constexprs)
     dot_type = str(meta.get("DOT_TYPE", ""))
     if "16" in dot_type:  # tl.float16 / tl.bfloat16 tiles: tensor cores
@@ -198,7 +199,7 @@ def collect(name: str, batch: int, dtype: torch.dtype, img_size: int = 256, arch
         op, where = recorder.launch_ops.get(index, ("?", "?"))
         rows.append(Row(kernel=record.name, op=op, stage=where, grid=record.grid,
                         bytes=record.bytes, dot_flops=record.work.dot_flops,
-                        simt_flops=record.work.simt_flops, dot_rate=_dot_rate(record),
+                        simt_flops=record.work.simt_flops, dot_rate=dot_rate(record),
                         serial_steps=record.work.serial_steps, record=record))
     rows += [row for _, row in aten]
     return rows
