@@ -242,9 +242,26 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
   return out;
 }
 
-Tensor dwconv_pointwise_op(const Tensor& x, const Tensor& dw_weight, const Tensor& dw_bias,
+// With expand_weight [Ch, Cin] (the whole MV2 block): the expansion silu(x @ expand_weight^T +
+// expand_bias) runs first as its own pointwise_conv launch into a [B, Ch, H, W] workspace that the
+// depthwise kernel then reads: 2 launches for now (issue 12 item 3: one kernel).
+Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, const Tensor& dw_bias,
                            const Tensor& weight, const OptionalTensor& bias, int64_t stride,
-                           const OptionalTensor& residual, int64_t dilation) {
+                           const OptionalTensor& residual, int64_t dilation,
+                           const OptionalTensor& expand_weight, const OptionalTensor& expand_bias) {
+  Tensor x = block_input;
+  if (present(expand_weight)) {
+    check_input(block_input, "x");
+    TORCH_CHECK(dw_weight.dim() == 4, "mvit3: dw_weight must be [Ch, 1, 3, 3], got ", dw_weight.sizes());
+    const int64_t hidden = dw_weight.size(0);
+    check_channels(hidden, "the hidden workspace (Ch)");
+    matrix(*expand_weight, block_input, {hidden, block_input.size(1)}, "expand_weight");
+    optional_dense(expand_bias, block_input, {hidden}, "expand_bias");
+    x = pointwise_conv_op(block_input, *expand_weight, expand_bias, std::nullopt, std::nullopt,
+                          "none", std::nullopt, std::nullopt, 1e-5, "silu");
+  } else {
+    TORCH_CHECK(!present(expand_bias), "mvit3: expand_bias given without expand_weight");
+  }
   check_input(x, "x");
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int s = check_stride(stride);
@@ -467,7 +484,8 @@ MVIT3_LIBRARY(MVIT3_NAMESPACE, m) {
   m.def("pointwise_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
         "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor");
   m.def("dwconv_pointwise(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
-        "int stride, Tensor? residual, int dilation=1) -> Tensor");
+        "int stride, Tensor? residual, int dilation=1, Tensor? expand_weight=None, "
+        "Tensor? expand_bias=None) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act, "
         "int dilation=1) -> Tensor");
   m.def("patch_attention(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "

@@ -260,6 +260,26 @@ def test_dwconv_pointwise(kernels, case):
     check(kernels, "dwconv_pointwise", args, case.dtype)
 
 
+# Whole MV2 blocks (expand_weight given), (in, hidden, out, stride, residual): XS's layer_1.0,
+# layer_2.0 and layer_2.1 (the expansion is a pointwise_conv launch, tested above at every shape)
+MV2_BLOCKS = [(16, 64, 32, 1, False), (32, 128, 48, 2, False), (48, 192, 48, 1, True)]
+
+
+@pytest.mark.parametrize("case", cases(MV2_BLOCKS, EMU_SIZES, GPU_SIZES))
+def test_dwconv_pointwise_expand(kernels, case):
+    """The expansion (+ SiLU) feeding the depthwise conv: the hidden map is zero-padded, so a
+    border tap adds 0, not silu(expand_bias)."""
+    cin, hidden, out, stride, residual = case.shape
+    t = Inputs(case)
+    h, w = case.size
+    out_size = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    args = (t.map(cin), t.filter(hidden, 1, depthwise=True), t.vector(hidden),
+            t.weight(out, hidden), t.vector(out), stride,
+            t.map(out, size=out_size) if residual else None, 1, t.weight(hidden, cin),
+            t.vector(hidden, mean=1.0))
+    check(kernels, "dwconv_pointwise", args, case.dtype)
+
+
 @pytest.mark.parametrize("case", cases(CONV3X3, EMU_SIZES, GPU_SIZES))
 def test_conv3x3(kernels, case):
     c1, c2, cout, stride = case.shape

@@ -43,10 +43,12 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 def dwconv_pointwise(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, weight: Tensor,
                      bias: Optional[Tensor] = None, stride: int = 1,
                      residual: Optional[Tensor] = None, dilation: int = 1,
+                     expand_weight: Optional[Tensor] = None, expand_bias: Optional[Tensor] = None,
                      *, backend: str = "auto") -> Tensor:
-    """silu(depthwise3x3(x) + dw_bias) @ weight^T + bias + residual, padding = dilation."""
+    """silu(depthwise3x3(h) + dw_bias) @ weight^T + bias + residual, padding = dilation; h = x,
+    or with expand_weight the MV2 expansion silu(x @ expand_weight^T + expand_bias)."""
     return dispatch("dwconv_pointwise", backend, x, dw_weight, dw_bias, weight, bias,
-                    int(stride), residual, int(dilation))
+                    int(stride), residual, int(dilation), expand_weight, expand_bias)
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

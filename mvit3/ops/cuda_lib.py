@@ -176,8 +176,9 @@ def _channel_counts(op: str, args: tuple) -> dict:
 
     if op in ("pointwise_conv", "conv3x3"):
         return {"weight (Cout)": size(args[1], 0), "x2": size(args[3], 1)}
-    if op == "dwconv_pointwise":
-        return {"weight (Cout)": size(args[3], 0)}
+    if op == "dwconv_pointwise":  # with expand_weight (args[8]): its hidden map, a workspace
+        expand_weight = args[8] if len(args) > 8 else None
+        return {"weight (Cout)": size(args[3], 0), "the hidden workspace (Ch)": size(expand_weight, 0)}
     if op == "transformer_mlp":
         return {"w1 (F)": size(args[5], 0)}
     if op == "separable_attention":

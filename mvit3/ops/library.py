@@ -27,7 +27,8 @@ SCHEMAS = {
     "pointwise_conv": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
                       "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor",
     "dwconv_pointwise": "(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
-                        "int stride, Tensor? residual, int dilation=1) -> Tensor",
+                        "int stride, Tensor? residual, int dilation=1, Tensor? expand_weight=None, "
+                        "Tensor? expand_bias=None) -> Tensor",
     "conv3x3": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act, "
                "int dilation=1) -> Tensor",
     "patch_attention": "(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "

@@ -76,16 +76,25 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 def dwconv_pointwise(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, weight: Tensor,
                      bias: Optional[Tensor] = None, stride: int = 1,
-                     residual: Optional[Tensor] = None, dilation: int = 1) -> Tensor:
-    """y = silu(depthwise3x3(x, stride, dilation) + dw_bias) @ weight^T + bias + residual.
+                     residual: Optional[Tensor] = None, dilation: int = 1,
+                     expand_weight: Optional[Tensor] = None,
+                     expand_bias: Optional[Tensor] = None) -> Tensor:
+    """y = silu(depthwise3x3(h, stride, dilation) + dw_bias) @ weight^T + bias + residual.
 
-    x [B, Ch, H, W], dw_weight [Ch, 1, 3, 3] (padding = dilation, so the output is
+    Without expand_weight, h = x [B, Ch, H, W]: the second half of an MV2 block (dw 3x3 +
+    reduce 1x1) and the local representation of a MobileViT block (dilated in the v2-style
+    dense backbones). With expand_weight [Ch, Cin] (BN folded) and expand_bias [Ch], x is the
+    block input [B, Cin, H, W] and h = silu(x @ expand_weight^T + expand_bias), the MV2
+    expansion: the whole MV2 block in one op. The depthwise conv's zero padding applies to h
+    (taps outside the map are 0, not silu(expand_bias)).
+    dw_weight [Ch, 1, 3, 3] (padding = dilation, so the output is
     [B, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1] at any dilation), weight [Cout, Ch].
-    The second half of an MV2 block (dw 3x3 + reduce 1x1) and the local representation of a
-    MobileViT block (dilated in the v2-style dense backbones).
     """
-    h = F.silu(F.conv2d(x, dw_weight, dw_bias, stride=stride, padding=dilation, dilation=dilation,
-                        groups=x.shape[1]))
+    h = x
+    if expand_weight is not None:
+        h = F.silu(F.conv2d(x, expand_weight[:, :, None, None], expand_bias))
+    h = F.silu(F.conv2d(h, dw_weight, dw_bias, stride=stride, padding=dilation, dilation=dilation,
+                        groups=h.shape[1]))
     y = F.conv2d(h, weight[:, :, None, None], bias)
     if residual is not None:
         y = y + residual
