@@ -1,15 +1,26 @@
-"""Depthwise 3x3 + SiLU feeding a 1x1 conv, with the hidden map never leaving the chip.
+"""Depthwise 3x3 + SiLU feeding a 1x1 conv, with the hidden map never leaving the chip;
+optionally the MV2 expansion before it: a whole MV2 block in one launch.
 
 Twin of `mvit3.ops.reference.dwconv_pointwise`:
-    y = silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias) @ weight^T
-        + bias + residual.
+    y = silu(depthwise3x3(h, stride, dilation, padding = dilation) + dw_bias) @ weight^T
+        + bias + residual,
+h = x, or with expand_weight h = silu(x @ expand_weight^T + expand_bias).
 
 GEMM view: M = B*Hout*Wout output pixels, N = Cout, K = Ch hidden channels. The A tile
 [BLOCK_M pixels, BLOCK_K hidden channels] is made in registers: nine shifted [BLOCK_M,
-BLOCK_K] loads of x (one per tap, masked at the borders = zero padding) times the tap
+BLOCK_K] tiles of h (one per tap, masked at the borders = zero padding) times the tap
 weights, + dw_bias, SiLU, fp32 throughout, then straight into tl.dot. Each N tile repeats
 that work for its rows; at 9 FMAs per hidden value against BLOCK_N (up to 128) in the
 GEMM, recomputing beats a tile wide enough to hold every Cout.
+
+With the expansion, a tap's [BLOCK_M, BLOCK_K] tile of h is computed from x at that tap's
+pixels: [BLOCK_M, Cin] (in BLOCK_C chunks) @ expand_weight[chunk]^T on tl.dot, + bias, SiLU,
+then zeroed where the tap pixel is outside the map (the depthwise padding is on h). Every
+hidden value is so computed 9 times per output pixel (9/4 per input pixel at stride 2)
+instead of being written to memory and read back. Whether that pays is a cost question
+decided per launch (`fuse_expand`, a roofline model of the recomputed FLOPs against the
+hidden map's traffic and a launch); when it does not, the op runs the expansion as a
+`pointwise_conv` launch and this kernel on its output, as before.
 
 The dilation (the v2-style dense backbones' 2 and 4) is a runtime int: Triton specialises the
 value 1 to a constant, so the classification models' launches compile as before, and the
@@ -22,27 +33,55 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv, check_device,
-                      conv3x3_output, conv3x3_output_size, dot_operand_type, dot_precision,
-                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
-                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
-                      pixel_tile_epilogue, silu, target_arch, vector_stride_error)
+from mvit3.kernel_report.gpus import GPUS, floor_us
+
+from ._common import (WGMMA_ARCH, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
+                      check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
+                      pixel_coords, pixel_tile_epilogue, silu, target_arch, vector_stride_error)
+from .pointwise_conv import pointwise_conv
+
+
+@triton.jit
+def _expanded_tap(pixel_ptrs, pixel_ok, k, k_mask, Cin, stride_xc, ew_ptr, eb_ptr, stride_en,
+                  stride_ec, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One tap's [BLOCK_M, BLOCK_K] tile of the hidden map h = silu(x @ expand_weight^T +
+    expand_bias) at the pixels `pixel_ptrs` ([BLOCK_M] pointers into x), hidden channels k;
+    fp32, 0 where pixel_ok is False (outside the map: the depthwise conv pads h with zeros)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    tap = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for c0 in range(0, Cin, BLOCK_C):
+        c = c0 + offs_c
+        c_mask = c < Cin
+        a = tl.load(pixel_ptrs[:, None] + c[None, :] * stride_xc,
+                    mask=pixel_ok[:, None] & c_mask[None, :], other=0.0)
+        # [BLOCK_C, BLOCK_K] tile of expand_weight^T; padded rows load as 0
+        ew_tile = load_weight_tile(ew_ptr, c * stride_ec, c_mask, k, k_mask, stride_en)
+        tap = tl.dot(a.to(DOT_TYPE), ew_tile.to(DOT_TYPE), tap, input_precision=DOT_PRECISION)
+    if eb_ptr is not None:
+        tap += tl.load(eb_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(pixel_ok[:, None], silu(tap), 0.0)
 
 
 @triton.jit
 def _dwconv_pointwise_kernel(
-    # pointers (dw_bias, bias and residual may be None)
-    x_ptr, dw_w_ptr, dw_b_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
-    # sizes: input map H x W, output map Hout x Wout, Ch hidden channels, N = Cout
-    M, H, W, HW_out, W_out, Ch, N, conv_stride, dilation,
-    # strides: x [B, Ch, H, W]; dw_weight [Ch, 1, 3, 3]; weight [N, Ch]; residual [B, N, Hout, Wout]
+    # pointers (dw_bias, bias, residual, expand weight and bias may be None)
+    x_ptr, dw_w_ptr, dw_b_ptr, w_ptr, bias_ptr, res_ptr, ew_ptr, eb_ptr, out_ptr,
+    # sizes: input map H x W, output map Hout x Wout, Ch hidden channels, N = Cout, Cin = x's
+    # channels when expanding (else x holds the Ch hidden channels)
+    M, H, W, HW_out, W_out, Ch, N, Cin, conv_stride, dilation,
+    # strides: x [B, Cin or Ch, H, W]; dw_weight [Ch, 1, 3, 3]; weight [N, Ch];
+    # residual [B, N, Hout, Wout]; expand_weight [Ch, Cin]
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_dwc, stride_dwy, stride_dwx,
     stride_wn, stride_wk,
     stride_rb, stride_rc, stride_rh, stride_rw,
+    stride_en, stride_ec,
     # meta-parameters
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -66,7 +105,8 @@ def _dwconv_pointwise_kernel(
         k = k0 + offs_k
         k_mask = k < Ch
         channel_mask = k_mask[None, :]
-        window_ptrs = window_origin[:, None] + k[None, :] * stride_xc  # [BLOCK_M, BLOCK_K]
+        if ew_ptr is None:
+            window_ptrs = window_origin[:, None] + k[None, :] * stride_xc  # [BLOCK_M, BLOCK_K]
         dw_w_ptrs = dw_w_ptr + k * stride_dwc
         hidden = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for dy in tl.static_range(3):
@@ -76,8 +116,6 @@ def _dwconv_pointwise_kernel(
                 row_ok = row_mask
             else:
                 row_ok = bottom_ok
-            tap_x_ptrs = window_ptrs + dy * row_step
-            tap_w_ptrs = dw_w_ptrs + dy * stride_dwy
             for dx in tl.static_range(3):
                 if dx == 0:
                     pixel_ok = row_ok & left_ok
@@ -85,11 +123,16 @@ def _dwconv_pointwise_kernel(
                     pixel_ok = row_ok
                 else:
                     pixel_ok = row_ok & right_ok
-                tap_x = tl.load(tap_x_ptrs, mask=pixel_ok[:, None] & channel_mask, other=0.0)
-                tap_w = tl.load(tap_w_ptrs, mask=k_mask, other=0.0)
-                hidden += tap_x.to(tl.float32) * tap_w.to(tl.float32)[None, :]
-                tap_x_ptrs += column_step
-                tap_w_ptrs += stride_dwx
+                tap_offset = dy * row_step + dx * column_step
+                if ew_ptr is not None:
+                    tap = _expanded_tap(window_origin + tap_offset, pixel_ok, k, k_mask, Cin,
+                                        stride_xc, ew_ptr, eb_ptr, stride_en, stride_ec, DOT_TYPE,
+                                        DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_C)
+                else:
+                    tap = tl.load(window_ptrs + tap_offset, mask=pixel_ok[:, None] & channel_mask,
+                                  other=0.0).to(tl.float32)
+                tap_w = tl.load(dw_w_ptrs + dy * stride_dwy + dx * stride_dwx, mask=k_mask, other=0.0)
+                hidden += tap * tap_w.to(tl.float32)[None, :]
         if dw_b_ptr is not None:
             hidden += tl.load(dw_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         # padded K columns are silu(0) = 0, and their weight rows load as 0 anyway
@@ -101,8 +144,58 @@ def _dwconv_pointwise_kernel(
                         stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, "none")
 
 
-def _meta(n: int, dtype: torch.dtype, arch: int) -> dict:
-    """Tile sizes from N: four tile shapes (BLOCK_N 16 ... 128).
+# ---- whether to fuse the expansion: a roofline cost model ------------------------------------
+
+# The datasheet record (mvit3/kernel_report/gpus.py) whose ceilings decide for a GPU of compute
+# capability sm_<arch>: the GPU of the highest arch listed here that is <= it (the kernels
+# report's default GPU for sm_90). A decision per arch, not per device name, so that a dry run
+# for an arch (the AOT compile, the kernels report) records what that arch's GPUs launch.
+_COST_GPU = {75: "rtx2080ti", 80: "a100", 89: "rtx4090", 90: "h200"}
+# What a second launch costs beyond its own roofline: the GPU-side gap between two dependent
+# kernels, "a few microseconds" (docs/kernels-report.md). An assumption, not a measurement here
+# (no GPU); eager host launch costs are larger, CUDA-graph replay's smaller.
+LAUNCH_OVERHEAD_US = 2.0
+
+
+def cost_gpu(arch: int):
+    """The gpus.GPUS record whose ceilings `fuse_expand` uses for sm_<arch>."""
+    key = max((a for a in _COST_GPU if a <= arch), default=min(_COST_GPU))
+    return GPUS[_COST_GPU[key]]
+
+
+def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
+                dtype: torch.dtype, arch: int) -> bool:
+    """Whether an MV2 block on a [batch, cin, *size] input (hidden channels, output map
+    out_size) runs as one launch that recomputes the expansion per depthwise tap, rather than
+    as a pointwise_conv launch writing the [batch, hidden, *size] map and this kernel reading it.
+
+    At the ceilings of sm_<arch>'s GPU (`cost_gpu`, the kernels report's roofline `floor_us`):
+    fuse when the extra expansion FLOPs of the fused launch (9 per output pixel instead of 1 per
+    input pixel, at the dot rate of the dtype: tensor cores for fp16/bf16, FMA or TF32 for fp32)
+    take less time than the hidden map's write + read at peak bandwidth plus one launch
+    (`LAUNCH_OVERHEAD_US`). The peaks flatter the recomputation (small-K dots rarely reach
+    them), so close calls lean to fusing. For v3-XS at 256 px on sm_90 (the H200's ceilings):
+    batch 1 fuses all seven MV2 blocks in fp16/bf16 and five in fp32 (not layer_1.0 and
+    layer_2.1: stride 1 recomputes 8x the expansion on the FMA units); batch 100 fuses all
+    seven in fp16/bf16 and only layer_2.0 in fp32 (tests/test_kernel_dwconv_pointwise.py).
+    """
+    gpu = cost_gpu(arch)
+    pixels_in, pixels_out = batch * size[0] * size[1], batch * out_size[0] * out_size[1]
+    if dtype == torch.float32:
+        rate = "tf32" if dot_precision(dtype) == "tf32" else "fp32"
+    else:
+        rate = "tensor"
+    extra_flops = 2 * cin * hidden * max(0, 9 * pixels_out - pixels_in)
+    hidden_map_bytes = 2 * pixels_in * hidden * torch.empty((), dtype=dtype).element_size()
+    recompute_us = floor_us(gpu, 0, extra_flops, 0, rate)
+    saved_us = floor_us(gpu, hidden_map_bytes, 0, 0, rate) + LAUNCH_OVERHEAD_US
+    return recompute_us < saved_us
+
+
+# ---- launcher -------------------------------------------------------------------------------
+
+def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int) -> dict:
+    """Tile sizes from (M, N, dtype, arch): BLOCK_N 16 ... 128, BLOCK_M 64 ... 16.
 
     One N tile up to Cout = 128 (the depthwise work is done once per pixel). The nine tap
     loads in flight take many registers: in fp32 8 warps share a 64 x 16 hidden tile (with 4
@@ -113,18 +206,40 @@ def _meta(n: int, dtype: torch.dtype, arch: int) -> dict:
     bytes on sm_80; 32 rows need 128-145 registers). Two stages let sm_80/90 prefetch the
     next chunk's taps (cp.async: 42-54 KB shared in fp32); sm_75 has no cp.async and needs at
     most 16 KB.
+
+    Small grids (batch 1's late stages: XS's layer_5.0 had 2 programs x 40 K steps) halve
+    BLOCK_M, down to 16, while the grid stays under TARGET_PROGRAMS, and widen BLOCK_K by as
+    much (the hidden tile stays BLOCK_M x BLOCK_K = 1024 values, 2048 in 16-bit at 32 rows), so
+    that more programs walk fewer K steps. With the expansion, BLOCK_C x's channels per tl.dot
+    step (Cin padded to 16 ... 64).
     """
+    block_n = min(next_pow2(n), 128)
+    block_m = 64 if dtype == torch.float32 or arch >= WGMMA_ARCH else 32
+    block_k = 16
+    while block_m > 16 and cdiv(m, block_m) * cdiv(n, block_n) < TARGET_PROGRAMS:
+        block_m //= 2
+        block_k *= 2
     return interpreter_meta(
-        dict(BLOCK_M=64 if dtype == torch.float32 or arch >= WGMMA_ARCH else 32,
-             BLOCK_N=min(next_pow2(n), 128), BLOCK_K=16,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+             BLOCK_C=min(next_pow2(cin), 64) if expand else 16,
              num_warps=8 if dtype == torch.float32 else 4, num_stages=2),
         BLOCK_M=256, BLOCK_K=64)
 
 
-def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation) -> str | None:
+def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation, expand_weight,
+                 expand_bias) -> str | None:
     if x.dim() != 4:
-        return f"x must be [B, Ch, H, W], got shape {tuple(x.shape)}"
+        return f"x must be [B, C, H, W], got shape {tuple(x.shape)}"
     b, ch, h, w = x.shape
+    if expand_weight is not None:
+        if expand_weight.dim() != 2 or expand_weight.shape[1] != ch:
+            return (f"expand_weight must be [Ch, Cin] = [Ch, {ch}] for x with Cin={ch} channels, "
+                    f"got shape {tuple(expand_weight.shape)}")
+        ch = expand_weight.shape[0]
+        if expand_bias is not None and tuple(expand_bias.shape) != (ch,):
+            return f"expand_bias must be [Ch] = [{ch}], got shape {tuple(expand_bias.shape)}"
+    elif expand_bias is not None:
+        return "expand_bias needs expand_weight (the expansion's [Ch, Cin] weight)"
     if tuple(dw_weight.shape) != (ch, 1, 3, 3):
         return f"dw_weight must be [Ch, 1, 3, 3] = [{ch}, 1, 3, 3], got shape {tuple(dw_weight.shape)}"
     if dw_bias is not None and tuple(dw_bias.shape) != (ch,):
@@ -141,47 +256,67 @@ def _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation
     out_shape = (b, cout, conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
     if residual is not None and tuple(residual.shape) != out_shape:
         return f"residual must be [B, Cout, Hout, Wout] = {list(out_shape)}, got shape {tuple(residual.shape)}"
-    return vector_stride_error(dw_bias=dw_bias, bias=bias)
+    return vector_stride_error(dw_bias=dw_bias, bias=bias, expand_bias=expand_bias)
 
 
 def why_unsupported(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None,
-                    dilation=1) -> str | None:
+                    dilation=1, expand_weight=None, expand_bias=None) -> str | None:
     """None if the Triton kernel takes these arguments, else why not."""
-    error = _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation)
+    error = _shape_error(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation,
+                         expand_weight, expand_bias)
     if error is not None:
         return error
     b, _, h, w = x.shape
     out_shape = (b, weight.shape[0], conv3x3_output_size(h, stride), conv3x3_output_size(w, stride))
-    return int32_offset_limit(out_shape, (x, residual), dict(weight=weight))
+    error = int32_offset_limit(out_shape, (x, residual), dict(weight=weight, expand_weight=expand_weight))
+    if error is None and expand_weight is not None:  # the unfused path's hidden map [B, Ch, H, W]
+        error = int32_offset_limit((b, dw_weight.shape[0], h, w), ())
+    return error
 
 
-def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None, dilation=1):
-    """silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias) @ weight^T + bias
-    + residual -> channels_last [B, Cout, Hout, Wout]."""
-    error = why_unsupported(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation)
+def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residual=None, dilation=1,
+                     expand_weight=None, expand_bias=None):
+    """silu(depthwise3x3(h, stride, dilation, padding = dilation) + dw_bias) @ weight^T + bias
+    + residual -> channels_last [B, Cout, Hout, Wout]; h = x, or with expand_weight
+    silu(x @ expand_weight^T + expand_bias) (one launch, or two where `fuse_expand` says so)."""
+    error = why_unsupported(x, dw_weight, dw_bias, weight, bias, stride, residual, dilation,
+                            expand_weight, expand_bias)
     if error is not None:
         raise ValueError(f"dwconv_pointwise: {error}")
-    check_device(x, dw_weight, dw_bias, weight, bias, residual)
+    check_device(x, dw_weight, dw_bias, weight, bias, residual, expand_weight, expand_bias)
     cout = weight.shape[0]
     out, geometry = conv3x3_output(x, cout, stride)
     if geometry["M"] == 0 or cout == 0:
         return out
-    meta = _meta(cout, x.dtype, target_arch(x))
-    b, ch = x.shape[:2]
+    b, _, h, w = x.shape
+    ch = dw_weight.shape[0]
+    arch = target_arch(x)
+    if expand_weight is not None and not fuse_expand(b, (h, w), out.shape[2:], x.shape[1], ch,
+                                                     x.dtype, arch):
+        x = pointwise_conv(x, expand_weight, expand_bias, act="silu")  # the hidden map [B, Ch, H, W]
+        expand_weight = expand_bias = None
+    expand = expand_weight is not None
+    cin = x.shape[1]  # Ch unless expanding
+    meta = _meta(geometry["M"], cout, cin, expand, x.dtype, arch)
     for start, stop in batch_chunks(b, out.shape, (x, residual)):
         m = (stop - start) * geometry["HW_out"]
         launch_gemm_tiles(
             _dwconv_pointwise_kernel, m, cout,
             dict(x_ptr=batch_part(x, start, stop), dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight,
-                 bias_ptr=bias, res_ptr=batch_part(residual, start, stop),
-                 out_ptr=batch_part(out, start, stop), **dict(geometry, M=m), Ch=ch, N=cout,
-                 dilation=dilation,
+                 bias_ptr=bias, res_ptr=batch_part(residual, start, stop), ew_ptr=expand_weight,
+                 eb_ptr=expand_bias, out_ptr=batch_part(out, start, stop),
+                 **dict(geometry, M=m), Ch=ch, N=cout, Cin=cin, dilation=dilation,
                  **map_stride_args("x", x),
                  stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
                  stride_dwx=dw_weight.stride(3),
                  stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-                 **map_stride_args("r", residual)),
+                 **map_stride_args("r", residual),
+                 stride_en=expand_weight.stride(0) if expand else 0,
+                 stride_ec=expand_weight.stride(1) if expand else 0),
             dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-            Work(dot_flops=2 * m * ch * cout, simt_flops=2 * m * ch * 9,
-                 serial_steps=cdiv(ch, meta["BLOCK_K"])))
+            # with the expansion: nine [BLOCK_M, Cin] x [Cin, BLOCK_K] products per K step (the
+            # taps are unrolled and independent; each walks Cin in BLOCK_C steps)
+            Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
+                 simt_flops=2 * m * ch * 9,
+                 serial_steps=cdiv(ch, meta["BLOCK_K"]) * (cdiv(cin, meta["BLOCK_C"]) if expand else 1)))
     return out

@@ -1,6 +1,7 @@
 """The Triton dwconv_pointwise (depthwise 3x3 + SiLU made on chip, fed into a 1x1 GEMM)
 against the float64 reference, at every distinct channel configuration of the 15 models, and
-dilated as in the v2-style dense backbones."""
+dilated as in the v2-style dense backbones; with the MV2 expansion recomputed per tap (the
+whole block in one launch), its cost model's decisions, and the unfused fallback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from conftest import KERNEL_DEVICES
 from kernel_utils import (check_op, check_rejected, dry_run_launch, other_layout, random_map,
                           random_vector, random_weight, replace_args, skip_bf16_before_sm80,
                           variant, with_stride_2)
-from mvit3.kernels.dwconv_pointwise import dwconv_pointwise, why_unsupported
-from mvit3.models import CONFIGS
+import mvit3.ops
+from mvit3.kernels import _common
+from mvit3.kernels.dwconv_pointwise import dwconv_pointwise, fuse_expand, why_unsupported
+from mvit3.models import CONFIGS, make_divisible
 from mvit3.ops import reference
 from shapes import mv2_blocks
 
@@ -28,11 +31,16 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 
 
 def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, dw_bias=True,
-              bias=True, residual=False, seed=0, dilation=1):
-    """Positional arguments of dwconv_pointwise; the residual uses another layout than x."""
+              bias=True, residual=False, seed=0, dilation=1, cin=None):
+    """Positional arguments of dwconv_pointwise; the residual uses another layout than x.
+    With cin, x is a block input [B, cin, H, W] and the expansion cin -> hidden is given."""
     gen = torch.Generator().manual_seed(seed)
     h, w = size
-    x = random_map(gen, b, hidden, h, w, layout, dtype, device)
+    x = random_map(gen, b, cin or hidden, h, w, layout, dtype, device)
+    # expand bias around 1: silu(bias) is far from 0, so a tap outside the map that took it
+    # instead of the zero padding would be seen
+    expand = ((random_weight(gen, hidden, cin, packing, dtype, device),
+               random_vector(gen, hidden, dtype, device, mean=1.0)) if cin else (None, None))
     # depthwise taps N(0, 1/9): the hidden values stay O(1) before SiLU
     dw_weight = (torch.randn(hidden, 1, 3, 3, generator=gen) / 3).to(device, dtype)
     dw_bias_t = random_vector(gen, hidden, dtype, device) if dw_bias else None
@@ -41,7 +49,7 @@ def make_args(device, dtype, b, size, layout, packing, hidden, cout, stride=1, d
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     other = other_layout(layout)
     res = random_map(gen, b, cout, h_out, w_out, other, dtype, device) if residual else None
-    return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res, dilation)
+    return (x, dw_weight, dw_bias_t, weight, bias_t, stride, res, dilation, *expand)
 
 
 def check(args, dtype=torch.float32):
@@ -184,5 +192,164 @@ def test_launch_records():
     record, signature, meta = dry_run_launch(dwconv_pointwise, args, "_dwconv_pointwise_kernel")
     assert signature["bias_ptr"] == signature["res_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
-    assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
-    assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
+    # a small grid: 16-row tiles (8 of them for 2 * 8 * 8 pixels) with 64 hidden channels a
+    # K step, rather than 64 x 16 (2 row tiles), times 2 column tiles of the 160 channels
+    assert meta["BLOCK_N"] == 128 and meta["BLOCK_M"] == 16 and meta["BLOCK_K"] == 64
+    assert record.grid == (16,) and record.work.serial_steps == 4
+    # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles
+    large = make_args("cpu", torch.float32, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
+                      hidden=256, cout=160, stride=2, bias=False)
+    record, _, meta = dry_run_launch(dwconv_pointwise, large, "_dwconv_pointwise_kernel")
+    assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (64, 16) and record.grid == (128,)
+
+
+# ---- the whole MV2 block: the expansion recomputed per depthwise tap ---------------------------
+
+# (cin, hidden, cout, stride, residual, dtype, batch, size, layout): XS's blocks and a v2-style
+# one with Cin = 80 (two 64-channel BLOCK_C steps, the second partly masked); odd sizes, both
+# strides, batch 1 and 2, NCHW / channels_last / channel slices, the three dtypes.
+EXPAND_CASES = {
+    "16to64to32-s1-fp32": (16, 64, 32, 1, False, torch.float32, 2, (7, 9), "nchw"),
+    "32to128to48-s2-fp32": (32, 128, 48, 2, False, torch.float32, 1, (9, 8), "nhwc"),
+    "48to192to48-s1-res-fp16": (48, 192, 48, 1, True, torch.float16, 2, (5, 7), "nhwc"),
+    "64to256to80-s2-fp16": (64, 256, 80, 2, False, torch.float16, 1, (7, 7), "slice"),
+    "24to48to24-s1-res-bf16": (24, 48, 24, 1, True, torch.bfloat16, 1, (6, 5), "nchw"),
+    "80to160to128-s2-bf16": (80, 160, 128, 2, False, torch.bfloat16, 2, (5, 9), "nhwc"),
+}
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", EXPAND_CASES)
+def test_expand_fused(device, case):
+    """expand 1x1 + SiLU, dw 3x3 + SiLU, reduce 1x1 [+ x] in one launch against float64: the
+    hidden map's zero padding (the expand bias is ~1, silu(1) = 0.73 where a border tap would
+    wrongly take it), strides, odd borders, row tiles straddling samples."""
+    cin, hidden, cout, stride, residual, dtype, b, size, layout = EXPAND_CASES[case]
+    skip_bf16_before_sm80(device, dtype)
+    i = list(EXPAND_CASES).index(case)
+    args = make_args(device, dtype, b, size, layout, ("kmajor", "plain")[i % 2], hidden, cout,
+                     stride=stride, residual=residual, seed=i, cin=cin)
+    assert fuse_expand(b, size, ((size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1), cin,
+                       hidden, dtype, _common.target_arch(args[0]))
+    with _common.launch_log() as log:
+        check(args, dtype)
+    assert [record.name for record in log.records] == ["_dwconv_pointwise_kernel"]
+    assert dict(log.records[0].signature)["ew_ptr"] != "constexpr"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_expand_dilated(device):
+    """A dilated MV2 block (the dense backbones' layers past their output stride), fused."""
+    check(make_args(device, torch.float32, b=2, size=(7, 5), layout="nhwc", packing="kmajor",
+                    hidden=64, cout=32, residual=False, dilation=2, cin=32))
+
+
+def test_expand_unfused_fallback():
+    """Where the cost model keeps the hidden map (fp32 stride 1 at 64 x 64: the recomputation
+    is 8x the expansion on the FMA units), the op is pointwise_conv's launch then this
+    kernel's, and computes the same."""
+    args = make_args("cpu", torch.float32, b=1, size=(64, 64), layout="nhwc", packing="kmajor",
+                     hidden=192, cout=48, residual=True, cin=48)
+    assert not fuse_expand(1, (64, 64), (64, 64), 48, 192, torch.float32, 90)
+    with _common.launch_log(dry_run=True) as log:
+        dwconv_pointwise(*args)
+    assert [r.name for r in log.records] == ["_pointwise_conv_kernel", "_dwconv_pointwise_kernel"]
+    assert dict(log.records[1].signature)["ew_ptr"] == "constexpr"
+    small = make_args("cpu", torch.float32, b=1, size=(16, 17), layout="nhwc", packing="kmajor",
+                      hidden=192, cout=48, residual=True, cin=48)
+    with _common.compile_target(75):  # the RTX 2080 Ti's 13.4 fp32 TFLOP/s: kept at 16 x 17
+        assert not fuse_expand(1, (16, 17), (16, 17), 48, 192, torch.float32, 75)
+        with _common.launch_log() as log:
+            check(small)
+    assert [r.name for r in log.records] == ["_pointwise_conv_kernel", "_dwconv_pointwise_kernel"]
+
+
+def _xs_mv2_blocks(img: int = 256) -> list:
+    """(name, cin, hidden, stride, input size) of mobilevitv3_xs's MV2 blocks."""
+    c = CONFIGS["mobilevitv3_xs"]
+    plan = [("layer_1.0", c.stem_channels, c.layer1_channels, 1)]
+    plan += [(f"layer_2.{i}", c.layer1_channels if i == 0 else c.layer2_channels, c.layer2_channels,
+              2 if i == 0 else 1) for i in range(c.layer2_blocks)]
+    prev = c.layer2_channels
+    for index, s in enumerate(c.stages, start=3):
+        plan.append((f"layer_{index}.0", prev, s.channels, 2))
+        prev = s.channels
+    size, blocks = img // 2, []
+    for name, cin, _, stride in plan:
+        blocks.append((name, cin, make_divisible(int(round(cin * c.mv2_expand)), 8), stride, size))
+        size = (size - 1) // stride + 1
+    return blocks
+
+
+# The blocks of mobilevitv3_xs at 256 px that fuse on sm_90 (the H200's ceilings), per (batch,
+# dtype): fp16/bf16 (989 TFLOP/s on tensor cores) fuse everything; fp32 (66.9 on FMA units)
+# keeps the hidden map where stride 1 recomputes 8x the expansion, and at batch 100 wherever
+# the recomputation outweighs the traffic (layer_2.0 only saves: 128 hidden channels from 32).
+FUSED_XS = {
+    (1, torch.float16): {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0",
+                         "layer_4.0", "layer_5.0"},
+    (100, torch.float16): {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0",
+                           "layer_4.0", "layer_5.0"},
+    (1, torch.float32): {"layer_2.0", "layer_3.0", "layer_4.0", "layer_5.0"},
+    (100, torch.float32): {"layer_2.0"},
+}
+
+
+@pytest.mark.parametrize("batch, dtype", FUSED_XS, ids=[f"b{b}-{str(d)[6:]}" for b, d in FUSED_XS])
+def test_cost_model_decisions_xs(batch, dtype):
+    blocks = _xs_mv2_blocks()
+    assert [name for name, *_ in blocks] == ["layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2",
+                                             "layer_3.0", "layer_4.0", "layer_5.0"]
+    fused = {name for name, cin, hidden, stride, size in blocks
+             if fuse_expand(batch, (size, size), ((size - 1) // stride + 1,) * 2, cin, hidden,
+                            dtype, 90)}
+    assert fused == FUSED_XS[batch, dtype]
+
+
+def test_cost_model_tf32_and_bf16():
+    """bf16 decides as fp16 (same tensor rate, same bytes); TF32, when allowed, prices the fp32
+    recomputation at the tensor-core TF32 rate, so more fp32 blocks fuse."""
+    blocks = _xs_mv2_blocks()
+    for name, cin, hidden, stride, size in blocks:
+        out = ((size - 1) // stride + 1,) * 2
+        assert (fuse_expand(100, (size, size), out, cin, hidden, torch.bfloat16, 90)
+                == fuse_expand(100, (size, size), out, cin, hidden, torch.float16, 90))
+    name, cin, hidden, stride, size = blocks[0]  # layer_1.0: kept in IEEE fp32
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        tf32 = fuse_expand(100, (size, size), (size, size), cin, hidden, torch.float32, 90)
+    finally:
+        matmul.allow_tf32 = previous
+    assert tf32 == (not _common.INTERPRET)  # the interpreter runs IEEE fp32 whatever the flag
+
+
+def test_reference_expand_is_the_two_op_composition():
+    """The torch backend of the expanded op equals pointwise_conv (+ SiLU) then the plain
+    dwconv_pointwise (float64, to its rounding: the two run their convs on other memory
+    layouts): the zero padding is the hidden map's."""
+    args = make_args("cpu", torch.float64, b=2, size=(7, 6), layout="nchw", packing="kmajor",
+                     hidden=48, cout=24, residual=True, cin=16)
+    x, dw_weight, dw_bias, weight, bias, stride, residual, dilation, expand_weight, expand_bias = args
+    hidden = reference.pointwise_conv(x, expand_weight, expand_bias, act="silu")
+    composed = reference.dwconv_pointwise(hidden, dw_weight, dw_bias, weight, bias, stride, residual,
+                                          dilation)
+    fused = mvit3.ops.dwconv_pointwise(*args, backend="torch")
+    torch.testing.assert_close(fused, composed, rtol=1e-12, atol=1e-12)
+
+
+EXPAND_BAD_INPUTS = {
+    "expand-weight-cin": (dict(expand_weight=torch.zeros(8, 5)), r"expand_weight must be \[Ch, Cin\]"),
+    "expand-bias": (dict(expand_weight=torch.zeros(8, 8), expand_bias=torch.zeros(7)),
+                    "expand_bias must be"),
+    "expand-bias-alone": (dict(expand_bias=torch.zeros(8)), "expand_bias needs expand_weight"),
+    "dw-weight-hidden": (dict(expand_weight=torch.zeros(16, 8)), r"dw_weight must be \[Ch, 1, 3, 3\] = \[16"),
+}
+
+
+@pytest.mark.parametrize("case", EXPAND_BAD_INPUTS)
+def test_expand_bad_inputs_raise(case):
+    changes, message = EXPAND_BAD_INPUTS[case]
+    check_rejected(dwconv_pointwise, why_unsupported,
+                   replace_args(dwconv_pointwise, _base_args(), **changes), message)

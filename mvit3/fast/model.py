@@ -7,7 +7,9 @@ reference forward unchanged, so fine-tuning keeps working.
 
 Per forward of a v1-style v3 model (XXS/XS/S), with the maps kept channels_last throughout:
   stem                conv3x3(+BN+SiLU)                                   1 launch
-  MV2 block           pointwise_conv(exp+SiLU), dwconv_pointwise(dw+red+res)  2
+  MV2 block           dwconv_pointwise(exp+SiLU, dw+SiLU, red, +res)          1
+                      (Triton: 2 where its cost model keeps the expanded map, e.g. fp32 at
+                      batch 100; CUDA library: 2, the expansion launched first)
   MobileViTv3 block   dwconv_pointwise (local), then per transformer layer
                       pointwise_conv (LN+qkv), patch_attention (+out_proj+res),
                       transformer_mlp (LN+FFN+res); pointwise_conv (LN+conv_proj+SiLU),
@@ -281,10 +283,11 @@ class FastMobileViT(DerivedWeights, MobileViT):
         return levels
 
     def _mv2(self, x: Tensor, p: MV2Plan) -> Tensor:
-        be = self.backend
-        h = ops.pointwise_conv(x, p.expand.weight, p.expand.bias, act="silu", backend=be)
-        return ops.dwconv_pointwise(h, p.dw.weight, p.dw.bias, p.reduce.weight, p.reduce.bias,
-                                    p.stride, x if p.residual else None, p.dilation, backend=be)
+        # one op: expand + SiLU, dw 3x3 + SiLU, reduce, + x (the Triton kernel decides whether
+        # to recompute the expansion per tap in one launch or to write the hidden map)
+        return ops.dwconv_pointwise(x, p.dw.weight, p.dw.bias, p.reduce.weight, p.reduce.bias,
+                                    p.stride, x if p.residual else None, p.dilation,
+                                    p.expand.weight, p.expand.bias, backend=self.backend)
 
     def _local(self, x: Tensor, p: BlockPlan) -> Tensor:
         be = self.backend
