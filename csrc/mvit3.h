@@ -105,6 +105,13 @@ struct TransformerMlpArgs {
   const void* b2 = nullptr;           // [d]
 };
 
+// transformer_mlp_project: mlp (norm layer), then project, a LayerNorm pointwise_conv whose x is
+// mlp.out: the FFN output t and its projection (the next qkv, or the block's conv_proj).
+struct TransformerMlpProjectArgs {
+  TransformerMlpArgs mlp;
+  PointwiseConvArgs project;
+};
+
 // separable_attention: out = x + (relu(v) * context) @ out_weight^T + out_bias, with
 // [q | k | v] = GroupNorm1(x) @ qkv_weight^T + qkv_bias and context = sum_n softmax_n(q) k.
 struct SeparableAttentionArgs {
@@ -136,6 +143,7 @@ void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream strea
 void conv3x3(const Conv3x3Args& args, DType dtype, Stream stream);
 void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream);
 void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream);
+void transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype, Stream stream);
 void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream stream);
 void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream);
 

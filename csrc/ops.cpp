@@ -18,6 +18,7 @@
 #include <climits>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #ifndef MVIT3_EMULATE
 #include <c10/cuda/CUDAGuard.h>
@@ -194,10 +195,20 @@ int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input 
 
 // ---- the ops --------------------------------------------------------------------------------
 
-Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
-                         const OptionalTensor& x2, const OptionalTensor& residual,
-                         c10::string_view norm, const OptionalTensor& norm_weight,
-                         const OptionalTensor& norm_bias, double eps, c10::string_view act) {
+// A checked pointwise_conv call: its launcher arguments, the output and workspace they point
+// to, and the contiguous vectors (kept alive here until the launch).
+struct PointwiseConvCall {
+  PointwiseConvArgs args;
+  Tensor out, stats;
+  std::optional<Tensor> bias, norm_weight, norm_bias;
+};
+
+PointwiseConvCall pointwise_conv_call(const Tensor& x, const Tensor& weight,
+                                      const OptionalTensor& bias, const OptionalTensor& x2,
+                                      const OptionalTensor& residual, c10::string_view norm,
+                                      const OptionalTensor& norm_weight,
+                                      const OptionalTensor& norm_bias, double eps,
+                                      c10::string_view act) {
   check_input(x, "x");
   const int64_t batch = x.size(0), c1 = x.size(1), height = x.size(2), width = x.size(3);
   int64_t c2 = 0;
@@ -210,21 +221,21 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
   const int64_t cout = weight.size(0);
   check_channels(cout, "weight (Cout)");
   const Matrix w = matrix(weight, x, {cout, c1 + c2}, "weight");
-  const auto b = optional_dense(bias, x, {cout}, "bias");
+  PointwiseConvCall call;
+  call.bias = optional_dense(bias, x, {cout}, "bias");
   if (present(residual)) check_map(*residual, x, "residual", cout, height, width);
-  const auto nw = optional_dense(norm_weight, x, {c1}, "norm_weight");
-  const auto nb = optional_dense(norm_bias, x, {c1}, "norm_bias");
+  call.norm_weight = optional_dense(norm_weight, x, {c1}, "norm_weight");
+  call.norm_bias = optional_dense(norm_bias, x, {c1}, "norm_bias");
 
-  Tensor out = empty_map(x, cout, height, width);
-  PointwiseConvArgs args;
+  call.out = empty_map(x, cout, height, width);
+  PointwiseConvArgs& args = call.args;
   args.norm = parse_norm(norm);
   args.act = parse_act(act);
-  Tensor stats;
-  if (args.norm == Norm::group) stats = empty_fp32(x, {batch, 2});
+  if (args.norm == Norm::group) call.stats = empty_fp32(x, {batch, 2});
   args.x = map_of(x);
   args.x2 = map_of(x2);
   args.residual = map_of(residual);
-  args.out = map_of(out);
+  args.out = map_of(call.out);
   args.batch = as_int(batch);
   args.height = as_int(height);
   args.width = as_int(width);
@@ -232,14 +243,23 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
   args.c2 = as_int(c2);
   args.cout = as_int(cout);
   args.weight = w;
-  args.bias = data_of(b);
-  args.norm_weight = data_of(nw);
-  args.norm_bias = data_of(nb);
+  args.bias = data_of(call.bias);
+  args.norm_weight = data_of(call.norm_weight);
+  args.norm_bias = data_of(call.norm_bias);
   args.eps = float(eps);
-  args.group_stats = stats.defined() ? stats.data_ptr<float>() : nullptr;
+  args.group_stats = call.stats.defined() ? call.stats.data_ptr<float>() : nullptr;
+  return call;
+}
+
+Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
+                         const OptionalTensor& x2, const OptionalTensor& residual,
+                         c10::string_view norm, const OptionalTensor& norm_weight,
+                         const OptionalTensor& norm_bias, double eps, c10::string_view act) {
+  PointwiseConvCall call =
+      pointwise_conv_call(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, eps, act);
   KernelContext context(x);
-  pointwise_conv(args, dtype_of(x), context.stream);
-  return out;
+  pointwise_conv(call.args, dtype_of(x), context.stream);
+  return call.out;
 }
 
 // With expand_weight [Ch, Cin] (the whole MV2 block): the expansion silu(x @ expand_weight^T +
@@ -383,46 +403,80 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
   return out;
 }
 
-Tensor transformer_mlp_op(const Tensor& x, c10::string_view norm, const Tensor& norm_weight,
-                          const Tensor& norm_bias, double eps, const Tensor& w1, const Tensor& b1,
-                          const Tensor& w2, const Tensor& b2) {
+// A checked transformer_mlp call: its launcher arguments, the output and workspaces they point
+// to, and the contiguous vectors (kept alive here until the launch).
+struct TransformerMlpCall {
+  TransformerMlpArgs args;
+  Tensor out, hidden, stats, norm_weight, norm_bias, b1, b2;
+};
+
+TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
+                                        const Tensor& norm_weight, const Tensor& norm_bias,
+                                        double eps, const Tensor& w1, const Tensor& b1,
+                                        const Tensor& w2, const Tensor& b2) {
   check_input(x, "x");
   const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
   TORCH_CHECK(w1.dim() == 2, "mvit3: w1 must be [F, d], got ", w1.sizes());
   const int64_t ffn_dim = w1.size(0);
   check_channels(ffn_dim, "w1 (F)");
-  const Tensor nw = dense(norm_weight, x, {dim}, "norm_weight");
-  const Tensor nb = dense(norm_bias, x, {dim}, "norm_bias");
+  TransformerMlpCall call;
+  call.norm_weight = dense(norm_weight, x, {dim}, "norm_weight");
+  call.norm_bias = dense(norm_bias, x, {dim}, "norm_bias");
   const Matrix w1m = matrix(w1, x, {ffn_dim, dim}, "w1");
-  const Tensor b1c = dense(b1, x, {ffn_dim}, "b1");
+  call.b1 = dense(b1, x, {ffn_dim}, "b1");
   const Matrix w2m = matrix(w2, x, {dim, ffn_dim}, "w2");
-  const Tensor b2c = dense(b2, x, {dim}, "b2");
+  call.b2 = dense(b2, x, {dim}, "b2");
 
-  Tensor out = empty_map(x, dim, height, width);
-  Tensor hidden = empty_map(x, ffn_dim, height, width);
-  TransformerMlpArgs args;
+  call.out = empty_map(x, dim, height, width);
+  call.hidden = empty_map(x, ffn_dim, height, width);
+  TransformerMlpArgs& args = call.args;
   args.norm = parse_norm(norm);
-  Tensor stats;
-  if (args.norm == Norm::group) stats = empty_fp32(x, {batch, 2});
+  if (args.norm == Norm::group) call.stats = empty_fp32(x, {batch, 2});
   args.x = map_of(x);
-  args.out = map_of(out);
-  args.hidden = map_of(hidden);
+  args.out = map_of(call.out);
+  args.hidden = map_of(call.hidden);
   args.batch = as_int(batch);
   args.height = as_int(height);
   args.width = as_int(width);
   args.dim = as_int(dim);
   args.ffn_dim = as_int(ffn_dim);
-  args.norm_weight = nw.data_ptr();
-  args.norm_bias = nb.data_ptr();
+  args.norm_weight = call.norm_weight.data_ptr();
+  args.norm_bias = call.norm_bias.data_ptr();
   args.eps = float(eps);
-  args.group_stats = stats.defined() ? stats.data_ptr<float>() : nullptr;
+  args.group_stats = call.stats.defined() ? call.stats.data_ptr<float>() : nullptr;
   args.w1 = w1m;
-  args.b1 = b1c.data_ptr();
+  args.b1 = call.b1.data_ptr();
   args.w2 = w2m;
-  args.b2 = b2c.data_ptr();
+  args.b2 = call.b2.data_ptr();
+  return call;
+}
+
+Tensor transformer_mlp_op(const Tensor& x, c10::string_view norm, const Tensor& norm_weight,
+                          const Tensor& norm_bias, double eps, const Tensor& w1, const Tensor& b1,
+                          const Tensor& w2, const Tensor& b2) {
+  TransformerMlpCall call = transformer_mlp_call(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2);
   KernelContext context(x);
-  transformer_mlp(args, dtype_of(x), context.stream);
-  return out;
+  transformer_mlp(call.args, dtype_of(x), context.stream);
+  return call.out;
+}
+
+// The FFN's output t is the projection's input: checked and allocated before either launch.
+std::tuple<Tensor, Tensor> transformer_mlp_project_op(
+    const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias, double eps,
+    const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+    const Tensor& proj_norm_weight, const Tensor& proj_norm_bias, double proj_eps,
+    const Tensor& proj_weight, const OptionalTensor& proj_bias, c10::string_view act) {
+  TransformerMlpCall mlp = transformer_mlp_call(x, "layer", norm_weight, norm_bias, eps, w1, b1, w2, b2);
+  TORCH_CHECK(proj_weight.dim() == 2, "mvit3: proj_weight must be [Cout, d], got ", proj_weight.sizes());
+  PointwiseConvCall project =
+      pointwise_conv_call(mlp.out, proj_weight, proj_bias, std::nullopt, std::nullopt, "layer",
+                          proj_norm_weight, proj_norm_bias, proj_eps, act);
+  TransformerMlpProjectArgs args;
+  args.mlp = mlp.args;
+  args.project = project.args;
+  KernelContext context(x);
+  transformer_mlp_project(args, dtype_of(x), context.stream);
+  return {mlp.out, project.out};
 }
 
 Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias,
@@ -492,6 +546,10 @@ MVIT3_LIBRARY(MVIT3_NAMESPACE, m) {
         "Tensor? proj_bias, Tensor? residual) -> Tensor");
   m.def("transformer_mlp(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  m.def("transformer_mlp_project(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor proj_norm_weight, "
+        "Tensor proj_norm_bias, float proj_eps, Tensor proj_weight, "
+        "Tensor? proj_bias, str act) -> (Tensor, Tensor)");
   m.def("separable_attention(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
         "Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
         "Tensor out_bias) -> Tensor");
@@ -503,5 +561,6 @@ MVIT3_LIBRARY_IMPL(MVIT3_NAMESPACE, MVIT3_DISPATCH_KEY, m) {
   m.impl("conv3x3", &mvit3::conv3x3_op);
   m.impl("patch_attention", &mvit3::patch_attention_op);
   m.impl("transformer_mlp", &mvit3::transformer_mlp_op);
+  m.impl("transformer_mlp_project", &mvit3::transformer_mlp_project_op);
   m.impl("separable_attention", &mvit3::separable_attention_op);
 }

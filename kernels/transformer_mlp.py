@@ -21,8 +21,8 @@ import triton.language as tl
 
 from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv, channels_last_empty,
                       check_device, dot_operand_type, dot_precision, int32_offset_limit,
-                      interpreter_meta, launch, map_stride_args, next_pow2, rows_per_program, silu,
-                      target_arch, vector_stride_error)
+                      interpreter_meta, launch, map_stride_args, next_pow2, pixel_coords,
+                      rows_per_program, silu, target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -30,29 +30,16 @@ NORMS = ("layer", "group")
 
 
 @triton.jit
-def _transformer_mlp_kernel(
-    # pointers (stats is None for norm="layer")
-    x_ptr, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-    # sizes
-    num_pixels, HW, W, D, F, eps,
-    # strides
-    stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
-    stride_outb, stride_outc, stride_outh, stride_outw,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pixel_valid = pixel < num_pixels
-    sample = pixel // HW
-    y = (pixel % HW) // W
-    x = pixel % W
-    channels = tl.arange(0, D_PAD)
-    channel_valid = channels < D
+def ffn_residual_tile(x_rows, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                      sample, pixel_valid, channels, channel_valid, D, F, eps, stride_xc,
+                      stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+                      BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+                      DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x + silu(norm(x) @ w1^T + b1) @ w2^T + b2 of BLOCK_M pixels: the fp32 [BLOCK_M, D_PAD]
+    tile, padded channels 0. x_rows: [BLOCK_M] pointers to each pixel's channel 0; sample:
+    each pixel's sample (the "group" statistics are per sample); stats_ptr None: LayerNorm."""
     mask = pixel_valid[:, None] & channel_valid[None, :]
-    x_ptrs = (x_ptr + (sample * stride_xb + y * stride_xh + x * stride_xw)[:, None]
-              + channels[None, :] * stride_xc)
+    x_ptrs = x_rows[:, None] + channels[None, :] * stride_xc
     tile = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
 
     if stats_ptr is not None:  # norm="group"
@@ -86,10 +73,34 @@ def _transformer_mlp_kernel(
 
     b2 = tl.load(b2_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     # the residual is re-read (an L1/L2 hit) rather than kept live in registers across the loop
-    acc += b2[None, :] + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    out_ptrs = (out_ptr + (sample * stride_outb + y * stride_outh + x * stride_outw)[:, None]
-                + channels[None, :] * stride_outc)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc + b2[None, :] + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _transformer_mlp_kernel(
+    # pointers (stats is None for norm="layer")
+    x_ptr, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    # sizes
+    num_pixels, HW, W, D, F, eps,
+    # strides of x [B, d, H, W] and the weights; out is a dense channels_last [B, d, H, W]
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pixel_valid = pixel < num_pixels
+    sample, y, x = pixel_coords(pixel, HW, W)
+    channels = tl.arange(0, D_PAD)
+    channel_valid = channels < D
+    out = ffn_residual_tile(x_ptr + sample * stride_xb + y * stride_xh + x * stride_xw,
+                            norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                            sample, pixel_valid, channels, channel_valid, D, F, eps, stride_xc,
+                            stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+                            BLOCK_M, D_PAD, BLOCK_F, DOT_TYPE, DOT_PRECISION)
+    tl.store(out_ptr + pixel[:, None] * D + channels[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=pixel_valid[:, None] & channel_valid[None, :])
 
 
 def _shape_error(x, norm, norm_weight, norm_bias, w1, b1, w2, b2) -> str | None:
@@ -123,7 +134,7 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
     return int32_offset_limit(tuple(x.shape), (x,))
 
 
-def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
+def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
     """BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
     each) within 4K values (`rows_per_program`); BLOCK_F: hidden units per chunk, each weight
     chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
@@ -143,6 +154,24 @@ def _meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
         BLOCK_M=256, BLOCK_F=128)
 
 
+def ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start: int, stop: int) -> dict:
+    """The runtime arguments of `ffn_residual_tile`'s kernels for samples start..stop-1, with
+    num_pixels, the map geometry and out (a dense channels_last [B, d, H, W] map)."""
+    _, d, h, w = x.shape
+    return dict(x_ptr=batch_part(x, start, stop), norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
+                stats_ptr=batch_part(stats, start, stop),
+                w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=batch_part(out, start, stop),
+                num_pixels=(stop - start) * h * w, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),
+                **map_stride_args("x", x),
+                stride_w1_f=w1.stride(0), stride_w1_d=w1.stride(1),
+                stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1))
+
+
+def ffn_work(pixels: int, d: int, f: int, block_f: int) -> Work:
+    """The two GEMMs of the FFN over `pixels` and their chain of hidden chunks."""
+    return Work(dot_flops=4 * pixels * d * f, serial_steps=cdiv(f, block_f))
+
+
 def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                     eps: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                     b2: torch.Tensor) -> torch.Tensor:
@@ -154,20 +183,12 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     b, d, h, w = x.shape
     stats = group_norm_stats(x, eps) if norm == "group" else None
     out = channels_last_empty(b, d, h, w, x)
-    meta = _meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
+    meta = mlp_meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     for start, stop in batch_chunks(b, out.shape, (x,)):
-        pixels = (stop - start) * h * w
-        launch(_transformer_mlp_kernel, (cdiv(pixels, meta["BLOCK_M"]),),
-               dict(x_ptr=batch_part(x, start, stop), norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
-                    stats_ptr=batch_part(stats, start, stop),
-                    w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=batch_part(out, start, stop),
-                    num_pixels=pixels, HW=h * w, W=w, D=d, F=w1.shape[0], eps=float(eps),
-                    **map_stride_args("x", x),
-                    stride_w1_f=w1.stride(0), stride_w1_d=w1.stride(1),
-                    stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1),
-                    **map_stride_args("out", out)),
+        args = ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start, stop)
+        launch(_transformer_mlp_kernel, (cdiv(args["num_pixels"], meta["BLOCK_M"]),), args,
                dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
                num_warps=num_warps, num_stages=num_stages,
-               work=Work(dot_flops=4 * pixels * d * w1.shape[0], serial_steps=cdiv(w1.shape[0], meta["BLOCK_F"])))
+               work=ffn_work(args["num_pixels"], d, w1.shape[0], meta["BLOCK_F"]))
     return out

@@ -156,16 +156,20 @@ class Inputs:
 
 
 def check(kernels, op: str, args: tuple, dtype: torch.dtype) -> None:
-    out = getattr(kernels, op)(*args)
+    outputs = getattr(kernels, op)(*args)
     device = args[0].device
-    ref = getattr(reference, op)(*[a.to(device, torch.float64) if isinstance(a, torch.Tensor) else a
-                                   for a in args])
-    assert out.dtype == dtype and out.shape == ref.shape and out.device == device
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    scale = ref.abs().max().item()
-    assert scale > 0.1  # random inputs: a near-zero reference would prove nothing
-    err = (out.double() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
+    expected = getattr(reference, op)(*[a.to(device, torch.float64) if isinstance(a, torch.Tensor)
+                                        else a for a in args])
+    if isinstance(expected, torch.Tensor):  # one output (transformer_mlp_project has two)
+        outputs, expected = (outputs,), (expected,)
+    assert len(outputs) == len(expected)
+    for out, ref in zip(outputs, expected):
+        assert out.dtype == dtype and out.shape == ref.shape and out.device == device
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        scale = ref.abs().max().item()
+        assert scale > 0.1  # random inputs: a near-zero reference would prove nothing
+        err = (out.double() - ref).abs().max().item() / scale
+        assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
 
 
 # ---- the real shapes --------------------------------------------------------------------------
@@ -212,6 +216,10 @@ ATTENTION = [(d, heads) for d, heads, _ in v1_attention()]
 MLP = sorted({(d, ffn, "layer") for d, _, ffn in v1_attention()}
              | {(d, ffn, "group") for d, ffn in v2_attention()})
 SEPARABLE = [(d,) for d, _ in v2_attention()]
+# (d, F, Cout, act): each v1-style FFN with the next layer's LayerNorm + qkv, the last one of a
+# block with the final LayerNorm + conv_proj + SiLU
+MLP_PROJECT = sorted({(s.attn_dim, s.ffn_dim, 3 * s.attn_dim, "none") for c in V1_STYLE for s in c.stages}
+                     | {(s.attn_dim, s.ffn_dim, s.channels, "silu") for c in V1_STYLE for s in c.stages})
 
 
 @pytest.mark.parametrize("case", cases(POINTWISE, EMU_SIZES, GPU_SIZES))
@@ -353,6 +361,16 @@ def test_transformer_mlp(kernels, case):
     args = (t.map(d), norm, t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(ffn, d),
             t.vector(ffn), t.weight(d, ffn), t.vector(d))
     check(kernels, "transformer_mlp", args, case.dtype)
+
+
+@pytest.mark.parametrize("case", cases(MLP_PROJECT, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES))
+def test_transformer_mlp_project(kernels, case):
+    d, ffn, cout, act = case.shape
+    t = Inputs(case)
+    args = (t.map(d), t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(ffn, d), t.vector(ffn),
+            t.weight(d, ffn), t.vector(d), t.vector(d, mean=1.0), t.vector(d), 1e-5,
+            t.weight(cout, d), t.vector(cout), act)
+    check(kernels, "transformer_mlp_project", args, case.dtype)
 
 
 @pytest.mark.parametrize("case", cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES))

@@ -1,23 +1,30 @@
-"""mvit3.kernels.transformer_mlp against the float64 reference (mvit3.ops.reference).
+"""mvit3.kernels.transformer_mlp and mvit3.kernels.transformer_mlp_project (the same FFN, then
+the next LayerNorm + 1x1 projection on its output tile) against the float64 reference
+(mvit3.ops.reference).
 
 Runs in the Triton interpreter on CPU tensors ("interp") and, where a GPU is present, on it
 ("cuda", marked gpu). Shapes are the real (d, F) of both families (tests/shapes.py): v1-style
-layers use norm="layer", v2-style ones norm="group".
+layers use norm="layer", v2-style ones norm="group"; the projections those of the v1-style
+models (qkv, conv_proj).
 """
 
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import KERNEL_DEVICES
-from kernel_utils import (check_output, skip_bf16_before_sm80, with_stride_2)
+from kernel_utils import check_output, float64_reference, skip_bf16_before_sm80, with_stride_2
 from shapes import v1_attention, v2_attention
 
 import mvit3.kernels.transformer_mlp as kernel
+import mvit3.kernels.transformer_mlp_project as project_kernel
 from mvit3.kernels._common import launch_log
+from mvit3.models import CONFIGS
 from mvit3.ops import reference
 from mvit3.ops import transformer_mlp as transformer_mlp_op
+from mvit3.ops import transformer_mlp_project as transformer_mlp_project_op
 
 # Largest |out - ref| allowed, relative to max |ref|:
 # - fp32: fp32 rounding (2^-24) through two dot products of up to 512 terms and the fp32
@@ -161,3 +168,124 @@ def test_odd_maps_allowed(device):
     """The FFN is per pixel: odd maps (no 2x2 patches needed) are fine."""
     args = make_args(1, 64, 128, 7, 5, "group", device=device)
     check(kernel.transformer_mlp(*args), args)
+
+
+# ---- transformer_mlp_project: the FFN, then the next LayerNorm + 1x1 projection on its tile ----
+
+# (d, F, Cout, act) of the v1-style models: every FFN makes the next layer's LayerNorm + qkv
+# (Cout = 3d, no act), the last of a block the final LayerNorm + conv_proj + BN + SiLU.
+PROJECTIONS = sorted({(s.attn_dim, s.ffn_dim, 3 * s.attn_dim, "none")
+                      for c in CONFIGS.values() if c.style == "v1" for s in c.stages}
+                     | {(s.attn_dim, s.ffn_dim, s.channels, "silu")
+                        for c in CONFIGS.values() if c.style == "v1" for s in c.stages})
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# odd maps (pixel tiles straddle rows and samples at batch 2) and even ones
+PROJECT_SIZES = ((5, 7), (8, 8), (3, 5), (6, 4))
+
+
+def make_project_args(batch, d, f, cout, h, w, act, *, dtype=torch.float32, device="cpu",
+                      channels_last=False, packed_weights=False, seed=0):
+    """Arguments of transformer_mlp_project: those of transformer_mlp (norm "layer") and the
+    projection's LayerNorm affine, eps and [Cout, d] weight (K-major packed like the fast
+    model's, or contiguous) and bias."""
+    x, _, norm_weight, norm_bias, eps, w1, b1, w2, b2 = make_args(
+        batch, d, f, h, w, "layer", dtype=dtype, device=device, channels_last=channels_last,
+        packed_weights=packed_weights, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(cout, d, generator=gen) * d ** -0.5
+    if packed_weights:
+        weight = weight.t().contiguous().t()
+    proj = [1 + 0.2 * torch.randn(d, generator=gen), 0.2 * torch.randn(d, generator=gen), 1e-6,
+            weight, torch.randn(cout, generator=gen)]
+    proj = [p.to(dtype=dtype, device=device) if isinstance(p, torch.Tensor) else p for p in proj]
+    return (x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *proj, act)
+
+
+def check_project(outputs, args):
+    """Both outputs: channels_last maps of args[0]'s device and dtype, within TOLERANCE of the
+    float64 reference (the projection's error includes t's rounding to the I/O dtype)."""
+    x = args[0]
+    expected = float64_reference(reference.transformer_mlp_project, args)
+    assert len(outputs) == 2
+    for out, ref in zip(outputs, expected):
+        assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        err = (out.cpu().double() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        assert scale > 0.1 and err <= TOLERANCE[x.dtype] * scale, f"max error {err:.3g} for max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("index, d, f, cout, act", [(i, *p) for i, p in enumerate(PROJECTIONS)],
+                         ids=[f"d{d}-f{f}-cout{c}-{a}" for d, f, c, a in PROJECTIONS])
+def test_project_real_shapes(device, index, d, f, cout, act):
+    """Every (d, F, Cout, act) of the v1-style models; dtype, batch 1/2, odd/even map, NCHW or
+    channels_last input and plain or packed weights rotate over the cases."""
+    dtype = DTYPES[index % 3]
+    skip_bf16_before_sm80(device, dtype)
+    h, w = PROJECT_SIZES[index % 4]
+    args = make_project_args(1 + index % 2, d, f, cout, h, w, act, dtype=dtype, device=device,
+                             channels_last=(index // 2) % 2 == 0, packed_weights=(index // 3) % 2 == 0,
+                             seed=index)
+    check_project(project_kernel.transformer_mlp_project(*args), args)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_project_dtypes_and_acts(device, dtype, act):
+    """Each dtype with each act on one odd-sized batch-2 problem of NCHW input: d = 120 pads to
+    128, Cout = 360 is no multiple of the projection's chunk."""
+    skip_bf16_before_sm80(device, dtype)
+    args = make_project_args(2, 120, 240, 360, 5, 7, act, dtype=dtype, device=device)
+    check_project(project_kernel.transformer_mlp_project(*args), args)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_project_without_bias_through_the_op_layer_is_one_launch(device):
+    """mvit3.ops.transformer_mlp_project(backend="triton") reaches the fused kernel through
+    torch.library: one launch for both outputs (a proj_bias of None is allowed)."""
+    args = make_project_args(2, 64, 128, 192, 6, 4, "none", device=device, channels_last=True)
+    args = args[:12] + (None, "none")
+    with launch_log() as log:
+        outputs = transformer_mlp_project_op(*args, backend="triton")
+    assert [r.name for r in log.records] == ["_transformer_mlp_project_kernel"]
+    check_project(outputs, args)
+
+
+def test_project_reference_is_the_layer_math():
+    """The reference twin against the transformer layer written on tokens with F.layer_norm
+    and F.linear (float64): t = x + fc2(silu(fc1(LN(x)))), proj = act(Linear(LN'(t)))."""
+    x, nw, nb, eps, w1, b1, w2, b2, pnw, pnb, peps, pw, pb, _ = args = [
+        a.double() if isinstance(a, torch.Tensor) else a
+        for a in make_project_args(2, 24, 48, 40, 4, 6, "silu", seed=3)]
+    t, proj = reference.transformer_mlp_project(*args)
+    tokens = x.permute(0, 2, 3, 1)  # [B, H, W, d]
+    t_tokens = tokens + F.linear(F.silu(F.linear(F.layer_norm(tokens, (24,), nw, nb, eps), w1, b1)), w2, b2)
+    proj_tokens = F.silu(F.linear(F.layer_norm(t_tokens, (24,), pnw, pnb, peps), pw, pb))
+    torch.testing.assert_close(t, t_tokens.permute(0, 3, 1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(proj, proj_tokens.permute(0, 3, 1, 2), rtol=1e-12, atol=1e-12)
+    assert t.is_contiguous(memory_format=torch.channels_last)
+    assert proj.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_project_real_shapes_supported():
+    for d, f, cout, act in PROJECTIONS:
+        assert project_kernel.why_unsupported(*make_project_args(1, d, f, cout, 8, 8, act)) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a[:11] + (a[11][:, :60],) + a[12:], "proj_weight must be [Cout, 64]"),
+    (lambda a: a[:12] + (a[12][:10],) + a[13:], "proj_bias must be [96]"),
+    (lambda a: a[:8] + (a[8][:32],) + a[9:], "proj_norm_weight must be [64]"),
+    (lambda a: a[:12] + (a[12].half(),) + a[13:], "proj_bias is torch.float16, x is torch.float32"),
+    (lambda a: a[:11] + (a[11].half(),) + a[12:], "proj_weight is torch.float16"),
+    (lambda a: a[:9] + (with_stride_2(a[9]),) + a[10:], "proj_norm_bias must have unit stride"),
+    (lambda a: a[:13] + ("relu",), "act must be one of ('none', 'silu')"),
+    (lambda a: a[:4] + (a[4][:, :60],) + a[5:], "w1 must be [F, 64]"),
+])
+def test_project_bad_input_raises(change, message):
+    args = change(make_project_args(1, 64, 128, 96, 4, 4, "none"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        project_kernel.transformer_mlp_project(*args)
+    assert project_kernel.why_unsupported(*args) is not None

@@ -33,6 +33,9 @@ def sample_args(op: str, dtype=torch.float32, device="cpu", b=2, h=6, w=8):
     if op == "transformer_mlp":
         return (t(b, d, h, w), "group", t(d), t(d), 1e-5, t(ffn, d, scale=0.2), t(ffn),
                 t(d, ffn, scale=0.2), t(d))
+    if op == "transformer_mlp_project":
+        return (t(b, d, h, w), t(d), t(d), 1e-5, t(ffn, d, scale=0.2), t(ffn),
+                t(d, ffn, scale=0.2), t(d), t(d), t(d), 1e-5, t(c, d, scale=0.2), t(c), "silu")
     if op == "separable_attention":
         return (t(b, d, h, w), t(d), t(d), 1e-5, t(1 + 2 * d, d, scale=0.2), t(1 + 2 * d),
                 t(d, d, scale=0.2), t(d))
@@ -45,7 +48,7 @@ def test_both_namespaces_register_every_op_with_the_same_schema():
             registered = str(getattr(getattr(torch.ops, namespace), op).default._schema)
             assert registered == f"{namespace}::{op}{schema}"
     assert set(library.OPS) == {"pointwise_conv", "dwconv_pointwise", "conv3x3", "patch_attention",
-                                "transformer_mlp", "separable_attention"}
+                                "transformer_mlp", "transformer_mlp_project", "separable_attention"}
 
 
 @pytest.mark.parametrize("op", library.OPS)
@@ -79,7 +82,9 @@ def test_fake_outputs_are_channels_last_like_the_kernels(op):
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         fake = getattr(torch.ops.mvit3_triton, op)(*fake_args)
-    assert fake.shape == real.shape and fake.stride() == real.stride()
+    if isinstance(real, torch.Tensor):  # one output; transformer_mlp_project has two
+        real, fake = (real,), (fake,)
+    assert [(f.shape, f.stride()) for f in fake] == [(r.shape, r.stride()) for r in real]
 
 
 def test_explicit_backends_state_why_they_cannot_run():
@@ -123,7 +128,8 @@ def test_availability_table_has_a_row_and_reason_per_backend():
 @pytest.mark.parametrize("op", library.OPS)
 def test_reference_ops_give_channels_last_outputs(op):
     out = getattr(reference, op)(*sample_args(op))
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    for output in (out,) if isinstance(out, torch.Tensor) else out:
+        assert output.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_tf32_setting_is_read_through_either_torch_api():

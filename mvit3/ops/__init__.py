@@ -9,7 +9,8 @@ The MobileViTv3 hot paths map onto them as:
 - separable linear attention            -> `separable_attention` (norm, residual fused)
 - 1x1 fusion + residual                 -> `pointwise_conv(local, w, b, x2=global, residual=x)`
 and the further fusions: `pointwise_conv` with a LayerNorm/GroupNorm prologue (norm + qkv,
-norm + conv_proj), `transformer_mlp` (norm + FFN + residual), `dwconv_pointwise` (depthwise
+norm + conv_proj), `transformer_mlp` (norm + FFN + residual), `transformer_mlp_project` (that,
+then the next LayerNorm + 1x1 projection on its output tile), `dwconv_pointwise` (depthwise
 3x3 + 1x1, MV2 blocks and local representations), `conv3x3` (stem, v1 convs).
 """
 
@@ -26,7 +27,7 @@ from .library import OPS
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailable", "availability", "conv3x3", "dwconv_pointwise",
     "patch_attention", "pointwise_conv", "requested_backend", "select", "separable_attention",
-    "transformer_mlp",
+    "transformer_mlp", "transformer_mlp_project",
 ]
 
 
@@ -72,6 +73,18 @@ def transformer_mlp(x: Tensor, norm: str, norm_weight: Tensor, norm_bias: Tensor
     """x + silu(norm(x) @ w1^T + b1) @ w2^T + b2."""
     return dispatch("transformer_mlp", backend, x, norm, norm_weight, norm_bias, float(eps),
                     w1, b1, w2, b2)
+
+
+def transformer_mlp_project(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
+                            w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                            proj_norm_weight: Tensor, proj_norm_bias: Tensor, proj_eps: float,
+                            proj_weight: Tensor, proj_bias: Optional[Tensor] = None,
+                            act: str = "none", *, backend: str = "auto") -> tuple:
+    """(t, act(LayerNorm(t) @ proj_weight^T + proj_bias)), t = transformer_mlp(x, "layer", ...):
+    a v1-style FFN and the next layer's LayerNorm + qkv (or the block's final norm + conv_proj)."""
+    return dispatch("transformer_mlp_project", backend, x, norm_weight, norm_bias, float(eps),
+                    w1, b1, w2, b2, proj_norm_weight, proj_norm_bias, float(proj_eps),
+                    proj_weight, proj_bias, act)
 
 
 def separable_attention(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,

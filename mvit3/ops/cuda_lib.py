@@ -181,6 +181,8 @@ def _channel_counts(op: str, args: tuple) -> dict:
         return {"weight (Cout)": size(args[3], 0), "the hidden workspace (Ch)": size(expand_weight, 0)}
     if op == "transformer_mlp":
         return {"w1 (F)": size(args[5], 0)}
+    if op == "transformer_mlp_project":
+        return {"w1 (F)": size(args[4], 0), "proj_weight (Cout)": size(args[11], 0)}
     if op == "separable_attention":
         return {"the qkv workspace (1 + 2d)": 1 + 2 * args[0].shape[1]}
     return {}
@@ -249,6 +251,9 @@ def why_unsupported(op: str, args: tuple) -> str | None:
     elif op == "transformer_mlp":
         if args[1] not in _NORMS:
             return f"norm {args[1]!r} (kernels take {_NORMS})"
+    elif op == "transformer_mlp_project":
+        if args[13] not in _ACTS:
+            return f"act {args[13]!r} (kernels take {_ACTS})"
     elif op == "separable_attention":
         h, w = x.shape[2], x.shape[3]
         if h % 2 or w % 2:

@@ -35,6 +35,10 @@ SCHEMAS = {
                        "Tensor? proj_bias, Tensor? residual) -> Tensor",
     "transformer_mlp": "(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "
                        "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
+    "transformer_mlp_project": "(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
+                               "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor proj_norm_weight, "
+                               "Tensor proj_norm_bias, float proj_eps, Tensor proj_weight, "
+                               "Tensor? proj_bias, str act) -> (Tensor, Tensor)",
     "separable_attention": "(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
                            "Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
                            "Tensor out_bias) -> Tensor",
@@ -47,8 +51,16 @@ TRITON_NAMESPACE = "mvit3_triton"
 _libraries = []  # keep torch.library.Library objects alive
 
 
+def output_shapes(op: str, args: tuple) -> tuple:
+    """([B, Cout, Hout, Wout], ...): the shape of each output of an op call, in schema order."""
+    if op == "transformer_mlp_project":  # (the FFN output t, its projection)
+        x, proj_weight = args[0], args[11]
+        return tuple(x.shape), (x.shape[0], proj_weight.shape[0], *x.shape[2:])
+    return (output_shape(op, args),)
+
+
 def output_shape(op: str, args: tuple) -> tuple:
-    """[B, Cout, Hout, Wout] of an op call (used by the fake implementations)."""
+    """[B, Cout, Hout, Wout] of a call of a one-output op."""
     x = args[0]
     b, _, h, w = x.shape
     if op == "pointwise_conv":
@@ -66,12 +78,17 @@ def output_shape(op: str, args: tuple) -> tuple:
     raise KeyError(op)
 
 
-def _fake(op: str):
-    def fake(*args):
-        return torch.empty(output_shape(op, args), dtype=args[0].dtype, device=args[0].device,
-                           memory_format=torch.channels_last)
+def empty_outputs(op: str, args: tuple):
+    """Uninitialised outputs of an op call, channels_last like the kernels': a tensor, or a
+    tuple of them for an op with several outputs. The ops' fake (meta) implementation."""
+    outputs = tuple(torch.empty(shape, dtype=args[0].dtype, device=args[0].device,
+                                memory_format=torch.channels_last)
+                    for shape in output_shapes(op, args))
+    return outputs[0] if len(outputs) == 1 else outputs
 
-    return fake
+
+def _fake(op: str):
+    return lambda *args: empty_outputs(op, args)
 
 
 def _triton_impl(op: str):

@@ -149,6 +149,24 @@ def transformer_mlp(x: Tensor, norm: str, norm_weight: Tensor, norm_bias: Tensor
     return _channels_last(x + F.conv2d(hidden, w2[:, :, None, None], b2))
 
 
+def transformer_mlp_project(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
+                            w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                            proj_norm_weight: Tensor, proj_norm_bias: Tensor, proj_eps: float,
+                            proj_weight: Tensor, proj_bias: Optional[Tensor],
+                            act: str) -> tuple:
+    """A v1-style FFN sub-layer and the LayerNorm + 1x1 projection that follows it:
+    (t, act(LayerNorm(t) @ proj_weight^T + proj_bias)) with t = transformer_mlp(x, "layer", ...).
+
+    t [B, d, H, W] is the residual stream the next sub-layer adds to; the projection
+    [B, Cout, H, W] (proj_weight [Cout, d]) is the next layer's LayerNorm + qkv, or the block's
+    final LayerNorm + conv_proj (+ BN, act "silu"). LayerNorm only: it normalises each pixel,
+    so a kernel that owns whole pixels computes it on its FFN output tile.
+    """
+    t = transformer_mlp(x, "layer", norm_weight, norm_bias, eps, w1, b1, w2, b2)
+    return t, pointwise_conv(t, proj_weight, proj_bias, None, None, "layer", proj_norm_weight,
+                             proj_norm_bias, proj_eps, act)
+
+
 def separable_attention(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                         qkv_weight: Tensor, qkv_bias: Tensor, out_weight: Tensor,
                         out_bias: Tensor) -> Tensor:
