@@ -12,7 +12,14 @@ flash-style online softmax over BLOCK_N key blocks (so any N works; stats in fp3
 log2(e) folded into the q scale), then either stores o_h into its channels of the output or,
 with proj_weight, accumulates out += o_h @ proj_weight[:, head]^T into a [BLOCK_M, d] fp32
 tile whose epilogue adds proj_bias and the residual: the MHSA out_proj and the transformer
-residual cost no extra pass over memory. Head dims 16..60 are padded to 16/32/64 with masks.
+residual cost no extra pass over memory.
+
+Loads are 16-byte vectors where the layout allows: the host finds VEC, the elements of one
+aligned vector that d and every pixel stride are multiples of (8 in fp16 for the fast
+model's channels_last maps), and the kernel tells the compiler (`tl.multiple_of`). A head is
+read as a window of HEAD_PAD (16/32/64) channels from its first channel rounded down to a
+multiple of VEC, the neighbouring heads' q channels zeroed in registers: head dims 30 and 36
+(v3/v1 XS and S stage 4) start heads off a vector boundary and still load whole vectors.
 """
 
 from __future__ import annotations
@@ -35,31 +42,41 @@ MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in reg
 
 @triton.jit
 def _project_head(o, proj_w_ptr, in_channels, in_valid, out_channels, D, stride_pw_out, stride_pw_in,
-                  DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  VEC: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """o [BLOCK_M, HEAD_PAD] @ proj_weight[out_channels, in_channels]^T -> [BLOCK_M, OUT_CHUNK] fp32.
 
     The [HEAD_PAD, OUT_CHUNK] weight tile is contiguous along the output channels when the
-    weight is a [d, d] view of a pre-packed [d_in, d_out] buffer.
+    weight is a [d, d] view of a pre-packed [d_in, d_out] buffer; its rows then start at
+    multiples of VEC (the host checked stride_pw_in).
     """
-    w_t = tl.load(proj_w_ptr + out_channels[None, :] * stride_pw_out + in_channels[:, None] * stride_pw_in,
+    rows = tl.multiple_of(in_channels * stride_pw_in, VEC)
+    w_t = tl.load(proj_w_ptr + out_channels[None, :] * stride_pw_out + rows[:, None],
                   mask=in_valid[:, None] & (out_channels < D)[None, :], other=0.0)
     return tl.dot(o, w_t.to(DOT_TYPE), input_precision=DOT_PRECISION)
 
 
 @triton.jit
+def _pixel_offsets(b, token, p, patches_per_row, stride_b, stride_h, stride_w, VEC: tl.constexpr):
+    """[tokens] offsets of the pixels of (b, token, p) in a map whose batch and pixel strides
+    the host checked to be multiples of VEC: said to the compiler, so that the channel vectors
+    read from there are VEC-element loads."""
+    return tl.multiple_of(b * stride_b + patch_pixel_offset(token, p, patches_per_row, stride_h, stride_w), VEC)
+
+
+@triton.jit
 def _store_tile(acc, channels, channel_valid, bias_ptr, res_ptr, out_ptr, b, query, query_valid, p,
                 patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
-                stride_outb, stride_outc, stride_outh, stride_outw):
+                stride_outb, stride_outc, stride_outh, stride_outw, VEC: tl.constexpr):
     """out[b, channels, pixels of (query, p)] = acc + bias + residual (bias/res may be None)."""
     mask = query_valid[:, None] & channel_valid[None, :]
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)[None, :]
     if res_ptr is not None:
-        res_offset = patch_pixel_offset(query, p, patches_per_row, stride_rh, stride_rw)
-        acc += tl.load(res_ptr + b * stride_rb + res_offset[:, None] + channels[None, :] * stride_rc,
+        res_offset = _pixel_offsets(b, query, p, patches_per_row, stride_rb, stride_rh, stride_rw, VEC)
+        acc += tl.load(res_ptr + res_offset[:, None] + channels[None, :] * stride_rc,
                        mask=mask, other=0.0).to(tl.float32)
-    out_offset = patch_pixel_offset(query, p, patches_per_row, stride_outh, stride_outw)
-    tl.store(out_ptr + b * stride_outb + out_offset[:, None] + channels[None, :] * stride_outc,
+    out_offset = _pixel_offsets(b, query, p, patches_per_row, stride_outb, stride_outh, stride_outw, VEC)
+    tl.store(out_ptr + out_offset[:, None] + channels[None, :] * stride_outc,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,18 +93,19 @@ def _patch_attention_kernel(
     stride_outb, stride_outc, stride_outh, stride_outw,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, OUT_CHUNK: tl.constexpr,
-    TWO_OUT_CHUNKS: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TWO_OUT_CHUNKS: tl.constexpr, VEC: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(1)  # b * 4 + p
     b = seq // 4
     p = seq % 4
+    # D is a multiple of VEC (the host checked): written so, the compiler knows that the k and
+    # v thirds and the masks at D are VEC-aligned (tl.multiple_of takes tensors only)
+    D = D // VEC * VEC
     query = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     query_valid = query < N
-    q_offset = patch_pixel_offset(query, p, patches_per_row, stride_qkvh, stride_qkvw)
-    dims = tl.arange(0, HEAD_PAD)
-    dim_valid = dims < head_dim
+    q_offset = _pixel_offsets(b, query, p, patches_per_row, stride_qkvb, stride_qkvh, stride_qkvw, VEC)
+    window = tl.arange(0, HEAD_PAD)
     keys_in_block = tl.arange(0, BLOCK_N)
-    qkv_base = qkv_ptr + b * stride_qkvb
 
     if proj_w_ptr is not None:
         # The [BLOCK_M, d] fp32 out_proj accumulator, as one or two OUT_CHUNK <= 128 column
@@ -98,13 +116,20 @@ def _patch_attention_kernel(
         projected_hi = tl.zeros((BLOCK_M, OUT_CHUNK), dtype=tl.float32)
 
     for h in range(num_heads):
-        head_channels = h * head_dim + dims  # within each of the q, k, v thirds
-        q = tl.load(qkv_base + q_offset[:, None] + head_channels[None, :] * stride_qkvc,
-                    mask=query_valid[:, None] & dim_valid[None, :], other=0.0)
+        # Head h is channels [h*hd, (h+1)*hd) of each third. Its q, k, v tiles are read as the
+        # HEAD_PAD channels from h*hd rounded down to a multiple of VEC, so every load is a
+        # whole aligned vector even where hd is not a multiple of VEC (30, 36 in fp16); q's
+        # channels of the neighbouring heads in that window are zeroed in registers.
+        head_start = h * head_dim
+        channels = (head_start // VEC) * VEC + window  # within each of the q, k, v thirds
+        in_head = (channels >= head_start) & (channels < head_start + head_dim)
+        in_third = channels < D
+        q = tl.load(qkv_ptr + q_offset[:, None] + channels[None, :] * stride_qkvc,
+                    mask=query_valid[:, None] & in_third[None, :], other=0.0)
         # scale (with log2(e), for exp2) applied once per query tile, in fp32
-        q = (q.to(tl.float32) * qk_scale).to(DOT_TYPE)
-        k_t_base = qkv_base + ((D + head_channels) * stride_qkvc)[:, None]  # [HEAD_PAD, 1]
-        v_base = qkv_base + ((2 * D + head_channels) * stride_qkvc)[None, :]  # [1, HEAD_PAD]
+        q = (tl.where(in_head[None, :], q, 0.0).to(tl.float32) * qk_scale).to(DOT_TYPE)
+        k_t_base = qkv_ptr + ((D + channels) * stride_qkvc)[:, None]  # [HEAD_PAD, 1]
+        v_base = qkv_ptr + ((2 * D + channels) * stride_qkvc)[None, :]  # [1, HEAD_PAD]
 
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -112,11 +137,15 @@ def _patch_attention_kernel(
         for key_start in range(0, N, BLOCK_N):
             key = key_start + keys_in_block
             key_valid = key < N
-            kv_offset = patch_pixel_offset(key, p, patches_per_row, stride_qkvh, stride_qkvw)
+            kv_offset = _pixel_offsets(b, key, p, patches_per_row, stride_qkvb, stride_qkvh, stride_qkvw, VEC)
+            # other heads' k in the window meet the zeroed q. Not zeroed themselves (a tl.where
+            # here costs the fp32 FMA tiles of head dims 36..60 up to 0.7 KB of spills a thread):
+            # an inf there would turn this head's logits NaN, where any use of the heads (the
+            # out_proj) turns the output non-finite anyway.
             k_t = tl.load(k_t_base + kv_offset[None, :],
-                          mask=dim_valid[:, None] & key_valid[None, :], other=0.0)  # [HEAD_PAD, BLOCK_N]
+                          mask=in_third[:, None] & key_valid[None, :], other=0.0)  # [HEAD_PAD, BLOCK_N]
             v = tl.load(v_base + kv_offset[:, None],
-                        mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, HEAD_PAD]
+                        mask=key_valid[:, None] & in_third[None, :], other=0.0)  # [BLOCK_N, HEAD_PAD]
             logits = tl.dot(q, k_t.to(DOT_TYPE), input_precision=DOT_PRECISION)  # log2 domain, fp32
             logits = tl.where(key_valid[None, :], logits, float("-inf"))
             # every key block holds a valid key, so new_max is finite and no NaN appears
@@ -126,30 +155,32 @@ def _patch_attention_kernel(
             row_sum = row_sum * rescale + tl.sum(probs, axis=1)
             o = o * rescale[:, None] + tl.dot(probs.to(DOT_TYPE), v.to(DOT_TYPE), input_precision=DOT_PRECISION)
             row_max = new_max
+        # the window's columns of other heads hold their p @ v: the store mask and the out_proj
+        # weight rows (0 outside the head) drop them
         o = o / row_sum[:, None]
 
         if proj_w_ptr is not None:
             # out += o_h @ proj_weight[:, h*hd:(h+1)*hd]^T
             o = o.to(DOT_TYPE)
-            projected_lo += _project_head(o, proj_w_ptr, head_channels, dim_valid, out_channels_lo, D,
-                                          stride_pw_out, stride_pw_in, DOT_TYPE, DOT_PRECISION)
+            projected_lo += _project_head(o, proj_w_ptr, channels, in_head, out_channels_lo, D, stride_pw_out,
+                                          stride_pw_in, VEC, DOT_TYPE, DOT_PRECISION)
             if TWO_OUT_CHUNKS:
-                projected_hi += _project_head(o, proj_w_ptr, head_channels, dim_valid, out_channels_hi, D,
-                                              stride_pw_out, stride_pw_in, DOT_TYPE, DOT_PRECISION)
+                projected_hi += _project_head(o, proj_w_ptr, channels, in_head, out_channels_hi, D, stride_pw_out,
+                                              stride_pw_in, VEC, DOT_TYPE, DOT_PRECISION)
         else:
             # no projection: head h's output goes straight to channels h*hd ... (h+1)*hd - 1
-            _store_tile(o, head_channels, dim_valid, None, res_ptr, out_ptr, b, query, query_valid, p,
+            _store_tile(o, channels, in_head, None, res_ptr, out_ptr, b, query, query_valid, p,
                         patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
-                        stride_outb, stride_outc, stride_outh, stride_outw)
+                        stride_outb, stride_outc, stride_outh, stride_outw, VEC)
 
     if proj_w_ptr is not None:
         _store_tile(projected_lo, out_channels_lo, out_channels_lo < D, proj_b_ptr, res_ptr, out_ptr, b,
                     query, query_valid, p, patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
-                    stride_outb, stride_outc, stride_outh, stride_outw)
+                    stride_outb, stride_outc, stride_outh, stride_outw, VEC)
         if TWO_OUT_CHUNKS:
             _store_tile(projected_hi, out_channels_hi, out_channels_hi < D, proj_b_ptr, res_ptr, out_ptr, b,
                         query, query_valid, p, patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
-                        stride_outb, stride_outc, stride_outh, stride_outw)
+                        stride_outb, stride_outc, stride_outh, stride_outw, VEC)
 
 
 def _shape_error(qkv, num_heads, proj_weight, proj_bias, residual) -> str | None:
@@ -190,6 +221,36 @@ def why_unsupported(qkv, num_heads, scale, proj_weight=None, proj_bias=None, res
                               dict(proj_weight=proj_weight))
 
 
+def _vector_elements(qkv, residual, out, proj_weight) -> int:
+    """VEC: the elements of one aligned 16-byte vector (8 in fp16/bf16, 4 in fp32), or fewer,
+    down to 1: the most that divides d (the offset of the k and v thirds) and every batch and
+    pixel stride of qkv, residual and out, and the out_proj weight's row stride. The kernel
+    promises the compiler that alignment (`tl.multiple_of`), so it must hold. The fast model's
+    maps (channels_last, d a multiple of 8) and pre-packed weights get the full 16 bytes; a
+    weight not pre-packed (row stride 1) or NCHW maps (channel stride != 1: no contiguous
+    channel vectors) get VEC = 1, i.e. scalar loads."""
+    if qkv.stride(1) != 1:
+        return 1
+    values = [qkv.shape[1] // 3] + [t.stride(axis) for t in (qkv, residual, out) if t is not None
+                                    for axis in (0, 2, 3)]
+    if proj_weight is not None:
+        values.append(proj_weight.stride(1))
+    vec = 16 // qkv.element_size()
+    while any(v % vec for v in values):
+        vec //= 2
+    return vec
+
+
+def _head_window(head_dim: int, num_heads: int, vec: int) -> int:
+    """HEAD_PAD: channels the kernel reads per head, from the head's first channel rounded down
+    to a multiple of VEC, as a power of two >= 16. Head dim 30 in fp16 (VEC 8) starts heads 2..4
+    at 6, 4, 2 channels past an aligned one: 64 where the head alone would take 32 (twice the
+    attention dot work of those heads, for 128-bit loads); the other head dims of the models
+    fit the power of two they need anyway."""
+    lead = max(h * head_dim % vec for h in range(num_heads))
+    return next_pow2(lead + head_dim)
+
+
 def _fused_projection_fits(dtype: torch.dtype, d_pad: int) -> bool:
     """Whether the out_proj can be fused. fp32 dots run on FMA units, which hold a thread's
     whole K slice of the [HEAD_PAD, OUT_CHUNK] weight tile in registers: for d > 128 (head dims
@@ -203,7 +264,9 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
     """Deterministic meta-parameters.
 
     BLOCK_M: query tokens per program, the [BLOCK_M, d] fp32 out_proj accumulator within 4K
-    values (`rows_per_program`), 8 warps for 4K-value tiles. OUT_CHUNK: the out_proj
+    values (`rows_per_program`), 8 warps for 4K-value tiles of 32 rows or more. 16-row tiles
+    (N = 16, d > 128) keep 4 warps: their [16 keys, 64] k and v tiles give 8 warps 4 values
+    a thread, too few for one 16-byte vector of fp16. OUT_CHUNK: the out_proj
     accumulator is one or two column slices of at most 128 channels, since one [64, 256] fp32
     weight tile alone would fill the 64 KB of shared memory of an sm_75 GPU. BLOCK_N: the fp32
     dots run on FMA units with their operand tiles in registers; ptxas -v (sm_75/80/90) shows
@@ -220,7 +283,7 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
         dict(BLOCK_M=block_m,
              BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch)),
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
-             num_warps=8 if block_m * d_pad >= 4096 else 4,
+             num_warps=8 if block_m * d_pad >= 4096 and block_m > 16 else 4,
              # mma.sync GPUs: no software pipelining of the key blocks (with 2 stages sm_80's
              # 16-bit and TF32 16-row tiles spill 8 bytes a thread)
              num_stages=2 if arch >= WGMMA_ARCH else 1),
@@ -254,7 +317,9 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
         return pointwise_conv(heads, proj_weight, proj_bias, residual=residual)
     out = channels_last_empty(b, d, h, w, qkv)
     d_pad = next_pow2(d) if proj_weight is not None else 16  # only sizes the out_proj tile
-    meta = _meta(b, n, next_pow2(head_dim), d_pad, qkv.dtype, target_arch(qkv))
+    vec = _vector_elements(qkv, residual, out, proj_weight)
+    meta = _meta(b, n, _head_window(head_dim, num_heads, vec), d_pad, qkv.dtype, target_arch(qkv))
+    meta["VEC"] = vec
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     pw_strides = proj_weight.stride() if proj_weight is not None else (0, 0)
     # grid axis 1 holds the 4 sequences of each sample: at most MAX_GRID_Y // 4 samples a launch

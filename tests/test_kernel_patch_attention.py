@@ -116,6 +116,65 @@ def test_bf16(device, d, proj):
     check(kernel.patch_attention(*args), args)
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("d, dtype, vec, head_pad", [
+    (120, torch.float16, 8, 64),  # head dim 30: heads 1..3 start 6, 4, 2 channels past a vector
+    (144, torch.float16, 8, 64),  # head dim 36: heads 1 and 3 start 4 channels past one
+    (120, torch.float32, 4, 32),  # head dim 30: heads 1 and 3 start 2 channels past one
+    (80, torch.float32, 4, 32),  # head dim 20: every head starts on a vector
+])
+def test_aligned_windows(device, d, dtype, vec, head_pad):
+    """The fast model's layout (channels_last maps, pre-packed out_proj): the kernel reads
+    each head through a VEC-aligned window of HEAD_PAD channels and zeroes the neighbouring
+    heads' q channels in it; with out_proj and residual, and without (heads stored directly)."""
+    for proj in (True, False):
+        args = make_args(1, d, 4, 8, 8, dtype=dtype, device=device, channels_last=True,
+                         packed_weight=True, proj=proj)
+        with launch_log() as log:
+            out = kernel.patch_attention(*args)
+        meta = dict(log.records[0].constexprs)
+        assert (meta["VEC"], meta["HEAD_PAD"]) == (vec, head_pad)
+        check(out, args)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # head 0 turns NaN, as in the reference
+def test_windows_keep_heads_apart(device):
+    """An inf in head 0's last q and v channels (in head 1's window in fp16) must not reach
+    heads 1..3: their outputs stay finite and equal to the reference. (An inf k there would:
+    see the kernel; the out_proj mixes the heads right after in every model.)"""
+    qkv, heads, scale, *_ = make_args(1, 120, 4, 8, 8, dtype=torch.float16, device=device,
+                                      channels_last=True, proj=False, residual=False)
+    qkv[:, [29, 240 + 29], 2, 2] = float("inf")
+    args = (qkv, heads, scale, None, None, None)
+    out = kernel.patch_attention(*args)[:, 30:].cpu().double()
+    ref = reference.patch_attention(qkv.cpu().double(), heads, scale)[:, 30:]
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= TOLERANCE[torch.float16] * ref.abs().max()
+
+
+def test_vector_width():
+    """VEC is the widest 16-byte-or-less vector that divides d and every map's batch and pixel
+    strides and the out_proj weight's row stride; anything else reads scalars."""
+    def vec(*args):
+        with launch_log(dry_run=True) as log:
+            kernel.patch_attention(*args)
+        return dict(log.records[0].constexprs)["VEC"]
+
+    fast_layout = dict(channels_last=True, packed_weight=True)
+    assert vec(*make_args(2, 120, 4, 8, 8, dtype=torch.float16, **fast_layout)) == 8
+    assert vec(*make_args(2, 120, 4, 8, 8, dtype=torch.bfloat16, **fast_layout)) == 8
+    assert vec(*make_args(2, 120, 4, 8, 8, **fast_layout)) == 4
+    assert vec(*make_args(2, 120, 4, 8, 8, dtype=torch.float16, channels_last=True)) == 1  # weight rows 1 apart
+    assert vec(*make_args(2, 120, 4, 8, 8, dtype=torch.float16, packed_weight=True)) == 1  # NCHW qkv
+    qkv, heads, scale, weight, bias, res = make_args(2, 120, 4, 8, 8, dtype=torch.float16, **fast_layout)
+    # a residual sliced from a 122-channel map: its pixel stride is 4-byte aligned at most
+    padded = torch.zeros(2, 122, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert vec(qkv, heads, scale, weight, bias, padded[:, :120]) == 2
+    # d = 100 (4 heads of 25): the k third starts 200 bytes in, a multiple of 8 bytes only
+    assert vec(*make_args(1, 100, 4, 8, 8, dtype=torch.float16, **fast_layout)) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("d", [64, 144, 240])
@@ -167,8 +226,9 @@ def test_limits():
 
 def test_launch_configurations():
     """Dry run: one launch per call; batch 1 gets small query tiles (more programs), batch 100
-    large ones (64 rows in fp16: wgmma), and d > 128 two out_proj slices in fp16, a second
-    launch for the out_proj in fp32 (its fused FMA form spills)."""
+    large ones (64 rows in fp16: wgmma), and d > 128 two out_proj slices in fp16 on 4 warps
+    (with 8, its [16, 64] k and v tiles are too few values a thread for 16-byte loads), a
+    second launch for the out_proj in fp32 (its fused FMA form spills)."""
     with launch_log(dry_run=True) as log:
         kernel.patch_attention(*make_args(1, 64, 4, 16, 16))
         kernel.patch_attention(*make_args(100, 64, 4, 32, 32, dtype=torch.float16))
@@ -178,4 +238,5 @@ def test_launch_configurations():
     assert [r.grid for r in log.records][:4] == [(4, 4), (4, 400), (1, 4), (1, 4)]
     assert batch1["BLOCK_M"] == 16 and batch100["BLOCK_M"] == 64 and batch100["num_warps"] == 8
     assert not batch1["TWO_OUT_CHUNKS"] and wide["TWO_OUT_CHUNKS"] and wide["OUT_CHUNK"] == 128
+    assert wide["BLOCK_M"] == 16 and wide["num_warps"] == 4
     assert log.records[4].name == "_pointwise_conv_kernel" and not wide_fp32["TWO_OUT_CHUNKS"]
