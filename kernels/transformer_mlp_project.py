@@ -115,14 +115,23 @@ def why_unsupported(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, proj_norm_we
     return int32_offset_limit((b, proj_weight.shape[0], h, w), (x,), dict(proj_weight=proj_weight))
 
 
-def _projection_block_n(d_pad: int, dtype: torch.dtype) -> int:
-    """Output channels per projection chunk. 16-bit: the weight chunk [d, BLOCK_N] within 8K
-    values, 64 at most (the [BLOCK_M, BLOCK_N] fp32 result stays within the FFN's 4K-value
-    accumulator); XS's qkv (3d = 288 ... 432) then takes 5 to 14 chunks where a separate
-    pointwise_conv walked 12 to 18 K steps. fp32 (FMA dots, operands in registers): the FFN's
-    own chunk shape, within 2K values, which ptxas holds without spills."""
-    budget = 2048 if dtype == torch.float32 else 8192
+def _projection_block_n(d_pad: int, dtype: torch.dtype, arch: int) -> int:
+    """Output channels per projection chunk. 16-bit on sm_80 and newer, where cp.async stages
+    the weight chunk [d, BLOCK_N] in shared memory: within 8K values, 64 at most (the
+    [BLOCK_M, BLOCK_N] fp32 result stays within the FFN's 4K-value accumulator); XS's qkv
+    (3d = 288 ... 432) then takes 5 to 14 chunks where a separate pointwise_conv walked 12 to
+    18 K steps. fp32 (FMA dots, operands in registers) and sm_75 (no cp.async: the chunk passes
+    through registers, and 8K-value chunks spill kilobytes there): the FFN's own chunk shape,
+    within 2K values."""
+    budget = 8192 if dtype != torch.float32 and arch >= 80 else 2048
     return min(64, max(16, budget // d_pad))
+
+
+# (num_warps, num_stages) of fp32 launches by (BLOCK_M, D_PAD) where the FFN's own choice
+# (`mlp_meta`) spills 4 to 28 bytes a thread once the projection's tiles are live too
+# (ptxas -v through tests/aot_compile.py: sm_80 at [32, 128] and [64, 64], sm_90 at [16, 128]);
+# these spill on neither. sm_75 keeps the FFN's choice, which does not spill there in fp32.
+_FP32_WARPS_STAGES = {(16, 128): (4, 1), (32, 128): (4, 2), (64, 64): (8, 1)}
 
 
 def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
@@ -143,9 +152,12 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
     out = channels_last_empty(b, d, h, w, x)
     proj_out = channels_last_empty(b, cout, h, w, x)
     d_pad = next_pow2(d)
-    meta = mlp_meta(b * h * w, d_pad, x.dtype, target_arch(x))
+    arch = target_arch(x)
+    meta = mlp_meta(b * h * w, d_pad, x.dtype, arch)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    block_n = _projection_block_n(d_pad, x.dtype)
+    if x.dtype == torch.float32 and arch >= 80:
+        num_warps, num_stages = _FP32_WARPS_STAGES.get((meta["BLOCK_M"], d_pad), (num_warps, num_stages))
+    block_n = _projection_block_n(d_pad, x.dtype, arch)
     for start, stop in batch_chunks(b, out.shape, (x, proj_out)):
         args = ffn_args(x, norm_weight, norm_bias, None, w1, b1, w2, b2, out, eps, start, stop)
         pixels = args["num_pixels"]

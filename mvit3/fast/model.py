@@ -10,10 +10,13 @@ Per forward of a v1-style v3 model (XXS/XS/S), with the maps kept channels_last 
   MV2 block           dwconv_pointwise(exp+SiLU, dw+SiLU, red, +res)          1
                       (Triton: 2 where its cost model keeps the expanded map, e.g. fp32 at
                       batch 100; CUDA library: 2, the expansion launched first)
-  MobileViTv3 block   dwconv_pointwise (local), then per transformer layer
-                      pointwise_conv (LN+qkv), patch_attention (+out_proj+res),
-                      transformer_mlp (LN+FFN+res); pointwise_conv (LN+conv_proj+SiLU),
-                      pointwise_conv (fusion on [local | global] + SiLU + x)  3 + 3L
+  MobileViTv3 block   dwconv_pointwise (local), pointwise_conv (LN+qkv of layer 1), then
+                      per transformer layer patch_attention (+out_proj+res),
+                      transformer_mlp_project (LN+FFN+res, then on its output tile the
+                      next layer's LN+qkv, or after the last layer LN+conv_proj+SiLU);
+                      pointwise_conv (fusion on [local | global] + SiLU + x)  3 + 2L
+                      (odd maps, resized to even for attention: the last layer's
+                      transformer_mlp, then LN + resize back in torch and conv_proj)
   head                pointwise_conv(exp+SiLU), mean, linear                 3
 """
 
@@ -306,29 +309,43 @@ class FastMobileViT(DerivedWeights, MobileViT):
         # Odd maps: the official unfold resizes to even size (bilinear, align_corners=False)
         # and the fold resizes back; attention needs whole 2x2 patches.
         t = resize_to_even(local, align_corners=False).contiguous(memory_format=torch.channels_last)
-        for layer in p.layers:
-            t = self._mhsa_layer(t, layer)
+        resized = t.shape[-2:] != (h, w)
         fn = p.final_norm
-        if t.shape[-2:] != (h, w):
+        # Only the first layer's LayerNorm + qkv is a launch of its own: each FFN also projects
+        # its output for what follows, the next layer's LayerNorm + qkv and, after the last
+        # layer, the final LayerNorm + conv_proj (+ BN + SiLU). A resized map is normalised
+        # before it is resized back, so there the last FFN projects nothing.
+        first = p.layers[0]
+        projected = ops.pointwise_conv(t, first.qkv.weight, first.qkv.bias, None, None, "layer",
+                                       first.attn_norm.weight, first.attn_norm.bias,
+                                       first.attn_norm.eps, backend=be)
+        projections = [(layer.attn_norm, layer.qkv, "none") for layer in p.layers[1:]]
+        projections.append(None if resized else (fn, p.proj, "silu"))
+        for layer, projection in zip(p.layers, projections):
+            t, projected = self._mhsa_layer(t, projected, layer, projection)
+        if resized:
             t = apply_norm(t, "layer", fn.weight, fn.bias, fn.eps)
             t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
             glob = ops.pointwise_conv(t, p.proj.weight, p.proj.bias, act="silu", backend=be)
         else:
-            glob = ops.pointwise_conv(t, p.proj.weight, p.proj.bias, None, None, "layer",
-                                      fn.weight, fn.bias, fn.eps, "silu", backend=be)
+            glob = projected
         if isinstance(p.fusion, fold.Pointwise):  # v3: 1x1 on [local | global] + SiLU + x
             return ops.pointwise_conv(local, p.fusion.weight, p.fusion.bias, glob, x, act="silu",
                                       backend=be)
         return ops.conv3x3(x, p.fusion.weight, p.fusion.bias, glob, 1, "silu", backend=be)
 
-    def _mhsa_layer(self, t: Tensor, p: LayerPlan) -> Tensor:
+    def _mhsa_layer(self, t: Tensor, qkv: Tensor, p: LayerPlan, projection: Optional[tuple]) -> tuple:
+        """One v1-style transformer layer on t given its qkv: (t', projection of t') where
+        projection = (norm, 1x1 conv, act) is what follows the layer (None: nothing fused)."""
         be = self.backend
-        n1, n2 = p.attn_norm, p.ffn_norm
-        qkv = ops.pointwise_conv(t, p.qkv.weight, p.qkv.bias, None, None, "layer", n1.weight,
-                                 n1.bias, n1.eps, backend=be)
+        n2 = p.ffn_norm
         t = ops.patch_attention(qkv, p.num_heads, p.scale, p.out.weight, p.out.bias, t, backend=be)
-        return ops.transformer_mlp(t, "layer", n2.weight, n2.bias, n2.eps, p.fc1.weight,
-                                   p.fc1.bias, p.fc2.weight, p.fc2.bias, backend=be)
+        ffn = (n2.weight, n2.bias, n2.eps, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias)
+        if projection is None:
+            return ops.transformer_mlp(t, "layer", *ffn, backend=be), None
+        norm, proj, act = projection
+        return ops.transformer_mlp_project(t, *ffn, norm.weight, norm.bias, norm.eps, proj.weight,
+                                           proj.bias, act, backend=be)
 
     def _block_v2_style(self, x: Tensor, p: BlockPlan) -> Tensor:
         be = self.backend
