@@ -105,34 +105,43 @@ def _dwconv_pointwise_kernel(
         k = k0 + offs_k
         k_mask = k < Ch
         channel_mask = k_mask[None, :]
-        if ew_ptr is None:
-            window_ptrs = window_origin[:, None] + k[None, :] * stride_xc  # [BLOCK_M, BLOCK_K]
         dw_w_ptrs = dw_w_ptr + k * stride_dwc
         hidden = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for dy in tl.static_range(3):
-            if dy == 0:
-                row_ok = top_ok
-            elif dy == 1:
-                row_ok = row_mask
-            else:
-                row_ok = bottom_ok
-            for dx in tl.static_range(3):
-                if dx == 0:
-                    pixel_ok = row_ok & left_ok
-                elif dx == 1:
-                    pixel_ok = row_ok
-                else:
-                    pixel_ok = row_ok & right_ok
-                tap_offset = dy * row_step + dx * column_step
-                if ew_ptr is not None:
-                    tap = _expanded_tap(window_origin + tap_offset, pixel_ok, k, k_mask, Cin,
-                                        stride_xc, ew_ptr, eb_ptr, stride_en, stride_ec, DOT_TYPE,
-                                        DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_C)
-                else:
-                    tap = tl.load(window_ptrs + tap_offset, mask=pixel_ok[:, None] & channel_mask,
-                                  other=0.0).to(tl.float32)
+        if ew_ptr is not None:
+            # a runtime loop over the taps: one tap's x tile and expansion in registers at a
+            # time (unrolled, the nine taps' products spill on sm_90)
+            for tap_index in range(9):
+                dy = tap_index // 3
+                dx = tap_index % 3
+                tap_y = y0 + dy * dilation
+                tap_x = x0 + dx * dilation
+                pixel_ok = row_mask & (tap_y >= 0) & (tap_y < H) & (tap_x >= 0) & (tap_x < W)
+                tap = _expanded_tap(window_origin + dy * row_step + dx * column_step, pixel_ok, k,
+                                    k_mask, Cin, stride_xc, ew_ptr, eb_ptr, stride_en, stride_ec,
+                                    DOT_TYPE, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_C)
                 tap_w = tl.load(dw_w_ptrs + dy * stride_dwy + dx * stride_dwx, mask=k_mask, other=0.0)
                 hidden += tap * tap_w.to(tl.float32)[None, :]
+        else:
+            window_ptrs = window_origin[:, None] + k[None, :] * stride_xc  # [BLOCK_M, BLOCK_K]
+            for dy in tl.static_range(3):
+                if dy == 0:
+                    row_ok = top_ok
+                elif dy == 1:
+                    row_ok = row_mask
+                else:
+                    row_ok = bottom_ok
+                for dx in tl.static_range(3):
+                    if dx == 0:
+                        pixel_ok = row_ok & left_ok
+                    elif dx == 1:
+                        pixel_ok = row_ok
+                    else:
+                        pixel_ok = row_ok & right_ok
+                    tap = tl.load(window_ptrs + dy * row_step + dx * column_step,
+                                  mask=pixel_ok[:, None] & channel_mask, other=0.0)
+                    tap_w = tl.load(dw_w_ptrs + dy * stride_dwy + dx * stride_dwx, mask=k_mask,
+                                    other=0.0)
+                    hidden += tap.to(tl.float32) * tap_w.to(tl.float32)[None, :]
         if dw_b_ptr is not None:
             hidden += tl.load(dw_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         # padded K columns are silu(0) = 0, and their weight rows load as 0 anyway
@@ -163,33 +172,46 @@ def cost_gpu(arch: int):
     return GPUS[_COST_GPU[key]]
 
 
-def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
-                dtype: torch.dtype, arch: int) -> bool:
-    """Whether an MV2 block on a [batch, cin, *size] input (hidden channels, output map
-    out_size) runs as one launch that recomputes the expansion per depthwise tap, rather than
-    as a pointwise_conv launch writing the [batch, hidden, *size] map and this kernel reading it.
+def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int, cout: int,
+                residual: bool, dtype: torch.dtype, arch: int) -> bool:
+    """Whether an MV2 block on a [batch, cin, *size] input (hidden channels, a [batch, cout,
+    *out_size] output, + the input as residual or not: a residual is taken to be the block
+    input, as in an MV2 block) runs as one launch that recomputes the
+    expansion per depthwise tap, rather than as a pointwise_conv launch writing the [batch,
+    hidden, *size] map and this kernel reading it.
 
-    At the ceilings of sm_<arch>'s GPU (`cost_gpu`, the kernels report's roofline `floor_us`):
-    fuse when the extra expansion FLOPs of the fused launch (9 per output pixel instead of 1 per
-    input pixel, at the dot rate of the dtype: tensor cores for fp16/bf16, FMA or TF32 for fp32)
-    take less time than the hidden map's write + read at peak bandwidth plus one launch
-    (`LAUNCH_OVERHEAD_US`). The peaks flatter the recomputation (small-K dots rarely reach
-    them), so close calls lean to fusing. For v3-XS at 256 px on sm_90 (the H200's ceilings):
-    batch 1 fuses all seven MV2 blocks in fp16/bf16 and five in fp32 (not layer_1.0 and
-    layer_2.1: stride 1 recomputes 8x the expansion on the FMA units); batch 100 fuses all
-    seven in fp16/bf16 and only layer_2.0 in fp32 (tests/test_kernel_dwconv_pointwise.py).
+    The kernels report's roofline (`floor_us`) at the ceilings of sm_<arch>'s GPU (`cost_gpu`):
+    fuse when the fused launch's floor is below the two launches' floors plus one launch
+    (`LAUNCH_OVERHEAD_US`). The fused launch saves the hidden map's write and read (and the
+    residual's second read) but does 9 expansion products per output pixel instead of one per
+    input pixel (9/4 at stride 2), at the dot rate of the dtype: tensor cores for fp16/bf16,
+    FMA units (or TF32 where allowed) for fp32; the depthwise taps run on the FMA units either
+    way. Maps only: the weights are read once by either plan. The peaks flatter the
+    recomputation (small-K dots rarely reach them), so close calls lean to fusing.
+
+    For v3-XS at 256 px on sm_90 (the H200's ceilings; tests/test_kernel_dwconv_pointwise.py):
+    at batch 1, fp16/bf16 fuse all seven MV2 blocks and fp32 the four stride-2 ones (stride 1
+    recomputes the expansion 9 times on the FMA units); at batch 100, fp16/bf16 fuse five (not
+    the stride-1 layer_2.1/2.2, 48 -> 192 -> 48 channels on 64 x 64 maps) and fp32 none.
     """
     gpu = cost_gpu(arch)
+    item = torch.empty((), dtype=dtype).element_size()
     pixels_in, pixels_out = batch * size[0] * size[1], batch * out_size[0] * out_size[1]
-    if dtype == torch.float32:
-        rate = "tf32" if dot_precision(dtype) == "tf32" else "fp32"
-    else:
-        rate = "tensor"
-    extra_flops = 2 * cin * hidden * max(0, 9 * pixels_out - pixels_in)
-    hidden_map_bytes = 2 * pixels_in * hidden * torch.empty((), dtype=dtype).element_size()
-    recompute_us = floor_us(gpu, 0, extra_flops, 0, rate)
-    saved_us = floor_us(gpu, hidden_map_bytes, 0, 0, rate) + LAUNCH_OVERHEAD_US
-    return recompute_us < saved_us
+    rate = ("tf32" if dot_precision(dtype) == "tf32" else "fp32") if dtype == torch.float32 else "tensor"
+    x_bytes, hidden_bytes = pixels_in * cin * item, pixels_in * hidden * item
+    out_bytes = pixels_out * cout * item
+    residual_bytes = out_bytes if residual else 0
+    depthwise_flops = 2 * 9 * pixels_out * hidden
+    reduce_flops = 2 * pixels_out * hidden * cout
+    expand_flops = 2 * pixels_in * cin * hidden
+    two_launches = (floor_us(gpu, x_bytes + hidden_bytes, expand_flops, 0, rate)
+                    + floor_us(gpu, hidden_bytes + out_bytes + residual_bytes, reduce_flops,
+                               depthwise_flops, rate)
+                    + LAUNCH_OVERHEAD_US)
+    recomputed_expand_flops = 2 * 9 * pixels_out * cin * hidden
+    fused = floor_us(gpu, x_bytes + out_bytes, reduce_flops + recomputed_expand_flops,
+                     depthwise_flops, rate)
+    return fused < two_launches
 
 
 # ---- launcher -------------------------------------------------------------------------------
@@ -207,21 +229,28 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
     next chunk's taps (cp.async: 42-54 KB shared in fp32); sm_75 has no cp.async and needs at
     most 16 KB.
 
-    Small grids (batch 1's late stages: XS's layer_5.0 had 2 programs x 40 K steps) halve
-    BLOCK_M, down to 16, while the grid stays under TARGET_PROGRAMS, and widen BLOCK_K by as
-    much (the hidden tile stays BLOCK_M x BLOCK_K = 1024 values, 2048 in 16-bit at 32 rows), so
-    that more programs walk fewer K steps. With the expansion, BLOCK_C x's channels per tl.dot
-    step (Cin padded to 16 ... 64).
+    Small grids of the expanding kernel (batch 1's late stages: XS's layer_5.0 had 2
+    programs x 40 K steps) halve BLOCK_M, down to 16, while the grid stays under
+    TARGET_PROGRAMS, and widen BLOCK_K by as much (it works one tap at a time: a 1024-value
+    hidden tile), so that more programs walk fewer K steps. Its BLOCK_C of x's channels per
+    tl.dot step is Cin padded to a power of two (at least 64 above 16), at most 1024 values
+    per x tile in fp32 (16 x 128 spills 136 bytes on sm_90) and on sm_75 (16-bit 16 x 128:
+    700 bytes), 2048 in 16-bit. The plain kernel keeps its tiles: its nine
+    unrolled tap loads spill on sm_90 when a small grid widens BLOCK_K (16-bit 16 x 64: 44-52
+    bytes; 4 warps, and a 16- or 32-row tl.dot operand is held by every warp).
     """
     block_n = min(next_pow2(n), 128)
     block_m = 64 if dtype == torch.float32 or arch >= WGMMA_ARCH else 32
     block_k = 16
-    while block_m > 16 and cdiv(m, block_m) * cdiv(n, block_n) < TARGET_PROGRAMS:
+    while expand and block_m > 16 and cdiv(m, block_m) * cdiv(n, block_n) < TARGET_PROGRAMS:
         block_m //= 2
         block_k *= 2
+    max_x_tile = 1024 if dtype == torch.float32 or arch < 80 else 2048
+    # 17 ... 63 input channels take a 64-channel x tile: 32-channel ones spill on sm_80 (16-bit
+    # 32 x 32: 4 bytes at 96 registers, where 32 x 64 takes 128 without)
+    block_c = min(next_pow2(cin) if cin <= 16 else max(next_pow2(cin), 64), max_x_tile // block_m)
     return interpreter_meta(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-             BLOCK_C=min(next_pow2(cin), 64) if expand else 16,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c if expand else 16,
              num_warps=8 if dtype == torch.float32 else 4, num_stages=2),
         BLOCK_M=256, BLOCK_K=64)
 
@@ -291,8 +320,8 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     b, _, h, w = x.shape
     ch = dw_weight.shape[0]
     arch = target_arch(x)
-    if expand_weight is not None and not fuse_expand(b, (h, w), out.shape[2:], x.shape[1], ch,
-                                                     x.dtype, arch):
+    if expand_weight is not None and not fuse_expand(b, (h, w), out.shape[2:], x.shape[1], ch, cout,
+                                                     residual is not None, x.dtype, arch):
         x = pointwise_conv(x, expand_weight, expand_bias, act="silu")  # the hidden map [B, Ch, H, W]
         expand_weight = expand_bias = None
     expand = expand_weight is not None
@@ -314,9 +343,8 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  stride_en=expand_weight.stride(0) if expand else 0,
                  stride_ec=expand_weight.stride(1) if expand else 0),
             dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-            # with the expansion: nine [BLOCK_M, Cin] x [Cin, BLOCK_K] products per K step (the
-            # taps are unrolled and independent; each walks Cin in BLOCK_C steps)
+            # with the expansion each K step walks the nine taps, each Cin in BLOCK_C steps
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
-                 serial_steps=cdiv(ch, meta["BLOCK_K"]) * (cdiv(cin, meta["BLOCK_C"]) if expand else 1)))
+                 serial_steps=cdiv(ch, meta["BLOCK_K"]) * (9 * cdiv(cin, meta["BLOCK_C"]) if expand else 1)))
     return out

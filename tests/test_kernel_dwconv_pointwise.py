@@ -192,13 +192,19 @@ def test_launch_records():
     record, signature, meta = dry_run_launch(dwconv_pointwise, args, "_dwconv_pointwise_kernel")
     assert signature["bias_ptr"] == signature["res_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
-    # a small grid: 16-row tiles (8 of them for 2 * 8 * 8 pixels) with 64 hidden channels a
-    # K step, rather than 64 x 16 (2 row tiles), times 2 column tiles of the 160 channels
-    assert meta["BLOCK_N"] == 128 and meta["BLOCK_M"] == 16 and meta["BLOCK_K"] == 64
-    assert record.grid == (16,) and record.work.serial_steps == 4
-    # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles
-    large = make_args("cpu", torch.float32, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
-                      hidden=256, cout=160, stride=2, bias=False)
+    assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
+    assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
+    # with the expansion (32 -> 256): a small grid takes 16-row tiles (8 of them) with 64
+    # hidden channels a K step; each step walks the 9 taps, Cin in one step (padded to 64)
+    expanded = make_args("cpu", torch.float32, b=2, size=(16, 16), layout="nhwc",
+                         packing="kmajor", hidden=256, cout=160, stride=2, bias=False, cin=32)
+    record, signature, meta = dry_run_launch(dwconv_pointwise, expanded, "_dwconv_pointwise_kernel")
+    assert signature["ew_ptr"] == signature["eb_ptr"] == "*fp32"
+    assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 64, 64)
+    assert record.grid == (16,) and record.work.serial_steps == 4 * 9
+    # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles (fp16: fused at batch 64 too)
+    large = make_args("cpu", torch.float16, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
+                      hidden=256, cout=160, stride=2, bias=False, cin=32)
     record, _, meta = dry_run_launch(dwconv_pointwise, large, "_dwconv_pointwise_kernel")
     assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (64, 16) and record.grid == (128,)
 
@@ -230,7 +236,7 @@ def test_expand_fused(device, case):
     args = make_args(device, dtype, b, size, layout, ("kmajor", "plain")[i % 2], hidden, cout,
                      stride=stride, residual=residual, seed=i, cin=cin)
     assert fuse_expand(b, size, ((size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1), cin,
-                       hidden, dtype, _common.target_arch(args[0]))
+                       hidden, cout, residual, dtype, _common.target_arch(args[0]))
     with _common.launch_log() as log:
         check(args, dtype)
     assert [record.name for record in log.records] == ["_dwconv_pointwise_kernel"]
@@ -245,12 +251,12 @@ def test_expand_dilated(device):
 
 
 def test_expand_unfused_fallback():
-    """Where the cost model keeps the hidden map (fp32 stride 1 at 64 x 64: the recomputation
-    is 8x the expansion on the FMA units), the op is pointwise_conv's launch then this
+    """Where the cost model keeps the hidden map (fp32 stride 1 at 64 x 64: the expansion
+    recomputed 9 times on the FMA units), the op is pointwise_conv's launch then this
     kernel's, and computes the same."""
     args = make_args("cpu", torch.float32, b=1, size=(64, 64), layout="nhwc", packing="kmajor",
                      hidden=192, cout=48, residual=True, cin=48)
-    assert not fuse_expand(1, (64, 64), (64, 64), 48, 192, torch.float32, 90)
+    assert not fuse_expand(1, (64, 64), (64, 64), 48, 192, 48, True, torch.float32, 90)
     with _common.launch_log(dry_run=True) as log:
         dwconv_pointwise(*args)
     assert [r.name for r in log.records] == ["_pointwise_conv_kernel", "_dwconv_pointwise_kernel"]
@@ -258,14 +264,14 @@ def test_expand_unfused_fallback():
     small = make_args("cpu", torch.float32, b=1, size=(16, 17), layout="nhwc", packing="kmajor",
                       hidden=192, cout=48, residual=True, cin=48)
     with _common.compile_target(75):  # the RTX 2080 Ti's 13.4 fp32 TFLOP/s: kept at 16 x 17
-        assert not fuse_expand(1, (16, 17), (16, 17), 48, 192, torch.float32, 75)
+        assert not fuse_expand(1, (16, 17), (16, 17), 48, 192, 48, True, torch.float32, 75)
         with _common.launch_log() as log:
             check(small)
     assert [r.name for r in log.records] == ["_pointwise_conv_kernel", "_dwconv_pointwise_kernel"]
 
 
 def _xs_mv2_blocks(img: int = 256) -> list:
-    """(name, cin, hidden, stride, input size) of mobilevitv3_xs's MV2 blocks."""
+    """(name, cin, hidden, cout, stride, input size) of mobilevitv3_xs's MV2 blocks."""
     c = CONFIGS["mobilevitv3_xs"]
     plan = [("layer_1.0", c.stem_channels, c.layer1_channels, 1)]
     plan += [(f"layer_2.{i}", c.layer1_channels if i == 0 else c.layer2_channels, c.layer2_channels,
@@ -275,51 +281,88 @@ def _xs_mv2_blocks(img: int = 256) -> list:
         plan.append((f"layer_{index}.0", prev, s.channels, 2))
         prev = s.channels
     size, blocks = img // 2, []
-    for name, cin, _, stride in plan:
-        blocks.append((name, cin, make_divisible(int(round(cin * c.mv2_expand)), 8), stride, size))
+    for name, cin, cout, stride in plan:
+        blocks.append((name, cin, make_divisible(int(round(cin * c.mv2_expand)), 8), cout, stride,
+                       size))
         size = (size - 1) // stride + 1
     return blocks
 
 
-# The blocks of mobilevitv3_xs at 256 px that fuse on sm_90 (the H200's ceilings), per (batch,
-# dtype): fp16/bf16 (989 TFLOP/s on tensor cores) fuse everything; fp32 (66.9 on FMA units)
-# keeps the hidden map where stride 1 recomputes 8x the expansion, and at batch 100 wherever
-# the recomputation outweighs the traffic (layer_2.0 only saves: 128 hidden channels from 32).
+# The blocks of mobilevitv3_xs at 256 px that fuse, per (arch, batch, dtype), at the ceilings of
+# the H200 (sm_90: 4.8 TB/s, 989 TFLOP/s fp16 tensor, 66.9 fp32) and the A100 (sm_80: 2.0 TB/s,
+# 312, 19.5). At batch 1 a launch (2 us) outweighs every 16-bit block's recomputation on tensor
+# cores; fp32 recomputes on the FMA units, and keeps the hidden map at stride 1 (9 expansions
+# per input pixel). At batch 100 the stride-1 blocks of 192 hidden channels (layer_2.1/2.2) no
+# longer pay in fp16, and no block pays in fp32.
+ALL_XS = {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0", "layer_4.0", "layer_5.0"}
+STRIDE_2_XS = {"layer_2.0", "layer_3.0", "layer_4.0", "layer_5.0"}
 FUSED_XS = {
-    (1, torch.float16): {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0",
-                         "layer_4.0", "layer_5.0"},
-    (100, torch.float16): {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0",
-                           "layer_4.0", "layer_5.0"},
-    (1, torch.float32): {"layer_2.0", "layer_3.0", "layer_4.0", "layer_5.0"},
-    (100, torch.float32): {"layer_2.0"},
+    (90, 1, torch.float16): ALL_XS,
+    (90, 100, torch.float16): ALL_XS - {"layer_2.1", "layer_2.2"},
+    (90, 1, torch.float32): STRIDE_2_XS,
+    (90, 100, torch.float32): set(),
+    (80, 1, torch.float16): ALL_XS,
+    (80, 100, torch.float16): ALL_XS - {"layer_2.1", "layer_2.2", "layer_5.0"},
+    (80, 1, torch.float32): set(),
 }
 
 
-@pytest.mark.parametrize("batch, dtype", FUSED_XS, ids=[f"b{b}-{str(d)[6:]}" for b, d in FUSED_XS])
-def test_cost_model_decisions_xs(batch, dtype):
-    blocks = _xs_mv2_blocks()
-    assert [name for name, *_ in blocks] == ["layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2",
-                                             "layer_3.0", "layer_4.0", "layer_5.0"]
-    fused = {name for name, cin, hidden, stride, size in blocks
-             if fuse_expand(batch, (size, size), ((size - 1) // stride + 1,) * 2, cin, hidden,
-                            dtype, 90)}
-    assert fused == FUSED_XS[batch, dtype]
+def _fused_xs_blocks(arch: int, batch: int, dtype: torch.dtype) -> set:
+    return {name for name, cin, hidden, cout, stride, size in _xs_mv2_blocks()
+            if fuse_expand(batch, (size, size), ((size - 1) // stride + 1,) * 2, cin, hidden, cout,
+                           stride == 1 and cin == cout, dtype, arch)}
+
+
+@pytest.mark.parametrize("arch, batch, dtype", FUSED_XS,
+                         ids=[f"sm{a}-b{b}-{str(d)[6:]}" for a, b, d in FUSED_XS])
+def test_cost_model_decisions_xs(arch, batch, dtype):
+    assert {name for name, *_ in _xs_mv2_blocks()} == ALL_XS
+    assert _fused_xs_blocks(arch, batch, dtype) == FUSED_XS[arch, batch, dtype]
+
+
+def test_fast_model_launches_follow_the_cost_model():
+    """mobilevitv3_xs at batch 1 (dry run, sm_90): each MV2 block's depthwise launch takes the
+    expand weights where the cost model fuses (fp16: all seven; fp32: the stride-2 ones), and
+    is otherwise preceded by the expansion's pointwise_conv launch writing its input."""
+    import mvit3.fast
+
+    for dtype in (torch.float16, torch.float32):
+        model = mvit3.fast.create_model("mobilevitv3_xs", backend="triton").to(dtype).eval()
+        x = torch.zeros(1, 3, 256, 256, dtype=dtype)
+        with torch.no_grad(), _common.compile_target(90), _common.launch_log(dry_run=True) as log:
+            model(x)
+        mv2_shapes = {(hidden, cout) for _, _, hidden, cout, _, _ in _xs_mv2_blocks()}
+        records, blocks, fused = log.records, 0, 0
+        for i, record in enumerate(records):
+            args = dict(record.args)
+            if record.name != "_dwconv_pointwise_kernel" or (args["Ch"], args["N"]) not in mv2_shapes:
+                continue  # a local representation
+            blocks += 1
+            previous = dict(records[i - 1].args)  # the expansion: writes x, Ch channels
+            expanded_first = (records[i - 1].name == "_pointwise_conv_kernel"
+                              and previous["out_ptr"].address == args["x_ptr"].address
+                              and previous["N"] == args["Ch"])
+            is_fused = args["ew_ptr"] is not None
+            assert expanded_first != is_fused
+            fused += is_fused
+        assert blocks == 7 and fused == len(_fused_xs_blocks(90, 1, dtype))
 
 
 def test_cost_model_tf32_and_bf16():
     """bf16 decides as fp16 (same tensor rate, same bytes); TF32, when allowed, prices the fp32
     recomputation at the tensor-core TF32 rate, so more fp32 blocks fuse."""
     blocks = _xs_mv2_blocks()
-    for name, cin, hidden, stride, size in blocks:
+    for name, cin, hidden, cout, stride, size in blocks:
         out = ((size - 1) // stride + 1,) * 2
-        assert (fuse_expand(100, (size, size), out, cin, hidden, torch.bfloat16, 90)
-                == fuse_expand(100, (size, size), out, cin, hidden, torch.float16, 90))
-    name, cin, hidden, stride, size = blocks[0]  # layer_1.0: kept in IEEE fp32
+        assert (fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.bfloat16, 90)
+                == fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.float16, 90))
+    name, cin, hidden, cout, stride, size = blocks[1]  # layer_2.0: kept in IEEE fp32 at batch 100
+    out = ((size - 1) // stride + 1,) * 2
     matmul = torch.backends.cuda.matmul
     previous = matmul.allow_tf32
     try:
         matmul.allow_tf32 = True
-        tf32 = fuse_expand(100, (size, size), (size, size), cin, hidden, torch.float32, 90)
+        tf32 = fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.float32, 90)
     finally:
         matmul.allow_tf32 = previous
     assert tf32 == (not _common.INTERPRET)  # the interpreter runs IEEE fp32 whatever the flag

@@ -130,7 +130,8 @@ def _v3_xs_least_bytes(batch: int, dtype: torch.dtype, size: int = 256) -> int:
             out_channels = mv2.red_1x1.conv.out_channels
             hw_out = hw // block.stride ** 2
             side, side_out = math.isqrt(hw), math.isqrt(hw_out)
-            if fuse_expand(batch, (side, side), (side_out, side_out), channels, hidden, dtype, 90):
+            if fuse_expand(batch, (side, side), (side_out, side_out), channels, hidden, out_channels,
+                           block.use_residual, dtype, 90):
                 # one launch: x (also its residual, one tensor), the three convs, the output
                 op(batch * channels * hw, *conv(mv2.exp_1x1), *conv(mv2.conv_3x3), *conv(mv2.red_1x1),
                    batch * out_channels * hw_out)
