@@ -231,21 +231,26 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
 
     Small grids of the expanding kernel (batch 1's late stages: XS's layer_5.0 had 2
     programs x 40 K steps) halve BLOCK_M, down to 16, while the grid stays under
-    TARGET_PROGRAMS, and widen BLOCK_K by as much (it works one tap at a time: a 1024-value
-    hidden tile), so that more programs walk fewer K steps. Its BLOCK_C of x's channels per
-    tl.dot step is Cin padded to a power of two (at least 64 above 16), at most 1024 values
-    per x tile in fp32 (16 x 128 spills 136 bytes on sm_90) and on sm_75 (16-bit 16 x 128:
-    700 bytes), 2048 in 16-bit. The plain kernel keeps its tiles: its nine
+    TARGET_PROGRAMS, and widen BLOCK_K while its hidden tile stays within 512 values, so that
+    more programs walk fewer K steps; in fp32 it starts at 32 x 16. Its BLOCK_C of x's
+    channels per tl.dot step is Cin padded to a power of two (at least 64 above 16), at most
+    512 values per x tile in fp32, 1024 on sm_75, 2048 in 16-bit. Measured (ptxas, sm_90;
+    the 8-warp fp32 kernels get about 128 registers): fp32 16 x 64 hidden tiles with 64-channel
+    x tiles spill 36-88 bytes, 32 x 32 ones 20-28; 16-bit 32 x 32 hidden with 32 x 64 x tiles
+    8 bytes; sm_75 16-bit 16 x 128 x tiles 700. The plain kernel keeps its tiles: its nine
     unrolled tap loads spill on sm_90 when a small grid widens BLOCK_K (16-bit 16 x 64: 44-52
     bytes; 4 warps, and a 16- or 32-row tl.dot operand is held by every warp).
     """
     block_n = min(next_pow2(n), 128)
     block_m = 64 if dtype == torch.float32 or arch >= WGMMA_ARCH else 32
+    if expand and dtype == torch.float32:
+        block_m = 32
     block_k = 16
     while expand and block_m > 16 and cdiv(m, block_m) * cdiv(n, block_n) < TARGET_PROGRAMS:
         block_m //= 2
-        block_k *= 2
-    max_x_tile = 1024 if dtype == torch.float32 or arch < 80 else 2048
+        if block_m * block_k * 2 <= 512:
+            block_k *= 2
+    max_x_tile = 512 if dtype == torch.float32 else 1024 if arch < 80 else 2048
     # 17 ... 63 input channels take a 64-channel x tile: 32-channel ones spill on sm_80 (16-bit
     # 32 x 32: 4 bytes at 96 registers, where 32 x 64 takes 128 without)
     block_c = min(next_pow2(cin) if cin <= 16 else max(next_pow2(cin), 64), max_x_tile // block_m)

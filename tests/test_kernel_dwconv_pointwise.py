@@ -194,14 +194,14 @@ def test_launch_records():
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
     assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
     assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
-    # with the expansion (32 -> 256): a small grid takes 16-row tiles (8 of them) with 64
-    # hidden channels a K step; each step walks the 9 taps, Cin in one step (padded to 64)
+    # with the expansion (32 -> 256): a small grid takes 16-row tiles (8 of them) with 32
+    # hidden channels a K step; each step walks the 9 taps, Cin in one 32-channel step
     expanded = make_args("cpu", torch.float32, b=2, size=(16, 16), layout="nhwc",
                          packing="kmajor", hidden=256, cout=160, stride=2, bias=False, cin=32)
     record, signature, meta = dry_run_launch(dwconv_pointwise, expanded, "_dwconv_pointwise_kernel")
     assert signature["ew_ptr"] == signature["eb_ptr"] == "*fp32"
-    assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 64, 64)
-    assert record.grid == (16,) and record.work.serial_steps == 4 * 9
+    assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 32, 32)
+    assert record.grid == (16,) and record.work.serial_steps == 8 * 9
     # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles (fp16: fused at batch 64 too)
     large = make_args("cpu", torch.float16, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
                       hidden=256, cout=160, stride=2, bias=False, cin=32)
