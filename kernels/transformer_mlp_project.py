@@ -127,11 +127,13 @@ def _projection_block_n(d_pad: int, dtype: torch.dtype, arch: int) -> int:
     return min(64, max(16, budget // d_pad))
 
 
-# (num_warps, num_stages) of fp32 launches by (BLOCK_M, D_PAD) where the FFN's own choice
-# (`mlp_meta`) spills 4 to 28 bytes a thread once the projection's tiles are live too
-# (ptxas -v through tests/aot_compile.py: sm_80 at [32, 128] and [64, 64], sm_90 at [16, 128]);
-# these spill on neither. sm_75 keeps the FFN's choice, which does not spill there in fp32.
-_FP32_WARPS_STAGES = {(16, 128): (4, 1), (32, 128): (4, 2), (64, 64): (8, 1)}
+# (num_warps, num_stages) of fp32 launches by arch and (BLOCK_M, D_PAD) where the FFN's own
+# choice (`mlp_meta`) spills 4 to 28 bytes a thread once the projection's tiles are live too
+# (ptxas -v through tests/aot_compile.py: sm_80 at [32, 128] and [64, 64], sm_90 at [16, 128];
+# on sm_90 [64, 64] keeps mlp_meta's 2 stages, as one stage spills there with SiLU); these spill
+# on neither. sm_75 keeps the FFN's choice, which does not spill there in fp32.
+_FP32_WARPS_STAGES = {80: {(16, 128): (4, 1), (32, 128): (4, 2), (64, 64): (8, 1)},
+                      90: {(16, 128): (4, 1), (32, 128): (4, 2)}}
 
 
 def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
@@ -156,7 +158,8 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
     meta = mlp_meta(b * h * w, d_pad, x.dtype, arch)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     if x.dtype == torch.float32 and arch >= 80:
-        num_warps, num_stages = _FP32_WARPS_STAGES.get((meta["BLOCK_M"], d_pad), (num_warps, num_stages))
+        num_warps, num_stages = _FP32_WARPS_STAGES[90 if arch >= 90 else 80].get(
+            (meta["BLOCK_M"], d_pad), (num_warps, num_stages))
     elif arch >= 80 and (meta["BLOCK_M"], d_pad) == (16, 256):
         # 16-row tiles come from small grids (XS's layer_5 at batch 1: 4 programs), where the
         # serial chain is the latency: 32 hidden units a chunk halve it (F = 288: 18 -> 9).
