@@ -8,8 +8,13 @@ GEMM view: M = B*H*W pixels (rows), N = Cout, K = C1 (+ C2). One program owns a
 x2's C2 channels through a second pointer, so the concatenation never exists in memory.
 
 The norm touches x only and happens in the prologue, on each A tile before tl.dot:
-- "layer": LayerNorm over the C1 channels of each pixel. A first pass over x's channels
-  takes each row's mean and variance in fp32, then the GEMM pass normalises on the fly.
+- "layer": LayerNorm over the C1 channels of each pixel. With C1 <= 256 (every LayerNorm of
+  the models: d = 64 ... 240) one load of the whole [BLOCK_M, C1] row block (ROW_K: C1
+  padded to a power of two) gives each row's mean and variance in fp32 registers. 16-bit
+  tiles on sm_80+ then feed that normalised block to one tl.dot (BLOCK_K == ROW_K): the input
+  is read once per tile and the K loop is one step. fp32 (whose FMA dots hold a thread's whole
+  K slice of both operands in registers) and sm_75 (64 KB of shared memory) run the GEMM in
+  K chunks, normalising each on the fly; wider inputs also take the statistics in chunks.
 - "group": GroupNorm(1), statistics over a whole sample, taken beforehand by
   `group_norm_stats`; each row reads its own sample's (mean, rstd), because a tile of
   pixels may straddle two samples.
@@ -23,10 +28,11 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS, NORMS
 
-from ._common import (Work, batch_chunks, batch_part, cat_maps_error, cdiv, channels_last_empty,
-                      check_device, dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
-                      interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
-                      next_pow2, pixel_coords, pixel_tile_epilogue, vector_stride_error)
+from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cat_maps_error,
+                      cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
+                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
+                      pixel_tile_epilogue, target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 
@@ -58,6 +64,30 @@ def _pixel_layer_norm_stats(x_rows, row_mask, C, stride_c, eps,
 
 
 @triton.jit
+def _whole_row_layer_norm(x_rows, row_mask, k, k_mask, C, stride_c, eps):
+    """(mean, rstd, centred) of each pixel row from one load of its C channels k (k: the
+    padded range, k_mask: k < C): mean and 1/sqrt(var + eps) [BLOCK_M] fp32, and the centred
+    [BLOCK_M, K] fp32 tile, 0 outside the map and the channels. Two passes over registers
+    (mean, then the centred squares): no E[x^2] - E[x]^2 cancellation."""
+    mask = row_mask[:, None] & k_mask[None, :]
+    rows = tl.load(x_rows[:, None] + k[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(rows, axis=1) / C
+    centred = tl.where(mask, rows - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    return mean, rstd, centred
+
+
+@triton.jit
+def _norm_affine(normed, norm_w_ptr, norm_b_ptr, k, k_mask):
+    """normed * gamma[k] + beta[k] on an fp32 [BLOCK_M, K] tile (either may be None)."""
+    if norm_w_ptr is not None:
+        normed = normed * tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if norm_b_ptr is not None:
+        normed = normed + tl.load(norm_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return normed
+
+
+@triton.jit
 def _pointwise_conv_kernel(
     # pointers (x2, bias, residual, norm affine and group stats may be None)
     x_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, norm_w_ptr, norm_b_ptr, stats_ptr, out_ptr,
@@ -71,35 +101,44 @@ def _pointwise_conv_kernel(
     # meta-parameters
     NORM: tl.constexpr, ACT: tl.constexpr,
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_K: tl.constexpr,
 ):
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     b, y, x = pixel_coords(offs_m, HW, W)
     x_rows = x_ptr + b * stride_xb + y * stride_xh + x * stride_xw  # [BLOCK_M] pointers
 
-    if NORM == "layer":
-        mean, rstd = _pixel_layer_norm_stats(x_rows, row_mask, C1, stride_xc, eps, BLOCK_M, BLOCK_K)
-    elif NORM == "group":
-        mean = tl.load(stats_ptr + b * 2, mask=row_mask, other=0.0)
-        rstd = tl.load(stats_ptr + b * 2 + 1, mask=row_mask, other=0.0)
-
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # K over x's channels. Padded K columns may hold nonzero normalised values, but the
-    # matching weight rows load as 0, so they add nothing.
-    for k0 in range(0, C1, BLOCK_K):
-        k = k0 + offs_k
+    if BLOCK_K == ROW_K:  # LayerNorm, whole rows as the one K step: x read once
+        k = tl.arange(0, ROW_K)
         k_mask = k < C1
-        a = tl.load(x_rows[:, None] + k[None, :] * stride_xc,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if NORM != "none":
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            if norm_w_ptr is not None:
-                a = a * tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            if norm_b_ptr is not None:
-                a = a + tl.load(norm_b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        mean, rstd, centred = _whole_row_layer_norm(x_rows, row_mask, k, k_mask, C1, stride_xc, eps)
+        a = _norm_affine(centred * rstd[:, None], norm_w_ptr, norm_b_ptr, k, k_mask)
         w_tile = load_weight_tile(w_ptr, k * stride_wk, k_mask, offs_n, n_mask, stride_wn)
         acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
+    else:
+        if NORM == "layer":
+            if ROW_K > 0:  # statistics from one load of whole rows, then the K loop
+                channels = tl.arange(0, ROW_K)  # not `k`: the loop below reassigns that
+                mean, rstd, _ = _whole_row_layer_norm(x_rows, row_mask, channels, channels < C1, C1,
+                                                      stride_xc, eps)
+            else:
+                mean, rstd = _pixel_layer_norm_stats(x_rows, row_mask, C1, stride_xc, eps, BLOCK_M, BLOCK_K)
+        elif NORM == "group":
+            mean = tl.load(stats_ptr + b * 2, mask=row_mask, other=0.0)
+            rstd = tl.load(stats_ptr + b * 2 + 1, mask=row_mask, other=0.0)
+        # K over x's channels. Padded K columns may hold nonzero normalised values, but the
+        # matching weight rows load as 0, so they add nothing.
+        for k0 in range(0, C1, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < C1
+            a = tl.load(x_rows[:, None] + k[None, :] * stride_xc,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if NORM != "none":
+                a = _norm_affine((a.to(tl.float32) - mean[:, None]) * rstd[:, None],
+                                 norm_w_ptr, norm_b_ptr, k, k_mask)
+            w_tile = load_weight_tile(w_ptr, k * stride_wk, k_mask, offs_n, n_mask, stride_wn)
+            acc = tl.dot(a.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
 
     # then K over x2's channels: weight columns C1 ... C1 + C2 - 1
     if x2_ptr is not None:
@@ -116,20 +155,62 @@ def _pointwise_conv_kernel(
                         stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, ACT)
 
 
-def _meta(n: int, dtype: torch.dtype) -> dict:
-    """Tile sizes from (N, dtype): four tile shapes (BLOCK_N 16 ... 128).
+MAX_ROW_K = 256  # widest LayerNorm input read as whole rows (a [64, 256] fp16 A tile: 32 KB)
+
+
+def _meta(pixels: int, n: int, c1: int, c2: int, norm: str, dtype: torch.dtype, arch: int,
+          precision: str) -> dict:
+    """Tile sizes from the GEMM [pixels, c1 + c2] x [c1 + c2, n], the dtype and sm_<arch>.
 
     BLOCK_N covers Cout up to 128 in one tile (the A tile and LayerNorm stats are then made
-    once); wider outputs take 128-column tiles. Warps keep at most 32 fp32 accumulators a
-    thread. BLOCK_K = 16: fp32 runs on FMA units (IEEE) whose K-chunk operand fragments sit
-    in registers, and sm_75's fp16 mma fragments likewise; with 32, ptxas spills on sm_80
-    (fp32) and sm_75 (fp16). Shared memory: at most 33 KB (sm_80/90), 16 KB (sm_75).
+    once); wider outputs take 128-column tiles. BLOCK_M: 64 rows, fewer while the grid would
+    leave SMs idle (under TARGET_PROGRAMS programs: batch 1 past layer_3), down to 16; 16-bit
+    tiles on sm_90 keep 64 rows (warpgroup MMA) while that gives half of TARGET_PROGRAMS.
+    BLOCK_K: 16-bit on sm_80+ takes 64 channels a step (up to the widest input), so the small
+    grids of batch 1 walk short K loops (640 -> 160: 10 steps, not 40); fp32 runs on FMA units
+    (IEEE) whose K-chunk operand fragments sit in registers, and sm_75's fp16 mma fragments
+    likewise: 16 (with 32, ptxas spills on sm_80 (fp32) and sm_75 (fp16)), except fp32 16-row
+    tiles: 32 (at most 213 registers, sm_75; 64 spill KBs on sm_80; TF32's mma fragments spill
+    8 bytes on sm_90 with 32). ROW_K: LayerNorm
+    statistics from whole rows (C1 <= MAX_ROW_K; 0: in chunks), and on 16-bit sm_80+ the one
+    K step (BLOCK_K = ROW_K); see the module docstring.
+    Warps keep at most 32 fp32 accumulators a thread. Shared memory: at most 72 KB (sm_80/90,
+    three stages of 64-channel chunks), 16 KB (sm_75).
     """
     block_n = min(next_pow2(n), 128)
+    sixteen_bit = dtype != torch.float32
+    wide_k = sixteen_bit and arch >= 80
+
+    def programs(block_m: int) -> int:
+        return cdiv(pixels, block_m) * cdiv(n, block_n)
+
+    row_k = next_pow2(c1) if norm == "layer" and c1 <= MAX_ROW_K else 0
+    # mma.sync GPUs gain nothing from 64 rows; whole 16-bit rows of 64 pixels spill there
+    block_m = 32 if row_k and wide_k and arch < WGMMA_ARCH else 64
+    while block_m > 16 and programs(block_m) < TARGET_PROGRAMS and not (
+            sixteen_bit and arch >= WGMMA_ARCH and programs(block_m) >= TARGET_PROGRAMS // 2):
+        block_m //= 2
+    if wide_k:
+        block_k = row_k or min(64, next_pow2(max(c1, c2)))
+    else:  # IEEE fp32 (FMA) dots of 16-row tiles hold 32-channel fragments without spilling
+        block_k = 32 if block_m == 16 and dtype == torch.float32 and precision == "ieee" else 16
     return interpreter_meta(
-        dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, num_warps=8 if block_n == 128 else 4,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ROW_K=row_k,
+             # fp32 dots, and mma.sync's 64-channel K steps, hold more per thread: 4 warps at
+             # [32, 128] spill on sm_90 (fp32) and sm_80 (16-bit)
+             num_warps=8 if block_m * block_n >= (8192 if sixteen_bit and arch >= WGMMA_ARCH else 4096) else 4,
              num_stages=2 if dtype == torch.float32 else 3),
         BLOCK_M=256, BLOCK_K=64)
+
+
+def _serial_steps(c1: int, c2: int, norm: str, meta: dict) -> int:
+    """K-loop iterations of one program: the GEMM's K chunks, and for LayerNorm the statistics
+    (none apart when the whole row is the one K chunk, one step from whole rows, else a pass
+    over x's channels)."""
+    stats_steps = 0
+    if norm == "layer" and meta["ROW_K"] != meta["BLOCK_K"]:
+        stats_steps = 1 if meta["ROW_K"] else cdiv(c1, meta["BLOCK_K"])
+    return stats_steps + cdiv(c1, meta["BLOCK_K"]) + cdiv(c2, meta["BLOCK_K"])
 
 
 def _shape_error(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, act) -> str | None:
@@ -183,7 +264,8 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
     if norm == "none":
         norm_weight = norm_bias = None
     stats = group_norm_stats(x, eps) if norm == "group" else None
-    meta = _meta(cout, x.dtype)
+    precision = dot_precision(x.dtype)
+    meta = _meta(b * h * w, cout, c1, c2, norm, x.dtype, target_arch(x), precision)
     for start, stop in batch_chunks(b, out.shape, (x, x2, residual)):
         part = dict(x=batch_part(x, start, stop), x2=batch_part(x2, start, stop),
                     r=batch_part(residual, start, stop))
@@ -197,9 +279,7 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
                  **map_stride_args("x", x), **map_stride_args("x2", x2),
                  stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                  **map_stride_args("r", residual)),
-            dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype),
-                 DOT_PRECISION=dot_precision(x.dtype), **meta),
-            # the LayerNorm statistics take one more pass over x's channels
-            Work(dot_flops=2 * m * cout * (c1 + c2),
-                 serial_steps=(2 if norm == "layer" else 1) * cdiv(c1, meta["BLOCK_K"]) + cdiv(c2, meta["BLOCK_K"])))
+            dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=precision,
+                 **meta),
+            Work(dot_flops=2 * m * cout * (c1 + c2), serial_steps=_serial_steps(c1, c2, norm, meta)))
     return out

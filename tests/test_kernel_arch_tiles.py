@@ -12,6 +12,7 @@ import torch
 
 import test_kernel_conv3x3 as conv3x3_tests
 import test_kernel_dwconv_pointwise as dwconv_tests
+import test_kernel_pointwise_conv as pointwise_tests
 import test_kernel_separable_attention as separable_tests
 import test_kernel_transformer_mlp as mlp_tests
 from conftest import INTERPRET
@@ -19,6 +20,7 @@ from kernel_utils import check_output, variant
 from mvit3.kernels._common import compile_target, launch_log, target_arch
 from mvit3.kernels.conv3x3 import conv3x3
 from mvit3.kernels.dwconv_pointwise import dwconv_pointwise
+from mvit3.kernels.pointwise_conv import pointwise_conv
 from mvit3.kernels.separable_attention import separable_attention
 from mvit3.kernels.transformer_mlp import transformer_mlp
 from mvit3.ops import reference
@@ -32,6 +34,14 @@ def _dwconv():
     # an MV2 reduce with its residual: mma.sync GPUs take 32-row 16-bit tiles (64 spill on sm_80)
     args = dwconv_tests.make_args("cpu", FP16, hidden=128, cout=64, residual=True, **variant(1))
     return dwconv_pointwise, reference.dwconv_pointwise, args, dwconv_tests.TOLERANCE
+
+
+def _layer_norm_qkv():
+    # LayerNorm + qkv at d = 144 (v3-XS layer_5): sm_80+ feed whole 16-bit rows to one dot
+    # (BLOCK_K = ROW_K); sm_75 (64 KB of shared memory) takes the statistics from whole rows,
+    # then 16-channel K steps
+    args = pointwise_tests.make_args("cpu", FP16, c1=144, cout=432, norm="layer", **variant(3))
+    return pointwise_conv, reference.pointwise_conv, args, pointwise_tests.TOLERANCE
 
 
 def _conv3x3():
@@ -56,6 +66,8 @@ def _mlp():
 CASES = {
     "dwconv_pointwise-sm80": (_dwconv, 80, "_dwconv_pointwise_kernel", dict(BLOCK_M=32, num_warps=4)),
     "dwconv_pointwise-sm90": (_dwconv, 90, "_dwconv_pointwise_kernel", dict(BLOCK_M=64, num_warps=4)),
+    "pointwise_conv-sm75": (_layer_norm_qkv, 75, "_pointwise_conv_kernel", dict(ROW_K=256, BLOCK_K=16)),
+    "pointwise_conv-sm80": (_layer_norm_qkv, 80, "_pointwise_conv_kernel", dict(ROW_K=256, BLOCK_K=256)),
     "conv3x3-sm80": (_conv3x3, 80, "_conv3x3_kernel", dict(num_warps=8)),
     "separable_attention-sm80": (_separable, 80, "_separable_attention_kernel", dict(BLOCK_M=32)),
     "transformer_mlp-sm90": (_mlp, 90, "_transformer_mlp_kernel", dict(BLOCK_M=64, D_PAD=256)),

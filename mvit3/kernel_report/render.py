@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from .report import LONG_SERIAL_LOOP
+
 # tile sizes and paddings, short: "M64 N128 K16", "hd32" (head dim padded to 32)
 _ABBREVIATIONS = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_F": "F", "BLOCK_C": "C",
                   "BLOCK_O": "O", "BLOCK_P": "P", "HEAD_PAD": "hd", "D_PAD": "d", "OUT_CHUNK": "oc",
-                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp"}
+                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp", "ROW_K": "row"}
 
 
 def _meta_text(meta: dict) -> str:
@@ -41,7 +43,8 @@ def render_markdown(report) -> str:
         f"**{totals['launches']} launches, {_size(totals['bytes'])} least traffic, "
         f"{_flops(totals['flops'])}FLOP, sum of floors {totals['floor_us']:.1f} us"
         # the CUDA rows do not know their kernels' loops
-        + (f", {totals['serial_steps']} serial loop steps" if report.backend == "triton" else "")
+        + (f", {totals['serial_steps']} serial loop steps ({totals['serial_bound_launches']} launches "
+           f"on under half the SMs loop > {LONG_SERIAL_LOOP} steps)" if report.backend == "triton" else "")
         + "** "
         f"({totals['launches_with_spills']} launches spill, {totals['compile_errors']} failed to compile).",
         "",

@@ -232,6 +232,16 @@ def forward_floor_us(name: str, batch: int, dtype: torch.dtype, gpu: GPU, img_si
     return sum(row.floor_us for row in rows)
 
 
+# A launch "waits on its loop" when it leaves most SMs idle (fewer programs than half of them)
+# while each program walks more than this many loop iterations in sequence: at batch 1 its
+# time is the chain's latency, which more, shorter programs (smaller tiles, split-K) cut.
+LONG_SERIAL_LOOP = 8
+
+
+def serial_bound(row: Row, sms: int) -> bool:
+    return row.record is not None and 2 * row.programs < sms and row.serial_steps > LONG_SERIAL_LOOP
+
+
 @dataclass
 class Report:
     model: str
@@ -257,6 +267,7 @@ class Report:
             "floor_us": round(floor, 3),
             # a batch-1 forward is a chain of launches: its programs' loops, end to end
             "serial_steps": sum(row.serial_steps for row in self.rows),
+            "serial_bound_launches": sum(serial_bound(row, self.gpu.sms) for row in self.rows),
             "floor_share_by_op": {op: round(t / floor, 4) if floor else 0.0
                                   for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])},
             "launches_with_spills": len(spills),
