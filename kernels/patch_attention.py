@@ -264,7 +264,9 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
     """Deterministic meta-parameters.
 
     BLOCK_M: query tokens per program, the [BLOCK_M, d] fp32 out_proj accumulator within 4K
-    values (`rows_per_program`), 8 warps for 4K-value tiles of 32 rows or more. 16-row tiles
+    values (`rows_per_program`), 8 warps for 4K-value tiles of 32 rows or more (the out_proj
+    accumulator or, without it, o [BLOCK_M, HEAD_PAD]: 4 warps of fp32 [64, 64] FMA tiles spill
+    4 bytes a thread on sm_80 at head dim 48). 16-row tiles
     (N = 16, d > 128) keep 4 warps: their [16 keys, 64] k and v tiles give 8 warps 4 values
     a thread, too few for one 16-byte vector of fp16. OUT_CHUNK: the out_proj
     accumulator is one or two column slices of at most 128 channels, since one [64, 256] fp32
@@ -283,7 +285,7 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
         dict(BLOCK_M=block_m,
              BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch)),
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
-             num_warps=8 if block_m * d_pad >= 4096 and block_m > 16 else 4,
+             num_warps=8 if block_m * max(d_pad, head_pad) >= 4096 and block_m > 16 else 4,
              # mma.sync GPUs: no software pipelining of the key blocks (with 2 stages sm_80's
              # 16-bit and TF32 16-row tiles spill 8 bytes a thread)
              num_stages=2 if arch >= WGMMA_ARCH else 1),
