@@ -190,10 +190,14 @@ def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
     recomputation (small-K dots rarely reach them), so close calls lean to fusing.
 
     For v3-XS at 256 px on sm_90 (the H200's ceilings; tests/test_kernel_dwconv_pointwise.py):
-    at batch 1, fp16/bf16 fuse all seven MV2 blocks and fp32 the four stride-2 ones (stride 1
-    recomputes the expansion 9 times on the FMA units); at batch 100, fp16/bf16 fuse five (not
-    the stride-1 layer_2.1/2.2, 48 -> 192 -> 48 channels on 64 x 64 maps) and fp32 none.
+    at batch 1, fp16/bf16 fuse all seven MV2 blocks; at batch 100 five (not the stride-1
+    layer_2.1/2.2, 48 -> 192 -> 48 channels on 64 x 64 maps). fp32 never fuses (it spills; the
+    model alone would fuse the four stride-2 blocks at batch 1 and none at batch 100).
     """
+    if dtype == torch.float32:
+        # the expanding kernel's fp32 FMA form spills on sm_80 and sm_90 at every tile tried
+        # (ptxas gives its 8 warps 64-128 registers: 4-88 bytes); fp32 keeps the hidden map
+        return False
     gpu = cost_gpu(arch)
     item = torch.empty((), dtype=dtype).element_size()
     pixels_in, pixels_out = batch * size[0] * size[1], batch * out_size[0] * out_size[1]

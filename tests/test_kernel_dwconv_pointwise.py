@@ -194,13 +194,13 @@ def test_launch_records():
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
     assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
     assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
-    # with the expansion (32 -> 256): a small grid takes 16-row tiles (8 of them) with 32
-    # hidden channels a K step; each step walks the 9 taps, Cin in one 32-channel step
-    expanded = make_args("cpu", torch.float32, b=2, size=(16, 16), layout="nhwc",
+    # with the expansion (32 -> 256, fp16): a small grid takes 16-row tiles (8 of them) with 32
+    # hidden channels a K step; each step walks the 9 taps, Cin in one step (padded to 64)
+    expanded = make_args("cpu", torch.float16, b=2, size=(16, 16), layout="nhwc",
                          packing="kmajor", hidden=256, cout=160, stride=2, bias=False, cin=32)
     record, signature, meta = dry_run_launch(dwconv_pointwise, expanded, "_dwconv_pointwise_kernel")
-    assert signature["ew_ptr"] == signature["eb_ptr"] == "*fp32"
-    assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 32, 32)
+    assert signature["ew_ptr"] == signature["eb_ptr"] == "*fp16"
+    assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 32, 64)
     assert record.grid == (16,) and record.work.serial_steps == 8 * 9
     # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles (fp16: fused at batch 64 too)
     large = make_args("cpu", torch.float16, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
@@ -213,10 +213,11 @@ def test_launch_records():
 
 # (cin, hidden, cout, stride, residual, dtype, batch, size, layout): XS's blocks and a v2-style
 # one with Cin = 80 (two 64-channel BLOCK_C steps, the second partly masked); odd sizes, both
-# strides, batch 1 and 2, NCHW / channels_last / channel slices, the three dtypes.
+# strides, batch 1 and 2, NCHW / channels_last / channel slices, fp16 and bf16 (fp32 never
+# fuses: test_cost_model_decisions_xs).
 EXPAND_CASES = {
-    "16to64to32-s1-fp32": (16, 64, 32, 1, False, torch.float32, 2, (7, 9), "nchw"),
-    "32to128to48-s2-fp32": (32, 128, 48, 2, False, torch.float32, 1, (9, 8), "nhwc"),
+    "16to64to32-s1-fp16": (16, 64, 32, 1, False, torch.float16, 2, (7, 9), "nchw"),
+    "32to128to48-s2-bf16": (32, 128, 48, 2, False, torch.bfloat16, 1, (9, 8), "nhwc"),
     "48to192to48-s1-res-fp16": (48, 192, 48, 1, True, torch.float16, 2, (5, 7), "nhwc"),
     "64to256to80-s2-fp16": (64, 256, 80, 2, False, torch.float16, 1, (7, 7), "slice"),
     "24to48to24-s1-res-bf16": (24, 48, 24, 1, True, torch.bfloat16, 1, (6, 5), "nchw"),
@@ -246,8 +247,8 @@ def test_expand_fused(device, case):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_expand_dilated(device):
     """A dilated MV2 block (the dense backbones' layers past their output stride), fused."""
-    check(make_args(device, torch.float32, b=2, size=(7, 5), layout="nhwc", packing="kmajor",
-                    hidden=64, cout=32, residual=False, dilation=2, cin=32))
+    check(make_args(device, torch.float16, b=2, size=(7, 5), layout="nhwc", packing="kmajor",
+                    hidden=64, cout=32, residual=False, dilation=2, cin=32), torch.float16)
 
 
 def test_expand_unfused_fallback():
@@ -291,15 +292,13 @@ def _xs_mv2_blocks(img: int = 256) -> list:
 # The blocks of mobilevitv3_xs at 256 px that fuse, per (arch, batch, dtype), at the ceilings of
 # the H200 (sm_90: 4.8 TB/s, 989 TFLOP/s fp16 tensor, 66.9 fp32) and the A100 (sm_80: 2.0 TB/s,
 # 312, 19.5). At batch 1 a launch (2 us) outweighs every 16-bit block's recomputation on tensor
-# cores; fp32 recomputes on the FMA units, and keeps the hidden map at stride 1 (9 expansions
-# per input pixel). At batch 100 the stride-1 blocks of 192 hidden channels (layer_2.1/2.2) no
-# longer pay in fp16, and no block pays in fp32.
+# cores. At batch 100 the stride-1 blocks of 192 hidden channels (layer_2.1/2.2) no longer pay.
+# fp32 never fuses (its FMA form spills on sm_80/sm_90).
 ALL_XS = {"layer_1.0", "layer_2.0", "layer_2.1", "layer_2.2", "layer_3.0", "layer_4.0", "layer_5.0"}
-STRIDE_2_XS = {"layer_2.0", "layer_3.0", "layer_4.0", "layer_5.0"}
 FUSED_XS = {
     (90, 1, torch.float16): ALL_XS,
     (90, 100, torch.float16): ALL_XS - {"layer_2.1", "layer_2.2"},
-    (90, 1, torch.float32): STRIDE_2_XS,
+    (90, 1, torch.float32): set(),
     (90, 100, torch.float32): set(),
     (80, 1, torch.float16): ALL_XS,
     (80, 100, torch.float16): ALL_XS - {"layer_2.1", "layer_2.2", "layer_5.0"},
@@ -348,24 +347,20 @@ def test_fast_model_launches_follow_the_cost_model():
         assert blocks == 7 and fused == len(_fused_xs_blocks(90, 1, dtype))
 
 
-def test_cost_model_tf32_and_bf16():
-    """bf16 decides as fp16 (same tensor rate, same bytes); TF32, when allowed, prices the fp32
-    recomputation at the tensor-core TF32 rate, so more fp32 blocks fuse."""
-    blocks = _xs_mv2_blocks()
-    for name, cin, hidden, cout, stride, size in blocks:
-        out = ((size - 1) // stride + 1,) * 2
-        assert (fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.bfloat16, 90)
-                == fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.float16, 90))
-    name, cin, hidden, cout, stride, size = blocks[1]  # layer_2.0: kept in IEEE fp32 at batch 100
-    out = ((size - 1) // stride + 1,) * 2
+def test_cost_model_bf16_as_fp16_and_fp32_never():
+    """bf16 decides as fp16 (same tensor rate, same bytes); fp32 keeps the hidden map even
+    with TF32 allowed (the expanding kernel's fp32 form spills)."""
     matmul = torch.backends.cuda.matmul
     previous = matmul.allow_tf32
     try:
         matmul.allow_tf32 = True
-        tf32 = fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.float32, 90)
+        for name, cin, hidden, cout, stride, size in _xs_mv2_blocks():
+            out = ((size - 1) // stride + 1,) * 2
+            assert (fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.bfloat16, 90)
+                    == fuse_expand(100, (size, size), out, cin, hidden, cout, False, torch.float16, 90))
+            assert not fuse_expand(1, (size, size), out, cin, hidden, cout, False, torch.float32, 90)
     finally:
         matmul.allow_tf32 = previous
-    assert tf32 == (not _common.INTERPRET)  # the interpreter runs IEEE fp32 whatever the flag
 
 
 def test_reference_expand_is_the_two_op_composition():
