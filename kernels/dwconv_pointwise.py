@@ -260,7 +260,10 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
     block_c = min(next_pow2(cin) if cin <= 16 else max(next_pow2(cin), 64), max_x_tile // block_m)
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c if expand else 16,
-             num_warps=8 if dtype == torch.float32 else 4, num_stages=2),
+             # the expanding 16-bit kernel: 4 warps spill 8-64 bytes on sm_90 at 16 x 64 and
+             # 32 x 64 x tiles (8 warps: none), and two stages 8 bytes on sm_80 at 32 x 16
+             num_warps=8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4,
+             num_stages=1 if expand and dtype != torch.float32 and arch < WGMMA_ARCH else 2),
         BLOCK_M=256, BLOCK_K=64)
 
 
