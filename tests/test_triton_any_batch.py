@@ -37,8 +37,13 @@ def test_v3_xs_at_huge_batches_launches_only_triton_within_limits(batch, dtype):
     with torch.no_grad(), launch_log(dry_run=True) as log, _LaunchersOnMeta():
         logits = model(x)  # backend="triton": any op Triton refused would raise here
     assert logits.shape == (batch, 1000)
-    ops_per_forward = 52 if dtype == torch.float16 else 55  # Triton launches at batch 1
-    assert len(log.records) > ops_per_forward  # huge batches take several launches per op
+    # at least batch 100's launches (the same fusion choices of `dwconv_pointwise`'s cost model,
+    # one launch per op); more where a map passes int32 reach and the op is launched in chunks
+    # (the stem, checked below; at 1024 in fp16 nothing else: the fused MV2 blocks never
+    # materialise the 2^31-element expanded map)
+    with torch.no_grad(), launch_log(dry_run=True) as batch_100, _LaunchersOnMeta():
+        model(torch.empty(100, 3, 256, 256, dtype=dtype, device="meta"))
+    assert len(log.records) >= len(batch_100.records)
     for record in log.records:
         assert all(size <= MAX_GRID_Y for size in record.grid[1:]), (record.name, record.grid)
         assert record.grid[0] <= INT32_MAX
