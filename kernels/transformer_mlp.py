@@ -185,6 +185,11 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     out = channels_last_empty(b, d, h, w, x)
     meta = mlp_meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    if x.dtype == torch.float32 and (meta["BLOCK_M"], meta["D_PAD"]) in ((64, 64), (16, 256)):
+        # the shared FFN body (ffn_residual_tile) with two stages spills 4 bytes a thread there
+        # on sm_80/90 (IEEE and TF32); one stage does not (transformer_mlp_project, whose
+        # projection tiles are live too, keeps its own table)
+        num_stages = 1
     for start, stop in batch_chunks(b, out.shape, (x,)):
         args = ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start, stop)
         launch(_transformer_mlp_kernel, (cdiv(args["num_pixels"], meta["BLOCK_M"]),), args,
