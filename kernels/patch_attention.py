@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_GRID_Y, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
-                      channels_last_empty, check_device, dot_operand_type, dot_precision, int32_offset_limit,
-                      interpreter_meta, launch, map_stride_args, next_pow2, patch_pixel_offset,
-                      rows_per_program, target_arch, vector_stride_error)
+from ._common import (MAX_GRID_Y, TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part,
+                      cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
+                      patch_pixel_offset, rows_per_program, target_arch, vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
@@ -280,21 +280,42 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
     # query tiles no taller than the sequence: N = 16 (7x7 or 8x8 maps) keeps 16-row mma.sync tiles
     block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, arch,
                                max_rows=next_pow2(n))
+    # sm_80+ and head windows of 32 or 64 only: see `_keys_per_block`
+    small_grid = (block_m == 16 and batch * 4 * cdiv(n, block_m) < TARGET_PROGRAMS
+                  and head_pad >= 32 and arch >= 80)
+    block_n = min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch, small_grid))
     out_chunk = min(d_pad, 128)
     return interpreter_meta(
-        dict(BLOCK_M=block_m,
-             BLOCK_N=min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch)),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n,
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
              num_warps=8 if block_m * max(d_pad, head_pad) >= 4096 and block_m > 16 else 4,
              # mma.sync GPUs: no software pipelining of the key blocks (with 2 stages sm_80's
-             # 16-bit and TF32 16-row tiles spill 8 bytes a thread)
-             num_stages=2 if arch >= WGMMA_ARCH else 1),
+             # 16-bit and TF32 16-row tiles spill 8 bytes a thread); nor sm_90's fp32 128-key
+             # blocks of small grids (two stages spill 72 bytes a thread at head dim 24)
+             num_stages=1 if arch < WGMMA_ARCH or (small_grid and dtype == torch.float32) else 2),
         BLOCK_M=min(next_pow2(n), 128), BLOCK_N=min(next_pow2(n), 256))
 
 
-def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int, arch: int) -> int:
+def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int, arch: int,
+                    small_grid: bool = False) -> int:
     """BLOCK_N: keys per block of the online softmax, the largest that ptxas compiles without
-    spills on sm_80/90 for the tile around it (checked by tests/test_triton_aot.py)."""
+    spills on sm_80/90 for the tile around it (checked by tests/test_triton_aot.py).
+
+    A small grid (16-row query tiles and still under TARGET_PROGRAMS programs: batch 1 at
+    N <= 256, e.g. v3-XS layer_3 with 64 programs) leaves most SMs idle, so its latency is one
+    program's chain of heads x key blocks: there, on sm_80/sm_90 at head windows of 32 and 64,
+    the key blocks grow (one block for N <= 256 at head window 32 in 16-bit: v3-XS layer_3.1
+    32 -> 4 steps in fp16, 64 -> 8 in fp32). ptxas -v at 4 warps, 16 query rows: 16-bit
+    256-key blocks take 124-154 registers at head window 32, 210-242 at 64 (two out_proj
+    slices), where 128 keys take 166-168; fp32 (one stage: two spill 72 bytes on sm_90)
+    128-key blocks take 128-164 at head window 32 (IEEE and TF32), while at 64 IEEE spills 16
+    bytes on sm_80: 64 keys there (96-108 registers). Head window 16 (v3-XXS layer_3) keeps the
+    general blocks: 128 keys in 16-bit and 64 in fp32 spill 4-16 bytes on sm_90 for some
+    shapes; so does sm_75 (there these blocks added 16 spilling configurations)."""
+    if small_grid and block_m == 16:
+        if dtype == torch.float32:
+            return 128 if head_pad == 32 else 64
+        return 256 if head_pad == 32 else 128
     if dtype == torch.float32:  # FMA dots (or TF32): operand fragments in registers
         return 16 if block_m >= 32 or head_pad == 32 else 32
     if head_pad == 32:  # 16-bit 32-key blocks of head dim <= 32 spill on mma.sync GPUs

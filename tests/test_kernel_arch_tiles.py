@@ -12,6 +12,7 @@ import torch
 
 import test_kernel_conv3x3 as conv3x3_tests
 import test_kernel_dwconv_pointwise as dwconv_tests
+import test_kernel_patch_attention as attention_tests
 import test_kernel_pointwise_conv as pointwise_tests
 import test_kernel_separable_attention as separable_tests
 import test_kernel_transformer_mlp as mlp_tests
@@ -20,6 +21,7 @@ from kernel_utils import check_output, variant
 from mvit3.kernels._common import compile_target, launch_log, target_arch
 from mvit3.kernels.conv3x3 import conv3x3
 from mvit3.kernels.dwconv_pointwise import dwconv_pointwise
+from mvit3.kernels.patch_attention import patch_attention
 from mvit3.kernels.pointwise_conv import pointwise_conv
 from mvit3.kernels.separable_attention import separable_attention
 from mvit3.kernels.transformer_mlp import transformer_mlp
@@ -62,6 +64,16 @@ def _mlp():
     return transformer_mlp, reference.transformer_mlp, args, mlp_tests.TOLERANCE
 
 
+def _attention(dtype):
+    # v3-XS layer_3.1 at batch 1 (d = 96, 4 heads of 24, N = 256, out_proj fused): 64 programs,
+    # a small grid that takes one block of 256 keys in 16-bit, 128 in fp32
+    def make():
+        args = attention_tests.make_args(1, 96, 4, 32, 32, dtype=dtype, channels_last=True,
+                                         packed_weight=True)
+        return patch_attention, reference.patch_attention, args, attention_tests.TOLERANCE
+    return make
+
+
 # (case, arch, kernel name, constexprs its launch must have)
 CASES = {
     "dwconv_pointwise-sm80": (_dwconv, 80, "_dwconv_pointwise_kernel", dict(BLOCK_M=32, num_warps=4)),
@@ -71,6 +83,10 @@ CASES = {
     "conv3x3-sm80": (_conv3x3, 80, "_conv3x3_kernel", dict(num_warps=8)),
     "separable_attention-sm80": (_separable, 80, "_separable_attention_kernel", dict(BLOCK_M=32)),
     "transformer_mlp-sm90": (_mlp, 90, "_transformer_mlp_kernel", dict(BLOCK_M=64, D_PAD=256)),
+    "patch_attention-fp16-sm80": (_attention(FP16), 80, "_patch_attention_kernel",
+                                  dict(BLOCK_M=16, BLOCK_N=256, HEAD_PAD=32, num_stages=1)),
+    "patch_attention-fp32-sm90": (_attention(torch.float32), 90, "_patch_attention_kernel",
+                                  dict(BLOCK_M=16, BLOCK_N=128, HEAD_PAD=32, num_stages=1)),
 }
 
 
