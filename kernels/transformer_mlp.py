@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv, channels_last_empty,
-                      check_device, dot_operand_type, dot_precision, int32_offset_limit,
+from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
+                      channels_last_empty, check_device, dot_operand_type, dot_precision, int32_offset_limit,
                       interpreter_meta, launch, map_stride_args, next_pow2, pixel_coords,
                       rows_per_program, silu, target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
@@ -144,6 +144,11 @@ def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict
     # one 64 KB; they only pay on sm_90 (warpgroup MMA), so elsewhere d > 128 keeps 16 rows
     block_m = rows_per_program(lambda bm: cdiv(num_pixels, bm), d_pad, dtype, arch,
                                max_rows=64 if d_pad <= 128 or arch >= WGMMA_ARCH else 16)
+    small = small_grid_tiles(num_pixels, block_m, d_pad, dtype, arch)
+    if small is not None:
+        return interpreter_meta(dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=small["BLOCK_F"],
+                                     num_warps=small["num_warps"], num_stages=small["num_stages"]),
+                                BLOCK_M=256, BLOCK_F=128)
     return interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
              # fp32 FMA dots hold more per thread: 8 warps from 2K-value tiles (4 spill at d = 128)
@@ -152,6 +157,37 @@ def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict
              # sm_90 there (one stage spills at d = 256)
              num_stages=1 if dtype == torch.float32 and (block_m, d_pad) == (16, 128) else 2),
         BLOCK_M=256, BLOCK_F=128)
+
+
+def small_grid_tiles(num_pixels: int, block_m: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict | None:
+    """BLOCK_F, the projection's BLOCK_N (`transformer_mlp_project`), num_warps and num_stages
+    of a small grid on sm_80+, else None. A grid of 16-row tiles under TARGET_PROGRAMS programs
+    (batch 1: v3-XS's transformers run 64, 16 and 4 programs) leaves most SMs idle, so its
+    latency is one program's chain of hidden chunks (+ projection chunks): wider chunks, on 8
+    warps with two stages (the weight chunks then pass through shared memory, not registers),
+    shorten it: v3-XS on sm_90, fp16 17/21/23 -> 5/5/7 steps, fp32 30/38/45 -> 11/14/12.
+    ptxas -v of transformer_mlp_project at v3-XXS/XS/S shapes, no spill on sm_80/sm_90:
+    - 16-bit, d <= 128: 128 hidden units and 128 projection channels a chunk, 105-175
+      registers, 74 KB of shared memory (64 hidden units with 128 channels reach 255
+      registers, on 4 warps they spill 0.4-1 KB);
+    - 16-bit, d = 256: sm_90 the same, 216 registers and 140 KB; sm_80 (99 KB a block on
+      sm_86/89) 64 and 64, 128 registers and 74 KB (64 hidden units with 128 channels spill
+      0.7 KB for some shapes);
+    - fp32 (FMA or TF32 mma), d <= 128: 32 hidden units and 64 channels, 80-153 registers (64
+      hidden units spill 8-28 bytes; with one stage every wider chunk spills 0.3-10 KB);
+    - fp32, d = 256: sm_90 64 and 64, 128-172 registers and 148 KB (32 and 64 spill 140
+      bytes there); sm_80 32 and 32, 128 registers and 82 KB (32 and 64 spill 8 bytes at
+      v3-XS's 7x7 layer_5).
+    sm_75 (64 KB of shared memory, no cp.async) keeps the general tiles."""
+    if arch < 80 or block_m != 16 or cdiv(num_pixels, block_m) >= TARGET_PROGRAMS:
+        return None
+    if dtype == torch.float32:
+        block_f, block_n = (32, 64) if d_pad <= 128 else (64, 64) if arch >= WGMMA_ARCH else (32, 32)
+    elif d_pad > 128 and arch < WGMMA_ARCH:
+        block_f, block_n = 64, 64
+    else:
+        block_f, block_n = 128, 128
+    return dict(BLOCK_F=block_f, BLOCK_N=block_n, num_warps=8, num_stages=2)
 
 
 def ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start: int, stop: int) -> dict:
@@ -185,10 +221,13 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     out = channels_last_empty(b, d, h, w, x)
     meta = mlp_meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    if x.dtype == torch.float32 and (meta["BLOCK_M"], meta["D_PAD"]) in ((64, 64), (16, 256)):
+    small = small_grid_tiles(b * h * w, meta["BLOCK_M"], meta["D_PAD"], x.dtype, target_arch(x))
+    tile = (meta["BLOCK_M"], meta["D_PAD"])
+    if small is None and x.dtype == torch.float32 and tile in ((64, 64), (16, 256)):
         # the shared FFN body (ffn_residual_tile) with two stages spills 4 bytes a thread there
         # on sm_80/90 (IEEE and TF32); one stage does not (transformer_mlp_project, whose
-        # projection tiles are live too, keeps its own table)
+        # projection tiles are live too, keeps its own table); small grids keep the 8 warps and
+        # two stages of `small_grid_tiles`
         num_stages = 1
     for start, stop in batch_chunks(b, out.shape, (x,)):
         args = ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start, stop)

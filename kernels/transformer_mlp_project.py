@@ -28,7 +28,7 @@ from ._common import (Work, batch_chunks, batch_part, cdiv, channels_last_empty,
                       dot_operand_type, dot_precision, int32_offset_limit, launch,
                       load_weight_tile, next_pow2, pixel_coords, pixel_tile_epilogue, target_arch,
                       vector_stride_error)
-from .transformer_mlp import ffn_args, ffn_residual_tile, ffn_work, mlp_meta
+from .transformer_mlp import ffn_args, ffn_residual_tile, ffn_work, mlp_meta, small_grid_tiles
 from .transformer_mlp import why_unsupported as ffn_why_unsupported
 
 
@@ -157,15 +157,17 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
     arch = target_arch(x)
     meta = mlp_meta(b * h * w, d_pad, x.dtype, arch)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    if x.dtype == torch.float32 and arch >= 80:
+    # small grids (batch 1): mlp_meta's wide hidden chunks, and projection chunks as wide
+    small = small_grid_tiles(b * h * w, meta["BLOCK_M"], d_pad, x.dtype, arch)
+    block_n = small["BLOCK_N"] if small is not None else _projection_block_n(d_pad, x.dtype, arch)
+    if small is None and x.dtype == torch.float32 and arch >= 80:
         num_warps, num_stages = _FP32_WARPS_STAGES[90 if arch >= 90 else 80].get(
             (meta["BLOCK_M"], d_pad), (num_warps, num_stages))
-    elif arch >= 80 and (meta["BLOCK_M"], d_pad) == (16, 256):
-        # 16-row tiles come from small grids (XS's layer_5 at batch 1: 4 programs), where the
-        # serial chain is the latency: 32 hidden units a chunk halve it (F = 288: 18 -> 9).
-        # ptxas: 128 registers, no spill on sm_80/90 (at d = 128 the same reaches 255: not there)
+    elif small is None and arch >= 80 and (meta["BLOCK_M"], d_pad) == (16, 256):
+        # 16-row tiles at d = 256 on larger grids (sm_80 keeps 16 rows there whatever the
+        # grid), where the serial chain still counts: 32 hidden units a chunk halve it (F = 288:
+        # 18 -> 9). ptxas: 128 registers, no spill on sm_80/90 (at d = 128 the same reaches 255)
         meta["BLOCK_F"] = 32
-    block_n = _projection_block_n(d_pad, x.dtype, arch)
     for start, stop in batch_chunks(b, out.shape, (x, proj_out)):
         args = ffn_args(x, norm_weight, norm_bias, None, w1, b1, w2, b2, out, eps, start, stop)
         pixels = args["num_pixels"]

@@ -25,6 +25,7 @@ from mvit3.kernels.patch_attention import patch_attention
 from mvit3.kernels.pointwise_conv import pointwise_conv
 from mvit3.kernels.separable_attention import separable_attention
 from mvit3.kernels.transformer_mlp import transformer_mlp
+from mvit3.kernels.transformer_mlp_project import transformer_mlp_project
 from mvit3.ops import reference
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="compile_target sets the tiles of CPU tensors "
@@ -64,6 +65,13 @@ def _mlp():
     return transformer_mlp, reference.transformer_mlp, args, mlp_tests.TOLERANCE
 
 
+def _mlp_small_grid():
+    # v2-style FFN at d = 256 (F = 512) on an 8x8 map, batch 1: 4 programs, sm_80 takes 64
+    # hidden units a chunk on 8 warps (`small_grid_tiles`)
+    args = mlp_tests.make_args(1, 256, 512, 8, 8, "group", dtype=FP16, channels_last=True)
+    return transformer_mlp, reference.transformer_mlp, args, mlp_tests.TOLERANCE
+
+
 def _attention(dtype):
     # v3-XS layer_3.1 at batch 1 (d = 96, 4 heads of 24, N = 256, out_proj fused): 64 programs,
     # a small grid that takes one block of 256 keys in 16-bit, 128 in fp32
@@ -83,6 +91,8 @@ CASES = {
     "conv3x3-sm80": (_conv3x3, 80, "_conv3x3_kernel", dict(num_warps=8)),
     "separable_attention-sm80": (_separable, 80, "_separable_attention_kernel", dict(BLOCK_M=32)),
     "transformer_mlp-sm90": (_mlp, 90, "_transformer_mlp_kernel", dict(BLOCK_M=64, D_PAD=256)),
+    "transformer_mlp-small-grid-sm80": (_mlp_small_grid, 80, "_transformer_mlp_kernel",
+                                        dict(BLOCK_M=16, BLOCK_F=64, num_warps=8, num_stages=2)),
     "patch_attention-fp16-sm80": (_attention(FP16), 80, "_patch_attention_kernel",
                                   dict(BLOCK_M=16, BLOCK_N=256, HEAD_PAD=32, num_stages=1)),
     "patch_attention-fp32-sm90": (_attention(torch.float32), 90, "_patch_attention_kernel",
@@ -102,6 +112,35 @@ def test_tiles_of_the_target_arch(case):
     for meta in launches:
         assert {k: meta[k] for k in expected} == expected
     check_output(out, args, out.shape, reference_op, tolerances)
+
+
+# transformer_mlp_project at v3-XS's batch-1 shapes (d, F, Cout = qkv 3d, map): small grids take
+# wide hidden and projection chunks on 8 warps (`small_grid_tiles`), by arch and dtype
+PROJECT_CASES = {
+    "layer_4-fp16-sm80": (80, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
+    "layer_5-fp16-sm80": (80, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=64, BLOCK_N=64, num_warps=8)),
+    "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
+    "layer_4-fp32-sm80": (80, torch.float32, (120, 240, 360, 16, 16),
+                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=2)),
+    "layer_5-fp32-sm90": (90, torch.float32, (144, 288, 432, 8, 8),
+                          dict(BLOCK_F=64, BLOCK_N=64, num_warps=8, num_stages=2)),
+    "layer_5-fp32-sm80": (80, torch.float32, (144, 288, 432, 8, 8),
+                          dict(BLOCK_F=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+    # sm_75 keeps the general tiles (64 KB of shared memory)
+    "layer_4-fp16-sm75": (75, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=16, BLOCK_N=16, num_warps=4)),
+}
+
+
+@pytest.mark.parametrize("case", PROJECT_CASES)
+def test_project_tiles_of_small_grids(case):
+    arch, dtype, (d, f, cout, h, w), expected = PROJECT_CASES[case]
+    args = mlp_tests.make_project_args(1, d, f, cout, h, w, "none", dtype=dtype, channels_last=True,
+                                       packed_weights=True)
+    with compile_target(arch), launch_log() as log:
+        outputs = transformer_mlp_project(*args)
+    (launch,) = [dict(r.constexprs) for r in log.records]
+    assert {k: launch[k] for k in expected} == expected
+    mlp_tests.check_project(outputs, args)
 
 
 def test_compile_target_is_scoped():
