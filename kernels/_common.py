@@ -451,12 +451,92 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work: Work) -> None:
     """Launch a kernel that takes its output tile from `gemm_tile`: one program per
-    [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid. constexprs holds BLOCK_M,
-    BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
+    [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid, or with SPLIT_K > 1 in
+    constexprs SPLIT_K programs per tile on grid axis 1 (`merge_split_k`). constexprs holds
+    BLOCK_M, BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
     meta = dict(constexprs)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    grid = (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
+    tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
+    grid = (tiles, meta["SPLIT_K"]) if meta.get("SPLIT_K", 1) > 1 else (tiles,)
     launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages, work=work)
+
+
+# ---- split-K: several programs share one output tile's K loop ---------------------------------
+
+# Programs that wait on a count of their peers (split reductions: `merge_split_k`,
+# group_norm_stats) count on these. {(device, stream): int32 [n] counters, all 0 between
+# launches}: each launch's last programs set theirs back to 0. Per stream, so that launches on
+# concurrent streams never share one (launches on one stream run one after the other); a
+# stream being captured into a CUDA graph gets its own, allocated (and zeroed) in the capture.
+_split_counters: dict = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters, all 0, for launches on `device`'s current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _split_counters.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _split_counters[key] = torch.zeros(max(n, TARGET_PROGRAMS), dtype=torch.int32,
+                                                      device=device)
+    return counters
+
+
+LONG_LOOP = 8  # K steps past which a program on a small grid is worth splitting (the kernels
+#                report's LONG_SERIAL_LOOP)
+MAX_SPLIT_K = 16  # the merge's loads are unrolled: at most this many partial tiles
+MERGE_LOADS_PER_STEP = 4  # the merge counts one serial step per this many partial tiles: their
+#                           loads are independent and overlap (an estimate, not a measurement)
+
+
+def k_splits(tiles: int, k_blocks: int, steps_per_block: int = 1) -> int:
+    """SPLIT_K, the programs that share each output tile's K loop of k_blocks blocks (each
+    `steps_per_block` serial steps): 1 unless the grid has at most TARGET_PROGRAMS / 2 tiles
+    (batch 1's late stages: most SMs idle) and a program would loop more than LONG_LOOP steps.
+    Then the count, at most MAX_SPLIT_K and TARGET_PROGRAMS / tiles, that gives the shortest
+    chain (`split_k_steps`), the fewest programs for that length, none left without K blocks."""
+    if 2 * tiles > TARGET_PROGRAMS or k_blocks * steps_per_block <= LONG_LOOP:
+        return 1
+    best = min(range(1, min(k_blocks, MAX_SPLIT_K, TARGET_PROGRAMS // tiles) + 1),
+               key=lambda s: split_k_steps(k_blocks, steps_per_block, s))
+    return cdiv(k_blocks, cdiv(k_blocks, best))
+
+
+def split_k_steps(k_blocks: int, steps_per_block: int, splits: int) -> int:
+    """The serial steps of one program of a split K loop: its share of the K blocks, then
+    (split) the last program's merge of the partial tiles."""
+    merge = cdiv(splits, MERGE_LOADS_PER_STEP) if splits > 1 else 0
+    return cdiv(k_blocks, splits) * steps_per_block + merge
+
+
+@triton.jit
+def merge_split_k(acc, partials_ptr, counters_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """Add up the SPLIT_K programs' fp32 [BLOCK_M, BLOCK_N] partial sums of one output tile
+    (grid axis 0: the tile, axis 1: the program's share of K): (the sum, is_last).
+
+    Each program writes its partial to partials [tiles, SPLIT_K, BLOCK_M, BLOCK_N] and counts
+    itself done on the tile's counter (an acq_rel atomic after a barrier: the release publishes
+    every thread's stores). The last to finish gets is_last True and the sum of all SPLIT_K
+    partials in split order, whatever order the programs finished in (deterministic), and sets
+    the counter back to 0; the others get is_last False (and zeros) and store nothing.
+    """
+    tile = tl.program_id(0)
+    tile_values: tl.constexpr = BLOCK_M * BLOCK_N
+    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile_partials = partials_ptr + tile * (SPLIT_K * tile_values)
+    tl.store(tile_partials + tl.program_id(1) * tile_values + offsets, acc)
+    tl.debug_barrier()
+    finished_before = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
+    is_last = finished_before == SPLIT_K - 1
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if is_last:
+        # unrolled: the SPLIT_K loads are independent and go out together; .cg reads L2, where
+        # the other SMs' stores are, never a stale L1 line
+        for split in tl.static_range(SPLIT_K):
+            total += tl.load(tile_partials + split * tile_values + offsets, cache_modifier=".cg")
+        tl.atomic_xchg(counters_ptr + tile, 0)
+    return total, is_last
 
 
 @triton.jit

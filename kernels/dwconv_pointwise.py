@@ -22,6 +22,13 @@ decided per launch (`fuse_expand`, a roofline model of the recomputed FLOPs agai
 hidden map's traffic and a launch); when it does not, the op runs the expansion as a
 `pointwise_conv` launch and this kernel on its output, as before.
 
+Small grids (batch 1's late stages: XS's layer_5.0 is 8 tiles) leave most SMs idle while one
+program walks every hidden block (with the expansion, 9 taps x Cin chunks each: 360 steps
+there). There SPLIT_K programs share a tile's hidden channels (`k_splits` in _common.py picks
+the count that gives the shortest chain), and the tile's last program to finish adds up their
+fp32 partial sums in split order and runs the epilogue (`merge_split_k`): layer_5.0 runs as 80
+programs of 36 steps + the merge.
+
 The dilation (the v2-style dense backbones' 2 and 4) is a runtime int: Triton specialises the
 value 1 to a constant, so the classification models' launches compile as before, and the
 dilated ones share one binary per tile shape.
@@ -37,9 +44,10 @@ from mvit3.kernel_report.gpus import GPUS, floor_us
 
 from ._common import (WGMMA_ARCH, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
                       check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
-                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
-                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
-                      pixel_coords, pixel_tile_epilogue, silu, target_arch, vector_stride_error)
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta, k_splits,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, merge_split_k,
+                      next_pow2, pixel_coords, pixel_tile_epilogue, silu, split_counters,
+                      split_k_steps, target_arch, vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 
@@ -67,11 +75,14 @@ def _expanded_tap(pixel_ptrs, pixel_ok, k, k_mask, Cin, stride_xc, ew_ptr, eb_pt
 
 @triton.jit
 def _dwconv_pointwise_kernel(
-    # pointers (dw_bias, bias, residual, expand weight and bias may be None)
+    # pointers (dw_bias, bias, residual, expand weight and bias may be None; partials and
+    # counters: split-K's workspace, None unless SPLIT_K > 1)
     x_ptr, dw_w_ptr, dw_b_ptr, w_ptr, bias_ptr, res_ptr, ew_ptr, eb_ptr, out_ptr,
+    partials_ptr, counters_ptr,
     # sizes: input map H x W, output map Hout x Wout, Ch hidden channels, N = Cout, Cin = x's
-    # channels when expanding (else x holds the Ch hidden channels)
-    M, H, W, HW_out, W_out, Ch, N, Cin, conv_stride, dilation,
+    # channels when expanding (else x holds the Ch hidden channels); each of the SPLIT_K
+    # programs of a tile takes k_per_split hidden channels (a multiple of BLOCK_K)
+    M, H, W, HW_out, W_out, Ch, N, Cin, conv_stride, dilation, k_per_split,
     # strides: x [B, Cin or Ch, H, W]; dw_weight [Ch, 1, 3, 3]; weight [N, Ch];
     # residual [B, N, Hout, Wout]; expand_weight [Ch, Cin]
     stride_xb, stride_xc, stride_xh, stride_xw,
@@ -82,6 +93,7 @@ def _dwconv_pointwise_kernel(
     # meta-parameters
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -101,7 +113,13 @@ def _dwconv_pointwise_kernel(
     column_step = dilation * stride_xw
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, Ch, BLOCK_K):
+    if SPLIT_K > 1:  # this program's share of the hidden channels
+        k_start = tl.program_id(1) * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, Ch)
+    else:  # (a loop from 0 to Ch: with the runtime bounds above ptxas spills some 16-bit tiles)
+        k_start = 0
+        k_stop = Ch
+    for k0 in range(k_start, k_stop, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < Ch
         channel_mask = k_mask[None, :]
@@ -149,6 +167,9 @@ def _dwconv_pointwise_kernel(
         w_tile = load_weight_tile(w_ptr, k * stride_wk, k_mask, offs_n, n_mask, stride_wn)
         acc = tl.dot(hidden.to(DOT_TYPE), w_tile.to(DOT_TYPE), acc, input_precision=DOT_PRECISION)
 
+    if SPLIT_K > 1:  # only the tile's last program to finish has the sum, and stores it
+        acc, is_last = merge_split_k(acc, partials_ptr, counters_ptr, BLOCK_M, BLOCK_N, SPLIT_K)
+        row_mask = row_mask & is_last
     pixel_tile_epilogue(acc, offs_m, offs_n, row_mask, n_mask, N, b, y, x, bias_ptr, res_ptr,
                         stride_rb, stride_rc, stride_rh, stride_rw, out_ptr, "none")
 
@@ -339,14 +360,28 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
     expand = expand_weight is not None
     cin = x.shape[1]  # Ch unless expanding
     meta = _meta(geometry["M"], cout, cin, expand, x.dtype, arch)
+    # serial steps of one hidden block: with the expansion it walks the nine taps, each Cin in
+    # BLOCK_C steps
+    block_steps = 9 * cdiv(cin, meta["BLOCK_C"]) if expand else 1
+    k_blocks = cdiv(ch, meta["BLOCK_K"])
     for start, stop in batch_chunks(b, out.shape, (x, residual)):
         m = (stop - start) * geometry["HW_out"]
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
+        splits = k_splits(tiles, k_blocks, block_steps)
+        k_per_split = cdiv(k_blocks, splits) * meta["BLOCK_K"]
+        partials = counters = None
+        if splits > 1:  # [tiles, SPLIT_K, BLOCK_M, BLOCK_N] fp32 partial sums (merge_split_k)
+            partials = torch.empty((tiles, splits, meta["BLOCK_M"], meta["BLOCK_N"]),
+                                   dtype=torch.float32, device=x.device)
+            counters = split_counters(x.device, tiles)
         launch_gemm_tiles(
             _dwconv_pointwise_kernel, m, cout,
             dict(x_ptr=batch_part(x, start, stop), dw_w_ptr=dw_weight, dw_b_ptr=dw_bias, w_ptr=weight,
                  bias_ptr=bias, res_ptr=batch_part(residual, start, stop), ew_ptr=expand_weight,
                  eb_ptr=expand_bias, out_ptr=batch_part(out, start, stop),
+                 partials_ptr=partials, counters_ptr=counters,
                  **dict(geometry, M=m), Ch=ch, N=cout, Cin=cin, dilation=dilation,
+                 k_per_split=k_per_split,
                  **map_stride_args("x", x),
                  stride_dwc=dw_weight.stride(0), stride_dwy=dw_weight.stride(2),
                  stride_dwx=dw_weight.stride(3),
@@ -354,9 +389,9 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  **map_stride_args("r", residual),
                  stride_en=expand_weight.stride(0) if expand else 0,
                  stride_ec=expand_weight.stride(1) if expand else 0),
-            dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **meta),
-            # with the expansion each K step walks the nine taps, each Cin in BLOCK_C steps
+            dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+                 SPLIT_K=splits, **meta),
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
-                 serial_steps=cdiv(ch, meta["BLOCK_K"]) * (9 * cdiv(cin, meta["BLOCK_C"]) if expand else 1)))
+                 serial_steps=split_k_steps(k_blocks, block_steps, splits)))
     return out

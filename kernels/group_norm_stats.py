@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv, check_device, launch,
-                      next_pow2)
+                      next_pow2, split_counters)
 
 MAX_SPLITS = TARGET_PROGRAMS  # a power of two: the last program loads MAX_SPLITS partials, masked
 
@@ -82,21 +82,6 @@ def _group_norm_stats_kernel(
         tl.atomic_xchg(counters_ptr + b, 0)
 
 
-# {(device, stream): int32 [n] counters, all 0 between launches}: each launch's last programs
-# set theirs back to 0. Per stream, so that launches on concurrent streams never share one; a
-# stream being captured into a CUDA graph gets its own, allocated (and zeroed) in the capture.
-_counters: dict = {}
-
-
-def _zeroed_counters(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _counters.get(key)
-    if counters is None or counters.numel() < n:
-        counters = _counters[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return counters
-
-
 def _splits(batch: int, hw: int, block_p: int) -> int:
     """Programs per sample: enough that the grid has about TARGET_PROGRAMS programs (a batch of
     128 or more keeps one per sample), each walking whole BLOCK_P pixel tiles."""
@@ -114,7 +99,7 @@ def group_norm_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
     pixels_per_split = cdiv(cdiv(h * w, splits), block_p) * block_p
     splits = cdiv(h * w, pixels_per_split)  # none left without pixels
     partials = torch.empty((b, splits, 3), dtype=torch.float32, device=x.device)
-    counters = _zeroed_counters(x.device, b)
+    counters = split_counters(x.device, b)
     for start, stop in batch_chunks(b, stats.shape, (x,)):
         launch(_group_norm_stats_kernel, (stop - start, splits),
                dict(x_ptr=batch_part(x, start, stop), stats_ptr=batch_part(stats, start, stop),

@@ -193,20 +193,64 @@ def test_launch_records():
     assert signature["bias_ptr"] == signature["res_ptr"] == "constexpr"
     assert signature["x_ptr"] == signature["dw_b_ptr"] == signature["out_ptr"] == "*fp32"
     assert meta["BLOCK_N"] == 128 and meta["BLOCK_K"] == 16
-    assert record.grid == (4,)  # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles
-    # with the expansion (32 -> 256, fp16): a small grid takes 16-row tiles (8 of them) with 32
-    # hidden channels a K step; each step walks the 9 taps, Cin in one step (padded to 64)
+    # 2 * 8 * 8 pixels = 2 row tiles, 160 channels = 2 column tiles: 4 tiles, each split over 8
+    # programs that take 2 of the 16 hidden blocks, then one merge step for the 8 partials
+    assert record.grid == (4, 8) and meta["SPLIT_K"] == 8
+    assert signature["partials_ptr"] == "*fp32" and record.work.serial_steps == 2 + 2
+    # with the expansion (32 -> 256, fp16): a small grid takes 16-row tiles (16 of them) with 32
+    # hidden channels a K step; each step walks the 9 taps, Cin in one step (padded to 64); 8
+    # programs a tile take one step each
     expanded = make_args("cpu", torch.float16, b=2, size=(16, 16), layout="nhwc",
                          packing="kmajor", hidden=256, cout=160, stride=2, bias=False, cin=32)
     record, signature, meta = dry_run_launch(dwconv_pointwise, expanded, "_dwconv_pointwise_kernel")
     assert signature["ew_ptr"] == signature["eb_ptr"] == "*fp16"
     assert (meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_C"]) == (16, 32, 64)
-    assert record.grid == (16,) and record.work.serial_steps == 8 * 9
-    # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles (fp16: fused at batch 64 too)
+    assert record.grid == (16, 8) and record.work.serial_steps == 9 + 2
+    # a grid of TARGET_PROGRAMS keeps the 64 x 16 tiles (fp16: fused at batch 64 too), unsplit
     large = make_args("cpu", torch.float16, b=64, size=(16, 16), layout="nhwc", packing="kmajor",
                       hidden=256, cout=160, stride=2, bias=False, cin=32)
-    record, _, meta = dry_run_launch(dwconv_pointwise, large, "_dwconv_pointwise_kernel")
+    record, signature, meta = dry_run_launch(dwconv_pointwise, large, "_dwconv_pointwise_kernel")
     assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (64, 16) and record.grid == (128,)
+    assert meta["SPLIT_K"] == 1 and signature["partials_ptr"] == signature["counters_ptr"] == "constexpr"
+
+
+# (batch, size, hidden, cout, cin, dtype, splits): small grids whose K loop is split: even and
+# uneven shares (170 hidden channels = 11 blocks of 16, the last partly masked, in 4 shares of
+# 3, 3, 3, 2), the fused expansion, and XS's layer_5.0 at batch 1 (10 shares)
+SPLIT_CASES = {
+    "256-even-fp32": (2, (16, 16), 256, 160, None, torch.float32, 8),
+    "170-uneven-fp32": (1, (9, 7), 170, 48, None, torch.float32, 4),
+    "expand-fp16": (1, (11, 10), 256, 80, 32, torch.float16, 8),
+    "xs-layer5.0-fp16": (1, (16, 16), 640, 160, 160, torch.float16, 10),
+}
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_k(device, case):
+    """Programs sharing a tile's K loop (a small grid at batch 1): the merged sum against
+    float64, the launch split as `k_splits` says, and every counter back at 0 afterwards (the
+    next launch, or a CUDA-graph replay, starts from zero)."""
+    b, size, hidden, cout, cin, dtype, splits = SPLIT_CASES[case]
+    args = make_args(device, dtype, b, size, "nhwc", "kmajor", hidden, cout, stride=2,
+                     residual=True, seed=7, cin=cin)
+    with _common.launch_log() as log:
+        check(args, dtype)
+    record = log.records[-1]
+    assert record.grid[1:] == (splits,) and dict(record.constexprs)["SPLIT_K"] == splits
+    assert _common.split_counters(args[0].device, 1).count_nonzero().item() == 0
+
+
+def test_split_k_choice():
+    """k_splits: no split on a grid of more than TARGET_PROGRAMS / 2 tiles or a short loop;
+    else the shortest chain (share + merge), the fewest programs for it, no empty share."""
+    half = _common.TARGET_PROGRAMS // 2
+    assert _common.k_splits(half + 1, 100) == 1 and _common.k_splits(4, 8) == 1
+    assert _common.k_splits(half, 12) == 2  # 6 steps + 1 merge, on 128 programs
+    assert _common.k_splits(8, 20, 18) == 10  # XS layer_5.0 fused: 2 x 18 + 3 (not 16 x 20)
+    assert _common.split_k_steps(20, 18, 10) == 39
+    assert _common.k_splits(2, 40) == 8  # 5 + 2; 16 shares would be 3 + 4
+    assert _common.k_splits(1, 11) == 4  # shares of 3, 3, 3, 2 (+1): 4 steps
 
 
 # ---- the whole MV2 block: the expansion recomputed per depthwise tap ---------------------------

@@ -10,7 +10,7 @@ import torch
 from conftest import KERNEL_DEVICES
 from kernel_utils import random_map
 from mvit3.kernels import group_norm_stats as module
-from mvit3.kernels._common import launch_log
+from mvit3.kernels._common import launch_log, split_counters
 from mvit3.ops import reference
 
 # |kernel - float64| relative to |reference|: fp32 sums of up to 1024 * 512 values in tiles,
@@ -62,7 +62,7 @@ def test_counters_return_to_zero(device):
     gen = torch.Generator().manual_seed(3)
     for offset in (0.0, 5.0):
         _check(random_map(gen, 3, 64, 32, 32, "nhwc", torch.float32, device) + offset)
-        counters = module._zeroed_counters(torch.device(device), 3)
+        counters = split_counters(torch.device(device), 3)
         assert counters.count_nonzero().item() == 0
 
 

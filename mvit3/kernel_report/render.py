@@ -7,12 +7,15 @@ from .report import LONG_SERIAL_LOOP
 # tile sizes and paddings, short: "M64 N128 K16", "hd32" (head dim padded to 32)
 _ABBREVIATIONS = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_F": "F", "BLOCK_C": "C",
                   "BLOCK_O": "O", "BLOCK_P": "P", "HEAD_PAD": "hd", "D_PAD": "d", "OUT_CHUNK": "oc",
-                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp", "ROW_K": "row"}
+                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp", "ROW_K": "row", "SPLIT_K": "split"}
+# meta-parameters left out at their default value: an unsplit K loop says nothing
+_DEFAULTS = {"SPLIT_K": 1}
 
 
 def _meta_text(meta: dict) -> str:
     return " ".join(f"{_ABBREVIATIONS[key]}{value}" if key in _ABBREVIATIONS else f"{key}={value}"
-                    for key, value in meta.items() if value is not None)
+                    for key, value in meta.items()
+                    if value is not None and (key not in _DEFAULTS or value != _DEFAULTS[key]))
 
 
 def _size(nbytes: float) -> str:
