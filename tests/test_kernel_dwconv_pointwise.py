@@ -244,6 +244,8 @@ def test_split_k(device, case):
 def test_split_k_choice():
     """k_splits: no split on a grid of more than TARGET_PROGRAMS / 2 tiles or a short loop;
     else the shortest chain (share + merge), the fewest programs for it, no empty share."""
+    from mvit3.kernel_report.report import LONG_SERIAL_LOOP
+    assert _common.LONG_LOOP == LONG_SERIAL_LOOP  # splits what the report calls serial-bound
     half = _common.TARGET_PROGRAMS // 2
     assert _common.k_splits(half + 1, 100) == 1 and _common.k_splits(4, 8) == 1
     assert _common.k_splits(half, 12) == 2  # 6 steps + 1 merge, on 128 programs
