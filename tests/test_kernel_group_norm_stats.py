@@ -20,7 +20,7 @@ from mvit3.ops import reference
 TOLERANCE = 1e-5
 
 # (batch, C, H, W): v2/v3-0.5 layer_3 at 256 px (1024 pixels: 16 splits at batch 1), layer_4
-# odd (7x7 pixel tiles straddling rows), layer_5, a batch past MAX_SPLITS (one split each)
+# odd (7x7 pixel tiles straddling rows), layer_5, a batch of 130 (a 4x4 map: one tile, one split)
 CASES = [(1, 64, 32, 32), (1, 192, 15, 13), (3, 128, 16, 16), (2, 256, 8, 8), (130, 24, 4, 4)]
 
 
@@ -66,15 +66,19 @@ def test_counters_return_to_zero(device):
         assert counters.count_nonzero().item() == 0
 
 
-def test_batch_1_is_split():
+def test_small_batches_are_split():
     """Batch 1 spreads one sample over several programs: v2-0.5's layer_3 map (32x32x64 at
-    256 px) is 16 splits of one 64-pixel tile each, plus the merge."""
+    256 px) is 16 splits of one 64-pixel tile each, plus the merge; larger batches fewer."""
     x = torch.zeros(1, 64, 32, 32)
     with launch_log(dry_run=True) as log:
         module.group_norm_stats(x, 1e-5)
     (record,) = log.records
     assert record.grid == (1, 16)
     assert record.work.serial_steps == 2
+    # batch 100: about GRID_PROGRAMS programs, 4 splits of one 256-pixel tile (8 channels)
     with launch_log(dry_run=True) as log:
-        module.group_norm_stats(torch.zeros(module.MAX_SPLITS, 64, 32, 32), 1e-5)
-    assert log.records[0].grid == (module.MAX_SPLITS, 1)
+        module.group_norm_stats(torch.zeros(100, 8, 32, 32), 1e-5)
+    assert log.records[0].grid == (100, 4)
+    with launch_log(dry_run=True) as log:
+        module.group_norm_stats(torch.zeros(module.GRID_PROGRAMS, 8, 32, 32), 1e-5)
+    assert log.records[0].grid == (module.GRID_PROGRAMS, 1)
