@@ -42,7 +42,7 @@ import triton.language as tl
 
 from mvit3.kernel_report.gpus import GPUS, floor_us
 
-from ._common import (WGMMA_ARCH, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
+from ._common import (WGMMA_ARCH, WGMMA_ROWS, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
                       check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta, k_splits,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, merge_split_k,
@@ -271,7 +271,16 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
     if expand and dtype == torch.float32:
         block_m = 32
     block_k = 16
-    while expand and block_m > 16 and cdiv(m, block_m) * cdiv(n, block_n) < TARGET_PROGRAMS:
+
+    def programs(rows: int) -> int:
+        return cdiv(m, rows) * cdiv(n, block_n)
+
+    # sm_90 16-bit keeps its 64-row warpgroup MMA tiles where they give more than half of
+    # TARGET_PROGRAMS programs (XXS's layer_5.0 at batch 100: 100; at exactly half, batch 1's
+    # 64 x 64 maps, 32-row tiles give 128 programs)
+    keep_wgmma = (dtype != torch.float32 and arch >= WGMMA_ARCH
+                  and programs(WGMMA_ROWS) > TARGET_PROGRAMS // 2)
+    while expand and block_m > 16 and programs(block_m) < TARGET_PROGRAMS and not keep_wgmma:
         block_m //= 2
         if block_m * block_k * 2 <= 512:
             block_k *= 2
