@@ -212,6 +212,13 @@ def test_launch_records():
     record, signature, meta = dry_run_launch(dwconv_pointwise, large, "_dwconv_pointwise_kernel")
     assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (64, 16) and record.grid == (128,)
     assert meta["SPLIT_K"] == 1 and signature["partials_ptr"] == signature["counters_ptr"] == "constexpr"
+    # v3-XXS's layer_5.0 at batch 100 (64 -> 256 -> 80, stride 2 to 8 x 8): 100 programs of 64
+    # rows, more than half of TARGET_PROGRAMS, so sm_90 keeps its wgmma tiles
+    xxs = make_args("cpu", torch.float16, b=100, size=(16, 16), layout="nhwc", packing="kmajor",
+                    hidden=256, cout=80, stride=2, bias=True, cin=64)
+    assert fuse_expand(100, (16, 16), (8, 8), 64, 256, 80, False, torch.float16, 90)
+    record, _, meta = dry_run_launch(dwconv_pointwise, xxs, "_dwconv_pointwise_kernel")
+    assert meta["BLOCK_M"] == _common.WGMMA_ROWS and record.grid == (100,)
 
 
 # (batch, size, hidden, cout, cin, dtype, splits): small grids whose K loop is split: even and
