@@ -222,7 +222,9 @@ def _meta(batch: int, n: int, d_pad: int, dtype: torch.dtype, arch: int) -> tupl
     splits = max(1, min(MAX_SPLITS, cdiv(TARGET_PROGRAMS, batch * 4), cdiv(n, block_n)))
     tokens_per_split = cdiv(cdiv(n, splits), block_n) * block_n
     # 16-bit [64, 256] tiles spill (the normalised tile, v and the accumulator are all live):
-    # d > 128 keeps 16-row mma.sync tiles; so does fp32 from d = 128 (TF32 32-row tiles spill)
+    # d > 128 keeps 16-row mma.sync tiles; so does fp32 from d = 128 (TF32 32-row tiles spill).
+    # A program's rows are one sequence's tokens: layer_5's 16-token sequences (8 x 8 maps at
+    # 256 px) hold no 64-row wgmma tile, and run 16-row mma.sync tiles whatever the batch
     max_rows = next_pow2(n) if d_pad < (128 if dtype == torch.float32 else 256) else 16
     block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, arch, max_rows=max_rows)
     context_meta = dict(BLOCK_N=block_n, D_PAD=d_pad, BLOCK_O=min(d_pad, 4096 // d_pad))
