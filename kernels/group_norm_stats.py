@@ -84,7 +84,7 @@ def _group_norm_stats_kernel(
 
 # Programs a launch aims for in all: one 4-warp program streaming its split keeps few loads in
 # flight, a fraction of what an SM can take, so several a SM (about four waves on an H100):
-# batch 100 of a 32 x 32 map runs 4 programs a sample (9 steps each), not 1 (17 steps).
+# batch 100 of a 32 x 32 x 64 map runs 4 programs a sample (5 steps each), not 1 (17 steps).
 GRID_PROGRAMS = 4 * TARGET_PROGRAMS
 
 
