@@ -34,11 +34,12 @@ _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 class TensorArg:
     """A tensor argument as a launch record keeps it: enough to tell Triton's specialisation
     (dtype, and the address for its 16-byte alignment) and the bytes the launch moves.
-    Not a tuple: Triton would take a tuple for a tuple argument."""
-    __slots__ = ("dtype", "address", "nbytes")
+    scratch: a workspace of the launch's own (split reductions' partials and counters), not
+    an input or output of the op. Not a tuple: Triton would take a tuple for a tuple argument."""
+    __slots__ = ("dtype", "address", "nbytes", "scratch")
 
-    def __init__(self, dtype: torch.dtype, address: int, nbytes: int):
-        self.dtype, self.address, self.nbytes = dtype, address, nbytes
+    def __init__(self, dtype: torch.dtype, address: int, nbytes: int, scratch: bool = False):
+        self.dtype, self.address, self.nbytes, self.scratch = dtype, address, nbytes, scratch
 
     def data_ptr(self) -> int:  # what Triton's specialisation reads of a tensor
         return self.address
@@ -91,8 +92,11 @@ class LaunchRecord:
     @property
     def bytes(self) -> int:
         """The least traffic of the launch: every tensor it is given, read or written once
-        (a tensor passed twice counts once)."""
-        seen = {(v.address, v.nbytes): v.nbytes for _, v in self.args if isinstance(v, TensorArg)}
+        (a tensor passed twice counts once), but its scratch workspaces: the op's traffic, not
+        this implementation's. (Split-K partial tiles, at most about 1 MB a launch, are
+        written and read back at once, from L2.)"""
+        seen = {(v.address, v.nbytes): v.nbytes for _, v in self.args
+                if isinstance(v, TensorArg) and not v.scratch}
         return sum(seen.values())
 
 
@@ -247,15 +251,16 @@ def _arg_type(value) -> str:
 
 
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
-           num_stages: int = 2, work: Work = Work()) -> None:
+           num_stages: int = 2, work: Work = Work(), scratch: tuple = ()) -> None:
     """Launch `kernel[grid](**args, **constexprs)`; args are the runtime arguments by name.
 
     A None argument (an absent optional tensor) is passed as a constexpr None, so the kernel
     specialises it away (`if ptr is not None` in Triton code). `work` is the launch's
-    arithmetic, kept in the launch log for the kernels report.
+    arithmetic, kept in the launch log for the kernels report; `scratch` names the arguments
+    that are workspaces (not counted as the op's traffic: `LaunchRecord.bytes`).
     """
     if _ACTIVE_LOG is not None:
-        recorded = tuple((k, _recorded_arg(v)) for k, v in args.items())
+        recorded = tuple((k, _recorded_arg(v, k in scratch)) for k, v in args.items())
         meta = tuple(sorted(constexprs.items())) + (("num_stages", num_stages), ("num_warps", num_warps))
         _ACTIVE_LOG.records.append(LaunchRecord(kernel, tuple(grid), recorded, meta, work))
         if _ACTIVE_LOG.dry_run:
@@ -269,9 +274,9 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
         kernel[tuple(grid)](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
-def _recorded_arg(value):
+def _recorded_arg(value, scratch: bool = False):
     if isinstance(value, torch.Tensor):
-        return TensorArg(value.dtype, value.data_ptr(), value.numel() * value.element_size())
+        return TensorArg(value.dtype, value.data_ptr(), value.numel() * value.element_size(), scratch)
     return value
 
 
@@ -449,7 +454,8 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_m, offs_n, offs_m < M, offs_n < N
 
 
-def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work: Work) -> None:
+def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work: Work,
+                      scratch: tuple = ()) -> None:
     """Launch a kernel that takes its output tile from `gemm_tile`: one program per
     [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid, or with SPLIT_K > 1 in
     constexprs SPLIT_K programs per tile on grid axis 1 (`merge_split_k`). constexprs holds
@@ -458,7 +464,8 @@ def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
     grid = (tiles, meta["SPLIT_K"]) if meta.get("SPLIT_K", 1) > 1 else (tiles,)
-    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages, work=work)
+    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages, work=work,
+           scratch=scratch)
 
 
 # ---- split-K: several programs share one output tile's K loop ---------------------------------

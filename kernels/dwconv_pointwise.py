@@ -402,5 +402,6 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  SPLIT_K=splits, **meta),
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
-                 serial_steps=split_k_steps(k_blocks, block_steps, splits)))
+                 serial_steps=split_k_steps(k_blocks, block_steps, splits)),
+            scratch=("partials_ptr", "counters_ptr"))
     return out

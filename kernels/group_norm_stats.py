@@ -117,5 +117,6 @@ def group_norm_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
                dict(BLOCK_P=block_p, BLOCK_C=block_c, SPLITS_PAD=MAX_SPLITS),
                num_warps=4,
                # the walk over one split, then the last program's merge
-               work=Work(serial_steps=cdiv(pixels_per_split, block_p) * cdiv(c, block_c) + 1))
+               work=Work(serial_steps=cdiv(pixels_per_split, block_p) * cdiv(c, block_c) + 1),
+               scratch=("partials_ptr", "counters_ptr"))
     return stats

@@ -17,7 +17,6 @@ import torch
 import mvit3
 from mvit3.kernel_report.gpus import GPUS, blocks_per_sm, floor_us
 from mvit3.kernel_report.report import collect
-from mvit3.kernels._common import TARGET_PROGRAMS
 from mvit3.kernels.dwconv_pointwise import fuse_expand
 
 HERE = Path(__file__).resolve().parent
@@ -174,25 +173,14 @@ def _v3_xs_least_bytes(batch: int, dtype: torch.dtype, size: int = 256) -> int:
     return total
 
 
-def _split_k_workspace_bytes(rows) -> int:
-    """What the launches whose K loop is split (small grids: `k_splits`) are also given: fp32
-    [tiles, SPLIT_K, BLOCK_M, BLOCK_N] partial sums and the int32 counters (TARGET_PROGRAMS of
-    them). From the launches' tile choice, which the model's structure does not fix."""
-    total = 0
-    for row in rows:
-        meta = dict(row.record.constexprs) if row.record is not None else {}
-        if meta.get("SPLIT_K", 1) > 1:
-            total += 4 * row.record.grid[0] * meta["SPLIT_K"] * meta["BLOCK_M"] * meta["BLOCK_N"]
-            total += 4 * TARGET_PROGRAMS
-    return total
-
-
 @pytest.mark.parametrize("batch,dtype", [(1, torch.float16), (2, torch.float32)])
 def test_bytes_of_v3_xs_equal_an_independent_count(batch, dtype):
+    """Least traffic is the ops' inputs and outputs: the split-K launches of these small grids
+    also take fp32 partial tiles and counters (scratch, written and read back from L2), which
+    are not counted."""
     rows = collect("mobilevitv3_xs", batch, dtype)
-    workspace = _split_k_workspace_bytes(rows)
-    assert workspace > 0  # batch 1 and 2: the late stages' small grids split their K loops
-    assert sum(row.bytes for row in rows) == _v3_xs_least_bytes(batch, dtype) + workspace
+    assert any(dict(row.record.constexprs).get("SPLIT_K", 1) > 1 for row in rows if row.record)
+    assert sum(row.bytes for row in rows) == _v3_xs_least_bytes(batch, dtype)
 
 
 def test_rows_follow_the_forward():
