@@ -42,8 +42,8 @@ import triton.language as tl
 
 from mvit3.kernel_report.gpus import GPUS, floor_us
 
-from ._common import (WGMMA_ARCH, WGMMA_ROWS, TARGET_PROGRAMS, Work, batch_chunks, batch_part, cdiv,
-                      check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
+from ._common import (WGMMA_ARCH, WGMMA_ROWS, TARGET_PROGRAMS, Work, batch_chunks, batch_part,
+                      cdiv, check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
                       dot_precision, gemm_tile, int32_offset_limit, interpreter_meta, k_splits,
                       launch_gemm_tiles, load_weight_tile, map_stride_args, merge_split_k,
                       next_pow2, pixel_coords, pixel_tile_epilogue, silu, split_counters,
