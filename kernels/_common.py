@@ -32,10 +32,9 @@ _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 
 class TensorArg:
-    """A tensor argument as a launch record keeps it: enough to tell Triton's specialisation
-    (dtype, and the address for its 16-byte alignment) and the bytes the launch moves.
-    scratch: a workspace of the launch's own (split reductions' partials and counters), not
-    an input or output of the op. Not a tuple: Triton would take a tuple for a tuple argument."""
+    """A tensor argument as a launch record keeps it: its dtype and address (Triton's 16-byte
+    alignment) and bytes, and whether it is scratch (a workspace of the launch's own, not the
+    op's input or output). Not a tuple: Triton would take a tuple for a tuple argument."""
     __slots__ = ("dtype", "address", "nbytes", "scratch")
 
     def __init__(self, dtype: torch.dtype, address: int, nbytes: int, scratch: bool = False):
@@ -91,10 +90,7 @@ class LaunchRecord:
 
     @property
     def bytes(self) -> int:
-        """The least traffic of the launch: every tensor it is given, read or written once
-        (a tensor passed twice counts once), but its scratch workspaces: the op's traffic, not
-        this implementation's. (Split-K partial tiles, at most about 1 MB a launch, are
-        written and read back at once, from L2.)"""
+        """Least traffic: each tensor given but scratch, read or written once (twice: once)."""
         seen = {(v.address, v.nbytes): v.nbytes for _, v in self.args
                 if isinstance(v, TensorArg) and not v.scratch}
         return sum(seen.values())
@@ -255,9 +251,8 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4,
     """Launch `kernel[grid](**args, **constexprs)`; args are the runtime arguments by name.
 
     A None argument (an absent optional tensor) is passed as a constexpr None, so the kernel
-    specialises it away (`if ptr is not None` in Triton code). `work` is the launch's
-    arithmetic, kept in the launch log for the kernels report; `scratch` names the arguments
-    that are workspaces (not counted as the op's traffic: `LaunchRecord.bytes`).
+    specialises it away (`if ptr is not None` in Triton code). `work`: its arithmetic, for the
+    kernels report; `scratch`: the names of its workspaces (`LaunchRecord.bytes` skips them).
     """
     if _ACTIVE_LOG is not None:
         recorded = tuple((k, _recorded_arg(v, k in scratch)) for k, v in args.items())
@@ -456,16 +451,14 @@ def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 def launch_gemm_tiles(kernel, m: int, n: int, args: dict, constexprs: dict, work: Work,
                       scratch: tuple = ()) -> None:
-    """Launch a kernel that takes its output tile from `gemm_tile`: one program per
-    [BLOCK_M, BLOCK_N] tile of the [m, n] output, on a 1-D grid, or with SPLIT_K > 1 in
-    constexprs SPLIT_K programs per tile on grid axis 1 (`merge_split_k`). constexprs holds
-    BLOCK_M, BLOCK_N and num_warps / num_stages with the kernel's other meta-parameters."""
+    """Launch a kernel that takes its output tile from `gemm_tile`: a program per [BLOCK_M,
+    BLOCK_N] tile of the [m, n] output on grid axis 0, SPLIT_K (a constexpr) on axis 1
+    (`merge_split_k`); constexprs: BLOCK_M, BLOCK_N, num_warps / num_stages and the rest."""
     meta = dict(constexprs)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
     grid = (tiles, meta["SPLIT_K"]) if meta.get("SPLIT_K", 1) > 1 else (tiles,)
-    launch(kernel, grid, args, meta, num_warps=num_warps, num_stages=num_stages, work=work,
-           scratch=scratch)
+    launch(kernel, grid, args, meta, num_warps, num_stages, work, scratch)
 
 
 # ---- split-K: several programs share one output tile's K loop ---------------------------------

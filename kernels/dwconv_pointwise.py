@@ -403,5 +403,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
                  serial_steps=split_k_steps(k_blocks, block_steps, splits)),
+            # scratch, not the op's traffic: the partial tiles (<= ~1 MB a launch at batch 1)
+            # are written and read back at once, from L2
             scratch=("partials_ptr", "counters_ptr"))
     return out
