@@ -312,7 +312,7 @@ def _keys_per_block(dtype: torch.dtype, block_m: int, head_pad: int, d_pad: int,
     bytes on sm_80: 64 keys there (96-108 registers). Head window 16 (v3-XXS layer_3) keeps the
     general blocks: 128 keys in 16-bit and 64 in fp32 spill 4-16 bytes on sm_90 for some
     shapes; so does sm_75 (there these blocks added 16 spilling configurations)."""
-    if small_grid and block_m == 16:
+    if small_grid:  # 16-row query tiles (see `_meta`)
         if dtype == torch.float32:
             return 128 if head_pad == 32 else 64
         return 256 if head_pad == 32 else 128

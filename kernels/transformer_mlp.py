@@ -134,8 +134,9 @@ def why_unsupported(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> str
     return int32_offset_limit(tuple(x.shape), (x,))
 
 
-def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
-    """BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
+def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> tuple:
+    """(meta, small): `small_grid_tiles`'s answer (None unless a small grid) and the meta.
+    BLOCK_M: pixels per program, the normalised tile and the accumulator ([BLOCK_M, d] fp32
     each) within 4K values (`rows_per_program`); BLOCK_F: hidden units per chunk, each weight
     chunk within 2K values (tl.dot needs K >= 16). The fp32 dots run on FMA units with their
     operands in registers: with these sizes, and 8 warps for 4K-value tiles, ptxas -v reports
@@ -148,7 +149,7 @@ def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict
     if small is not None:
         return interpreter_meta(dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=small["BLOCK_F"],
                                      num_warps=small["num_warps"], num_stages=small["num_stages"]),
-                                BLOCK_M=256, BLOCK_F=128)
+                                BLOCK_M=256, BLOCK_F=128), small
     return interpreter_meta(
         dict(BLOCK_M=block_m, D_PAD=d_pad, BLOCK_F=min(32, max(16, 2048 // d_pad)),
              # fp32 FMA dots hold more per thread: 8 warps from 2K-value tiles (4 spill at d = 128)
@@ -156,7 +157,7 @@ def mlp_meta(num_pixels: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict
              # and no software pipelining for fp32 [16, 128] tiles: two stages spill 4 bytes on
              # sm_90 there (one stage spills at d = 256)
              num_stages=1 if dtype == torch.float32 and (block_m, d_pad) == (16, 128) else 2),
-        BLOCK_M=256, BLOCK_F=128)
+        BLOCK_M=256, BLOCK_F=128), None
 
 
 def small_grid_tiles(num_pixels: int, block_m: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict | None:
@@ -219,9 +220,8 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     b, d, h, w = x.shape
     stats = group_norm_stats(x, eps) if norm == "group" else None
     out = channels_last_empty(b, d, h, w, x)
-    meta = mlp_meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
+    meta, small = mlp_meta(b * h * w, next_pow2(d), x.dtype, target_arch(x))
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    small = small_grid_tiles(b * h * w, meta["BLOCK_M"], meta["D_PAD"], x.dtype, target_arch(x))
     tile = (meta["BLOCK_M"], meta["D_PAD"])
     if small is None and x.dtype == torch.float32 and tile in ((64, 64), (16, 256)):
         # the shared FFN body (ffn_residual_tile) with two stages spills 4 bytes a thread there

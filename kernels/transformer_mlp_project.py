@@ -28,7 +28,7 @@ from ._common import (Work, batch_chunks, batch_part, cdiv, channels_last_empty,
                       dot_operand_type, dot_precision, int32_offset_limit, launch,
                       load_weight_tile, next_pow2, pixel_coords, pixel_tile_epilogue, target_arch,
                       vector_stride_error)
-from .transformer_mlp import ffn_args, ffn_residual_tile, ffn_work, mlp_meta, small_grid_tiles
+from .transformer_mlp import ffn_args, ffn_residual_tile, ffn_work, mlp_meta
 from .transformer_mlp import why_unsupported as ffn_why_unsupported
 
 
@@ -155,10 +155,9 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
     proj_out = channels_last_empty(b, cout, h, w, x)
     d_pad = next_pow2(d)
     arch = target_arch(x)
-    meta = mlp_meta(b * h * w, d_pad, x.dtype, arch)
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     # small grids (batch 1): mlp_meta's wide hidden chunks, and projection chunks as wide
-    small = small_grid_tiles(b * h * w, meta["BLOCK_M"], d_pad, x.dtype, arch)
+    meta, small = mlp_meta(b * h * w, d_pad, x.dtype, arch)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     block_n = small["BLOCK_N"] if small is not None else _projection_block_n(d_pad, x.dtype, arch)
     if small is None and x.dtype == torch.float32 and arch >= 80:
         num_warps, num_stages = _FP32_WARPS_STAGES[90 if arch >= 90 else 80].get(
