@@ -268,3 +268,41 @@ def test_forward_floor_for_the_benchmarks():
     # floor / measured: 0.01 / 0.5 ms at batch 1; 0.8 ms / (100 images in 2 ms) at batch 100
     assert _floor_cells(row) == ["0.01 / 0.8", "2.0% / 40.0%"]
     assert _floor_cells({**row, "floor_ms_b1": None}) == ["–", "–"]
+
+
+def _jit_module(path: Path, name: str, text: str):
+    """Import `text` as module `name` from a file (Triton reads a jit function's source from
+    its file) with its functions wrapped as Triton JITFunctions, whatever TRITON_INTERPRET."""
+    import importlib.util
+
+    from triton.runtime.jit import JITFunction
+
+    file = path / f"{name}.py"
+    file.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for attr in ("helper", "kernel"):  # the helper first: the kernel's globals must see it wrapped
+        setattr(module, attr, JITFunction(getattr(module, attr)))
+    return module
+
+
+def test_report_cache_key_ignores_lines_and_follows_helpers(tmp_path):
+    """The compile cache's key of a kernel (`source_key`) holds its source and its helpers'
+    (recursively) and constant globals, not their line numbers: moving lines recompiles
+    nothing, editing a helper or a constant recompiles the kernels that use it."""
+    from mvit3.kernel_report.compiled import source_key
+
+    source = ("import triton.language as tl\nSCALE = 2\n\n"
+              "def helper(x):\n    return x * SCALE\n\n"
+              "def kernel(ptr):\n    tl.store(ptr, helper(tl.load(ptr)))\n")
+    keys = {}
+    for name, text in {"base": source,
+                       "moved": "\n\n\n# lines above everything moved\n" + source,
+                       "helper_edited": source.replace("x * SCALE", "x * SCALE + 1"),
+                       "constant_edited": source.replace("SCALE = 2", "SCALE = 3")}.items():
+        module = _jit_module(tmp_path, f"report_key_{name}", text)
+        keys[name] = source_key(module.kernel)
+    assert keys["moved"] == keys["base"]
+    assert keys["helper_edited"] != keys["base"]
+    assert keys["constant_edited"] != keys["base"]

@@ -161,12 +161,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MVIT3_CACHE_DIR", Path.home() / ".cache" / "mvit3")) / "kernels-report"
 
 
+_SOURCE_KEYS: dict = {}  # {jit function: source_key}; sources do not change while running
+
+
+def source_key(fn) -> str:
+    """A hash of a @triton.jit function's source, of the jit functions it calls (recursively)
+    and of the constant globals it reads. Triton's own `cache_key` also holds each function's
+    starting line number (its PTX carries line info), so an edit that only moves lines above a
+    kernel, or above a shared helper in kernels/_common.py, would recompile every dependent
+    configuration of the report and of tests/aot_compile.py cold (about 45 minutes on two
+    cores); registers, spills, shared memory and instruction classes do not depend on lines."""
+    import ast
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    if fn in _SOURCE_KEYS:
+        return _SOURCE_KEYS[fn]
+    _SOURCE_KEYS[fn] = f"recursion:{fn.__name__}"  # a placeholder, should a helper recurse
+    scope = dict(fn.__globals__)
+    scope.update(inspect.getclosurevars(fn.fn).nonlocals)
+    parts = [fn.src]
+    for name in sorted({node.id for node in ast.walk(ast.parse(fn.src)) if isinstance(node, ast.Name)}):
+        value = scope.get(name)
+        if isinstance(value, JITFunction):
+            parts.append(f"{name}:{source_key(value)}")
+        elif isinstance(value, (bool, int, float, str)) or type(value).__name__ == "constexpr":
+            parts.append(f"{name}={value!r}")
+    _SOURCE_KEYS[fn] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _SOURCE_KEYS[fn]
+
+
 def config_id(record, arch: int) -> str:
     """A stable name of (kernel source, specialisation, constexprs, arch, Triton version)."""
     import triton
 
-    source_key = getattr(record.kernel, "cache_key", record.name)
-    text = repr((record.name, source_key, record.specialization, record.constexprs, arch,
+    kernel_source = source_key(record.kernel) if hasattr(record.kernel, "src") else record.name
+    text = repr((record.name, kernel_source, record.specialization, record.constexprs, arch,
                  triton.__version__, ANALYSIS_VERSION))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
