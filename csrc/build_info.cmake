@@ -2,9 +2,10 @@
 # that mvit3/ops/cuda_lib.py checks before loading the library.
 #
 # sources_hash = first 16 hex digits of sha256 over the lines "<sha256 of file>  <path>\n" of
-# csrc/** and CMakeLists.txt, sorted by path (mvit3.ops.cuda_lib.sources_hash computes the same).
+# csrc/**, CMakeLists.txt and mvit3/ops/schemas.def (included by csrc/ops.cpp), sorted by path
+# (mvit3.build.sources_hash computes the same over mvit3.build.HASHED_FILES).
 file(GLOB_RECURSE _files RELATIVE "${SOURCE_DIR}" "${SOURCE_DIR}/csrc/*")
-list(APPEND _files CMakeLists.txt)
+list(APPEND _files CMakeLists.txt mvit3/ops/schemas.def)
 list(SORT _files)
 set(_manifest "")
 foreach(_file IN LISTS _files)

@@ -1,5 +1,6 @@
-// The op table of the mvit3 CUDA library: the schemas (TORCH_LIBRARY(mvit3, m), the same
-// strings as SCHEMAS in mvit3/ops/library.py) and the CUDA kernels (TORCH_LIBRARY_IMPL).
+// The op table of the mvit3 CUDA library: the schemas (TORCH_LIBRARY(mvit3, m), generated from
+// mvit3/ops/schemas.def, the file mvit3/ops/library.py reads too) and the CUDA kernels
+// (TORCH_LIBRARY_IMPL).
 //
 // Each op here validates its arguments (the limits mvit3/ops/cuda_lib.py::why_unsupported
 // mirrors), allocates its output (channels_last, like every op of mvit3) and workspaces with
@@ -533,34 +534,15 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
 #define MVIT3_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define MVIT3_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
-// The schema strings are SCHEMAS of mvit3/ops/library.py, character for character.
+// The schemas come from mvit3/ops/schemas.def, one MVIT3_OP(name, arguments, returns) per op.
 MVIT3_LIBRARY(MVIT3_NAMESPACE, m) {
-  m.def("pointwise_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
-        "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor");
-  m.def("dwconv_pointwise(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
-        "int stride, Tensor? residual, int dilation=1, Tensor? expand_weight=None, "
-        "Tensor? expand_bias=None) -> Tensor");
-  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act, "
-        "int dilation=1) -> Tensor");
-  m.def("patch_attention(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "
-        "Tensor? proj_bias, Tensor? residual) -> Tensor");
-  m.def("transformer_mlp(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
-  m.def("transformer_mlp_project(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor proj_norm_weight, "
-        "Tensor proj_norm_bias, float proj_eps, Tensor proj_weight, "
-        "Tensor? proj_bias, str act) -> (Tensor, Tensor)");
-  m.def("separable_attention(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
-        "Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
-        "Tensor out_bias) -> Tensor");
+#define MVIT3_OP(name, arguments, returns) m.def(#name arguments " -> " returns);
+#include "../mvit3/ops/schemas.def"
+#undef MVIT3_OP
 }
 
 MVIT3_LIBRARY_IMPL(MVIT3_NAMESPACE, MVIT3_DISPATCH_KEY, m) {
-  m.impl("pointwise_conv", &mvit3::pointwise_conv_op);
-  m.impl("dwconv_pointwise", &mvit3::dwconv_pointwise_op);
-  m.impl("conv3x3", &mvit3::conv3x3_op);
-  m.impl("patch_attention", &mvit3::patch_attention_op);
-  m.impl("transformer_mlp", &mvit3::transformer_mlp_op);
-  m.impl("transformer_mlp_project", &mvit3::transformer_mlp_project_op);
-  m.impl("separable_attention", &mvit3::separable_attention_op);
+#define MVIT3_OP(name, arguments, returns) m.impl(#name, &mvit3::name##_op);
+#include "../mvit3/ops/schemas.def"
+#undef MVIT3_OP
 }

@@ -2,8 +2,9 @@
 
 The library is built against the running torch and installed with its build metadata into
 `mvit3/_lib/<build key>/`, the first place `mvit3.ops.cuda_lib` looks. The key names the torch
-version, its CUDA version and a hash of the sources (csrc/** and CMakeLists.txt), so a build of
-other sources or for another torch is never loaded by mistake.
+version, its CUDA version and a hash of the sources (csrc/**, CMakeLists.txt and the op schemas
+mvit3/ops/schemas.def), so a build of other sources or for another torch is never loaded by
+mistake.
 
 The build also checks the kernels' ptxas resource usage: every kernel of the library is on the
 forward path of a model, so a register spill anywhere fails the build (--allow-spills to keep
@@ -49,11 +50,16 @@ def has_sources(root: Path = SOURCE_ROOT) -> bool:
     return (root / "CMakeLists.txt").is_file() and (root / "csrc").is_dir()
 
 
+# The sources of the library besides csrc/**: csrc/ops.cpp includes the schema file, which
+# ships in the package (mvit3/ops/library.py reads it). csrc/build_info.cmake lists the same.
+HASHED_FILES = ("CMakeLists.txt", "mvit3/ops/schemas.def")
+
+
 def sources_hash(root: Path = SOURCE_ROOT) -> str:
-    """16 hex digits identifying csrc/** and CMakeLists.txt (csrc/build_info.cmake computes the
+    """16 hex digits identifying csrc/** and HASHED_FILES (csrc/build_info.cmake computes the
     same: sha256 over the sorted lines "<sha256 of file>  <relative path>\\n")."""
     files = sorted([p.relative_to(root).as_posix() for p in (root / "csrc").rglob("*") if p.is_file()]
-                   + ["CMakeLists.txt"])
+                   + list(HASHED_FILES))
     manifest = "".join(f"{hashlib.sha256((root / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
     return hashlib.sha256(manifest.encode()).hexdigest()[:16]
 

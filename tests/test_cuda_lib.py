@@ -1,6 +1,6 @@
 """The CUDA C++ library (csrc/) as `python -m mvit3 build` installs it; no GPU needed.
 
-It loads, registers a CUDA kernel for every op under the schemas of mvit3/ops/library.py, its
+It loads, registers a CUDA kernel for every op under the schemas of mvit3/ops/schemas.def, its
 metadata matches this torch and these sources, ptxas reported no register spills; a build for
 another torch or other sources is refused with a message and the backends fall back.
 
@@ -44,11 +44,24 @@ def test_every_op_has_a_cuda_kernel(lib):
 
 
 def test_cpp_schemas_are_the_python_schemas(lib):
+    """Both come from mvit3/ops/schemas.def."""
     for op, schema in library.SCHEMAS.items():
         assert str(getattr(torch.ops.mvit3, op).default._schema) == f"mvit3::{op}{schema}"
         # defined by the C++ op table, not by the Python fallback definitions
         defined_at = torch._C._dispatch_dump(f"mvit3::{op}").split("debug:")[1].splitlines()[0]
         assert "csrc/ops.cpp" in defined_at
+
+
+def test_the_schema_file_ships_with_the_package():
+    """library.py reads mvit3/ops/schemas.def at import, so an installed copy needs it."""
+    import fnmatch
+    import tomllib
+
+    setuptools = tomllib.loads((build.SOURCE_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "mvit3.ops" in setuptools["packages"]
+    patterns = setuptools["package-data"].get("mvit3.ops", [])
+    assert any(fnmatch.fnmatch(library.SCHEMA_FILE.name, p) for p in patterns), patterns
+    assert library.SCHEMA_FILE.parent == Path(library.__file__).parent
 
 
 def test_metadata_matches_this_torch_and_these_sources(lib):
@@ -96,18 +109,39 @@ def test_ptxas_parser_reads_registers_and_spills():
     assert "SPILLS" in build.format_usage([spilled, clean])
 
 
-def test_sources_hash_agrees_with_the_cmake_script(tmp_path):
-    """CMake writes the metadata of a plain build; the loader recomputes the hash in Python."""
+def _cmake_info(source_dir: Path, out: Path) -> dict:
+    """The metadata csrc/build_info.cmake writes for the sources under source_dir."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed here (CI has it)")
-    out = tmp_path / "info.json"
-    subprocess.run([cmake, f"-DSOURCE_DIR={build.SOURCE_ROOT}", f"-DOUTPUT={out}", "-DTORCH_VERSION=x",
+    subprocess.run([cmake, f"-DSOURCE_DIR={source_dir}", f"-DOUTPUT={out}", "-DTORCH_VERSION=x",
                     "-DCUDA_VERSION=y", "-DNVCC_VERSION=z", "-DARCHS=75,90", "-DBUILD_TYPE=Release",
                     "-P", str(build.SOURCE_ROOT / "csrc" / "build_info.cmake")], check=True)
-    info = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_sources_hash_agrees_with_the_cmake_script(tmp_path):
+    """CMake writes the metadata of a plain build; the loader recomputes the hash in Python."""
+    info = _cmake_info(build.SOURCE_ROOT, tmp_path / "info.json")
     assert info["sources_hash"] == build.sources_hash()
     assert info["archs"] == ["75", "90"]
+
+
+@pytest.mark.parametrize("changed", ["csrc/ops.cpp", *build.HASHED_FILES])
+def test_both_sources_hashes_cover_every_source(tmp_path, changed):
+    """A change to csrc/**, CMakeLists.txt or the schema file csrc/ops.cpp includes changes
+    the hash, alike on both sides (a copy of the sources, one file edited)."""
+    root = tmp_path / "src"
+    shutil.copytree(build.SOURCE_ROOT / "csrc", root / "csrc")
+    for name in build.HASHED_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build.SOURCE_ROOT / name, root / name)
+    assert build.sources_hash(root) == build.sources_hash()
+    with open(root / changed, "a") as f:
+        f.write("\n")
+    edited = build.sources_hash(root)
+    assert edited != build.sources_hash()
+    assert _cmake_info(root, tmp_path / "info.json")["sources_hash"] == edited
 
 
 @pytest.mark.parametrize("field, value, says", [

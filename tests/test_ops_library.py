@@ -51,6 +51,17 @@ def test_both_namespaces_register_every_op_with_the_same_schema():
                                 "transformer_mlp", "transformer_mlp_project", "separable_attention"}
 
 
+def test_the_schema_file_is_read_line_by_line(tmp_path):
+    """schemas.def, the one source of the schemas (csrc/ops.cpp includes it as an X-macro):
+    comments and blank lines are skipped, any other line must be one MVIT3_OP(...)."""
+    path = tmp_path / "schemas.def"
+    path.write_text('// a comment\n\nMVIT3_OP(op_a, "(Tensor x, int n=1)", "(Tensor, Tensor)")\n')
+    assert library.read_schemas(path) == {"op_a": "(Tensor x, int n=1) -> (Tensor, Tensor)"}
+    path.write_text('MVIT3_OP(op_a, "(Tensor x)", "Tensor")\nMVIT3_OP(op_b, "(Tensor x)")\n')
+    with pytest.raises(ValueError, match="schemas.def:2: expected MVIT3_OP"):
+        library.read_schemas(path)
+
+
 @pytest.mark.parametrize("op", library.OPS)
 def test_every_op_has_its_three_implementations(op):
     import importlib

@@ -1,8 +1,8 @@
 """torch.library registration of the fused ops, for both kernel backends.
 
 Two namespaces carry the same op names and schemas:
-- `mvit3::<op>`: the CUDA C++ library (csrc/, `TORCH_LIBRARY(mvit3, m)` holds the same
-  schema strings as `SCHEMAS` below). When the library is not built or does not load, the
+- `mvit3::<op>`: the CUDA C++ library (csrc/ops.cpp defines the ops from schemas.def, the
+  file `SCHEMAS` below is read from). When the library is not built or does not load, the
   schemas are defined here instead, so `torch.ops.mvit3.<op>` always exists; it then has no
   CUDA kernel and the "cuda" backend says so.
 - `mvit3_triton::<op>`: the Triton kernels (`mvit3.kernels.<op>`).
@@ -17,32 +17,35 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
+from pathlib import Path
 
 import torch
 
 from . import cuda_lib, reference
 
-# op name -> schema. csrc/ops.cpp must declare exactly these (tests/test_cuda_lib.py checks).
-SCHEMAS = {
-    "pointwise_conv": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, Tensor? residual, "
-                      "str norm, Tensor? norm_weight, Tensor? norm_bias, float eps, str act) -> Tensor",
-    "dwconv_pointwise": "(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor weight, Tensor? bias, "
-                        "int stride, Tensor? residual, int dilation=1, Tensor? expand_weight=None, "
-                        "Tensor? expand_bias=None) -> Tensor",
-    "conv3x3": "(Tensor x, Tensor weight, Tensor? bias, Tensor? x2, int stride, str act, "
-               "int dilation=1) -> Tensor",
-    "patch_attention": "(Tensor qkv, int num_heads, float scale, Tensor? proj_weight, "
-                       "Tensor? proj_bias, Tensor? residual) -> Tensor",
-    "transformer_mlp": "(Tensor x, str norm, Tensor norm_weight, Tensor norm_bias, float eps, "
-                       "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
-    "transformer_mlp_project": "(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
-                               "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor proj_norm_weight, "
-                               "Tensor proj_norm_bias, float proj_eps, Tensor proj_weight, "
-                               "Tensor? proj_bias, str act) -> (Tensor, Tensor)",
-    "separable_attention": "(Tensor x, Tensor norm_weight, Tensor norm_bias, float eps, "
-                           "Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
-                           "Tensor out_bias) -> Tensor",
-}
+# The schemas, written once in schemas.def (beside this file, shipped with the package), which
+# csrc/ops.cpp includes too: one line per op, MVIT3_OP(name, "(arguments)", "returns").
+SCHEMA_FILE = Path(__file__).with_name("schemas.def")
+_SCHEMA_LINE = re.compile(r'MVIT3_OP\((\w+), "([^"]*)", "([^"]*)"\)')
+
+
+def read_schemas(path: Path = SCHEMA_FILE) -> dict:
+    """op name -> schema "(arguments) -> returns", in the file's order."""
+    schemas = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("//"):
+            continue
+        match = _SCHEMA_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f'{path}:{number}: expected MVIT3_OP(name, "(arguments)", '
+                             f'"returns"), got: {line}')
+        schemas[match[1]] = f"{match[2]} -> {match[3]}"
+    return schemas
+
+
+SCHEMAS = read_schemas()
 OPS = tuple(SCHEMAS)
 
 CUDA_NAMESPACE = "mvit3"
