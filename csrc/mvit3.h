@@ -1,7 +1,8 @@
 // The interface between the op table (ops.cpp: checks, outputs, torch) and the kernels (one
-// <op>.cu per op: no torch). ops.cpp validates every argument with TORCH_CHECK, allocates the
-// outputs and workspaces with torch, fills one of the argument structs below and calls the op's
-// launcher; the launcher only picks tile configurations and launches on the given stream.
+// <op>.cu per op: no torch). ops.cpp validates every argument (each op's <op>_why_not),
+// allocates the outputs and workspaces with torch, fills one of the argument structs below and
+// calls the op's launcher; the launcher only picks tile configurations and launches on the
+// given stream.
 //
 // Maps and 2-D weights are passed with their strides (no copies); 1-D vectors and the 3x3
 // weights are contiguous (ops.cpp makes them so, a no-op for the fast models' weights).
@@ -150,7 +151,7 @@ void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream
 // Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
 constexpr int kMaxHeadDim = 64;
 
-// ---- size limits (ops.cpp checks them; mvit3/ops/cuda_lib.py::why_unsupported states them too)
+// ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)
 //
 // There is no limit on numel: offsets into maps are int64 (strides are int64), and a launcher
 // whose grid would pass axis x's limit launches in chunks (launch_chunks in device.cuh). What

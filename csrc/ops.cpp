@@ -1,10 +1,13 @@
 // The op table of the mvit3 CUDA library: the schemas (TORCH_LIBRARY(mvit3, m), generated from
-// mvit3/ops/schemas.def, the file mvit3/ops/library.py reads too) and the CUDA kernels
-// (TORCH_LIBRARY_IMPL).
+// mvit3/ops/schemas.def, the file mvit3/ops/library.py reads too), each op's argument checks and
+// its CUDA kernel (TORCH_LIBRARY_IMPL).
 //
-// Each op here validates its arguments (the limits mvit3/ops/cuda_lib.py::why_unsupported
-// mirrors), allocates its output (channels_last, like every op of mvit3) and workspaces with
-// torch's caching allocator, and calls the launcher of csrc/<op>.cu on the current stream.
+// Each op's checks are written once, as <op>_why_not: the reason the kernels cannot take a call,
+// or "" when they can. The op runs them first (TORCH_CHECK: "mvit3: <reason>"), then allocates
+// its output (channels_last, like every op of mvit3) and workspaces with torch's caching
+// allocator and calls the launcher of csrc/<op>.cu on the current stream. The library also
+// registers them as the op mvit3::<op>_why_not (the op's arguments -> str, for any device), which
+// mvit3/ops/cuda_lib.py::why_unsupported asks with meta tensors before dispatching a call here.
 // Nothing here waits for the GPU, so the ops can be captured in CUDA graphs.
 //
 // Built with MVIT3_EMULATE, the same table registers the ops as mvit3_emulated::<op> for CPU
@@ -13,11 +16,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -43,123 +48,308 @@ bool on_kernel_device(const Tensor& t) { return t.is_cuda(); }
 #endif
 
 // ---- argument checks ------------------------------------------------------------------------
+//
+// A check returns the reason a call is refused, or "" (empty) when it passes. Meta tensors
+// describe a call by sizes, strides and dtypes alone: the checks of the device are skipped for
+// them, every other check applies.
 
-DType dtype_of(const Tensor& x) {
-  const auto type = x.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
-              "mvit3: dtype ", type, " is not supported (float32, float16, bfloat16)");
-  return type == at::kFloat ? DType::f32 : type == at::kHalf ? DType::f16 : DType::bf16;
-}
+using Reason = std::string;
+
+// In a check: return the reason, built from the message parts, unless `condition` holds.
+#define MVIT3_REQUIRE(condition, ...)               \
+  do {                                              \
+    if (!(condition)) return c10::str(__VA_ARGS__); \
+  } while (false)
+// In a check: return the reason of a nested check, if it has one.
+#define MVIT3_REQUIRE_OK(check)                                    \
+  do {                                                             \
+    if (Reason reason_ = (check); !reason_.empty()) return reason_; \
+  } while (false)
 
 // Every tensor of a call shares the dtype and device of the input x.
-void check_like(const Tensor& t, const Tensor& x, const char* name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "mvit3: ", name, " is ", t.scalar_type(),
-              " but the input is ", x.scalar_type(), " (every tensor of a call shares its dtype)");
-  TORCH_CHECK(t.device() == x.device(), "mvit3: ", name, " is on ", t.device(),
-              " but the input is on ", x.device());
+Reason check_like(const Tensor& t, const Tensor& x, const char* name) {
+  MVIT3_REQUIRE(t.scalar_type() == x.scalar_type(), name, " is ", t.scalar_type(),
+                " but the input is ", x.scalar_type(),
+                " (every tensor of a call shares its dtype)");
+  MVIT3_REQUIRE(t.device() == x.device(), name, " is on ", t.device(), " but the input is on ",
+                x.device());
+  return {};
 }
 
-void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "mvit3: ", name, " must have shape ", expected, ", got ",
-              t.sizes());
-}
-
-// The size limits of mvit3.h, in the words of mvit3/ops/cuda_lib.py::why_unsupported.
-void check_channels(int64_t channels, const char* name) {
-  TORCH_CHECK(channels <= kMaxChannels, "mvit3: ", name, " has ", channels, " channels, over ",
-              kMaxChannels, " (the kernels put 64 channels per block on grid axis y, at most ",
-              kMaxGridYZ, " blocks)");
-}
-
-// The input map x [B, C, H, W] of an op: any strides, on the kernels' device. Any numel: the
-// kernels' offsets are int64 and the launchers split grids that would pass CUDA's limits.
-void check_input(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.defined(), "mvit3: ", name, " is undefined");
-  TORCH_CHECK(on_kernel_device(x), "mvit3: ", name, " must be a ", kDeviceName, " tensor, got ",
-              x.device());
-  dtype_of(x);
-  TORCH_CHECK(x.dim() == 4, "mvit3: ", name, " must be a [B, C, H, W] map, got shape ", x.sizes());
-  for (const int64_t size : x.sizes())
-    TORCH_CHECK(size <= INT_MAX, "mvit3: ", name, " [B, C, H, W] = ", x.sizes(),
-                " has a size over 2^31 - 1 (the kernels index samples, channels, rows and columns",
-                " with int32)");
-  TORCH_CHECK(x.size(2) * x.size(3) <= INT_MAX, "mvit3: ", name, " has H * W = ",
-              x.size(2) * x.size(3), " pixels, over 2^31 - 1 (the kernels index the pixels of a",
-              " sample with int32)");
-  check_channels(x.size(1), name);
-#ifndef MVIT3_EMULATE
-  if (x.scalar_type() == at::kBFloat16) {
-    int major = 0;
-    const cudaError_t error =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
-    TORCH_CHECK(error == cudaSuccess, "mvit3: ", cudaGetErrorString(error));
-    TORCH_CHECK(major >= 8, "mvit3: bfloat16 needs compute capability 8.0 or newer (device ",
-                x.get_device(), " has ", major, ".x)");
-  }
-#endif
-}
-
-// A second map of the call: same batch and spatial size as x (or as given).
-void check_map(const Tensor& t, const Tensor& x, const char* name, int64_t channels, int64_t height,
-               int64_t width) {
-  check_like(t, x, name);
-  check_shape(t, {x.size(0), channels, height, width}, name);
+// A tensor of the call with the input's dtype and device and the expected shape.
+Reason check_tensor(const Tensor& t, const Tensor& x, at::IntArrayRef expected, const char* name) {
+  MVIT3_REQUIRE_OK(check_like(t, x, name));
+  MVIT3_REQUIRE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+  return {};
 }
 
 bool present(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
-// A vector or a 3x3 filter: checked, then made contiguous (a no-op for the fast models'
-// weights); the kernels index it densely.
-Tensor dense(const Tensor& t, const Tensor& x, at::IntArrayRef expected, const char* name) {
-  check_like(t, x, name);
-  check_shape(t, expected, name);
-  return t.contiguous();
+Reason check_optional(const OptionalTensor& t, const Tensor& x, at::IntArrayRef expected,
+                      const char* name) {
+  return present(t) ? check_tensor(*t, x, expected, name) : Reason{};
 }
 
-std::optional<Tensor> optional_dense(const OptionalTensor& t, const Tensor& x,
-                                     at::IntArrayRef expected, const char* name) {
-  if (!present(t)) return std::nullopt;
-  return dense(*t, x, expected, name);
+// A second map of the call: same batch as x and the given channels and spatial size.
+Reason check_map(const Tensor& t, const Tensor& x, const char* name, int64_t channels,
+                 int64_t height, int64_t width) {
+  return check_tensor(t, x, {x.size(0), channels, height, width}, name);
 }
 
-// A 2-D weight: checked, then read through its strides (the fast models pack them K-major).
-Matrix matrix(const Tensor& t, const Tensor& x, at::IntArrayRef expected, const char* name) {
-  check_like(t, x, name);
-  check_shape(t, expected, name);
-  return Matrix{t.data_ptr(), t.stride(0), t.stride(1)};
+// The size limits of mvit3.h.
+Reason check_channels(int64_t channels, const char* name) {
+  MVIT3_REQUIRE(channels <= kMaxChannels, name, " has ", channels, " channels, over ", kMaxChannels,
+                " (the kernels put 64 channels per block on grid axis y, at most ", kMaxGridYZ,
+                " blocks)");
+  return {};
 }
 
-Norm parse_norm(std::string_view norm) {
-  TORCH_CHECK(norm == "none" || norm == "layer" || norm == "group",
-              "mvit3: norm must be 'none', 'layer' or 'group', got '", norm, "'");
-  return norm == "layer" ? Norm::layer : norm == "group" ? Norm::group : Norm::none;
+// The input map x [B, C, H, W] of an op: any strides, on the kernels' device (or meta). Any
+// numel: the kernels' offsets are int64 and the launchers split grids that would pass CUDA's
+// limits.
+Reason check_input(const Tensor& x, const char* name) {
+  MVIT3_REQUIRE(x.defined(), name, " is undefined");
+  MVIT3_REQUIRE(x.is_meta() || on_kernel_device(x), name, " must be a ", kDeviceName,
+                " tensor, got ", x.device());
+  const auto type = x.scalar_type();
+  MVIT3_REQUIRE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "dtype ", type,
+                " is not supported (float32, float16, bfloat16)");
+  MVIT3_REQUIRE(x.dim() == 4, name, " must be a [B, C, H, W] map, got shape ", x.sizes());
+  for (const int64_t size : x.sizes())
+    MVIT3_REQUIRE(size <= INT_MAX, name, " [B, C, H, W] = ", x.sizes(),
+                  " has a size over 2^31 - 1 (the kernels index samples, channels, rows and",
+                  " columns with int32)");
+  MVIT3_REQUIRE(x.size(2) * x.size(3) <= INT_MAX, name, " has H * W = ", x.size(2) * x.size(3),
+                " pixels, over 2^31 - 1 (the kernels index the pixels of a sample with int32)");
+  MVIT3_REQUIRE_OK(check_channels(x.size(1), name));
+#ifndef MVIT3_EMULATE
+  if (type == at::kBFloat16 && x.is_cuda()) {
+    int major = 0;
+    const cudaError_t error =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+    MVIT3_REQUIRE(error == cudaSuccess, cudaGetErrorString(error));
+    MVIT3_REQUIRE(major >= 8, "bfloat16 needs compute capability 8.0 or newer (device ",
+                  x.get_device(), " has ", major, ".x)");
+  }
+#endif
+  return {};
 }
 
-Act parse_act(std::string_view act) {
-  TORCH_CHECK(act == "none" || act == "silu", "mvit3: act must be 'none' or 'silu', got '", act, "'");
-  return act == "silu" ? Act::silu : Act::none;
+// An optional second input map [B, C2, H, W] (the v3 fusion's concat); its channel count.
+Reason check_x2(const OptionalTensor& x2, const Tensor& x, int64_t& c2) {
+  c2 = 0;
+  if (!present(x2)) return {};
+  MVIT3_REQUIRE(x2->dim() == 4, "x2 must be a [B, C2, H, W] map, got shape ", x2->sizes());
+  c2 = x2->size(1);
+  MVIT3_REQUIRE_OK(check_map(*x2, x, "x2", c2, x.size(2), x.size(3)));
+  return check_channels(c2, "x2");
 }
 
-int check_stride(int64_t stride) {
-  TORCH_CHECK(stride == 1 || stride == 2, "mvit3: stride must be 1 or 2, got ", stride);
-  return int(stride);
+Reason check_norm(std::string_view norm) {
+  MVIT3_REQUIRE(norm == "none" || norm == "layer" || norm == "group",
+                "norm must be 'none', 'layer' or 'group', got '", norm, "'");
+  return {};
+}
+
+Reason check_act(std::string_view act) {
+  MVIT3_REQUIRE(act == "none" || act == "silu", "act must be 'none' or 'silu', got '", act, "'");
+  return {};
+}
+
+Reason check_stride(int64_t stride) {
+  MVIT3_REQUIRE(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  return {};
 }
 
 // After check_input (H, W < 2^31): the taps' input rows and columns reach H - 1 + dilation.
-int check_dilation(int64_t dilation, const Tensor& x) {
-  TORCH_CHECK(dilation >= 1, "mvit3: dilation must be a positive int, got ", dilation);
-  TORCH_CHECK(dilation <= (int64_t(1) << 31) - std::max(x.size(2), x.size(3)),
-              "mvit3: H + dilation and W + dilation must be <= 2^31 (the kernels index tap rows and ",
-              "columns with int32), got ", x.size(2), "x", x.size(3), " with dilation ", dilation);
-  return int(dilation);
+Reason check_dilation(int64_t dilation, const Tensor& x) {
+  MVIT3_REQUIRE(dilation >= 1, "dilation must be a positive int, got ", dilation);
+  MVIT3_REQUIRE(dilation <= (int64_t(1) << 31) - std::max(x.size(2), x.size(3)),
+                "H + dilation and W + dilation must be <= 2^31 (the kernels index tap rows and ",
+                "columns with int32), got ", x.size(2), "x", x.size(3), " with dilation ",
+                dilation);
+  return {};
 }
 
-void check_even(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, "mvit3: ", op,
-              " sees the map as 2x2 patches: H and W must be even, got ", x.size(2), "x", x.size(3));
+Reason check_even(const Tensor& x, const char* op) {
+  MVIT3_REQUIRE(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, op,
+                " sees the map as 2x2 patches: H and W must be even, got ", x.size(2), "x",
+                x.size(3));
+  return {};
 }
 
-// ---- tensors -> launcher arguments ---------------------------------------------------------
+// ---- each op's checks (registered as mvit3::<op>_why_not) -------------------------------------
+
+Reason pointwise_conv_why_not(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
+                              const OptionalTensor& x2, const OptionalTensor& residual,
+                              c10::string_view norm, const OptionalTensor& norm_weight,
+                              const OptionalTensor& norm_bias, double /*eps*/,
+                              c10::string_view act) {
+  MVIT3_REQUIRE_OK(check_input(x, "x"));
+  const int64_t c1 = x.size(1), height = x.size(2), width = x.size(3);
+  int64_t c2 = 0;
+  MVIT3_REQUIRE_OK(check_x2(x2, x, c2));
+  MVIT3_REQUIRE(weight.dim() == 2, "weight must be [Cout, C1 + C2], got ", weight.sizes());
+  const int64_t cout = weight.size(0);
+  MVIT3_REQUIRE_OK(check_channels(cout, "weight (Cout)"));
+  MVIT3_REQUIRE_OK(check_tensor(weight, x, {cout, c1 + c2}, "weight"));
+  MVIT3_REQUIRE_OK(check_optional(bias, x, {cout}, "bias"));
+  if (present(residual)) MVIT3_REQUIRE_OK(check_map(*residual, x, "residual", cout, height, width));
+  MVIT3_REQUIRE_OK(check_optional(norm_weight, x, {c1}, "norm_weight"));
+  MVIT3_REQUIRE_OK(check_optional(norm_bias, x, {c1}, "norm_bias"));
+  MVIT3_REQUIRE_OK(check_norm(norm));
+  return check_act(act);
+}
+
+// With expand_weight, the depthwise 3x3 reads the expansion's [B, Ch, H, W] output (a workspace).
+Reason dwconv_pointwise_why_not(const Tensor& x, const Tensor& dw_weight, const Tensor& dw_bias,
+                                const Tensor& weight, const OptionalTensor& bias, int64_t stride,
+                                const OptionalTensor& residual, int64_t dilation,
+                                const OptionalTensor& expand_weight,
+                                const OptionalTensor& expand_bias) {
+  MVIT3_REQUIRE_OK(check_input(x, "x"));
+  int64_t channels = x.size(1);  // of the depthwise 3x3's input: x, or the expansion's output
+  if (present(expand_weight)) {
+    MVIT3_REQUIRE(dw_weight.dim() == 4, "dw_weight must be [Ch, 1, 3, 3], got ", dw_weight.sizes());
+    channels = dw_weight.size(0);
+    MVIT3_REQUIRE_OK(check_channels(channels, "the hidden workspace (Ch)"));
+    MVIT3_REQUIRE_OK(check_tensor(*expand_weight, x, {channels, x.size(1)}, "expand_weight"));
+    MVIT3_REQUIRE_OK(check_optional(expand_bias, x, {channels}, "expand_bias"));
+  } else {
+    MVIT3_REQUIRE(!present(expand_bias), "expand_bias given without expand_weight");
+  }
+  MVIT3_REQUIRE_OK(check_stride(stride));
+  MVIT3_REQUIRE_OK(check_dilation(dilation, x));
+  const int64_t out_height = (x.size(2) - 1) / stride + 1, out_width = (x.size(3) - 1) / stride + 1;
+  MVIT3_REQUIRE_OK(check_tensor(dw_weight, x, {channels, 1, 3, 3}, "dw_weight"));
+  MVIT3_REQUIRE_OK(check_tensor(dw_bias, x, {channels}, "dw_bias"));
+  MVIT3_REQUIRE(weight.dim() == 2, "weight must be [Cout, C], got ", weight.sizes());
+  const int64_t cout = weight.size(0);
+  MVIT3_REQUIRE_OK(check_channels(cout, "weight (Cout)"));
+  MVIT3_REQUIRE_OK(check_tensor(weight, x, {cout, channels}, "weight"));
+  MVIT3_REQUIRE_OK(check_optional(bias, x, {cout}, "bias"));
+  if (present(residual))
+    MVIT3_REQUIRE_OK(check_map(*residual, x, "residual", cout, out_height, out_width));
+  return {};
+}
+
+Reason conv3x3_why_not(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
+                       const OptionalTensor& x2, int64_t stride, c10::string_view act,
+                       int64_t dilation) {
+  MVIT3_REQUIRE_OK(check_input(x, "x"));
+  int64_t c2 = 0;
+  MVIT3_REQUIRE_OK(check_x2(x2, x, c2));
+  MVIT3_REQUIRE_OK(check_stride(stride));
+  MVIT3_REQUIRE_OK(check_dilation(dilation, x));
+  MVIT3_REQUIRE(weight.dim() == 4, "weight must be [Cout, C1 + C2, 3, 3], got ", weight.sizes());
+  const int64_t cout = weight.size(0);
+  MVIT3_REQUIRE_OK(check_channels(cout, "weight (Cout)"));
+  MVIT3_REQUIRE_OK(check_tensor(weight, x, {cout, x.size(1) + c2, 3, 3}, "weight"));
+  MVIT3_REQUIRE_OK(check_optional(bias, x, {cout}, "bias"));
+  return check_act(act);
+}
+
+Reason patch_attention_why_not(const Tensor& qkv, int64_t num_heads, double /*scale*/,
+                               const OptionalTensor& proj_weight, const OptionalTensor& proj_bias,
+                               const OptionalTensor& residual) {
+  MVIT3_REQUIRE_OK(check_input(qkv, "qkv"));
+  MVIT3_REQUIRE_OK(check_even(qkv, "patch_attention"));
+  MVIT3_REQUIRE(qkv.size(1) % 3 == 0, "qkv must have 3d channels, got ", qkv.size(1));
+  const int64_t dim = qkv.size(1) / 3;
+  MVIT3_REQUIRE(num_heads > 0 && dim % num_heads == 0, "num_heads (", num_heads,
+                ") must divide d (", dim, ")");
+  MVIT3_REQUIRE(num_heads <= kMaxGridYZ, "num_heads ", num_heads, " is over ", kMaxGridYZ,
+                " (one head per block on grid axis y)");
+  const int64_t head_dim = dim / num_heads;
+  MVIT3_REQUIRE(head_dim <= kMaxHeadDim, "head dim ", head_dim, " > ", kMaxHeadDim,
+                " is not supported by the CUDA kernels");
+  if (present(proj_weight)) {
+    MVIT3_REQUIRE_OK(check_tensor(*proj_weight, qkv, {dim, dim}, "proj_weight"));
+    // Like the reference, proj_bias only counts with proj_weight.
+    MVIT3_REQUIRE_OK(check_optional(proj_bias, qkv, {dim}, "proj_bias"));
+  }
+  if (present(residual))
+    MVIT3_REQUIRE_OK(check_map(*residual, qkv, "residual", dim, qkv.size(2), qkv.size(3)));
+  return {};
+}
+
+Reason transformer_mlp_why_not(const Tensor& x, c10::string_view norm, const Tensor& norm_weight,
+                               const Tensor& norm_bias, double /*eps*/, const Tensor& w1,
+                               const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  MVIT3_REQUIRE_OK(check_input(x, "x"));
+  const int64_t dim = x.size(1);
+  MVIT3_REQUIRE(w1.dim() == 2, "w1 must be [F, d], got ", w1.sizes());
+  const int64_t ffn_dim = w1.size(0);
+  MVIT3_REQUIRE_OK(check_channels(ffn_dim, "w1 (F)"));
+  MVIT3_REQUIRE_OK(check_tensor(norm_weight, x, {dim}, "norm_weight"));
+  MVIT3_REQUIRE_OK(check_tensor(norm_bias, x, {dim}, "norm_bias"));
+  MVIT3_REQUIRE_OK(check_tensor(w1, x, {ffn_dim, dim}, "w1"));
+  MVIT3_REQUIRE_OK(check_tensor(b1, x, {ffn_dim}, "b1"));
+  MVIT3_REQUIRE_OK(check_tensor(w2, x, {dim, ffn_dim}, "w2"));
+  MVIT3_REQUIRE_OK(check_tensor(b2, x, {dim}, "b2"));
+  return check_norm(norm);
+}
+
+// The projection reads the FFN's output t, a map of x's sizes, dtype and device: its checks
+// are pointwise_conv's on x.
+Reason transformer_mlp_project_why_not(
+    const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias, double eps,
+    const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+    const Tensor& proj_norm_weight, const Tensor& proj_norm_bias, double proj_eps,
+    const Tensor& proj_weight, const OptionalTensor& proj_bias, c10::string_view act) {
+  MVIT3_REQUIRE_OK(
+      transformer_mlp_why_not(x, "layer", norm_weight, norm_bias, eps, w1, b1, w2, b2));
+  MVIT3_REQUIRE(proj_weight.dim() == 2, "proj_weight must be [Cout, d], got ", proj_weight.sizes());
+  return pointwise_conv_why_not(x, proj_weight, proj_bias, std::nullopt, std::nullopt, "layer",
+                                proj_norm_weight, proj_norm_bias, proj_eps, act);
+}
+
+Reason separable_attention_why_not(const Tensor& x, const Tensor& norm_weight,
+                                   const Tensor& norm_bias, double /*eps*/,
+                                   const Tensor& qkv_weight, const Tensor& qkv_bias,
+                                   const Tensor& out_weight, const Tensor& out_bias) {
+  MVIT3_REQUIRE_OK(check_input(x, "x"));
+  MVIT3_REQUIRE_OK(check_even(x, "separable_attention"));
+  const int64_t dim = x.size(1);
+  MVIT3_REQUIRE_OK(check_channels(1 + 2 * dim, "the qkv workspace (1 + 2d)"));
+  MVIT3_REQUIRE_OK(check_tensor(norm_weight, x, {dim}, "norm_weight"));
+  MVIT3_REQUIRE_OK(check_tensor(norm_bias, x, {dim}, "norm_bias"));
+  MVIT3_REQUIRE_OK(check_tensor(qkv_weight, x, {1 + 2 * dim, dim}, "qkv_weight"));
+  MVIT3_REQUIRE_OK(check_tensor(qkv_bias, x, {1 + 2 * dim}, "qkv_bias"));
+  MVIT3_REQUIRE_OK(check_tensor(out_weight, x, {dim, dim}, "out_weight"));
+  return check_tensor(out_bias, x, {dim}, "out_bias");
+}
+
+#undef MVIT3_REQUIRE
+#undef MVIT3_REQUIRE_OK
+
+// An op refuses a call its checks refuse, in their words.
+void check(const Reason& reason) { TORCH_CHECK(reason.empty(), "mvit3: ", reason); }
+
+// ---- checked tensors -> launcher arguments ---------------------------------------------------
+
+DType dtype_of(const Tensor& x) {
+  const auto type = x.scalar_type();
+  return type == at::kFloat ? DType::f32 : type == at::kHalf ? DType::f16 : DType::bf16;
+}
+
+Norm parse_norm(std::string_view norm) {
+  return norm == "layer" ? Norm::layer : norm == "group" ? Norm::group : Norm::none;
+}
+
+Act parse_act(std::string_view act) { return act == "silu" ? Act::silu : Act::none; }
+
+// A vector or a 3x3 filter: made contiguous (a no-op for the fast models' weights); the kernels
+// index it densely.
+Tensor dense(const Tensor& t) { return t.contiguous(); }
+
+std::optional<Tensor> optional_dense(const OptionalTensor& t) {
+  if (!present(t)) return std::nullopt;
+  return dense(*t);
+}
+
+// A 2-D weight, read through its strides (the fast models pack them K-major).
+Matrix matrix(const Tensor& t) { return Matrix{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 Map map_of(const Tensor& t) {
   return Map{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
@@ -196,7 +386,7 @@ int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input 
 
 // ---- the ops --------------------------------------------------------------------------------
 
-// A checked pointwise_conv call: its launcher arguments, the output and workspace they point
+// A pointwise_conv call (checked): its launcher arguments, the output and workspace they point
 // to, and the contiguous vectors (kept alive here until the launch).
 struct PointwiseConvCall {
   PointwiseConvArgs args;
@@ -210,23 +400,12 @@ PointwiseConvCall pointwise_conv_call(const Tensor& x, const Tensor& weight,
                                       const OptionalTensor& norm_weight,
                                       const OptionalTensor& norm_bias, double eps,
                                       c10::string_view act) {
-  check_input(x, "x");
   const int64_t batch = x.size(0), c1 = x.size(1), height = x.size(2), width = x.size(3);
-  int64_t c2 = 0;
-  if (present(x2)) {
-    c2 = x2->size(1);
-    check_map(*x2, x, "x2", c2, height, width);
-    check_channels(c2, "x2");
-  }
-  TORCH_CHECK(weight.dim() == 2, "mvit3: weight must be [Cout, C1 + C2], got ", weight.sizes());
-  const int64_t cout = weight.size(0);
-  check_channels(cout, "weight (Cout)");
-  const Matrix w = matrix(weight, x, {cout, c1 + c2}, "weight");
+  const int64_t c2 = present(x2) ? x2->size(1) : 0, cout = weight.size(0);
   PointwiseConvCall call;
-  call.bias = optional_dense(bias, x, {cout}, "bias");
-  if (present(residual)) check_map(*residual, x, "residual", cout, height, width);
-  call.norm_weight = optional_dense(norm_weight, x, {c1}, "norm_weight");
-  call.norm_bias = optional_dense(norm_bias, x, {c1}, "norm_bias");
+  call.bias = optional_dense(bias);
+  call.norm_weight = optional_dense(norm_weight);
+  call.norm_bias = optional_dense(norm_bias);
 
   call.out = empty_map(x, cout, height, width);
   PointwiseConvArgs& args = call.args;
@@ -243,7 +422,7 @@ PointwiseConvCall pointwise_conv_call(const Tensor& x, const Tensor& weight,
   args.c1 = as_int(c1);
   args.c2 = as_int(c2);
   args.cout = as_int(cout);
-  args.weight = w;
+  args.weight = matrix(weight);
   args.bias = data_of(call.bias);
   args.norm_weight = data_of(call.norm_weight);
   args.norm_bias = data_of(call.norm_bias);
@@ -256,6 +435,8 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
                          const OptionalTensor& x2, const OptionalTensor& residual,
                          c10::string_view norm, const OptionalTensor& norm_weight,
                          const OptionalTensor& norm_bias, double eps, c10::string_view act) {
+  check(pointwise_conv_why_not(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, eps,
+                               act));
   PointwiseConvCall call =
       pointwise_conv_call(x, weight, bias, x2, residual, norm, norm_weight, norm_bias, eps, act);
   KernelContext context(x);
@@ -270,32 +451,17 @@ Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, c
                            const Tensor& weight, const OptionalTensor& bias, int64_t stride,
                            const OptionalTensor& residual, int64_t dilation,
                            const OptionalTensor& expand_weight, const OptionalTensor& expand_bias) {
+  check(dwconv_pointwise_why_not(block_input, dw_weight, dw_bias, weight, bias, stride, residual,
+                                 dilation, expand_weight, expand_bias));
   Tensor x = block_input;
-  if (present(expand_weight)) {
-    check_input(block_input, "x");
-    TORCH_CHECK(dw_weight.dim() == 4, "mvit3: dw_weight must be [Ch, 1, 3, 3], got ", dw_weight.sizes());
-    const int64_t hidden = dw_weight.size(0);
-    check_channels(hidden, "the hidden workspace (Ch)");
-    matrix(*expand_weight, block_input, {hidden, block_input.size(1)}, "expand_weight");
-    optional_dense(expand_bias, block_input, {hidden}, "expand_bias");
+  if (present(expand_weight))
     x = pointwise_conv_op(block_input, *expand_weight, expand_bias, std::nullopt, std::nullopt,
                           "none", std::nullopt, std::nullopt, 1e-5, "silu");
-  } else {
-    TORCH_CHECK(!present(expand_bias), "mvit3: expand_bias given without expand_weight");
-  }
-  check_input(x, "x");
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int s = check_stride(stride);
-  const int d = check_dilation(dilation, x);
-  const int64_t out_height = (height - 1) / s + 1, out_width = (width - 1) / s + 1;
-  const Tensor dw = dense(dw_weight, x, {channels, 1, 3, 3}, "dw_weight");
-  const Tensor db = dense(dw_bias, x, {channels}, "dw_bias");
-  TORCH_CHECK(weight.dim() == 2, "mvit3: weight must be [Cout, C], got ", weight.sizes());
+  const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
+  const Tensor dw = dense(dw_weight), db = dense(dw_bias);
+  const auto b = optional_dense(bias);
   const int64_t cout = weight.size(0);
-  check_channels(cout, "weight (Cout)");
-  const Matrix w = matrix(weight, x, {cout, channels}, "weight");
-  const auto b = optional_dense(bias, x, {cout}, "bias");
-  if (present(residual)) check_map(*residual, x, "residual", cout, out_height, out_width);
 
   Tensor out = empty_map(x, cout, out_height, out_width);
   DwconvPointwiseArgs args;
@@ -307,13 +473,13 @@ Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, c
   args.width = as_int(width);
   args.channels = as_int(channels);
   args.cout = as_int(cout);
-  args.stride = s;
-  args.dilation = d;
+  args.stride = int(stride);
+  args.dilation = int(dilation);
   args.out_height = as_int(out_height);
   args.out_width = as_int(out_width);
   args.dw_weight = dw.data_ptr();
   args.dw_bias = db.data_ptr();
-  args.weight = w;
+  args.weight = matrix(weight);
   args.bias = data_of(b);
   KernelContext context(x);
   dwconv_pointwise(args, dtype_of(x), context.stream);
@@ -322,22 +488,12 @@ Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, c
 
 Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
                   const OptionalTensor& x2, int64_t stride, c10::string_view act, int64_t dilation) {
-  check_input(x, "x");
+  check(conv3x3_why_not(x, weight, bias, x2, stride, act, dilation));
   const int64_t batch = x.size(0), c1 = x.size(1), height = x.size(2), width = x.size(3);
-  int64_t c2 = 0;
-  if (present(x2)) {
-    c2 = x2->size(1);
-    check_map(*x2, x, "x2", c2, height, width);
-    check_channels(c2, "x2");
-  }
-  const int s = check_stride(stride);
-  const int d = check_dilation(dilation, x);
-  const int64_t out_height = (height - 1) / s + 1, out_width = (width - 1) / s + 1;
-  TORCH_CHECK(weight.dim() == 4, "mvit3: weight must be [Cout, C1 + C2, 3, 3], got ", weight.sizes());
-  const int64_t cout = weight.size(0);
-  check_channels(cout, "weight (Cout)");
-  const Tensor w = dense(weight, x, {cout, c1 + c2, 3, 3}, "weight");
-  const auto b = optional_dense(bias, x, {cout}, "bias");
+  const int64_t c2 = present(x2) ? x2->size(1) : 0, cout = weight.size(0);
+  const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
+  const Tensor w = dense(weight);
+  const auto b = optional_dense(bias);
 
   Tensor out = empty_map(x, cout, out_height, out_width);
   Conv3x3Args args;
@@ -350,8 +506,8 @@ Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& b
   args.c1 = as_int(c1);
   args.c2 = as_int(c2);
   args.cout = as_int(cout);
-  args.stride = s;
-  args.dilation = d;
+  args.stride = int(stride);
+  args.dilation = int(dilation);
   args.out_height = as_int(out_height);
   args.out_width = as_int(out_width);
   args.weight = w.data_ptr();
@@ -365,23 +521,12 @@ Tensor conv3x3_op(const Tensor& x, const Tensor& weight, const OptionalTensor& b
 Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
                           const OptionalTensor& proj_weight, const OptionalTensor& proj_bias,
                           const OptionalTensor& residual) {
-  check_input(qkv, "qkv");
-  check_even(qkv, "patch_attention");
+  check(patch_attention_why_not(qkv, num_heads, scale, proj_weight, proj_bias, residual));
   const int64_t batch = qkv.size(0), height = qkv.size(2), width = qkv.size(3);
-  TORCH_CHECK(qkv.size(1) % 3 == 0, "mvit3: qkv must have 3d channels, got ", qkv.size(1));
   const int64_t dim = qkv.size(1) / 3;
-  TORCH_CHECK(num_heads > 0 && dim % num_heads == 0, "mvit3: num_heads (", num_heads,
-              ") must divide d (", dim, ")");
-  TORCH_CHECK(num_heads <= kMaxGridYZ, "mvit3: num_heads ", num_heads, " is over ", kMaxGridYZ,
-              " (one head per block on grid axis y)");
-  const int64_t head_dim = dim / num_heads;
-  TORCH_CHECK(head_dim <= kMaxHeadDim, "mvit3: head dim ", head_dim, " > ", kMaxHeadDim,
-              " is not supported by the CUDA kernels");
   const bool project = present(proj_weight);
-  const Matrix pw = project ? matrix(*proj_weight, qkv, {dim, dim}, "proj_weight") : Matrix{};
   // Like the reference, proj_bias only counts with proj_weight.
-  const auto pb = project ? optional_dense(proj_bias, qkv, {dim}, "proj_bias") : std::nullopt;
-  if (present(residual)) check_map(*residual, qkv, "residual", dim, height, width);
+  const auto pb = project ? optional_dense(proj_bias) : std::nullopt;
 
   Tensor out = empty_map(qkv, dim, height, width);
   Tensor heads_out;
@@ -394,9 +539,9 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
   args.height = as_int(height);
   args.width = as_int(width);
   args.heads = as_int(num_heads);
-  args.head_dim = as_int(head_dim);
+  args.head_dim = as_int(dim / num_heads);
   args.scale = float(scale);
-  args.proj_weight = pw;
+  args.proj_weight = project ? matrix(*proj_weight) : Matrix{};
   args.proj_bias = data_of(pb);
   if (project) args.heads_out = map_of(heads_out);
   KernelContext context(qkv);
@@ -404,8 +549,8 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
   return out;
 }
 
-// A checked transformer_mlp call: its launcher arguments, the output and workspaces they point
-// to, and the contiguous vectors (kept alive here until the launch).
+// A transformer_mlp call (checked): its launcher arguments, the output and workspaces they
+// point to, and the contiguous vectors (kept alive here until the launch).
 struct TransformerMlpCall {
   TransformerMlpArgs args;
   Tensor out, hidden, stats, norm_weight, norm_bias, b1, b2;
@@ -415,18 +560,13 @@ TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
                                         const Tensor& norm_weight, const Tensor& norm_bias,
                                         double eps, const Tensor& w1, const Tensor& b1,
                                         const Tensor& w2, const Tensor& b2) {
-  check_input(x, "x");
   const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
-  TORCH_CHECK(w1.dim() == 2, "mvit3: w1 must be [F, d], got ", w1.sizes());
   const int64_t ffn_dim = w1.size(0);
-  check_channels(ffn_dim, "w1 (F)");
   TransformerMlpCall call;
-  call.norm_weight = dense(norm_weight, x, {dim}, "norm_weight");
-  call.norm_bias = dense(norm_bias, x, {dim}, "norm_bias");
-  const Matrix w1m = matrix(w1, x, {ffn_dim, dim}, "w1");
-  call.b1 = dense(b1, x, {ffn_dim}, "b1");
-  const Matrix w2m = matrix(w2, x, {dim, ffn_dim}, "w2");
-  call.b2 = dense(b2, x, {dim}, "b2");
+  call.norm_weight = dense(norm_weight);
+  call.norm_bias = dense(norm_bias);
+  call.b1 = dense(b1);
+  call.b2 = dense(b2);
 
   call.out = empty_map(x, dim, height, width);
   call.hidden = empty_map(x, ffn_dim, height, width);
@@ -445,9 +585,9 @@ TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
   args.norm_bias = call.norm_bias.data_ptr();
   args.eps = float(eps);
   args.group_stats = call.stats.defined() ? call.stats.data_ptr<float>() : nullptr;
-  args.w1 = w1m;
+  args.w1 = matrix(w1);
   args.b1 = call.b1.data_ptr();
-  args.w2 = w2m;
+  args.w2 = matrix(w2);
   args.b2 = call.b2.data_ptr();
   return call;
 }
@@ -455,6 +595,7 @@ TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
 Tensor transformer_mlp_op(const Tensor& x, c10::string_view norm, const Tensor& norm_weight,
                           const Tensor& norm_bias, double eps, const Tensor& w1, const Tensor& b1,
                           const Tensor& w2, const Tensor& b2) {
+  check(transformer_mlp_why_not(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2));
   TransformerMlpCall call = transformer_mlp_call(x, norm, norm_weight, norm_bias, eps, w1, b1, w2, b2);
   KernelContext context(x);
   transformer_mlp(call.args, dtype_of(x), context.stream);
@@ -467,8 +608,10 @@ std::tuple<Tensor, Tensor> transformer_mlp_project_op(
     const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
     const Tensor& proj_norm_weight, const Tensor& proj_norm_bias, double proj_eps,
     const Tensor& proj_weight, const OptionalTensor& proj_bias, c10::string_view act) {
+  check(transformer_mlp_project_why_not(x, norm_weight, norm_bias, eps, w1, b1, w2, b2,
+                                        proj_norm_weight, proj_norm_bias, proj_eps, proj_weight,
+                                        proj_bias, act));
   TransformerMlpCall mlp = transformer_mlp_call(x, "layer", norm_weight, norm_bias, eps, w1, b1, w2, b2);
-  TORCH_CHECK(proj_weight.dim() == 2, "mvit3: proj_weight must be [Cout, d], got ", proj_weight.sizes());
   PointwiseConvCall project =
       pointwise_conv_call(mlp.out, proj_weight, proj_bias, std::nullopt, std::nullopt, "layer",
                           proj_norm_weight, proj_norm_bias, proj_eps, act);
@@ -483,16 +626,11 @@ std::tuple<Tensor, Tensor> transformer_mlp_project_op(
 Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias,
                               double eps, const Tensor& qkv_weight, const Tensor& qkv_bias,
                               const Tensor& out_weight, const Tensor& out_bias) {
-  check_input(x, "x");
-  check_even(x, "separable_attention");
+  check(separable_attention_why_not(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias,
+                                    out_weight, out_bias));
   const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
-  check_channels(1 + 2 * dim, "the qkv workspace (1 + 2d)");
-  const Tensor nw = dense(norm_weight, x, {dim}, "norm_weight");
-  const Tensor nb = dense(norm_bias, x, {dim}, "norm_bias");
-  const Matrix qw = matrix(qkv_weight, x, {1 + 2 * dim, dim}, "qkv_weight");
-  const Tensor qb = dense(qkv_bias, x, {1 + 2 * dim}, "qkv_bias");
-  const Matrix ow = matrix(out_weight, x, {dim, dim}, "out_weight");
-  const Tensor ob = dense(out_bias, x, {dim}, "out_bias");
+  const Tensor nw = dense(norm_weight), nb = dense(norm_bias);
+  const Tensor qb = dense(qkv_bias), ob = dense(out_bias);
 
   Tensor out = empty_map(x, dim, height, width);
   Tensor qkv = empty_map(x, 1 + 2 * dim, height, width);
@@ -511,9 +649,9 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
   args.norm_weight = nw.data_ptr();
   args.norm_bias = nb.data_ptr();
   args.eps = float(eps);
-  args.qkv_weight = qw;
+  args.qkv_weight = matrix(qkv_weight);
   args.qkv_bias = qb.data_ptr();
-  args.out_weight = ow;
+  args.out_weight = matrix(out_weight);
   args.out_bias = ob.data_ptr();
   KernelContext context(x);
   separable_attention(args, dtype_of(x), context.stream);
@@ -534,9 +672,14 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
 #define MVIT3_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define MVIT3_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
-// The schemas come from mvit3/ops/schemas.def, one MVIT3_OP(name, arguments, returns) per op.
+// The table comes from mvit3/ops/schemas.def, one MVIT3_OP(name, arguments, returns) per op:
+// the op <name>, and <name>_why_not (the same arguments -> str: the reason its checks give, ""
+// when the kernels take the call). The checks are a catch-all kernel, so they take tensors of
+// any device, meta tensors included.
 MVIT3_LIBRARY(MVIT3_NAMESPACE, m) {
-#define MVIT3_OP(name, arguments, returns) m.def(#name arguments " -> " returns);
+#define MVIT3_OP(name, arguments, returns)    \
+  m.def(#name arguments " -> " returns);      \
+  m.def(#name "_why_not" arguments " -> str", &mvit3::name##_why_not);
 #include "../mvit3/ops/schemas.def"
 #undef MVIT3_OP
 }

@@ -1,8 +1,9 @@
 """The CUDA C++ library (csrc/) as `python -m mvit3 build` installs it; no GPU needed.
 
-It loads, registers a CUDA kernel for every op under the schemas of mvit3/ops/schemas.def, its
-metadata matches this torch and these sources, ptxas reported no register spills; a build for
-another torch or other sources is refused with a message and the backends fall back.
+It loads, registers a CUDA kernel and its checks for every op under the schemas of
+mvit3/ops/schemas.def, its metadata matches this torch and these sources, ptxas reported no
+register spills; a build for another torch or other sources is refused with a message and the
+backends fall back.
 
 CI builds the library before pytest and sets MVIT3_REQUIRE_CUDA_LIB=1: a missing or broken
 library then fails these tests. Elsewhere they skip, saying how to build it.
@@ -44,9 +45,12 @@ def test_every_op_has_a_cuda_kernel(lib):
 
 
 def test_cpp_schemas_are_the_python_schemas(lib):
-    """Both come from mvit3/ops/schemas.def."""
+    """Both come from mvit3/ops/schemas.def; each op comes with its checks, <op>_why_not."""
     for op, schema in library.SCHEMAS.items():
         assert str(getattr(torch.ops.mvit3, op).default._schema) == f"mvit3::{op}{schema}"
+        arguments = schema.rsplit(" -> ", 1)[0]
+        why_not = str(getattr(torch.ops.mvit3, f"{op}_why_not").default._schema)
+        assert why_not == f"mvit3::{op}_why_not{arguments} -> str"
         # defined by the C++ op table, not by the Python fallback definitions
         defined_at = torch._C._dispatch_dump(f"mvit3::{op}").split("debug:")[1].splitlines()[0]
         assert "csrc/ops.cpp" in defined_at
@@ -62,6 +66,15 @@ def test_the_schema_file_ships_with_the_package():
     patterns = setuptools["package-data"].get("mvit3.ops", [])
     assert any(fnmatch.fnmatch(library.SCHEMA_FILE.name, p) for p in patterns), patterns
     assert library.SCHEMA_FILE.parent == Path(library.__file__).parent
+
+
+def test_the_library_checks_the_device_of_real_tensors(lib):
+    """Meta tensors describe a call; real ones are checked where they are, as the op would."""
+    x, w = torch.zeros(1, 8, 4, 4), torch.zeros(4, 8)
+    args = (x, w, None, None, None, "none", None, None, 1e-5, "none")
+    assert cuda_lib.why_unsupported("pointwise_conv", args) == "x must be a CUDA tensor, got cpu"
+    meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    assert cuda_lib.why_unsupported("pointwise_conv", meta) is None
 
 
 def test_metadata_matches_this_torch_and_these_sources(lib):
@@ -234,9 +247,10 @@ def test_arch_coverage_decides_whether_the_library_takes_a_gpu(archs, capability
 @pytest.mark.parametrize("batch", [1024, 20000])
 @pytest.mark.parametrize("name", ["mobilevitv3_xs", "mobilevitv3_050", "mobilevit_xs",
                                   "mobilevitv2_050"])
-def test_why_unsupported_takes_every_op_at_huge_batches(monkeypatch, name, batch):
+def test_why_unsupported_takes_every_op_at_huge_batches(lib, monkeypatch, name, batch):
     """A dry run of the model at 256 px on meta tensors (batch 20000 would be tens of GB): every
-    op call is put to cuda_lib.why_unsupported, which must take it. At batch 1024 the maps
+    op call is put to cuda_lib.why_unsupported (the library's own checks), which must take it.
+    At batch 1024 the maps
     reach 2^31 elements (v3-XS's layer_2 input is exactly 2^31), which the former numel limit
     refused; the launchers split such grids instead (csrc/device.cuh: launch_chunks)."""
     import mvit3.fast as fast
@@ -269,4 +283,3 @@ def test_why_unsupported_takes_every_op_at_huge_batches(monkeypatch, name, batch
     assert {op for op, _ in calls} == set(library.OPS) - unused
     if batch == 20000 or name == "mobilevitv3_xs":
         assert max(numel for _, numel in calls) >= 2 ** 31
-

@@ -404,15 +404,62 @@ def test_invalid_arguments_are_refused_with_a_reason(emulated_ops):
                                None, "none", None, None, 1e-5, "none")
 
 
-def test_why_unsupported_mirrors_the_kernel_checks():
-    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
-    why = cuda_lib.why_unsupported
-    assert why("patch_attention", (meta(1, 204, 4, 4), 1, 0.1, None, None, None)) == "head dim 68 > 64"
-    assert "odd map size" in why("separable_attention", (meta(1, 8, 5, 4),) + (None,) * 7)
-    assert "stride 3" in why("conv3x3", (meta(1, 3, 8, 8), None, None, None, 3, "none"))
-    assert "dilation must be a positive int, got 0" in why("conv3x3", (meta(1, 3, 8, 8), None, None, None, 1, "none", 0))
-    assert why("dwconv_pointwise", (meta(1, 8, 8, 8),) + (None,) * 4 + (1, None, 36)) is None
-    assert why("patch_attention", (meta(2, 720, 32, 32), 4, 0.1, None, None, None)) is None
+@pytest.fixture(params=["emulated", "library"])
+def why_not(request):
+    """The library's own checks of a call, <op>_why_not (the reason, or None): of the emulated
+    build, and of the loaded CUDA library through cuda_lib.why_unsupported, which
+    backend="auto" asks with meta tensors before it dispatches there."""
+    if request.param == "emulated":
+        kernels = request.getfixturevalue("emulated_ops")
+        return lambda op, args: getattr(kernels, f"{op}_why_not")(*args) or None
+    request.getfixturevalue("cuda_ops")
+    return cuda_lib.why_unsupported
+
+
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_the_library_states_why_it_refuses_a_call(why_not):
+    """Calls described by meta tensors: each refusal in the words of the op's TORCH_CHECK."""
+    m = _meta
+    assert why_not("patch_attention", (m(1, 204, 4, 4), 1, 0.1, None, None, None)) == \
+        "head dim 68 > 64 is not supported by the CUDA kernels"
+    assert why_not("patch_attention", (m(2, 720, 32, 32), 4, 0.1, None, None, None)) is None
+    assert why_not("patch_attention", (m(1, 48, 4, 4), 4, 0.1, m(16, 8), None, None)) == \
+        "proj_weight must have shape [16, 16], got [16, 8]"
+    assert why_not("separable_attention",
+                   (m(1, 8, 5, 4), m(8), m(8), 1e-5, m(17, 8), m(17), m(8, 8), m(8))) == \
+        "separable_attention sees the map as 2x2 patches: H and W must be even, got 5x4"
+    conv = (m(1, 3, 8, 8), m(4, 3, 3, 3), None, None)
+    assert why_not("conv3x3", conv + (3, "none")) == "stride must be 1 or 2, got 3"
+    assert why_not("conv3x3", conv + (1, "none", 0)) == "dilation must be a positive int, got 0"
+    assert why_not("conv3x3", conv + (1, "gelu")) == "act must be 'none' or 'silu', got 'gelu'"
+    assert why_not("conv3x3", (m(1, 3, 8, 8, dtype=torch.float64),) + conv[1:] + (1, "none")) == \
+        "dtype Double is not supported (float32, float16, bfloat16)"
+    assert why_not("dwconv_pointwise", (m(1, 8, 8, 8), m(8, 1, 3, 3), m(8), m(4, 8), None, 1, None,
+                                        36)) is None
+    # a whole MV2 block: the depthwise 3x3 and the projection see the hidden channels
+    block = (m(1, 8, 8, 8), m(32, 1, 3, 3), m(32), m(4, 32), None, 2, None, 1, m(32, 8), m(32))
+    assert why_not("dwconv_pointwise", block) is None
+    assert why_not("dwconv_pointwise", block[:8] + (m(32, 9), m(32))) == \
+        "expand_weight must have shape [32, 8], got [32, 9]"
+    assert why_not("dwconv_pointwise", block[:8] + (None, m(32))) == \
+        "expand_bias given without expand_weight"
+    pointwise = (m(1, 8, 4, 4), m(4, 8), None, None, None, "none", None, None, 1e-5, "none")
+    assert why_not("pointwise_conv", pointwise) is None
+    assert why_not("pointwise_conv", pointwise[:5] + ("batch",) + pointwise[6:]) == \
+        "norm must be 'none', 'layer' or 'group', got 'batch'"
+    assert why_not("pointwise_conv", (pointwise[0], m(4, 8, dtype=torch.float16)) + pointwise[2:]) \
+        == "weight is Half but the input is Float (every tensor of a call shares its dtype)"
+    mlp = (m(1, 16, 4, 4), m(16), m(16), 1e-5, m(32, 16), m(32), m(16, 32), m(16))
+    assert why_not("transformer_mlp", (mlp[0], "group") + mlp[1:]) is None
+    assert why_not("transformer_mlp", (mlp[0], "group") + mlp[1:7] + (m(32, 16),)) == \
+        "b2 must have shape [16], got [32, 16]"
+    project = mlp + (m(16), m(16), 1e-5, m(48, 16), m(48))
+    assert why_not("transformer_mlp_project", project + ("silu",)) is None
+    assert why_not("transformer_mlp_project", project + ("relu",)) == \
+        "act must be 'none' or 'silu', got 'relu'"
 
 
 def _expanded(*shape) -> torch.Tensor:
@@ -452,13 +499,22 @@ SIZE_LIMITS = [
 @pytest.mark.parametrize("op, args, expected", SIZE_LIMITS,
                          ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(SIZE_LIMITS)])
 def test_size_limits_are_stated_alike_by_both_sides(emulated_ops, op, args, expected):
-    """The limits left (by dimension and grid, none by numel): why_unsupported names each with
-    its reason, and the op's TORCH_CHECK refuses the call in the very same words."""
-    reason = cuda_lib.why_unsupported(op, args)
-    assert reason is not None and expected in reason
+    """The limits left (by dimension and grid, none by numel): the op's checks, asked as
+    <op>_why_not, name each with its reason, and the op refuses the call in the very words."""
+    reason = getattr(emulated_ops, f"{op}_why_not")(*args)
+    assert expected in reason
     with pytest.raises(RuntimeError) as refused:
         getattr(emulated_ops, op)(*args)
     assert f"mvit3: {reason}" in str(refused.value)
+
+
+@pytest.mark.parametrize("op, args, expected", SIZE_LIMITS,
+                         ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(SIZE_LIMITS)])
+def test_size_limits_of_calls_described_by_meta_tensors(why_not, op, args, expected):
+    meta = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+                 if isinstance(a, torch.Tensor) else a for a in args)
+    reason = why_not(op, meta)
+    assert reason is not None and expected in reason
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -157,105 +157,15 @@ def arch_reason(capability: tuple, dtype: torch.dtype, archs=None) -> str | None
             f"rebuild with `python -m mvit3 build --archs {device}`")
 
 
-MAX_HEAD_DIM = 64  # csrc/mvit3.h: kMaxHeadDim
-INT32_MAX = 2 ** 31 - 1
-MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z (csrc/mvit3.h: kMaxGridYZ)
-MAX_CHANNELS = MAX_GRID_YZ * 64  # csrc/mvit3.h: kMaxChannels
-_NORMS = ("none", "layer", "group")
-_ACTS = ("none", "silu")
-# Position of the 3x3 ops' `dilation` in their schema; a call may leave it out (default 1).
-_DILATION_ARG = {"dwconv_pointwise": 7, "conv3x3": 6}
-
-
-def _channel_counts(op: str, args: tuple) -> dict:
-    """name -> channel count of every map, weight output and workspace of a call whose count
-    csrc/ops.cpp checks against MAX_CHANNELS (the input's is checked with its other sizes).
-    An absent (None) tensor counts 0: other checks name it."""
-    def size(t, dim: int) -> int:
-        return t.shape[dim] if t is not None else 0
-
-    if op in ("pointwise_conv", "conv3x3"):
-        return {"weight (Cout)": size(args[1], 0), "x2": size(args[3], 1)}
-    if op == "dwconv_pointwise":  # with expand_weight (args[8]): its hidden map, a workspace
-        expand_weight = args[8] if len(args) > 8 else None
-        return {"weight (Cout)": size(args[3], 0), "the hidden workspace (Ch)": size(expand_weight, 0)}
-    if op == "transformer_mlp":
-        return {"w1 (F)": size(args[5], 0)}
-    if op == "transformer_mlp_project":
-        return {"w1 (F)": size(args[4], 0), "proj_weight (Cout)": size(args[11], 0)}
-    if op == "separable_attention":
-        return {"the qkv workspace (1 + 2d)": 1 + 2 * args[0].shape[1]}
-    return {}
-
-
-def _size_reason(op: str, args: tuple) -> str | None:
-    """The size limits of csrc/mvit3.h in the words of csrc/ops.cpp. There is no limit on numel:
-    offsets are int64 and the launchers split a grid that would pass CUDA's limits; what stays
-    int32 is each size, and each channel count is a number of 64-channel blocks on grid axis y."""
-    name = "qkv" if op == "patch_attention" else "x"  # the input's name in csrc/ops.cpp
-    sizes = tuple(args[0].shape)
-    if max(sizes) > INT32_MAX:
-        return (f"{name} [B, C, H, W] = {list(sizes)} has a size over 2^31 - 1 (the kernels "
-                f"index samples, channels, rows and columns with int32)")
-    pixels = sizes[2] * sizes[3]
-    if pixels > INT32_MAX:
-        return (f"{name} has H * W = {pixels} pixels, over 2^31 - 1 (the kernels index the "
-                f"pixels of a sample with int32)")
-    for name, channels in {name: sizes[1], **_channel_counts(op, args)}.items():
-        if channels > MAX_CHANNELS:
-            return (f"{name} has {channels} channels, over {MAX_CHANNELS} (the kernels put 64 "
-                    f"channels per block on grid axis y, at most {MAX_GRID_YZ} blocks)")
-    if op == "patch_attention" and args[1] > MAX_GRID_YZ:
-        return f"num_heads {args[1]} is over {MAX_GRID_YZ} (one head per block on grid axis y)"
-    return None
-
-
 def why_unsupported(op: str, args: tuple) -> str | None:
-    """Limits of the CUDA kernels (mirrors the TORCH_CHECKs of csrc/ops.cpp); None if the
-    kernels take these arguments. dtype, device and compute capability are checked by
-    mvit3.ops.backends for every backend."""
-    x = args[0]
-    if x.dim() != 4:
-        return f"input must be a [B, C, H, W] map, got shape {tuple(x.shape)}"
-    size_reason = _size_reason(op, args)
-    if size_reason:
-        return size_reason
-    if op == "pointwise_conv":
-        norm, act = args[5], args[9]
-        if norm not in _NORMS or act not in _ACTS:
-            return f"norm {norm!r} / act {act!r} (kernels take norm {_NORMS}, act {_ACTS})"
-    elif op in ("dwconv_pointwise", "conv3x3"):
-        stride = args[5] if op == "dwconv_pointwise" else args[4]
-        if stride not in (1, 2):
-            return f"stride {stride} (kernels take 1 and 2)"
-        dilation = args[_DILATION_ARG[op]] if len(args) > _DILATION_ARG[op] else 1
-        if dilation < 1:
-            return f"dilation must be a positive int, got {dilation}"
-        if max(x.shape[2], x.shape[3]) + dilation > 2 ** 31:
-            return (f"H + dilation and W + dilation must be <= 2^31 (the kernels index tap rows and "
-                    f"columns with int32), got {x.shape[2]}x{x.shape[3]} with dilation {dilation}")
-        if op == "conv3x3" and args[5] not in _ACTS:
-            return f"act {args[5]!r} (kernels take {_ACTS})"
-    elif op == "patch_attention":
-        num_heads, proj_weight = args[1], args[3]
-        channels, h, w = x.shape[1], x.shape[2], x.shape[3]
-        if channels % 3 or num_heads <= 0 or (channels // 3) % num_heads:
-            return f"qkv channels {channels} are not 3 * heads ({num_heads}) * head dim"
-        head_dim = channels // 3 // num_heads
-        if head_dim > MAX_HEAD_DIM:
-            return f"head dim {head_dim} > {MAX_HEAD_DIM}"
-        if h % 2 or w % 2:
-            return f"odd map size {h}x{w} (2x2 patches need even H and W)"
-        if proj_weight is not None and tuple(proj_weight.shape) != (channels // 3, channels // 3):
-            return f"proj_weight {tuple(proj_weight.shape)} is not [d, d]"
-    elif op == "transformer_mlp":
-        if args[1] not in _NORMS:
-            return f"norm {args[1]!r} (kernels take {_NORMS})"
-    elif op == "transformer_mlp_project":
-        if args[13] not in _ACTS:
-            return f"act {args[13]!r} (kernels take {_ACTS})"
-    elif op == "separable_attention":
-        h, w = x.shape[2], x.shape[3]
-        if h % 2 or w % 2:
-            return f"odd map size {h}x{w} (2x2 patches need even H and W)"
-    return None
+    """Why the CUDA library cannot take this call of `op`, or None if it can.
+
+    The library answers itself: mvit3::<op>_why_not runs the very checks the op runs before it
+    launches (csrc/ops.cpp), on tensors of any device, so meta tensors describe a call without
+    data (mvit3.ops.backends passes them). Without a loaded library the reason is why it is not
+    loaded. Meta tensors skip the library's device checks (real tensors get them): whether it
+    has code for the GPU (arch_reason) and whether bfloat16 runs there are checked by
+    mvit3.ops.backends."""
+    if not load():
+        return f"CUDA library unavailable: {_state['reason']}"
+    return getattr(torch.ops.mvit3, f"{op}_why_not")(*args) or None
