@@ -61,7 +61,8 @@ def test_the_schema_file_ships_with_the_package():
     import fnmatch
     import tomllib
 
-    setuptools = tomllib.loads((build.SOURCE_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    pyproject = tomllib.loads((build.SOURCE_ROOT / "pyproject.toml").read_text())
+    setuptools = pyproject["tool"]["setuptools"]
     assert "mvit3.ops" in setuptools["packages"]
     patterns = setuptools["package-data"].get("mvit3.ops", [])
     assert any(fnmatch.fnmatch(library.SCHEMA_FILE.name, p) for p in patterns), patterns
