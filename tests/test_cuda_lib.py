@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -284,3 +285,84 @@ def test_why_unsupported_takes_every_op_at_huge_batches(lib, monkeypatch, name, 
     assert {op for op, _ in calls} == set(library.OPS) - unused
     if batch == 20000 or name == "mobilevitv3_xs":
         assert max(numel for _, numel in calls) >= 2 ** 31
+
+
+# ---- SASS gates: what nvcc made of the kernels ------------------------------------------------
+
+SASS_ARCH = 90  # the gates on tensor cores and loads are for the sm_90 build (CI builds 75;90)
+
+
+@pytest.fixture(scope="module")
+def sass(lib) -> dict:
+    """{arch: {kernel: Counter of its SASS opcodes}} of every arch of the build, read with
+    cuobjdump (the toolkit's, or the copy Triton ships). Without cuobjdump the gates skip, but
+    fail where CI requires the library."""
+    from mvit3.kernel_report import cuda_rows
+
+    try:
+        cuda_rows._cuobjdump()
+    except cuda_rows.CudaReportError as err:
+        if REQUIRE_LIB:
+            pytest.fail(f"{err} (MVIT3_REQUIRE_CUDA_LIB=1: the SASS gates must run)")
+        pytest.skip(str(err))
+    if str(SASS_ARCH) not in lib["info"]["archs"]:
+        message = (f"the library has no sm_{SASS_ARCH} code (archs {lib['info']['archs']}); "
+                   f"CI builds --archs \"75;90\"")
+        if REQUIRE_LIB:
+            pytest.fail(message)
+        pytest.skip(message)
+    kernels = {}
+    for arch in lib["info"]["archs"]:
+        bodies = cuda_rows.sass_functions(Path(lib["path"]), int(arch))
+        names = cuda_rows._demangle(sorted(bodies))
+        kernels[int(arch)] = {build.short_kernel_name(names[mangled]): cuda_rows.sass_opcodes(body)
+                              for mangled, body in bodies.items()}
+    return kernels
+
+
+def _family(kernels: dict, family: str, dtype: str) -> dict:
+    """The kernels of one template (tile_gemm_kernel, ...) for one element type (__half, ...)."""
+    found = {name: ops for name, ops in kernels.items() if name.startswith(f"{family}<{dtype},")}
+    assert found, f"no {family}<{dtype}, ...> in the sm_{SASS_ARCH} code: {sorted(kernels)}"
+    return found
+
+
+def _has(opcodes, *prefixes) -> bool:
+    return any(op.split(".")[0] in prefixes for op in opcodes)
+
+
+@pytest.mark.parametrize("family", ["tile_gemm_kernel", "patch_attention_kernel"])
+@pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16"])
+def test_fp16_and_bf16_gemms_and_attention_run_on_tensor_cores(sass, family, dtype):
+    """sm_90: every producer of the tile GEMM and every head dim of the attention kernel issues
+    HMMA (WMMA; HGMMA, Hopper's warpgroup MMA, would do too)."""
+    kernels = _family(sass[SASS_ARCH], family, dtype)
+    scalar = sorted(name for name, ops in kernels.items() if not _has(ops, "HMMA", "HGMMA"))
+    assert not scalar, f"no tensor-core instruction in {scalar}"
+
+
+def test_no_kernel_uses_local_memory(sass, lib):
+    """No LDL / STL in any kernel of any built arch (spills, dynamically indexed arrays and
+    stack frames all live in local memory), and ptxas reported no stack frame either."""
+    for arch, kernels in sass.items():
+        local = sorted(f"{name} ({', '.join(op for op in ops if _has([op], 'LDL', 'STL'))})"
+                       for name, ops in kernels.items() if _has(ops, "LDL", "STL"))
+        assert not local, f"sm_{arch}: local memory in {local}"
+    report = (Path(lib["path"]).parent / build.PTXAS_REPORT_NAME).read_text().splitlines()
+    stacks = [re.search(r"\s(sm_\d+)\s+\d+\s+\d+\s+(\d+)\s", line) for line in report[1:]]
+    assert len(report) > 1 and all(stacks), report[:3]
+    assert [line for line, m in zip(report[1:], stacks) if m.group(2) != "0"] == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 item 1: the tile GEMM does not stage its "
+                                       "operands with cp.async (LDGSTS) or 128-bit loads yet")
+@pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])
+def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, dtype):
+    """sm_90: every producer of the tile GEMM moves its operands global -> shared with LDGSTS
+    (cp.async) or 128-bit LDG. When issue 12 item 1 lands this passes, and the strict xfail
+    fails until it is removed."""
+    kernels = _family(sass[SASS_ARCH], "tile_gemm_kernel", dtype)
+    narrow = sorted(name for name, ops in kernels.items()
+                    if not any(op.startswith("LDGSTS") or (op.startswith("LDG.") and ".128" in op)
+                               for op in ops))
+    assert not narrow, f"neither LDGSTS nor LDG.128 in {narrow}"

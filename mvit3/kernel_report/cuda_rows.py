@@ -322,6 +322,21 @@ _SASS_OPCODE = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9
 _LOAD_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 
+def sass_functions(library: Path, arch: int) -> dict:
+    """{mangled function name: its SASS} of the library's sm_<arch> machine code (the first copy
+    of a function that several translation units hold)."""
+    sass = _run(_cuobjdump(), "-sass", "-arch", f"sm_{arch}", str(library))
+    bodies, marks = {}, list(_SASS_FUNCTION.finditer(sass))
+    for mark, following in zip(marks, marks[1:] + [None]):
+        bodies.setdefault(mark.group(1), sass[mark.end():following.start() if following else None])
+    return bodies
+
+
+def sass_opcodes(sass: str) -> Counter:
+    """How often each opcode (with its modifiers: "LDG.E.128") occurs in SASS text."""
+    return Counter(_SASS_OPCODE.findall(sass))
+
+
 def classify_sass(sass: str) -> dict:
     """The matmul class and the global loads of one function's SASS.
 
@@ -330,7 +345,7 @@ def classify_sass(sass: str) -> dict:
     a reduction or an elementwise epilogue), "none" (neither). Global loads: LDG (width from its
     suffix: .128, .64, .U16/.S16, .U8/.S8, else 32 bits), LDGSTS (cp.async) and UTMALDG (TMA);
     loads through generic pointers (LD) can be shared or global and are not counted."""
-    opcodes = Counter(_SASS_OPCODE.findall(sass))
+    opcodes = sass_opcodes(sass)
     if any(op.startswith("HGMMA") for op in opcodes):
         mma = "wgmma"
     elif any(op.startswith("HMMA") for op in opcodes):
@@ -387,11 +402,7 @@ def analyse_library(library: Path, arch: int) -> dict:
     usage = parse_resource_usage(_run(tool, "--dump-resource-usage", str(library)), arch)
     if not usage:
         raise CudaReportError(f"{library} holds no sm_{arch} machine code")
-    sass = _run(tool, "-sass", "-arch", f"sm_{arch}", str(library))
-    # function name -> its SASS (text up to the next function), first copy kept
-    bodies, marks = {}, list(_SASS_FUNCTION.finditer(sass))
-    for mark, following in zip(marks, marks[1:] + [None]):
-        bodies.setdefault(mark.group(1), sass[mark.end():following.start() if following else None])
+    bodies = sass_functions(library, arch)
     names = _demangle(sorted(usage))
     reported = ptxas_usage(library)
     analysis = {}
