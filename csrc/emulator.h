@@ -4,11 +4,14 @@
 // Why: the development machines and CI have nvcc but no GPU, so csrc/ could only be compiled
 // there. Running the kernels here, with their real tiling, shared memory, barriers, shuffles
 // and WMMA calls, turns "it compiles" into "it computes the reference" for everything but the
-// hardware itself (speed, the real fragment layouts, races that only true concurrency shows).
+// hardware itself (speed, the real fragment layouts, races that only interleavings within a
+// thread's run between two barriers show).
 //
 // Model:
 // - A launch runs its blocks one after another. The threads of a block are fibers (ucontext)
-//   on the calling thread; a fiber runs until it reaches a barrier, then the next one runs.
+//   on the calling thread; a fiber runs until it reaches a barrier, then the next one runs, in
+//   forward, reverse or a seeded random order (mvit3_emu_set_schedule; the tests use all three
+//   so that a race the forward order hides shows in another).
 // - __syncthreads() releases when every live thread of the block waits on it; __syncwarp()
 //   and shuffles release when every live lane of the warp waits. A barrier that can never
 //   release (threads of one warp waiting at different barriers, say) is reported as a
@@ -43,6 +46,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -74,6 +78,26 @@ struct LaunchRecord {
 
 inline bool recording = false;
 inline std::vector<LaunchRecord> recorded_launches;
+
+// The order in which the scheduler runs a block's ready fibers, each round: thread index order,
+// its reverse, or a fresh seeded permutation every round. On a GPU warps run in any order and
+// interleave at any instruction; a race (a read of shared memory another thread writes without
+// a barrier between) gives the right answer in one order only by luck, so the tests run the
+// kernels under all three (mvit3_emu_set_schedule). The generator runs on across launches:
+// a test that sets the seed before its launches sees the same orders every run.
+enum class Order { forward = 0, reverse = 1, random = 2 };
+inline Order order = Order::forward;
+inline uint64_t order_seed = 0;
+inline std::mt19937_64 order_rng;
+
+inline std::string order_name() {
+  switch (order) {
+    case Order::forward: return "threads in forward order";
+    case Order::reverse: return "threads in reverse order";
+    case Order::random: return "threads in random order, seed " + std::to_string(order_seed);
+  }
+  return "?";
+}
 
 enum class Wait { none, block_barrier, warp_barrier, done, failed };
 
@@ -171,6 +195,9 @@ inline bool release_barriers(Block& block) {
 
 inline void run_block(Block& block) {
   for (auto& log : block.mma_log) log.clear();
+  std::vector<Fiber*> schedule;
+  for (Fiber& f : block.fibers) schedule.push_back(&f);
+  if (order == Order::reverse) std::reverse(schedule.begin(), schedule.end());
   for (Fiber& f : block.fibers) {
     f.mma_calls = 0;
     getcontext(&f.context);
@@ -181,10 +208,11 @@ inline void run_block(Block& block) {
     f.wait = Wait::none;
   }
   for (;;) {
-    for (Fiber& f : block.fibers) {
-      if (f.wait != Wait::none) continue;
-      block.current = &f;
-      swapcontext(&block.scheduler, &f.context);
+    if (order == Order::random) std::shuffle(schedule.begin(), schedule.end(), order_rng);
+    for (Fiber* f : schedule) {
+      if (f->wait != Wait::none) continue;
+      block.current = f;
+      swapcontext(&block.scheduler, &f->context);
       if (!block.error.empty()) return;
     }
     bool live = false;
@@ -231,7 +259,7 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
         run_block(block);
         if (!block.error.empty())
           block.error += " (block " + std::to_string(x) + "," + std::to_string(y) + "," +
-                         std::to_string(z) + ")";
+                         std::to_string(z) + "; " + order_name() + ")";
       }
   active_block() = previous;
   if (!block.error.empty()) throw std::runtime_error("emulated kernel failed: " + block.error);
@@ -254,8 +282,8 @@ V shuffle_xor(V value, int lane_mask) {
 
 }  // namespace mvit3::emu
 
-// Record mode, for Python (ctypes on the emulator's library). `used`: emitted although nothing
-// in the library calls them.
+// Record mode and the thread order, for Python (ctypes on the emulator's library). `used`:
+// emitted although nothing in the library calls them.
 extern "C" {
 
 // Turn record mode on (with an empty log) or off.
@@ -263,6 +291,17 @@ __attribute__((used, visibility("default"))) inline void mvit3_emu_set_recording
   ::mvit3::emu::recording = on != 0;
   ::mvit3::emu::max_grid_x = on ? ::mvit3::emu::kGpuGridX : ::mvit3::emu::kTestGridX;
   if (on) ::mvit3::emu::recorded_launches.clear();
+}
+
+// The order the scheduler runs threads in (0 forward, 1 reverse, 2 random); `seed` restarts
+// the generator of the random order. Returns 0, or -1 for an unknown order.
+__attribute__((used, visibility("default"))) inline int mvit3_emu_set_schedule(int order,
+                                                                              uint64_t seed) {
+  if (order < 0 || order > 2) return -1;
+  ::mvit3::emu::order = static_cast<::mvit3::emu::Order>(order);
+  ::mvit3::emu::order_seed = seed;
+  ::mvit3::emu::order_rng.seed(seed);
+  return 0;
 }
 
 __attribute__((used, visibility("default"))) inline int64_t mvit3_emu_recorded_count() {

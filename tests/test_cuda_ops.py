@@ -5,7 +5,8 @@ The kernels run in two places:
   same kernel source (tiles, shared memory, barriers, warp shuffles, WMMA fragments) on CPU
   tensors as `torch.ops.mvit3_emulated.<op>`. CI has no GPU: this is where the kernels' logic
   is proven there. The emulator is slow, so it takes a rotation of the grid below: every real
-  shape once and every dtype x layout x batch at least once, on small maps.
+  shape once and every dtype x layout x batch at least once, on small maps, with the threads
+  of a block in forward order; a quarter of the shapes again in reverse and in random order.
 - "cuda" (marked gpu): `torch.ops.mvit3.<op>` on the GPU over the full grid (every real shape
   x dtype x layout x batch 1 and 3, at the real map sizes), plus CUDA-graph capture and
   replay, torch.compile(fullgraph=True), and whole fast models with backend="cuda".
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from typing import NamedTuple
 
 import pytest
@@ -71,10 +73,38 @@ def cuda_ops():
     return torch.ops.mvit3
 
 
+ORDERS = ("forward", "reverse", "random")  # csrc/emulator.h: Order
+
+
+@pytest.fixture(scope="session")
+def emulator_library(emulated_ops):
+    """The emulator's library through ctypes (the handle torch loaded: the same globals)."""
+    import ctypes
+
+    handle = ctypes.CDLL(str(build.build_emulator()))
+    handle.mvit3_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    handle.mvit3_emu_set_schedule.restype = ctypes.c_int
+    return handle
+
+
 @pytest.fixture
 def kernels(request, case):
-    """The op namespace for the case's device: emulated on CPU, or the library on the GPU."""
-    return request.getfixturevalue("emulated_ops" if case.device == "emu" else "cuda_ops")
+    """The op namespace for the case's device: emulated on CPU, or the library on the GPU. The
+    emulator runs the threads of a block in the case's order; a random order's seed comes from
+    the case's id (the same orders every run), or from $MVIT3_EMU_SEED to try others, and is
+    printed (pytest shows it with a failure; an emulator error names it too)."""
+    if case.device != "emu":
+        yield request.getfixturevalue("cuda_ops")
+        return
+    library = request.getfixturevalue("emulator_library")
+    seed = int(os.environ.get("MVIT3_EMU_SEED") or zlib.crc32(str(case).encode()))
+    if case.order == "random":
+        print(f"emulated threads in random order, seed {seed}")
+    assert library.mvit3_emu_set_schedule(ORDERS.index(case.order), seed) == 0
+    try:
+        yield request.getfixturevalue("emulated_ops")
+    finally:  # the other tests run in forward order
+        library.mvit3_emu_set_schedule(0, 0)
 
 
 class Case(NamedTuple):
@@ -84,6 +114,7 @@ class Case(NamedTuple):
     layout: str
     batch: int
     size: tuple  # (H, W)
+    order: str = "forward"  # the emulator's thread order (ORDERS)
 
     @property
     def tensor_device(self) -> str:
@@ -91,7 +122,8 @@ class Case(NamedTuple):
 
     def __str__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"{self.device}-{'x'.join(map(str, self.shape))}-{dtype}-{self.layout}-"
+        order = f"-{self.order}" if self.order != "forward" else ""
+        return (f"{self.device}{order}-{'x'.join(map(str, self.shape))}-{dtype}-{self.layout}-"
                 f"b{self.batch}-{self.size[0]}x{self.size[1]}")
 
 
@@ -103,6 +135,14 @@ def cases(shapes, emu_sizes, gpu_sizes) -> list:
     emu += [Case("emu", shapes[j % len(shapes)], dtype, layout, BATCHES[(j + 1) % 2],
                  emu_sizes[(j + 1) % len(emu_sizes)])
             for j, (dtype, layout) in enumerate(itertools.product(DTYPES, LAYOUTS))]
+    # The rotation runs the block's threads in forward order; a quarter of its real shapes run
+    # again in reverse order (i % 4 == 1: batch 3, every dtype and layout over the shapes) and
+    # a quarter in a random order (i % 4 == 2: batch 1), so every op meets both orders with
+    # real shapes (the smallest op list has 3) for about 50% more emulated time, not the 3x of
+    # the whole rotation in each order: a kernel's barriers and shared-memory traffic are the
+    # same code at every shape, so a race that an order exposes shows at most of them.
+    emu += [c._replace(order=ORDERS[i % 4]) for i, c in enumerate(emu[:len(shapes)])
+            if i % 4 in (1, 2)]
     gpu = [Case("cuda", s, dtype, layout, batch, gpu_sizes[i % len(gpu_sizes)])
            for i, s in enumerate(shapes)
            for dtype, layout, batch in itertools.product(DTYPES, LAYOUTS, BATCHES)]
@@ -662,6 +702,12 @@ void unsynchronised_mirror(int* out) {  // the same race without the barrier
   out[threadIdx.x] = values[63 - threadIdx.x];
 }
 
+void neighbour(int* out) {  // reads a value thread i - 1 wrote, without a barrier
+  __shared__ int values[64];
+  values[threadIdx.x] = 10 * threadIdx.x;
+  out[threadIdx.x] = threadIdx.x ? values[threadIdx.x - 1] : -10;
+}
+
 void shuffle(int* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 5); }
 
 void split_warp(int*) {  // half a warp at __syncwarp, the other half at __syncthreads
@@ -676,16 +722,18 @@ void misaligned_wmma(int*) {
 
 }  // namespace
 
-extern "C" const char* probe(const char* name, int* out) {
+extern "C" const char* probe(const char* name, int order, int* out) {
   static std::string error;
   error.clear();
   void (*kernel)(int*) = nullptr;
   const std::string which = name;
   if (which == "mirror") kernel = mirror;
   if (which == "unsynchronised_mirror") kernel = unsynchronised_mirror;
+  if (which == "neighbour") kernel = neighbour;
   if (which == "shuffle") kernel = shuffle;
   if (which == "split_warp") kernel = split_warp;
   if (which == "misaligned_wmma") kernel = misaligned_wmma;
+  mvit3_emu_set_schedule(order, 12345);
   try {
     mvit3::emu::launch(dim3(1), dim3(64), [&] { kernel(out); });
   } catch (const std::exception& e) {
@@ -715,17 +763,25 @@ def emulator_probe(tmp_path_factory):
     probe = ctypes.CDLL(str(lib)).probe
     probe.restype = ctypes.c_char_p
 
-    def run(name: str):
+    def run(name: str, order: str = "forward"):
         out = (ctypes.c_int * 64)()
-        error = probe(name.encode(), out).decode()
+        error = probe(name.encode(), ORDERS.index(order), out).decode()
         return list(out), error
 
     return run
 
 
 def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
-    out, error = emulator_probe("mirror")
-    assert not error and out == [10 * (63 - i) for i in range(64)]
+    for order in ORDERS:
+        out, error = emulator_probe("mirror", order)
+        assert not error and out == [10 * (63 - i) for i in range(64)]
+    # A race that the forward order hides (thread i - 1 has run up to its end before thread i
+    # reads) and the reverse order shows (first: later launches see what this one left in the
+    # shared memory, which the emulator does not clear).
+    expected = [10 * (i - 1) for i in range(64)]
+    out, error = emulator_probe("neighbour", "reverse")
+    assert not error and out != expected
+    assert emulator_probe("neighbour", "forward") == (expected, "")
     # Threads run in order, so the race shows (in a first block: later blocks would see the
     # previous block's shared memory, which the emulator does not clear).
     out, error = emulator_probe("unsynchronised_mirror")
