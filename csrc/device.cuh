@@ -26,6 +26,19 @@
 
 #define MVIT3_DEVICE __device__ __forceinline__
 
+// Shared memory: MVIT3_SHARED(Type, name) declares `__shared__ Type name;` (Type may be an
+// array type, float[4][32]), MVIT3_SHARED_ALIGNED(Type, name, bytes) with __align__(bytes).
+// The emulator defines them its own way (emulator.h): it gives every block fresh storage full
+// of NaN bytes, so a read of shared memory before a write fails the tests.
+#ifndef MVIT3_EMULATE
+namespace mvit3 {
+template <class T>
+using Identity = T;  // so that a declaration can name an array type
+}  // namespace mvit3
+#define MVIT3_SHARED_ALIGNED(Type, name, bytes) __shared__ __align__(bytes) ::mvit3::Identity<Type> name
+#define MVIT3_SHARED(Type, name) __shared__ ::mvit3::Identity<Type> name
+#endif
+
 namespace mvit3 {
 
 // ---- element types --------------------------------------------------------------------------

@@ -16,11 +16,11 @@
 //   and shuffles release when every live lane of the warp waits. A barrier that can never
 //   release (threads of one warp waiting at different barriers, say) is reported as a
 //   deadlock instead of hanging.
-// - __shared__ variables become function statics: one copy, shared by the fibers of the block
-//   that is running, which is exactly shared-memory semantics when blocks run one at a time.
-//   Unlike on a GPU, a block starts with what the previous block left there, so a missing
-//   barrier shows where that stale data differs from the right data (as it does when blocks
-//   work on different data).
+// - Shared variables (declared with MVIT3_SHARED) are one copy per launch, shared by the fibers
+//   of the block that is running, which is exactly shared-memory semantics when blocks run one
+//   at a time. Every block starts with them full of 0xFF bytes (NaN in every float type, -1 as
+//   an integer), so a read before a write, or a write another thread reads without a barrier
+//   in between, gives NaN or garbage instead of a previous block's right answer.
 // - WMMA fragments hold the whole 16x16 tile in every lane; the load/store calls check the
 //   alignment and leading-dimension rules of the real API. Products are summed in fp32; a
 //   lane whose mma operands equal those its warp's first lane had copies that lane's result.
@@ -46,15 +46,18 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-// cuda_runtime headers in host mode define __shared__ as nothing: make it a function static.
+// Shared memory is declared with MVIT3_SHARED (below; device.cuh has the device side): the
+// emulator must see each declaration to give every block fresh storage. A plain __shared__
+// fails to compile here rather than silently becoming something else.
 #undef __shared__
-#define __shared__ static
+#define __shared__ static_assert(false, "declare shared memory with MVIT3_SHARED (emulator.h)");
 #define __launch_bounds__(...)
 
 namespace mvit3::emu {
@@ -116,6 +119,24 @@ struct MmaRecord {
   float a[256], b[256], c[256], d[256];
 };
 
+// A shared-memory variable of a launch's blocks: its declaration (the address of a static tag
+// unique to the declaration and its template instance) and its storage, allocated apart from
+// the others so that AddressSanitizer sees an access past its end.
+struct SharedVariable {
+  const void* key;
+  size_t bytes;
+  size_t align;
+  unsigned char* data;
+};
+
+// The static shared memory a block may declare on a GPU (more needs an opt-in the kernels do
+// not use).
+inline constexpr size_t kSharedLimit = 48 * 1024;
+// Every byte of a block's shared memory at its start: 0xFF is a NaN in fp32, fp16 and bf16 and
+// -1 as an integer, so a read before any write shows (on a GPU the bytes are whatever an
+// earlier block left there, which no kernel may rely on).
+inline constexpr unsigned char kSharedFill = 0xFF;
+
 struct Block {
   dim3 grid_dim, block_dim;
   uint3 block_idx{};
@@ -124,10 +145,19 @@ struct Block {
   // Per warp, the mma_sync calls of its first lane: a later lane whose operands are the same
   // (they always are in a convergent warp) copies the result instead of recomputing it.
   std::vector<std::vector<MmaRecord>> mma_log;
+  std::vector<SharedVariable> shared;  // the variables the launch's blocks have declared
+  size_t shared_bytes = 0;
   ucontext_t scheduler{};
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::string error;
+
+  Block() = default;
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() {
+    for (SharedVariable& v : shared) ::operator delete(v.data, std::align_val_t(v.align));
+  }
 };
 
 inline constexpr size_t kStackBytes = 256 * 1024;  // WMMA fragments are whole tiles here
@@ -195,6 +225,7 @@ inline bool release_barriers(Block& block) {
 
 inline void run_block(Block& block) {
   for (auto& log : block.mma_log) log.clear();
+  for (SharedVariable& v : block.shared) std::memset(v.data, kSharedFill, v.bytes);
   std::vector<Fiber*> schedule;
   for (Fiber& f : block.fibers) schedule.push_back(&f);
   if (order == Order::reverse) std::reverse(schedule.begin(), schedule.end());
@@ -265,6 +296,31 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
   if (!block.error.empty()) throw std::runtime_error("emulated kernel failed: " + block.error);
 }
 
+// The block's copy of the shared variable declared at `key` (MVIT3_SHARED): the first thread to
+// reach the declaration in a launch allocates it full of kSharedFill, run_block refills it at
+// every block start.
+template <class Type, size_t kAlign>
+Type& shared_variable(const void* key) {
+  static_assert(std::is_trivially_default_constructible_v<Type> &&
+                    std::is_trivially_destructible_v<Type>,
+                "shared memory holds no constructors or destructors (as in CUDA)");
+  Block* block = active_block();
+  for (const SharedVariable& v : block->shared)
+    if (v.key == key) return *reinterpret_cast<Type*>(v.data);
+  constexpr size_t align = std::max(kAlign, alignof(Type));
+  block->shared_bytes += sizeof(Type);
+  if (block->shared_bytes > kSharedLimit)
+    fail("static shared memory over " + std::to_string(kSharedLimit) + " bytes");
+  SharedVariable v{key, sizeof(Type), align,
+                   static_cast<unsigned char*>(::operator new(sizeof(Type), std::align_val_t(align)))};
+  std::memset(v.data, kSharedFill, v.bytes);
+  block->shared.push_back(v);
+  return *reinterpret_cast<Type*>(v.data);
+}
+
+template <class T>
+using Identity = T;  // so that a declaration can name an array type: Identity<float[4][32]> x
+
 // One value per lane through the warp's exchange slots; both waits keep the slots stable.
 template <class V>
 V shuffle_xor(V value, int lane_mask) {
@@ -328,6 +384,15 @@ __attribute__((used, visibility("default"))) inline int mvit3_emu_recorded_launc
 }
 
 }  // extern "C"
+
+// MVIT3_SHARED(Type, name): `__shared__ Type name;` (Type may be an array type, float[4][32]);
+// MVIT3_SHARED_ALIGNED(Type, name, bytes) with __align__(bytes). Here `name` is a reference to
+// the block's copy (shared_variable), found through a tag unique to the declaration.
+#define MVIT3_SHARED_ALIGNED(Type, name, bytes)                          \
+  static char name##_mvit3_shared_tag;                                   \
+  ::mvit3::emu::Identity<Type>& name =                                   \
+      ::mvit3::emu::shared_variable<Type, bytes>(&name##_mvit3_shared_tag)
+#define MVIT3_SHARED(Type, name) MVIT3_SHARED_ALIGNED(Type, name, 1)
 
 #define threadIdx (::mvit3::emu::self().index)
 #define blockIdx (::mvit3::emu::active_block()->block_idx)

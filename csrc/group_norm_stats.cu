@@ -18,7 +18,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(GroupNormStatsArgs args,
                                                                     int first_sample) {
   if constexpr (arch_supports<T>()) {
-    __shared__ float scratch[32];
+    MVIT3_SHARED(float[32], scratch);
     const T* x = static_cast<const T*>(args.x.data);
     const int b = first_sample + int(blockIdx.x);
     const int pixels = args.height * args.width;

@@ -195,7 +195,7 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   static_assert(kOperandBytes % 32 == 0, "score rows must stay 32-byte aligned");
   constexpr int kBytes = kOperandBytes + (kQueries * kLdS + kQueries) * int(sizeof(float));
   static_assert(kBytes <= 48 * 1024, "static shared memory limit");
-  __shared__ __align__(32) unsigned char smem[kBytes];
+  MVIT3_SHARED_ALIGNED(unsigned char[kBytes], smem, 32);
   Operand* q_tile = reinterpret_cast<Operand*>(smem);  // [kQueries][kLdQ], scaled queries
   Operand* k_tile = q_tile + kQueries * kLdQ;          // [kKeys][kLdK]
   Operand* v_tile = k_tile + kKeys * kLdK;             // [kKeys][kLdV]

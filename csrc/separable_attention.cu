@@ -31,8 +31,8 @@ struct ContextArgs {
 // its lane's channel.
 template <class T>
 MVIT3_DEVICE void context_body(const ContextArgs& args) {
-  __shared__ float scratch[32];
-  __shared__ float partial[kContextThreads / 32][kContextChannels];
+  MVIT3_SHARED(float[32], scratch);
+  MVIT3_SHARED(float[kContextThreads / 32][kContextChannels], partial);
   const T* qkv = static_cast<const T*>(args.qkv.data);
   const int b = args.first_sample + int(blockIdx.x) / 4, pos = blockIdx.x % 4;
   const int half_width = args.width / 2;

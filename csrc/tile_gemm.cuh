@@ -146,8 +146,8 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   using Math = std::conditional_t<Tiles<T>::kTensorCores, WmmaMath<T>, SimtMath>;
   using Operand = typename Tiles<T>::Operand;
   constexpr int kLdA = Tiles<T>::kLdA, kLdB = Tiles<T>::kLdB, kLdC = Tiles<T>::kLdC;
-  __shared__ __align__(32) unsigned char tiles[Tiles<T>::kBytes];
-  __shared__ Row rows[kBlockM];
+  MVIT3_SHARED_ALIGNED(unsigned char[Tiles<T>::kBytes], tiles, 32);
+  MVIT3_SHARED(Row[kBlockM], rows);
   Operand* a_tile = reinterpret_cast<Operand*>(tiles);  // [kBlockM][kLdA]
   Operand* b_tile = a_tile + kBlockM * kLdA;             // [kBlockN][kLdB]
   float* c_tile = reinterpret_cast<float*>(tiles);       // [kBlockM][kLdC], after the K loop

@@ -18,7 +18,9 @@ layout is dense); 1x1 weights come plain or in the fast models' K-major packing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import struct
 import zlib
 from typing import NamedTuple
 
@@ -684,28 +686,36 @@ def test_compile_fullgraph(cuda_ops):
 # ---- the emulator itself ----------------------------------------------------------------------
 
 _EMULATOR_PROBES = r"""
+#include <cstring>
 #include <string>
 #include "emulator.h"
 
 namespace {
 
 void mirror(int* out) {  // a barrier between shared-memory writes and reads of other threads
-  __shared__ int values[64];
+  MVIT3_SHARED(int[64], values);
   values[threadIdx.x] = 10 * threadIdx.x;
   __syncthreads();
   out[threadIdx.x] = values[63 - threadIdx.x];
 }
 
 void unsynchronised_mirror(int* out) {  // the same race without the barrier
-  __shared__ int values[64];
+  MVIT3_SHARED(int[64], values);
   values[threadIdx.x] = 10 * threadIdx.x;
   out[threadIdx.x] = values[63 - threadIdx.x];
 }
 
 void neighbour(int* out) {  // reads a value thread i - 1 wrote, without a barrier
-  __shared__ int values[64];
+  MVIT3_SHARED(int[64], values);
   values[threadIdx.x] = 10 * threadIdx.x;
   out[threadIdx.x] = threadIdx.x ? values[threadIdx.x - 1] : -10;
+}
+
+void read_before_write(int* out) {  // block 1 reads what only block 0 wrote
+  MVIT3_SHARED(float[64], values);
+  if (blockIdx.x == 0) values[threadIdx.x] = 1.0f;
+  __syncthreads();
+  if (blockIdx.x == 1) std::memcpy(&out[threadIdx.x], &values[threadIdx.x], sizeof(float));
 }
 
 void shuffle(int* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 5); }
@@ -715,14 +725,14 @@ void split_warp(int*) {  // half a warp at __syncwarp, the other half at __synct
 }
 
 void misaligned_wmma(int*) {
-  __shared__ __align__(32) __half tile[16 * 16 + 16];
+  MVIT3_SHARED_ALIGNED(__half[16 * 16 + 16], tile, 32);
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
   nvcuda::wmma::load_matrix_sync(a, tile + 1, 16);
 }
 
 }  // namespace
 
-extern "C" const char* probe(const char* name, int order, int* out) {
+extern "C" const char* probe(const char* name, int order, int blocks, int* out) {
   static std::string error;
   error.clear();
   void (*kernel)(int*) = nullptr;
@@ -730,12 +740,13 @@ extern "C" const char* probe(const char* name, int order, int* out) {
   if (which == "mirror") kernel = mirror;
   if (which == "unsynchronised_mirror") kernel = unsynchronised_mirror;
   if (which == "neighbour") kernel = neighbour;
+  if (which == "read_before_write") kernel = read_before_write;
   if (which == "shuffle") kernel = shuffle;
   if (which == "split_warp") kernel = split_warp;
   if (which == "misaligned_wmma") kernel = misaligned_wmma;
   mvit3_emu_set_schedule(order, 12345);
   try {
-    mvit3::emu::launch(dim3(1), dim3(64), [&] { kernel(out); });
+    mvit3::emu::launch(dim3(blocks), dim3(64), [&] { kernel(out); });
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -763,9 +774,9 @@ def emulator_probe(tmp_path_factory):
     probe = ctypes.CDLL(str(lib)).probe
     probe.restype = ctypes.c_char_p
 
-    def run(name: str, order: str = "forward"):
+    def run(name: str, order: str = "forward", blocks: int = 1):
         out = (ctypes.c_int * 64)()
-        error = probe(name.encode(), ORDERS.index(order), out).decode()
+        error = probe(name.encode(), ORDERS.index(order), blocks, out).decode()
         return list(out), error
 
     return run
@@ -776,14 +787,17 @@ def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
         out, error = emulator_probe("mirror", order)
         assert not error and out == [10 * (63 - i) for i in range(64)]
     # A race that the forward order hides (thread i - 1 has run up to its end before thread i
-    # reads) and the reverse order shows (first: later launches see what this one left in the
-    # shared memory, which the emulator does not clear).
+    # reads) and the reverse and random orders show.
     expected = [10 * (i - 1) for i in range(64)]
-    out, error = emulator_probe("neighbour", "reverse")
-    assert not error and out != expected
     assert emulator_probe("neighbour", "forward") == (expected, "")
-    # Threads run in order, so the race shows (in a first block: later blocks would see the
-    # previous block's shared memory, which the emulator does not clear).
+    for order in ("reverse", "random"):
+        out, error = emulator_probe("neighbour", order)
+        assert not error and out != expected
+    # Every block starts with shared memory full of NaN bytes: the second block reads NaN, not
+    # the first block's 1.0.
+    out, error = emulator_probe("read_before_write", blocks=2)
+    assert not error and all(math.isnan(v) for v in struct.unpack("64f", struct.pack("64i", *out)))
+    # Threads run in order and shared memory starts full of NaN bytes, so the race shows.
     out, error = emulator_probe("unsynchronised_mirror")
     assert not error and out != [10 * (63 - i) for i in range(64)]
     out, error = emulator_probe("shuffle")
