@@ -28,6 +28,8 @@
 //   warp synchronisation instead of an explicit __syncwarp() would fail in the emulator, which
 //   errs on the safe side.
 // - Threads that return early no longer count at barriers (as on sm_70 and newer).
+// - Threads released together by __syncthreads() must all wait at the same call site (file,
+//   line, column), or the launch fails: different sites are undefined behaviour on a GPU.
 //
 // Record mode (`python -m mvit3 kernels --backend cuda`): launches are recorded (kernel, grid,
 // block, dynamic shared memory), not run, and grid axis x takes the GPU's limit instead of the
@@ -104,6 +106,26 @@ inline std::string order_name() {
 
 enum class Wait { none, block_barrier, warp_barrier, done, failed };
 
+// Where a __syncthreads() is in the source (file, line, column where the compiler has it). On a GPU, threads of a block that wait at two
+// different __syncthreads() call sites are undefined behaviour (the CUDA programming guide
+// allows one in conditional code only if the condition is the same for the whole block),
+// however the hardware happens to count them, so the emulator reports it when it would release
+// them together. (Lanes of a warp may meet at different __syncwarp() sites on sm_70 and newer:
+// those are not checked.)
+struct BarrierSite {
+  const char* file = nullptr;
+  int line = 0;
+  int column = 0;
+  bool operator==(const BarrierSite& o) const {
+    return line == o.line && column == o.column && std::strcmp(file, o.file) == 0;
+  }
+  std::string str() const {
+    const char* slash = std::strrchr(file, '/');
+    return std::string(slash ? slash + 1 : file) + ":" + std::to_string(line) + ":" +
+           std::to_string(column);
+  }
+};
+
 struct Fiber {
   ucontext_t context{};
   std::unique_ptr<char[]> stack;
@@ -112,6 +134,7 @@ struct Fiber {
   int lane = 0;
   Wait wait = Wait::none;
   size_t mma_calls = 0;  // mma_sync calls made so far in this block
+  BarrierSite site;      // of the __syncthreads it waits at
 };
 
 // One mma_sync of a warp: operands and result, 16x16 each.
@@ -199,6 +222,21 @@ inline bool release_barriers(Block& block) {
     all_at_block_barrier &= f.wait == Wait::block_barrier;
   }
   if (any_block_wait && all_at_block_barrier) {
+    const Fiber* first = nullptr;
+    for (const Fiber& f : block.fibers) {
+      if (f.wait != Wait::block_barrier) continue;
+      if (!first) {
+        first = &f;
+      } else if (!(f.site == first->site)) {
+        auto thread = [](const Fiber& t) {
+          return "thread (" + std::to_string(t.index.x) + "," + std::to_string(t.index.y) + "," +
+                 std::to_string(t.index.z) + ")";
+        };
+        block.error = "__syncthreads() at different call sites: " + thread(*first) + " at " +
+                      first->site.str() + ", " + thread(f) + " at " + f.site.str();
+        return false;
+      }
+    }
     for (Fiber& f : block.fibers)
       if (f.wait == Wait::block_barrier) f.wait = Wait::none;
     return true;
@@ -250,7 +288,8 @@ inline void run_block(Block& block) {
     for (const Fiber& f : block.fibers) live |= f.wait != Wait::done;
     if (!live) return;
     if (!release_barriers(block)) {
-      block.error = "deadlock: threads wait at barriers that can never release";
+      if (block.error.empty())
+        block.error = "deadlock: threads wait at barriers that can never release";
       return;
     }
   }
@@ -399,7 +438,18 @@ __attribute__((used, visibility("default"))) inline int mvit3_emu_recorded_launc
 #define blockDim (::mvit3::emu::active_block()->block_dim)
 #define gridDim (::mvit3::emu::active_block()->grid_dim)
 
-inline void __syncthreads() { ::mvit3::emu::suspend(::mvit3::emu::Wait::block_barrier); }
+// The default arguments are evaluated at the call: each call site of __syncthreads() is told
+// apart by its file, line and column (0 with compilers that lack __builtin_COLUMN, GCC 12).
+#if defined(__has_builtin) && __has_builtin(__builtin_COLUMN)
+#define MVIT3_EMU_COLUMN __builtin_COLUMN()
+#else
+#define MVIT3_EMU_COLUMN 0
+#endif
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE(),
+                          int column = MVIT3_EMU_COLUMN) {
+  ::mvit3::emu::self().site = ::mvit3::emu::BarrierSite{file, line, column};
+  ::mvit3::emu::suspend(::mvit3::emu::Wait::block_barrier);
+}
 inline void __syncwarp(unsigned = 0xffffffffu) {
   ::mvit3::emu::suspend(::mvit3::emu::Wait::warp_barrier);
 }

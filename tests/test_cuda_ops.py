@@ -718,6 +718,14 @@ void read_before_write(int* out) {  // block 1 reads what only block 0 wrote
   if (blockIdx.x == 1) std::memcpy(&out[threadIdx.x], &values[threadIdx.x], sizeof(float));
 }
 
+void two_barriers(int*) {  // warp 0 at one __syncthreads, warp 1 at another
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
 void shuffle(int* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 5); }
 
 void split_warp(int*) {  // half a warp at __syncwarp, the other half at __syncthreads
@@ -741,6 +749,7 @@ extern "C" const char* probe(const char* name, int order, int blocks, int* out) 
   if (which == "unsynchronised_mirror") kernel = unsynchronised_mirror;
   if (which == "neighbour") kernel = neighbour;
   if (which == "read_before_write") kernel = read_before_write;
+  if (which == "two_barriers") kernel = two_barriers;
   if (which == "shuffle") kernel = shuffle;
   if (which == "split_warp") kernel = split_warp;
   if (which == "misaligned_wmma") kernel = misaligned_wmma;
@@ -803,4 +812,7 @@ def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
     out, error = emulator_probe("shuffle")
     assert not error and out == [i ^ 5 for i in range(64)]
     assert "deadlock" in emulator_probe("split_warp")[1]
+    error = emulator_probe("two_barriers")[1]
+    assert "__syncthreads() at different call sites: thread (0,0,0) at probe.cpp:" in error
+    assert ", thread (32,0,0) at probe.cpp:" in error
     assert "not 256-bit aligned" in emulator_probe("misaligned_wmma")[1]
