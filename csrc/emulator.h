@@ -42,6 +42,19 @@
 #include <dlfcn.h>
 #include <ucontext.h>
 
+// Built with AddressSanitizer (mvit3.build.build_emulator(sanitize="address")): every switch
+// between the scheduler and a fiber is announced to it, or it would take the fibers' stacks
+// (heap blocks) for the thread's stack and report false errors.
+#if defined(__SANITIZE_ADDRESS__)
+#define MVIT3_EMU_ASAN 1
+#include <sanitizer/common_interface_defs.h>
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MVIT3_EMU_ASAN 1
+#include <sanitizer/common_interface_defs.h>
+#endif
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -171,6 +184,8 @@ struct Block {
   std::vector<SharedVariable> shared;  // the variables the launch's blocks have declared
   size_t shared_bytes = 0;
   ucontext_t scheduler{};
+  const void* scheduler_stack = nullptr;  // its bottom and size, for AddressSanitizer
+  size_t scheduler_stack_bytes = 0;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::string error;
@@ -197,7 +212,14 @@ inline void suspend(Wait wait) {
   Block* block = active_block();
   Fiber* fiber = block->current;
   fiber->wait = wait;
+#ifdef MVIT3_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, block->scheduler_stack, block->scheduler_stack_bytes);
+#endif
   swapcontext(&fiber->context, &block->scheduler);
+#ifdef MVIT3_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
 }
 
 // Stop the launch with a message (a broken rule of the CUDA API, for instance).
@@ -209,8 +231,14 @@ inline void fail(const std::string& message) {
 
 inline void fiber_main() {
   Block* block = active_block();
+#ifdef MVIT3_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &block->scheduler_stack, &block->scheduler_stack_bytes);
+#endif
   (*block->body)();
   block->current->wait = Wait::done;  // returning resumes uc_link, the scheduler
+#ifdef MVIT3_EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, block->scheduler_stack, block->scheduler_stack_bytes);
+#endif
 }
 
 // Release the waits that can complete; false if none can (a deadlock).
@@ -281,7 +309,14 @@ inline void run_block(Block& block) {
     for (Fiber* f : schedule) {
       if (f->wait != Wait::none) continue;
       block.current = f;
+#ifdef MVIT3_EMU_ASAN
+      void* fake_stack = nullptr;
+      __sanitizer_start_switch_fiber(&fake_stack, f->stack.get(), kStackBytes);
+#endif
       swapcontext(&block.scheduler, &f->context);
+#ifdef MVIT3_EMU_ASAN
+      __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
       if (!block.error.empty()) return;
     }
     bool live = false;

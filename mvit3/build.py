@@ -383,15 +383,43 @@ def cuda_header_dir() -> Path:
                      "/usr/local/cuda and the nvidia wheels)")
 
 
-def build_emulator(verbose: bool = False) -> Path:
+SANITIZERS = ("address",)
+
+
+def asan_preload() -> str:
+    """LD_PRELOAD for a process that loads an emulator built with sanitize="address" (python
+    itself is not instrumented): the host compiler's AddressSanitizer runtime, which must come
+    first, then its libstdc++, without which the runtime cannot find the real __cxa_throw when
+    it starts (python does not link libstdc++) and aborts on the first C++ exception."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise BuildError("no host C++ compiler")
+    libraries = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        found = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True,
+                               text=True).stdout.strip()
+        if not found or not Path(found).is_absolute() or not Path(found).exists():
+            raise BuildError(f"{compiler} has no {name} (AddressSanitizer)")
+        libraries.append(str(Path(found).resolve()))
+    return " ".join(libraries)
+
+
+def build_emulator(verbose: bool = False, sanitize: str | None = None) -> Path:
     """Build and load the CPU emulation of csrc/ (ops `torch.ops.mvit3_emulated.<op>` on CPU
-    tensors); returns the library path. Cached per sources hash under build/."""
+    tensors); returns the library path. Cached per sources hash under build/.
+
+    sanitize="address": built with AddressSanitizer (-O1, cached apart under
+    build/emulator-address-<key>/); the process must run with LD_PRELOAD=asan_preload() and
+    must not load the plain emulator as well (both register the mvit3_emulated ops)."""
     from torch.utils import cpp_extension
 
     if not has_sources():
         raise BuildError(f"no csrc/ in {SOURCE_ROOT}")
+    if sanitize is not None and sanitize not in SANITIZERS:
+        raise BuildError(f"unknown sanitizer {sanitize!r} (known: {', '.join(SANITIZERS)})")
     csrc = SOURCE_ROOT / "csrc"
-    build_dir = SOURCE_ROOT / "build" / f"emulator-{build_key()}"
+    flavour = f"emulator-{sanitize}" if sanitize else "emulator"
+    build_dir = SOURCE_ROOT / "build" / f"{flavour}-{build_key()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     # One host translation unit per source, as in the real build (each .cu is its own TU).
     sources = []
@@ -401,12 +429,19 @@ def build_emulator(verbose: bool = False) -> Path:
         if not wrapper.is_file() or wrapper.read_text() != text:
             wrapper.write_text(text)
         sources.append(str(wrapper))
+    flags = ["-DMVIT3_EMULATE", "-fno-strict-aliasing", "-Wall", "-Wextra"]
+    # ASan: -O1 (the sanitizer's advice: a fast build, reports that match the source) and
+    # line tables for the reports' stack traces.
+    flags = (["-O1", "-g1", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize
+             else ["-O3"]) + flags
+    name = f"mvit3_emulated_ops_{sanitize}" if sanitize else "mvit3_emulated_ops"
     cpp_extension.load(
-        name="mvit3_emulated_ops", sources=sources, build_directory=str(build_dir),
-        extra_cflags=["-O3", "-DMVIT3_EMULATE", "-fno-strict-aliasing", "-Wall", "-Wextra"],
+        name=name, sources=sources, build_directory=str(build_dir), extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if sanitize else None,
         extra_include_paths=[str(csrc), str(cuda_header_dir())], with_cuda=False,
         is_python_module=False, verbose=verbose)
-    for stale in build_dir.parent.glob("emulator-*"):  # caches of other sources
+    # Caches of other sources (of this flavour: emulator-torch*, emulator-address-torch*).
+    for stale in build_dir.parent.glob(f"{flavour}-torch*"):
         if stale != build_dir:
             shutil.rmtree(stale, ignore_errors=True)
-    return build_dir / "mvit3_emulated_ops.so"
+    return build_dir / f"{name}.so"

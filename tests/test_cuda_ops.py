@@ -54,11 +54,22 @@ GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a C
 
 # ---- where the kernels run --------------------------------------------------------------------
 
+# "address": the emulator built with AddressSanitizer (test_emulated_ops_under_address_sanitizer
+# runs a few tests of this file so, in a process that preloads the sanitizer's runtime).
+SANITIZE = os.environ.get("MVIT3_EMULATOR_SANITIZE") or None
+
+
+def build_emulator():
+    if SANITIZE:  # the runtime is in: the compilers the build runs need not have it too
+        os.environ.pop("LD_PRELOAD", None)
+    return build.build_emulator(sanitize=SANITIZE)
+
+
 @pytest.fixture(scope="session")
 def emulated_ops():
     """torch.ops.mvit3_emulated, built once per sources hash (about a minute on 2 cores)."""
     try:
-        build.build_emulator()
+        build_emulator()
     except build.BuildError as err:
         pytest.fail(f"cannot build the CPU emulation of csrc/: {err}")
     return torch.ops.mvit3_emulated
@@ -83,7 +94,7 @@ def emulator_library(emulated_ops):
     """The emulator's library through ctypes (the handle torch loaded: the same globals)."""
     import ctypes
 
-    handle = ctypes.CDLL(str(build.build_emulator()))
+    handle = ctypes.CDLL(str(build_emulator()))
     handle.mvit3_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
     handle.mvit3_emu_set_schedule.restype = ctypes.c_int
     return handle
@@ -816,3 +827,51 @@ def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
     assert "__syncthreads() at different call sites: thread (0,0,0) at probe.cpp:" in error
     assert ", thread (32,0,0) at probe.cpp:" in error
     assert "not 256-bit aligned" in emulator_probe("misaligned_wmma")[1]
+
+
+# One reverse-order case of each op (batch 3: samples end inside pixel tiles) and the long
+# sequences' partial key tile: the masking at the ends of the tiles is where an access past an
+# array would be.
+ASAN_CASES = [f"{test}[{next(p.id for p in params if '-reverse-' in p.id)}]"
+              for test, params in (
+                  ("test_pointwise_conv", cases(POINTWISE, EMU_SIZES, GPU_SIZES)),
+                  ("test_dwconv_pointwise", cases(DWCONV, EMU_SIZES, GPU_SIZES)),
+                  ("test_dwconv_pointwise_expand", cases(MV2_BLOCKS, EMU_SIZES, GPU_SIZES)),
+                  ("test_conv3x3", cases(CONV3X3, EMU_SIZES, GPU_SIZES)),
+                  ("test_patch_attention",
+                   cases(ATTENTION_USES, EMU_EVEN_SIZES, GPU_EVEN_SIZES)),
+                  ("test_transformer_mlp",
+                   cases(MLP, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES)),
+                  ("test_transformer_mlp_project",
+                   cases(MLP_PROJECT, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES)),
+                  ("test_separable_attention",
+                   cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES)))]
+ASAN_CASES.append(f"test_patch_attention_long_sequences[{LONG_SEQUENCE_CASES[1]}]")
+
+
+@pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")
+def test_emulated_ops_under_address_sanitizer():
+    """A few op tests again on the emulator built with AddressSanitizer: an access past a
+    global, shared (each variable is its own heap block), local or fiber-stack array fails the
+    run. In a subprocess that preloads the sanitizer's runtime, which must come first in a
+    process that loads an instrumented library."""
+    import subprocess
+    import sys
+
+    try:
+        preload = build.asan_preload()
+    except build.BuildError as err:
+        pytest.skip(str(err))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LD_PRELOAD=preload, MVIT3_EMULATOR_SANITIZE="address",
+               # Python and torch keep allocations to their exit: leaks are not the question.
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+    # -s: no capture, so that a sanitizer report (written to fd 2 just before the process
+    # exits) comes back instead of dying in pytest's capture file.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-x",
+         *[f"{os.path.join(here, 'test_cuda_ops.py')}::{case}" for case in ASAN_CASES]],
+        env=env, cwd=os.path.dirname(here), capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert f"{len(ASAN_CASES)} passed" in output, output[-6000:]
