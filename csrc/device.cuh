@@ -133,6 +133,114 @@ MVIT3_DEVICE float block_allreduce(float v, float* scratch, Op op) {
   return v;
 }
 
+// ---- asynchronous copies and warp-level matrix instructions ---------------------------------
+// Inline PTX on the GPU, the emulator's twins (emulator.h, with the same fragment layouts) under
+// MVIT3_EMULATE. cp.async and mma.m16n8k16 need sm_80, ldmatrix sm_75: ptxas refuses them in a
+// kernel compiled for an older arch. Not used by the kernels yet.
+
+// Copy kBytes (4, 8 or 16) from global to shared memory asynchronously, the first src_bytes of
+// them read and the rest of the destination zero-filled (src_bytes 0: a masked-off element).
+// The copy is queued with the thread's uncommitted copies; it is visible to the thread after a
+// cp_async_wait that covers its group, to the block after that and a __syncthreads().
+template <int kBytes>
+MVIT3_DEVICE void cp_async(void* shared_dst, const void* global_src, int src_bytes = kBytes) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef MVIT3_EMULATE
+  emu::cp_async(shared_dst, global_src, kBytes, src_bytes);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  if constexpr (kBytes == 16)  // .cg (L2 only) exists for 16 bytes alone
+    asm volatile("cp.async.cg.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(global_src),
+                 "n"(kBytes), "r"(src_bytes) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(global_src),
+                 "n"(kBytes), "r"(src_bytes) : "memory");
+#endif
+}
+
+// Close the thread's group of cp_async copies (an empty group is allowed).
+MVIT3_DEVICE void cp_async_commit() {
+#ifdef MVIT3_EMULATE
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most kPending of the thread's committed groups (the most recent) are in flight.
+template <int kPending>
+MVIT3_DEVICE void cp_async_wait() {
+#ifdef MVIT3_EMULATE
+  emu::cp_async_wait(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{kCount}[.trans].shared.b16 (warp-wide): lanes 8i..8i+7 pass the
+// 16-byte aligned shared addresses of rows 0..7 of matrix i; regs[i] of lane l gets elements
+// (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i, the first in the low half, or with
+// kTrans those of the transposed matrix.
+template <int kCount, bool kTrans = false>
+MVIT3_DEVICE void ldmatrix(uint32_t (&regs)[kCount], const void* shared_row) {
+  static_assert(kCount == 1 || kCount == 2 || kCount == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#ifdef MVIT3_EMULATE
+  emu::ldmatrix(regs, kCount, kTrans, shared_row);
+#else
+  const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  if constexpr (kCount == 1 && !kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+                 : "=r"(regs[0]) : "r"(row));
+  else if constexpr (kCount == 1)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(regs[0]) : "r"(row));
+  else if constexpr (kCount == 2 && !kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]) : "r"(row));
+  else if constexpr (kCount == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]) : "r"(row));
+  else if constexpr (!kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3]) : "r"(row));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3]) : "r"(row));
+#endif
+}
+
+// d = a b + c, mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 (warp-wide; T __half or
+// __nv_bfloat16), fragments per lane l (g = l / 4, t = l % 4; two elements a register, the
+// lower index in the low half):
+//   a[0]: A[g][2t..2t+1]  a[1]: A[g+8][2t..2t+1]  a[2]: A[g][2t+8..2t+9]  a[3]: A[g+8][2t+8..2t+9]
+//   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..2t+9][g]
+//   c[0..1], d[0..1]: C[g][2t..2t+1]  c[2..3], d[2..3]: C[g+8][2t..2t+1]
+// ldmatrix<4> with lane l at row l % 16, column 8 (l / 16) of a row-major A gives a; ldmatrix<2,
+// true> with lane l at row l % 16 of a row-major [k][n] B gives b.
+template <class T>
+MVIT3_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                               const float (&c)[4]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "f16 or bf16");
+#ifdef MVIT3_EMULATE
+  emu::mma_m16n8k16<T>(d, a, b, c);
+#else
+  if constexpr (std::is_same_v<T, __half>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+#endif
+}
+
 // ---- launching ------------------------------------------------------------------------------
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -4,7 +4,7 @@
 // Why: the development machines and CI have nvcc but no GPU, so csrc/ could only be compiled
 // there. Running the kernels here, with their real tiling, shared memory, barriers, shuffles
 // and WMMA calls, turns "it compiles" into "it computes the reference" for everything but the
-// hardware itself (speed, the real fragment layouts, races that only interleavings within a
+// hardware itself (speed, WMMA's real fragment layouts, races that only interleavings within a
 // thread's run between two barriers show).
 //
 // Model:
@@ -27,6 +27,9 @@
 //   Loads and stores do not synchronise the warp here: a kernel that relied on their implicit
 //   warp synchronisation instead of an explicit __syncwarp() would fail in the emulator, which
 //   errs on the safe side.
+// - cp.async, ldmatrix and mma.sync m16n8k16 (device.cuh's cp_async, ldmatrix, mma_m16n8k16)
+//   have twins below with the PTX ISA's per-lane fragment layouts; an async copy lands only
+//   when a wait_group covers its group.
 // - Threads that return early no longer count at barriers (as on sm_70 and newer).
 // - Threads released together by __syncthreads() must all wait at the same call site (file,
 //   line, column), or the launch fails: different sites are undefined behaviour on a GPU.
@@ -56,9 +59,11 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <new>
@@ -139,6 +144,13 @@ struct BarrierSite {
   }
 };
 
+// A cp.async of a thread, done when a cp.async.wait_group covers its group (cp_async below).
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes, src_bytes;
+};
+
 struct Fiber {
   ucontext_t context{};
   std::unique_ptr<char[]> stack;
@@ -148,6 +160,8 @@ struct Fiber {
   Wait wait = Wait::none;
   size_t mma_calls = 0;  // mma_sync calls made so far in this block
   BarrierSite site;      // of the __syncthreads it waits at
+  std::vector<AsyncCopy> copies;                 // cp.async not yet committed
+  std::deque<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
 };
 
 // One mma_sync of a warp: operands and result, 16x16 each.
@@ -181,6 +195,7 @@ struct Block {
   // Per warp, the mma_sync calls of its first lane: a later lane whose operands are the same
   // (they always are in a convergent warp) copies the result instead of recomputing it.
   std::vector<std::vector<MmaRecord>> mma_log;
+  std::vector<std::array<uint32_t, 10>> mma_fragments;  // mma_m16n8k16's a, b, c per thread
   std::vector<SharedVariable> shared;  // the variables the launch's blocks have declared
   size_t shared_bytes = 0;
   ucontext_t scheduler{};
@@ -297,6 +312,8 @@ inline void run_block(Block& block) {
   if (order == Order::reverse) std::reverse(schedule.begin(), schedule.end());
   for (Fiber& f : block.fibers) {
     f.mma_calls = 0;
+    f.copies.clear();
+    f.copy_groups.clear();
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
@@ -348,6 +365,7 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
   block.fibers.resize(count);
   block.exchange.resize(count);
   block.mma_log.resize(count / 32);
+  block.mma_fragments.resize(count);
   for (unsigned i = 0; i < count; ++i) {
     Fiber& f = block.fibers[i];
     f.stack.reset(new char[kStackBytes]);
@@ -394,6 +412,123 @@ Type& shared_variable(const void* key) {
 
 template <class T>
 using Identity = T;  // so that a declaration can name an array type: Identity<float[4][32]> x
+
+// ---- cp.async, ldmatrix, mma.sync (device.cuh's wrappers call these under MVIT3_EMULATE) -----
+//
+// Each lane holds only its own registers of a fragment, in the layouts of the PTX ISA (ldmatrix
+// "Warp-level matrix load instruction"; mma "Matrix Fragments for mma.m16n8k16 with floating
+// point type"), so a kernel that gives a lane the wrong elements gets a wrong product here as
+// on a GPU (unlike the WMMA twin above, whose fragments are opaque whole tiles).
+
+// The shared variable of the block that holds [pointer, pointer + bytes), or null.
+inline const SharedVariable* shared_holding(const void* pointer, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(pointer);
+  for (const SharedVariable& v : active_block()->shared)
+    if (p >= v.data && p + bytes <= v.data + v.bytes) return &v;
+  return nullptr;
+}
+
+// cp.async: the copy is queued with the thread's uncommitted copies and only happens when a
+// cp.async.wait_group covers its group: until then the destination holds what it held (the
+// block's NaN fill, say), so a read that does not wait sees that.
+inline void cp_async(void* shared_dst, const void* global_src, int bytes, int src_bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async: size must be 4, 8 or 16 bytes");
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size must be 0 to the size");
+  if (reinterpret_cast<uintptr_t>(shared_dst) % bytes || reinterpret_cast<uintptr_t>(global_src) % bytes)
+    fail("cp.async: addresses must be aligned to the copy size");
+  if (!shared_holding(shared_dst, bytes)) fail("cp.async: destination not in shared memory");
+  self().copies.push_back(AsyncCopy{static_cast<unsigned char*>(shared_dst),
+                                    static_cast<const unsigned char*>(global_src), bytes, src_bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber& me = self();
+  me.copy_groups.push_back(std::move(me.copies));
+  me.copies.clear();
+}
+
+// cp.async.wait_group n: the thread's committed groups but the n most recent are done.
+inline void cp_async_wait(int pending) {
+  Fiber& me = self();
+  while (me.copy_groups.size() > static_cast<size_t>(pending)) {
+    for (const AsyncCopy& c : me.copy_groups.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);  // the zero fill
+    }
+    me.copy_groups.pop_front();
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{count}[.trans].shared.b16: lanes 8i..8i+7 give the addresses of
+// rows 0..7 of matrix i (16 bytes each); register i of lane l gets row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix i (the low half the first), or with trans, rows
+// 2 (l % 4) and 2 (l % 4) + 1 of column l / 4.
+inline void ldmatrix(uint32_t* regs, int count, bool trans, const void* row) {
+  Block* block = active_block();
+  Fiber& me = self();
+  if (count != 1 && count != 2 && count != 4) fail("ldmatrix: .x1, .x2 or .x4");
+  if (me.lane < 8 * count) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) fail("ldmatrix: row address not 16-byte aligned");
+    if (!shared_holding(row, 16)) fail("ldmatrix: row not in shared memory");
+  }
+  const int base = me.warp * 32;
+  block->exchange[base + me.lane] = reinterpret_cast<uintptr_t>(row);
+  suspend(Wait::warp_barrier);
+  const int group = me.lane / 4, pair = 2 * (me.lane % 4);
+  auto element = [&](int matrix, int r, int c) {
+    uint16_t v;
+    std::memcpy(&v, reinterpret_cast<const unsigned char*>(block->exchange[base + 8 * matrix + r]) + 2 * c, 2);
+    return uint32_t(v);
+  };
+  for (int i = 0; i < count; ++i)
+    regs[i] = trans ? element(i, pair, group) | element(i, pair + 1, group) << 16
+                    : element(i, group, pair) | element(i, group, pair + 1) << 16;
+  suspend(Wait::warp_barrier);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: D = A B + C for a 16x16 A,
+// a 16x8 B and 16x8 C, D, fragments per lane (group g = lane / 4, t = lane % 4):
+//   a[0]: A[g][2t, 2t+1]  a[1]: A[g+8][2t, 2t+1]  a[2]: A[g][2t+8, 2t+9]  a[3]: A[g+8][2t+8, 2t+9]
+//   b[0]: B[2t, 2t+1][g]  b[1]: B[2t+8, 2t+9][g]
+//   c[0], c[1]: C[g][2t, 2t+1]  c[2], c[3]: C[g+8][2t, 2t+1]
+// (two 16-bit elements a register, the lower index in the low half). Sums in fp32.
+template <class T>
+void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  Block* block = active_block();
+  Fiber& me = self();
+  auto& mine = block->mma_fragments[me.warp * 32 + me.lane];
+  std::copy(a, a + 4, mine.begin());
+  std::copy(b, b + 2, mine.begin() + 4);
+  for (int i = 0; i < 4; ++i) std::memcpy(&mine[6 + i], &c[i], 4);
+  suspend(Wait::warp_barrier);
+  auto half_of = [](uint32_t reg, int high) {
+    const uint16_t bits = static_cast<uint16_t>(high ? reg >> 16 : reg);
+    T v;
+    std::memcpy(&v, &bits, 2);
+    return static_cast<float>(v);
+  };
+  const auto* lanes = &block->mma_fragments[me.warp * 32];
+  auto A = [&](int row, int col) {  // the lane and register that hold A[row][col]
+    const int lane = 4 * (row % 8) + (col % 8) / 2, reg = row / 8 + 2 * (col / 8);
+    return half_of(lanes[lane][reg], col % 2);
+  };
+  auto B = [&](int k, int col) {
+    const int lane = 4 * col + (k % 8) / 2, reg = 4 + k / 8;
+    return half_of(lanes[lane][reg], k % 2);
+  };
+  const int group = me.lane / 4, pair = 2 * (me.lane % 4);
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i / 2), col = pair + i % 2;
+    float sum;
+    std::memcpy(&sum, &mine[6 + i], 4);
+    for (int k = 0; k < 16; ++k) sum = std::fma(A(row, k), B(k, col), sum);
+    out[i] = sum;
+  }
+  suspend(Wait::warp_barrier);
+  std::copy(out, out + 4, d);
+}
 
 // One value per lane through the warp's exchange slots; both waits keep the slots stable.
 template <class V>

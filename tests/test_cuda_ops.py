@@ -875,3 +875,293 @@ def test_emulated_ops_under_address_sanitizer():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert f"{len(ASAN_CASES)} passed" in output, output[-6000:]
+
+
+# ---- cp.async, ldmatrix and mma.sync twins (device.cuh; no kernel uses them yet) ---------------
+
+_WARP_MATRIX_PROBES = r"""
+#include <cstring>
+#include <string>
+#include "device.cuh"
+
+namespace {
+
+using mvit3::cp_async;
+using mvit3::cp_async_commit;
+using mvit3::cp_async_wait;
+using mvit3::ldmatrix;
+
+// A (16 x 16, row-major) and B (16 x 8, row-major [k][n]) of 16-bit elements, staged in shared
+// memory by plain copies; in: A then B, 384 elements.
+struct Staged {
+  uint16_t* a;
+  uint16_t* b;
+};
+
+template <class Shared>
+Staged stage(Shared& tile, const uint16_t* in) {
+  for (int e = threadIdx.x; e < 384; e += 32) tile[e] = in[e];
+  __syncthreads();
+  return {tile, tile + 256};
+}
+
+// Per lane: ldmatrix x4 of A (lane l at row l % 16, column 8 (l / 16)), x2.trans of B (lane l
+// at row l % 16), x4.trans of A (same addresses), x1 of A (lane l at row l % 8), x2 of A
+// (lane l at row l % 16): 13 registers.
+void fragments(const void* in, void* out) {
+  MVIT3_SHARED_ALIGNED(uint16_t[384], tile, 16);
+  const Staged s = stage(tile, static_cast<const uint16_t*>(in));
+  const int l = threadIdx.x;
+  uint32_t regs[13];
+  uint32_t a[4], b[2], t[4], x1[1], x2[2];
+  ldmatrix<4>(a, s.a + (l % 16) * 16 + 8 * (l / 16));
+  ldmatrix<2, true>(b, s.b + (l % 16) * 8);
+  ldmatrix<4, true>(t, s.a + (l % 16) * 16 + 8 * (l / 16));
+  ldmatrix<1>(x1, s.a + (l % 8) * 16);
+  ldmatrix<2>(x2, s.a + (l % 16) * 16);
+  std::memcpy(regs, a, 16);
+  std::memcpy(regs + 4, b, 8);
+  std::memcpy(regs + 6, t, 16);
+  std::memcpy(regs + 10, x1, 4);
+  std::memcpy(regs + 11, x2, 8);
+  std::memcpy(static_cast<uint32_t*>(out) + 13 * l, regs, sizeof(regs));
+}
+
+// D = A B + C (C: 128 floats after A and B in `in`), D written row-major [16][8] through the
+// documented accumulator layout. wrong: "rows" swaps a[1] and a[2] (rows g + 8 and columns
+// 2t + 8 mixed up), "b" loads B without .trans: lane mappings a kernel could get wrong.
+template <class T>
+void mma(const void* in, void* out, const std::string& wrong) {
+  MVIT3_SHARED_ALIGNED(uint16_t[384], tile, 16);
+  const Staged s = stage(tile, static_cast<const uint16_t*>(in));
+  const float* c_in = reinterpret_cast<const float*>(static_cast<const uint16_t*>(in) + 384);
+  const int l = threadIdx.x, g = l / 4, t = l % 4;
+  uint32_t a[4], b[2];
+  ldmatrix<4>(a, s.a + (l % 16) * 16 + 8 * (l / 16));
+  if (wrong == "b")
+    ldmatrix<2>(b, s.b + (l % 16) * 8);
+  else
+    ldmatrix<2, true>(b, s.b + (l % 16) * 8);
+  if (wrong == "rows") std::swap(a[1], a[2]);
+  float c[4], d[4];
+  for (int i = 0; i < 4; ++i) c[i] = c_in[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+  mvit3::mma_m16n8k16<T>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) static_cast<float*>(out)[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+}
+
+// Two groups of cp.async (16 bytes a lane; the second reads 8 and zero-fills 8), with what the
+// lane sees of its destinations before any wait, after wait_group 1 and after wait_group 0:
+// 7 words a lane.
+void async_copies(const void* in, void* out) {
+  MVIT3_SHARED_ALIGNED(uint32_t[256], dst, 16);
+  const uint32_t* src = static_cast<const uint32_t*>(in);
+  uint32_t* o = static_cast<uint32_t*>(out) + 7 * threadIdx.x;
+  const int l = threadIdx.x;
+  cp_async<16>(&dst[4 * l], &src[4 * l]);
+  cp_async_commit();
+  cp_async<16>(&dst[128 + 4 * l], &src[128 + 4 * l], 8);
+  cp_async_commit();
+  o[0] = dst[4 * l];
+  cp_async_wait<1>();
+  o[1] = dst[4 * l];
+  o[2] = dst[128 + 4 * l];
+  cp_async_wait<0>();
+  std::memcpy(&o[3], &dst[128 + 4 * l], 16);
+}
+
+void misaligned_cp_async(const void* in, void*) {
+  MVIT3_SHARED_ALIGNED(uint32_t[256], dst, 16);
+  cp_async<16>(&dst[4 * threadIdx.x + 1], static_cast<const uint32_t*>(in));
+}
+
+void cp_async_to_global(const void* in, void* out) {
+  cp_async<4>(static_cast<uint32_t*>(out) + threadIdx.x, static_cast<const uint32_t*>(in));
+}
+
+void misaligned_ldmatrix(const void* in, void*) {
+  MVIT3_SHARED_ALIGNED(uint16_t[384], tile, 16);
+  const Staged s = stage(tile, static_cast<const uint16_t*>(in));
+  uint32_t a[4];
+  ldmatrix<4>(a, s.a + (threadIdx.x % 16) * 16 + 4);
+}
+
+}  // namespace
+
+extern "C" const char* probe(const char* name, const void* in, void* out) {
+  static std::string error;
+  error.clear();
+  const std::string which = name;
+  try {
+    mvit3::emu::launch(dim3(1), dim3(32), [&] {
+      if (which == "fragments") fragments(in, out);
+      if (which == "mma_f16") mma<__half>(in, out, "");
+      if (which == "mma_bf16") mma<__nv_bfloat16>(in, out, "");
+      if (which == "mma_wrong_rows") mma<__half>(in, out, "rows");
+      if (which == "mma_wrong_b") mma<__half>(in, out, "b");
+      if (which == "async_copies") async_copies(in, out);
+      if (which == "misaligned_cp_async") misaligned_cp_async(in, out);
+      if (which == "cp_async_to_global") cp_async_to_global(in, out);
+      if (which == "misaligned_ldmatrix") misaligned_ldmatrix(in, out);
+    });
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  return error.c_str();
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def warp_matrix_probe(tmp_path_factory):
+    """Small kernels of device.cuh's cp_async, ldmatrix and mma_m16n8k16 on the emulator (host
+    compiler, no torch)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler (the emulated op tests above need one too)")
+    directory = tmp_path_factory.mktemp("warp_matrix_probe")
+    (directory / "probe.cpp").write_text(_WARP_MATRIX_PROBES)
+    lib = directory / "probe.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-DMVIT3_EMULATE",
+                    "-o", str(lib), str(directory / "probe.cpp"),
+                    f"-I{build.SOURCE_ROOT / 'csrc'}", f"-I{build.cuda_header_dir()}"], check=True)
+    probe = ctypes.CDLL(str(lib)).probe
+    probe.restype = ctypes.c_char_p
+
+    def run(name: str, data: torch.Tensor, out: torch.Tensor) -> str:
+        data, out = data.contiguous(), out.contiguous()
+        return probe(name.encode(), ctypes.c_void_p(data.data_ptr()),
+                     ctypes.c_void_p(out.data_ptr())).decode()
+
+    return run
+
+
+def _operands(dtype):
+    """A [16, 16], B [16, 8] (dtype) and C [16, 8] (fp32), and `in` for the probes: their bits
+    one after another."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 8, generator=gen).to(dtype)
+    c = torch.randn(16, 8, generator=gen)
+    data = torch.cat([a.flatten().view(torch.int16), b.flatten().view(torch.int16),
+                      c.flatten().view(torch.int16)])
+    return a, b, c, data
+
+
+def _pair(m, row0, col0, row1, col1) -> int:
+    """A 32-bit register of two 16-bit elements, m[row0, col0] in the low half."""
+    bits = m.view(torch.int16).to(torch.int64) & 0xFFFF
+    return int(bits[row0, col0]) | int(bits[row1, col1]) << 16
+
+
+def test_ldmatrix_fragments_have_the_ptx_layouts(warp_matrix_probe):
+    """Each lane's registers are the elements the PTX ISA's ldmatrix figure gives it: matrix i
+    from the rows lanes 8i..8i+7 address, lane l holding row l / 4, columns 2 (l % 4) and
+    2 (l % 4) + 1 (transposed with .trans)."""
+    a, b, _, data = _operands(torch.float16)
+    out = torch.zeros(32 * 13, dtype=torch.int32)
+    assert warp_matrix_probe("fragments", data, out) == ""
+    regs = out.view(32, 13).to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        g, t = lane // 4, 2 * (lane % 4)
+        # x4 at rows l % 16, columns 8 (l / 16): matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15)
+        quads = [(0, 0), (8, 0), (0, 8), (8, 8)]
+        expected = [_pair(a, r + g, c + t, r + g, c + t + 1) for r, c in quads]
+        expected += [_pair(b, t, g, t + 1, g), _pair(b, 8 + t, g, 8 + t + 1, g)]  # x2.trans of B
+        expected += [_pair(a, r + t, c + g, r + t + 1, c + g) for r, c in quads]  # x4.trans of A
+        expected += [_pair(a, g, t, g, t + 1)]  # x1: rows 0-7
+        expected += [_pair(a, g, t, g, t + 1), _pair(a, 8 + g, t, 8 + g, t + 1)]  # x2
+        assert regs[lane].tolist() == expected, f"lane {lane}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mma_m16n8k16_with_the_ptx_fragments(warp_matrix_probe, dtype):
+    """D = A B + C through ldmatrix fragments and the documented accumulator layout, summed in
+    fp32 (the products of 16-bit values are exact: only 16 fp32 additions round); a lane mapping
+    that a kernel could get wrong gives a wrong D."""
+    a, b, c, data = _operands(dtype)
+    ref = a.double() @ b.double() + c.double()
+    name = "mma_f16" if dtype == torch.float16 else "mma_bf16"
+    out = torch.full((16, 8), float("nan"))
+    assert warp_matrix_probe(name, data, out) == ""
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    if dtype == torch.float16:
+        for wrong in ("mma_wrong_rows", "mma_wrong_b"):
+            out = torch.full((16, 8), float("nan"))
+            assert warp_matrix_probe(wrong, data, out) == ""
+            assert (out.double() - ref).abs().max().item() > 0.1 * ref.abs().max().item(), wrong
+
+
+def test_cp_async_becomes_visible_at_its_wait(warp_matrix_probe):
+    """A copy's destination keeps the block's NaN fill until a wait_group covers its group; the
+    zero-filling form reads src_bytes and zeroes the rest."""
+    src = torch.arange(1, 257, dtype=torch.int32)
+    out = torch.zeros(32 * 7, dtype=torch.int32)
+    assert warp_matrix_probe("async_copies", src, out) == ""
+    fill = -1  # 0xFFFFFFFF
+    for lane, words in enumerate(out.view(32, 7).tolist()):
+        first, second = 4 * lane + 1, 128 + 4 * lane + 1  # src[i] = i + 1
+        assert words[0] == fill  # before any wait
+        assert words[1] == first and words[2] == fill  # group 1 done, group 2 still in flight
+        assert words[3:] == [second, second + 1, 0, 0]  # 8 bytes read, 8 zero-filled
+    out = torch.zeros(32, dtype=torch.int32)
+    assert "aligned to the copy size" in warp_matrix_probe("misaligned_cp_async", src, out)
+    assert "not in shared memory" in warp_matrix_probe("cp_async_to_global", src, out)
+    a, b, c, data = _operands(torch.float16)
+    assert "not 16-byte aligned" in warp_matrix_probe("misaligned_ldmatrix", data, out)
+
+
+_WARP_MATRIX_KERNEL = r"""
+#include "device.cuh"
+template <class T>
+__global__ void warp_ops(const T* in, float* out) {
+  MVIT3_SHARED_ALIGNED(T[16 * 16 + 16 * 8], tile, 16);
+  const int lane = threadIdx.x;
+  mvit3::cp_async<16>(&tile[lane * 8], in + lane * 8);
+  mvit3::cp_async<8>(&tile[256 + lane * 4], in + 256 + lane * 4, 4);
+  mvit3::cp_async<4>(&tile[256 + lane * 4 + 2], in + 256 + lane * 4 + 2, 0);
+  mvit3::cp_async_commit();
+  mvit3::cp_async_wait<0>();
+  __syncthreads();
+  uint32_t a[4], b[2], a1[1], a2[2], b4[4], b1[1];
+  mvit3::ldmatrix<4>(a, &tile[(lane % 16) * 16 + 8 * (lane / 16)]);
+  mvit3::ldmatrix<2, true>(b, &tile[256 + (lane % 16) * 8]);
+  mvit3::ldmatrix<1>(a1, &tile[(lane % 8) * 16]);
+  mvit3::ldmatrix<2>(a2, &tile[(lane % 16) * 16]);
+  mvit3::ldmatrix<4, true>(b4, &tile[(lane % 16) * 16 + 8 * (lane / 16)]);
+  mvit3::ldmatrix<1, true>(b1, &tile[(lane % 8) * 16]);
+  float c[4] = {0, 0, 0, float(a1[0] + a2[1] + b4[3] + b1[0])}, d[4];
+  mvit3::mma_m16n8k16<T>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = d[i];
+}
+template __global__ void warp_ops<__half>(const __half*, float*);
+template __global__ void warp_ops<__nv_bfloat16>(const __nv_bfloat16*, float*);
+"""
+
+
+def test_warp_matrix_wrappers_assemble_for_sm80_and_newer(tmp_path):
+    """device.cuh's inline PTX for cp.async, ldmatrix and mma.m16n8k16 passes ptxas for sm_80
+    and sm_90 (what the emulator tests above cannot see: the PTX strings and constraints), and
+    ptxas refuses cp.async in an sm_75 kernel instead of it compiling to something else."""
+    import subprocess
+
+    try:
+        nvcc = build.find_nvcc()
+    except build.BuildError as err:
+        pytest.skip(str(err))
+    (tmp_path / "warp_ops.cu").write_text(_WARP_MATRIX_KERNEL)
+
+    def compile_for(arch: str):
+        return subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Werror",
+                               "all-warnings", f"-I{build.SOURCE_ROOT / 'csrc'}", "-o",
+                               str(tmp_path / f"{arch}.cubin"), str(tmp_path / "warp_ops.cu")],
+                              capture_output=True, text=True)
+
+    for arch in ("sm_80", "sm_90"):
+        result = compile_for(arch)
+        assert result.returncode == 0, result.stderr
+    result = compile_for("sm_75")
+    assert result.returncode != 0 and "cp.async" in result.stderr
