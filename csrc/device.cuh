@@ -35,7 +35,8 @@ namespace mvit3 {
 template <class T>
 using Identity = T;  // so that a declaration can name an array type
 }  // namespace mvit3
-#define MVIT3_SHARED_ALIGNED(Type, name, bytes) __shared__ __align__(bytes) ::mvit3::Identity<Type> name
+#define MVIT3_SHARED_ALIGNED(Type, name, bytes) \
+  __shared__ __align__(bytes) ::mvit3::Identity<Type> name
 #define MVIT3_SHARED(Type, name) __shared__ ::mvit3::Identity<Type> name
 #endif
 

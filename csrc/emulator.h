@@ -124,12 +124,12 @@ inline std::string order_name() {
 
 enum class Wait { none, block_barrier, warp_barrier, done, failed };
 
-// Where a __syncthreads() is in the source (file, line, column where the compiler has it). On a GPU, threads of a block that wait at two
-// different __syncthreads() call sites are undefined behaviour (the CUDA programming guide
-// allows one in conditional code only if the condition is the same for the whole block),
-// however the hardware happens to count them, so the emulator reports it when it would release
-// them together. (Lanes of a warp may meet at different __syncwarp() sites on sm_70 and newer:
-// those are not checked.)
+// Where a __syncthreads() is in the source (file, line, column where the compiler has it). On
+// a GPU, threads of a block waiting at two different __syncthreads() call sites is undefined
+// behaviour (the CUDA programming guide allows one in conditional code only if the condition
+// is the same for the whole block), however the hardware happens to count them, so the
+// emulator reports it when it would release them together. (Lanes of a warp may meet at
+// different __syncwarp() sites on sm_70 and newer: those are not checked.)
 struct BarrierSite {
   const char* file = nullptr;
   int line = 0;
@@ -403,8 +403,8 @@ Type& shared_variable(const void* key) {
   block->shared_bytes += sizeof(Type);
   if (block->shared_bytes > kSharedLimit)
     fail("static shared memory over " + std::to_string(kSharedLimit) + " bytes");
-  SharedVariable v{key, sizeof(Type), align,
-                   static_cast<unsigned char*>(::operator new(sizeof(Type), std::align_val_t(align)))};
+  void* storage = ::operator new(sizeof(Type), std::align_val_t(align));
+  SharedVariable v{key, sizeof(Type), align, static_cast<unsigned char*>(storage)};
   std::memset(v.data, kSharedFill, v.bytes);
   block->shared.push_back(v);
   return *reinterpret_cast<Type*>(v.data);
@@ -434,11 +434,13 @@ inline const SharedVariable* shared_holding(const void* pointer, size_t bytes) {
 inline void cp_async(void* shared_dst, const void* global_src, int bytes, int src_bytes) {
   if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async: size must be 4, 8 or 16 bytes");
   if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size must be 0 to the size");
-  if (reinterpret_cast<uintptr_t>(shared_dst) % bytes || reinterpret_cast<uintptr_t>(global_src) % bytes)
+  if (reinterpret_cast<uintptr_t>(shared_dst) % bytes ||
+      reinterpret_cast<uintptr_t>(global_src) % bytes)
     fail("cp.async: addresses must be aligned to the copy size");
   if (!shared_holding(shared_dst, bytes)) fail("cp.async: destination not in shared memory");
   self().copies.push_back(AsyncCopy{static_cast<unsigned char*>(shared_dst),
-                                    static_cast<const unsigned char*>(global_src), bytes, src_bytes});
+                                    static_cast<const unsigned char*>(global_src), bytes,
+                                    src_bytes});
 }
 
 inline void cp_async_commit() {
@@ -477,7 +479,9 @@ inline void ldmatrix(uint32_t* regs, int count, bool trans, const void* row) {
   const int group = me.lane / 4, pair = 2 * (me.lane % 4);
   auto element = [&](int matrix, int r, int c) {
     uint16_t v;
-    std::memcpy(&v, reinterpret_cast<const unsigned char*>(block->exchange[base + 8 * matrix + r]) + 2 * c, 2);
+    const auto* row_address =
+        reinterpret_cast<const unsigned char*>(block->exchange[base + 8 * matrix + r]);
+    std::memcpy(&v, row_address + 2 * c, 2);
     return uint32_t(v);
   };
   for (int i = 0; i < count; ++i)

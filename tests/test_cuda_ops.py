@@ -946,7 +946,8 @@ void mma(const void* in, void* out, const std::string& wrong) {
   float c[4], d[4];
   for (int i = 0; i < 4; ++i) c[i] = c_in[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
   mvit3::mma_m16n8k16<T>(d, a, b, c);
-  for (int i = 0; i < 4; ++i) static_cast<float*>(out)[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+  float* d_out = static_cast<float*>(out);
+  for (int i = 0; i < 4; ++i) d_out[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
 }
 
 // Two groups of cp.async (16 bytes a lane; the second reads 8 and zero-fills 8), with what the
