@@ -540,6 +540,18 @@ def merge_split_k(acc, partials_ptr, counters_ptr, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def row_layer_norm(rows, mask, C, eps):
+    """LayerNorm statistics of each row of an fp32 [BLOCK_M, K] tile whose C valid channels
+    are where mask is set (0 elsewhere): (mean, rstd) [BLOCK_M] and the centred tile, 0
+    outside the mask. Two passes over registers (the mean, then the centred squares): no
+    E[x^2] - E[x]^2 cancellation."""
+    mean = tl.sum(rows, axis=1) / C
+    centred = tl.where(mask, rows - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    return mean, rstd, centred
+
+
+@triton.jit
 def pixel_coords(offs_m, HW, W):
     """(b, y, x) of pixels m = (b * H + y) * W + x of a [B, *, H, W] map."""
     return offs_m // HW, (offs_m % HW) // W, offs_m % W

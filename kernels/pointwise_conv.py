@@ -28,11 +28,12 @@ import triton.language as tl
 
 from mvit3.ops.reference import ACTS, NORMS
 
-from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cat_maps_error,
-                      cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      gemm_tile, int32_offset_limit, interpreter_meta, launch_gemm_tiles,
-                      load_weight_tile, map_stride_args, next_pow2, pixel_coords,
-                      pixel_tile_epilogue, target_arch, vector_stride_error)
+from ._common import (LONG_LOOP, TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part,
+                      cat_maps_error, cdiv, channels_last_empty, check_device, dot_operand_type,
+                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta,
+                      launch_gemm_tiles, load_weight_tile, map_stride_args, next_pow2,
+                      pixel_coords, pixel_tile_epilogue, row_layer_norm, target_arch,
+                      vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 
@@ -66,15 +67,10 @@ def _pixel_layer_norm_stats(x_rows, row_mask, C, stride_c, eps,
 @triton.jit
 def _whole_row_layer_norm(x_rows, row_mask, k, k_mask, C, stride_c, eps):
     """(mean, rstd, centred) of each pixel row from one load of its C channels k (k: the
-    padded range, k_mask: k < C): mean and 1/sqrt(var + eps) [BLOCK_M] fp32, and the centred
-    [BLOCK_M, K] fp32 tile, 0 outside the map and the channels. Two passes over registers
-    (mean, then the centred squares): no E[x^2] - E[x]^2 cancellation."""
+    padded range, k_mask: k < C), as `row_layer_norm` gives them."""
     mask = row_mask[:, None] & k_mask[None, :]
     rows = tl.load(x_rows[:, None] + k[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(rows, axis=1) / C
-    centred = tl.where(mask, rows - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
-    return mean, rstd, centred
+    return row_layer_norm(rows, mask, C, eps)
 
 
 @triton.jit
@@ -192,8 +188,16 @@ def _meta(pixels: int, n: int, c1: int, c2: int, norm: str, dtype: torch.dtype, 
         block_m //= 2
     if wide_k:
         block_k = row_k or min(64, next_pow2(max(c1, c2)))
-    else:  # IEEE fp32 (FMA) dots of 16-row tiles hold 32-channel fragments without spilling
-        block_k = 32 if block_m == 16 and dtype == torch.float32 and precision == "ieee" else 16
+    elif block_m == 16 and dtype == torch.float32 and precision == "ieee":
+        # IEEE fp32 (FMA) dots of 16-row tiles hold 32-channel fragments without spilling.
+        # A small grid whose K loop is long (batch 1: v3-XS's fusions of layer_4/5, 32 and 8
+        # programs of 9-10 steps) takes [64, 64] weight chunks instead of [32, 128]: as many
+        # values in registers, twice the programs and half the steps
+        block_k = 32
+        if programs(16) < TARGET_PROGRAMS and cdiv(c1, 32) + cdiv(c2, 32) > LONG_LOOP:
+            block_n, block_k = min(block_n, 64), 64
+    else:
+        block_k = 16
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ROW_K=row_k,
              # fp32 dots, and mma.sync's 64-channel K steps, hold more per thread: 4 warps at
