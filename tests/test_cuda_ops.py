@@ -775,9 +775,9 @@ extern "C" const char* probe(const char* name, int order, int blocks, int* out) 
 """
 
 
-@pytest.fixture(scope="module")
-def emulator_probe(tmp_path_factory):
-    """Small kernels compiled with csrc/emulator.h alone (host compiler, no torch)."""
+def _compiled_probe(tmp_path_factory, name: str, source: str, *flags: str):
+    """The `probe` function of `source` compiled with the host compiler against csrc/ (no
+    torch) into a shared library; skips without a host C++ compiler."""
     import ctypes
     import shutil
     import subprocess
@@ -785,14 +785,23 @@ def emulator_probe(tmp_path_factory):
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no host C++ compiler (the emulated op tests above need one too)")
-    directory = tmp_path_factory.mktemp("emulator_probe")
-    (directory / "probe.cpp").write_text(_EMULATOR_PROBES)
+    directory = tmp_path_factory.mktemp(name)
+    (directory / "probe.cpp").write_text(source)
     lib = directory / "probe.so"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(lib),
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", *flags, "-o", str(lib),
                     str(directory / "probe.cpp"), f"-I{build.SOURCE_ROOT / 'csrc'}",
                     f"-I{build.cuda_header_dir()}"], check=True)
     probe = ctypes.CDLL(str(lib)).probe
     probe.restype = ctypes.c_char_p
+    return probe
+
+
+@pytest.fixture(scope="module")
+def emulator_probe(tmp_path_factory):
+    """Small kernels compiled with csrc/emulator.h alone (host compiler, no torch)."""
+    import ctypes
+
+    probe = _compiled_probe(tmp_path_factory, "emulator_probe", _EMULATOR_PROBES)
 
     def run(name: str, order: str = "forward", blocks: int = 1):
         out = (ctypes.c_int * 64)()
@@ -1017,20 +1026,9 @@ def warp_matrix_probe(tmp_path_factory):
     """Small kernels of device.cuh's cp_async, ldmatrix and mma_m16n8k16 on the emulator (host
     compiler, no torch)."""
     import ctypes
-    import shutil
-    import subprocess
 
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler (the emulated op tests above need one too)")
-    directory = tmp_path_factory.mktemp("warp_matrix_probe")
-    (directory / "probe.cpp").write_text(_WARP_MATRIX_PROBES)
-    lib = directory / "probe.so"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-DMVIT3_EMULATE",
-                    "-o", str(lib), str(directory / "probe.cpp"),
-                    f"-I{build.SOURCE_ROOT / 'csrc'}", f"-I{build.cuda_header_dir()}"], check=True)
-    probe = ctypes.CDLL(str(lib)).probe
-    probe.restype = ctypes.c_char_p
+    probe = _compiled_probe(tmp_path_factory, "warp_matrix_probe", _WARP_MATRIX_PROBES,
+                            "-DMVIT3_EMULATE")
 
     def run(name: str, data: torch.Tensor, out: torch.Tensor) -> str:
         data, out = data.contiguous(), out.contiguous()
