@@ -73,6 +73,41 @@ def enumerate_launches(arch: int) -> list:
     return list(records.values())
 
 
+# Issue 11 item 1: at batch 100 every 16-bit dot of the v3 models runs on warpgroup MMA on sm_90,
+# except where the shape leaves no 64-row tile (tests/test_triton_aot.py holds the exceptions)
+WGMMA_MODELS = "mobilevitv3*"
+WGMMA_INPUT = (100, 256)
+
+
+def not_on_wgmma(arch: int = 90) -> list:
+    """The distinct launches of the v3 models at batch 100 in fp16 / bf16 on sm_<arch> whose
+    dots do not compile to wgmma: [{kernel, mma, constexprs, args (N, D)}]."""
+    import mvit3
+    import mvit3.fast as fast
+    from mvit3.kernel_report.compiled import compile_all
+    from mvit3.kernels._common import compile_target, launch_log
+
+    launches = []  # every launch, not one per configuration: launches of other shapes (N, D)
+    for name in mvit3.list_models(WGMMA_MODELS):  # may share a configuration
+        for dtype in (torch.float16, torch.bfloat16):
+            model = fast.create_model(name, backend="triton").to(dtype).eval()
+            x = torch.zeros(WGMMA_INPUT[0], 3, WGMMA_INPUT[1], WGMMA_INPUT[1], dtype=dtype)
+            with torch.no_grad(), compile_target(arch), launch_log(dry_run=True) as log:
+                model(x)
+            launches += log.records
+    compiled = compile_all(launches, arch)
+    found = []
+    for record in launches:
+        if compiled[record.key].mma not in ("wgmma", "none"):
+            args = dict(record.args)
+            launch = dict(kernel=record.name, mma=compiled[record.key].mma,
+                          constexprs={k: repr(v) for k, v in record.constexprs},
+                          args={k: args[k] for k in ("N", "D") if k in args})
+            if launch not in found:
+                found.append(launch)
+    return found
+
+
 def problems(records: list, arch: int, spills: list) -> list:
     """Every compile error, shared-memory overflow and (gated archs) spill on sm_<arch>; the
     spills of other archs are appended to `spills`."""
@@ -111,7 +146,8 @@ def main() -> int:
     for record in configurations.values():
         kernels[record.name] = kernels.get(record.name, 0) + 1
     print(json.dumps({"configurations": len(configurations), "compilations": compilations,
-                      "per_kernel": kernels, "errors": errors, "ungated_spills": spills}))
+                      "per_kernel": kernels, "errors": errors, "ungated_spills": spills,
+                      "not_on_wgmma": not_on_wgmma()}))
     return 0
 
 
