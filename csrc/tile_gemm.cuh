@@ -28,7 +28,6 @@
 namespace mvit3::gemm {
 
 constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32, kThreads = 256;
-static_assert(kMaxChannels <= kMaxGridYZ * kBlockN, "Cout / kBlockN blocks fit grid axis y");
 
 // What a block knows about each of its output pixels (shared memory, so no initialisers).
 struct Row {
@@ -139,10 +138,14 @@ struct WmmaMath {
   }
 };
 
-// first_tile: the pixel tile of block x = 0 (a launch covers at most kMaxGridX tiles).
+// The grid: block x = tile * channel_tiles_x + i and block y = j compute pixel tile
+// first_tile + tile and channel tile j * channel_tiles_x + i (none past the last: that block
+// writes nothing). The channel tiles of a pixel tile are neighbours on axis x, so they run
+// together and share its A operand (producer inputs, LayerNorm statistics) in L1/L2.
 template <class T, class Producer>
 MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_matrix,
-                                 const Epilogue& ep, const Shape& shape, int64_t first_tile) {
+                                 const Epilogue& ep, const Shape& shape, int64_t first_tile,
+                                 int channel_tiles_x) {
   using Math = std::conditional_t<Tiles<T>::kTensorCores, WmmaMath<T>, SimtMath>;
   using Operand = typename Tiles<T>::Operand;
   constexpr int kLdA = Tiles<T>::kLdA, kLdB = Tiles<T>::kLdB, kLdC = Tiles<T>::kLdC;
@@ -156,8 +159,9 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   const bool k_contiguous = weight_matrix.stride_col == 1;
   const int tid = threadIdx.x;
   const int pixels_per_sample = shape.out_height * shape.out_width;
-  const int64_t m0 = (first_tile + blockIdx.x) * kBlockM;
-  const int n0 = blockIdx.y * kBlockN;
+  const int64_t m0 = (first_tile + blockIdx.x / channel_tiles_x) * kBlockM;
+  const int n0 = int(blockIdx.y * channel_tiles_x + blockIdx.x % channel_tiles_x) * kBlockN;
+  if (n0 >= shape.cout) return;  // a channel tile past the last of a group on axis y
   const int64_t pixels = int64_t(shape.batch) * pixels_per_sample;
 
   if (tid < kBlockM) {
@@ -222,8 +226,10 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
 // the registers they need (at most 128 each, two 20 KB blocks per SM on every arch).
 template <class T, class Producer>
 __global__ void __launch_bounds__(kThreads, 2)
-    tile_gemm_kernel(Producer producer, Matrix weight, Epilogue ep, Shape shape, int64_t first_tile) {
-  if constexpr (arch_supports<T>()) tile_gemm_body<T>(producer, weight, ep, shape, first_tile);
+    tile_gemm_kernel(Producer producer, Matrix weight, Epilogue ep, Shape shape, int64_t first_tile,
+                     int channel_tiles_x) {
+  if constexpr (arch_supports<T>())
+    tile_gemm_body<T>(producer, weight, ep, shape, first_tile, channel_tiles_x);
 }
 
 // Launch the GEMM of `producer` for the output pixels and channels of `shape`.
@@ -232,10 +238,16 @@ void run(const Producer& producer, const Matrix& weight, const Epilogue& ep, con
          Stream stream) {
   const int64_t pixels = int64_t(shape.batch) * shape.out_height * shape.out_width;
   if (pixels == 0 || shape.cout == 0) return;
-  const int64_t channel_tiles = ceil_div(shape.cout, kBlockN);  // <= 65535: kMaxChannels
-  launch_chunks(ceil_div(pixels, kBlockM), 1, [&](int64_t first_tile, int64_t tiles) {
-    launch(&tile_gemm_kernel<T, Producer>, grid_of(tiles, channel_tiles), dim3(kThreads), stream,
-           producer, weight, ep, shape, first_tile);
+  // All channel tiles of a pixel tile side by side on axis x (on a GPU always: kMaxChannels
+  // gives at most 65535 of them); only where axis x takes fewer (the emulator's test limit)
+  // they are split into groups on axis y.
+  static_assert(kMaxChannels <= kMaxGridYZ * kBlockN, "Cout / kBlockN tiles fit grid axis y");
+  const int64_t channel_tiles = ceil_div(shape.cout, kBlockN);
+  const int64_t groups = ceil_div(channel_tiles, kMaxGridX);
+  const int64_t channel_tiles_x = ceil_div(channel_tiles, groups);
+  launch_chunks(ceil_div(pixels, kBlockM), channel_tiles_x, [&](int64_t first_tile, int64_t tiles) {
+    launch(&tile_gemm_kernel<T, Producer>, grid_of(tiles * channel_tiles_x, groups),
+           dim3(kThreads), stream, producer, weight, ep, shape, first_tile, int(channel_tiles_x));
   });
 }
 
