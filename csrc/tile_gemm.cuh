@@ -27,7 +27,7 @@
 
 namespace mvit3::gemm {
 
-constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32, kThreads = 256;
+constexpr int kBlockM = 64, kBlockN = 64, kThreads = 256;
 
 // What a block knows about each of its output pixels (shared memory, so no initialisers).
 struct Row {
@@ -49,44 +49,81 @@ struct Shape {
   int batch, out_height, out_width, cout, k;
 };
 
-// fp32 stages fp32 operands (SIMT); fp16/bf16 stage the I/O type for WMMA.
+// Operand tiles, two stages of each (the copies of step k + 1 overlap the math of step k).
+// fp32 stages fp32 operands and walks K in steps of 16 (SIMT); fp16/bf16 stage the I/O type and
+// walk K in steps of 32 (two WMMA k-steps). Every row is padded by 16 bytes, which keeps rows
+// 16-byte aligned (cp.async, vector loads, WMMA) and spreads them over the banks.
+// A is [kBlockM][kLdA]; B is [kBlockN][kLdA] (k-fastest, for weights whose K is unit-stride) or
+// [kBlockK][kLdBn] (n-fastest, for the fast models' K-major weights, Cout unit-stride).
 template <class T>
 struct Tiles {
   static constexpr bool kTensorCores = !std::is_same_v<T, float>;
   using Operand = T;
-  static constexpr int kLdA = kTensorCores ? kBlockK + 8 : kBlockK + 1;  // WMMA: 16-byte rows
-  static constexpr int kLdB = kLdA;
+  static constexpr int kChunk = 16 / int(sizeof(T));  // elements in 16 bytes
+  static constexpr int kBlockK = kTensorCores ? 32 : 16;
+  static constexpr int kLdA = kBlockK + kChunk;
+  static constexpr int kLdBn = kBlockN + kChunk;
   static constexpr int kLdC = kBlockN + 4;
-  static constexpr int kOperandBytes = (kBlockM * kLdA + kBlockN * kLdB) * int(sizeof(T));
+  static constexpr int kAElems = kBlockM * kLdA;
+  static constexpr int kBElems = std::max(kBlockN * kLdA, kBlockK * kLdBn);
+  static constexpr int kStageElems = kAElems + kBElems;
+  static constexpr int kStages = 2;
+  static constexpr int kOperandBytes = kStages * kStageElems * int(sizeof(T));
   static constexpr int kResultBytes = kBlockM * kLdC * int(sizeof(float));
-  static constexpr int kBytes = kOperandBytes > kResultBytes ? kOperandBytes : kResultBytes;
-  static_assert((kBlockM * kLdA * int(sizeof(T))) % 32 == 0, "B tile must stay 32-byte aligned");
+  static constexpr int kBytes = std::max(kOperandBytes, kResultBytes);
+  static_assert((kAElems * int(sizeof(T))) % 32 == 0 && (kStageElems * int(sizeof(T))) % 32 == 0,
+                "every A and B tile stays 32-byte aligned (WMMA)");
+  static_assert(kBlockN * kBlockK == kThreads * kChunk, "one 16-byte chunk of B per thread");
 };
 
 // fp32: thread (ty, tx) of a 16x16 grid owns rows ty + 16i and columns tx + 16j, i, j < 4.
-// Row reads are warp broadcasts; column reads hit 16 distinct banks thanks to kLdB = 33.
+// A rows are read 4 k at a time (128-bit, a broadcast per half-warp); B likewise from a
+// k-fastest tile (kLdA = 20: the 8 lanes of each 128-bit phase hit distinct banks), one k at a
+// time from an n-fastest one (16 consecutive words). The FMAs run in k order, as before.
 struct SimtMath {
+  using Tile = Tiles<float>;
   float acc[4][4] = {};
 
+  MVIT3_DEVICE void step(const float* a_tile, const float* b_tile, bool b_n_fastest) {
+    if (b_n_fastest)
+      step<true>(a_tile, b_tile);
+    else
+      step<false>(a_tile, b_tile);
+  }
+
+  template <bool kBNFastest>
   MVIT3_DEVICE void step(const float* a_tile, const float* b_tile) {
-    constexpr int kLd = Tiles<float>::kLdA;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     MVIT3_UNROLL
-    for (int k = 0; k < kBlockK; ++k) {
-      float a[4], b[4];
+    for (int k = 0; k < Tile::kBlockK; k += 4) {
+      float4 a[4], b[4];
       MVIT3_UNROLL
-      for (int i = 0; i < 4; ++i) a[i] = a_tile[(ty + 16 * i) * kLd + k];
+      for (int i = 0; i < 4; ++i)
+        a[i] = *reinterpret_cast<const float4*>(a_tile + (ty + 16 * i) * Tile::kLdA + k);
       MVIT3_UNROLL
-      for (int j = 0; j < 4; ++j) b[j] = b_tile[(tx + 16 * j) * kLd + k];
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (kBNFastest) {
+          const float* column = b_tile + k * Tile::kLdBn + tx + 16 * j;
+          b[j] = float4{column[0], column[Tile::kLdBn], column[2 * Tile::kLdBn],
+                        column[3 * Tile::kLdBn]};
+        } else {
+          b[j] = *reinterpret_cast<const float4*>(b_tile + (tx + 16 * j) * Tile::kLdA + k);
+        }
+      }
       MVIT3_UNROLL
       for (int i = 0; i < 4; ++i)
         MVIT3_UNROLL
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) {
+          acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
+          acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
+          acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
+          acc[i][j] = fmaf(a[i].w, b[j].w, acc[i][j]);
+        }
     }
   }
 
   MVIT3_DEVICE void store(float* c_tile) const {
-    constexpr int kLd = Tiles<float>::kLdC;
+    constexpr int kLd = Tile::kLdC;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     MVIT3_UNROLL
     for (int i = 0; i < 4; ++i)
@@ -96,11 +133,14 @@ struct SimtMath {
 };
 
 // fp16/bf16: warp w owns rows 16 * (w % 4) and columns 32 * (w / 4) (+0, +16). The A tile is
-// [M][K] row-major; the B tile is stored [N][K], i.e. W^T column-major.
+// [M][K] row-major; a k-fastest B tile [N][K] is W^T column-major, an n-fastest one [K][N] is
+// W^T row-major.
 template <class T>
 struct WmmaMath {
+  using Tile = Tiles<T>;
   using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using FragBk = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using FragBn = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
   using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
   static_assert(kThreads == 256 && kBlockM == 64 && kBlockN == 64, "8 warps of 16x32");
   FragC acc[2];
@@ -110,25 +150,31 @@ struct WmmaMath {
     nvcuda::wmma::fill_fragment(acc[1], 0.0f);
   }
 
-  MVIT3_DEVICE void step(const T* a_tile, const T* b_tile) {
-    constexpr int kLd = Tiles<T>::kLdA;
+  MVIT3_DEVICE void step(const T* a_tile, const T* b_tile, bool b_n_fastest) {
     const int warp = threadIdx.x / 32;
     const int row0 = 16 * (warp % 4), col0 = 32 * (warp / 4);
     MVIT3_UNROLL
-    for (int k = 0; k < kBlockK; k += 16) {
+    for (int k = 0; k < Tile::kBlockK; k += 16) {
       FragA a;
-      nvcuda::wmma::load_matrix_sync(a, a_tile + row0 * kLd + k, kLd);
+      nvcuda::wmma::load_matrix_sync(a, a_tile + row0 * Tile::kLdA + k, Tile::kLdA);
       MVIT3_UNROLL
       for (int j = 0; j < 2; ++j) {
-        FragB b;
-        nvcuda::wmma::load_matrix_sync(b, b_tile + (col0 + 16 * j) * kLd + k, kLd);
-        nvcuda::wmma::mma_sync(acc[j], a, b, acc[j]);
+        const int col = col0 + 16 * j;
+        if (b_n_fastest) {
+          FragBn b;
+          nvcuda::wmma::load_matrix_sync(b, b_tile + k * Tile::kLdBn + col, Tile::kLdBn);
+          nvcuda::wmma::mma_sync(acc[j], a, b, acc[j]);
+        } else {
+          FragBk b;
+          nvcuda::wmma::load_matrix_sync(b, b_tile + col * Tile::kLdA + k, Tile::kLdA);
+          nvcuda::wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
       }
     }
   }
 
   MVIT3_DEVICE void store(float* c_tile) const {
-    constexpr int kLd = Tiles<T>::kLdC;
+    constexpr int kLd = Tile::kLdC;
     const int warp = threadIdx.x / 32;
     const int row0 = 16 * (warp % 4), col0 = 32 * (warp / 4);
     MVIT3_UNROLL
@@ -138,25 +184,68 @@ struct WmmaMath {
   }
 };
 
+// One 16-byte chunk global -> shared, in two halves around the math of the current stage:
+// fetch issues it, land makes it the thread's (a __syncthreads then makes it the block's).
+// sm_80+ (and the emulator, which models it): cp.async, the bytes past src_bytes zero-filled.
+// sm_75: a 16-byte load into registers, stored to shared memory by land.
+#if defined(MVIT3_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+struct ChunkCopy {
+  MVIT3_DEVICE void fetch(void* shared_dst, const void* global_src, int src_bytes) {
+    cp_async<16>(shared_dst, global_src, src_bytes);
+    cp_async_commit();
+  }
+  MVIT3_DEVICE void land() { cp_async_wait<0>(); }
+};
+#else
+struct ChunkCopy {
+  uint4 data;
+  uint4* dst;
+
+  MVIT3_DEVICE void fetch(void* shared_dst, const void* global_src, int src_bytes) {
+    dst = static_cast<uint4*>(shared_dst);
+    if (src_bytes == 16) {
+      data = *static_cast<const uint4*>(global_src);
+      return;
+    }
+    // A chunk cut by the end of a row: 16-bit reads of the src_bytes (a multiple of 2), zeros after.
+    const unsigned short* half = static_cast<const unsigned short*>(global_src);
+    uint32_t words[4];
+    MVIT3_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t low = 4 * i < src_bytes ? half[2 * i] : 0u;
+      const uint32_t high = 4 * i + 2 < src_bytes ? half[2 * i + 1] : 0u;
+      words[i] = low | high << 16;
+    }
+    data = uint4{words[0], words[1], words[2], words[3]};
+  }
+  MVIT3_DEVICE void land() const { *dst = data; }
+};
+#endif
+
 // The grid: block x = tile * channel_tiles_x + i and block y = j compute pixel tile
 // first_tile + tile and channel tile j * channel_tiles_x + i (none past the last: that block
 // writes nothing). The channel tiles of a pixel tile are neighbours on axis x, so they run
 // together and share its A operand (producer inputs, LayerNorm statistics) in L1/L2.
+//
+// Staging, per K step into the stage the math does not read: A by the producer (fp32 math,
+// rounded to the operand type), element by element along its unit-stride dimension; B, when
+// its unit-stride dimension (K or Cout) has stride 1 and the base pointer and the other stride
+// are 16-byte aligned, one 16-byte chunk per thread (ChunkCopy), else element by element.
 template <class T, class Producer>
 MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_matrix,
                                  const Epilogue& ep, const Shape& shape, int64_t first_tile,
                                  int channel_tiles_x) {
-  using Math = std::conditional_t<Tiles<T>::kTensorCores, WmmaMath<T>, SimtMath>;
-  using Operand = typename Tiles<T>::Operand;
-  constexpr int kLdA = Tiles<T>::kLdA, kLdB = Tiles<T>::kLdB, kLdC = Tiles<T>::kLdC;
-  MVIT3_SHARED_ALIGNED(unsigned char[Tiles<T>::kBytes], tiles, 32);
+  using Tile = Tiles<T>;
+  using Math = std::conditional_t<Tile::kTensorCores, WmmaMath<T>, SimtMath>;
+  using Operand = typename Tile::Operand;
+  constexpr int kBlockK = Tile::kBlockK, kLdA = Tile::kLdA, kLdBn = Tile::kLdBn;
+  constexpr int kLdC = Tile::kLdC, kChunk = Tile::kChunk;
+  MVIT3_SHARED_ALIGNED(unsigned char[Tile::kBytes], tiles, 32);
   MVIT3_SHARED(Row[kBlockM], rows);
-  Operand* a_tile = reinterpret_cast<Operand*>(tiles);  // [kBlockM][kLdA]
-  Operand* b_tile = a_tile + kBlockM * kLdA;             // [kBlockN][kLdB]
-  float* c_tile = reinterpret_cast<float*>(tiles);       // [kBlockM][kLdC], after the K loop
+  Operand* const stages = reinterpret_cast<Operand*>(tiles);  // per stage: A tile, then B tile
+  float* c_tile = reinterpret_cast<float*>(tiles);             // [kBlockM][kLdC], after the K loop
 
   const T* weight = static_cast<const T*>(weight_matrix.data);
-  const bool k_contiguous = weight_matrix.stride_col == 1;
   const int tid = threadIdx.x;
   const int pixels_per_sample = shape.out_height * shape.out_width;
   const int64_t m0 = (first_tile + blockIdx.x / channel_tiles_x) * kBlockM;
@@ -180,8 +269,7 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   __syncthreads();
   producer.prepare(rows);
 
-  Math math;
-  for (int k0 = 0; k0 < shape.k; k0 += kBlockK) {
+  auto stage_a = [&](int k0, Operand* a_tile) {
     for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
       const int r = producer.channels_contiguous ? e / kBlockK : e % kBlockM;
       const int kk = producer.channels_contiguous ? e % kBlockK : e / kBlockM;
@@ -190,17 +278,64 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
       const float v = (row.b >= 0 && k < shape.k) ? producer.a(row, k) : 0.0f;
       a_tile[r * kLdA + kk] = from_float<Operand>(v);
     }
+  };
+
+  // B: k-fastest tile b[n * kLdA + k] unless only Cout is unit-stride (b[k * kLdBn + n]).
+  const bool b_n_fastest = weight_matrix.stride_row == 1 && weight_matrix.stride_col != 1;
+  const int64_t line_stride = b_n_fastest ? weight_matrix.stride_col : weight_matrix.stride_row;
+  const bool b_chunked = (b_n_fastest || weight_matrix.stride_col == 1) &&
+                         reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
+                         (line_stride * int64_t(sizeof(T))) % 16 == 0;
+  // This thread's chunk: `first` .. `first` + kChunk - 1 of line `line` (a row n of the
+  // k-fastest tile, a row k of the n-fastest one).
+  const int chunks_per_line = (b_n_fastest ? kBlockN : kBlockK) / kChunk;
+  const int line = tid / chunks_per_line, first = tid % chunks_per_line * kChunk;
+  const int chunk_offset = b_n_fastest ? line * kLdBn + first : line * kLdA + first;
+  ChunkCopy copy;
+  auto fetch_b = [&](int k0, Operand* b_tile) {
+    const int line_index = (b_n_fastest ? k0 : n0) + line;
+    const int first_index = (b_n_fastest ? n0 : k0) + first;
+    const int lines = b_n_fastest ? shape.k : shape.cout;
+    const int line_length = b_n_fastest ? shape.cout : shape.k;
+    const int left = line_index < lines ? line_length - first_index : 0;
+    const int elements = left < 0 ? 0 : left < kChunk ? left : kChunk;
+    const T* src = elements > 0 ? weight + line_index * line_stride + first_index : weight;
+    copy.fetch(b_tile + chunk_offset, src, elements * int(sizeof(T)));
+  };
+  auto stage_b = [&](int k0, Operand* b_tile) {
+    const bool k_contiguous = weight_matrix.stride_col == 1;
     for (int e = tid; e < kBlockN * kBlockK; e += kThreads) {
       const int n = k_contiguous ? e / kBlockK : e % kBlockN;
       const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
       const int o = n0 + n, k = k0 + kk;
-      b_tile[n * kLdB + kk] = (o < shape.cout && k < shape.k)
-                                  ? weight[o * weight_matrix.stride_row + k * weight_matrix.stride_col]
-                                  : from_float<Operand>(0.0f);
+      b_tile[b_n_fastest ? kk * kLdBn + n : n * kLdA + kk] =
+          (o < shape.cout && k < shape.k)
+              ? weight[o * weight_matrix.stride_row + k * weight_matrix.stride_col]
+              : from_float<Operand>(0.0f);
     }
-    __syncthreads();
-    math.step(a_tile, b_tile);
-    __syncthreads();  // the next stage (or c_tile, which aliases) overwrites the tiles
+  };
+  auto a_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems; };
+  auto b_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems + Tile::kAElems; };
+
+  Math math;
+  if (b_chunked)
+    fetch_b(0, b_tile_of(0));
+  else
+    stage_b(0, b_tile_of(0));
+  stage_a(0, a_tile_of(0));
+  if (b_chunked) copy.land();
+  __syncthreads();
+  for (int k0 = 0, stage = 0; k0 < shape.k; k0 += kBlockK, stage ^= 1) {
+    const int next = k0 + kBlockK;
+    const bool more = next < shape.k;
+    if (more && b_chunked) fetch_b(next, b_tile_of(stage ^ 1));
+    math.step(a_tile_of(stage), b_tile_of(stage), b_n_fastest);
+    if (more) {
+      if (!b_chunked) stage_b(next, b_tile_of(stage ^ 1));
+      stage_a(next, a_tile_of(stage ^ 1));
+      if (b_chunked) copy.land();
+    }
+    __syncthreads();  // stage ^ 1 is complete; `stage` (or c_tile, which aliases) may be rewritten
   }
   math.store(c_tile);
   __syncthreads();

@@ -354,13 +354,10 @@ def test_no_kernel_uses_local_memory(sass, lib):
     assert [line for line, m in zip(report[1:], stacks) if m.group(2) != "0"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 1: the tile GEMM does not stage its "
-                                       "operands with cp.async (LDGSTS) or 128-bit loads yet")
 @pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])
 def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, dtype):
     """sm_90: every producer of the tile GEMM moves its operands global -> shared with LDGSTS
-    (cp.async) or 128-bit LDG. When issue 12 item 1 lands this passes, and the strict xfail
-    fails until it is removed."""
+    (cp.async) or 128-bit LDG: the weight tile goes in 16-byte chunks (issue 12 item 1)."""
     kernels = _family(sass[SASS_ARCH], "tile_gemm_kernel", dtype)
     narrow = sorted(name for name, ops in kernels.items()
                     if not any(op.startswith("LDGSTS") or (op.startswith("LDG.") and ".128" in op)

@@ -309,6 +309,39 @@ def test_pointwise_conv_options(request, device, i, norm, act, c2, bias, residua
     check(kernels, "pointwise_conv", args, case.dtype)
 
 
+# [Cout = 74, K = 42] weights as views of a stored buffer full of NaN: both are no multiple of 8
+# (fp16/bf16) or 4 (fp32) elements, so padded rows end in a cut 16-byte chunk, whose bytes past
+# the row must not be read.
+WEIGHT_VIEWS = {
+    "contiguous": lambda buf: buf[:74, :42].contiguous(),  # rows of 84 / 168 bytes: unaligned
+    "padded_rows": lambda buf: buf[:74, :42],  # rows of 48 elements: aligned, K unit-stride
+    "k_major": lambda buf: buf[:42, :74].contiguous().t(),  # Cout unit-stride, rows unaligned
+    "padded_k_major": lambda buf: buf[:42, :74].t(),  # Cout unit-stride, rows of 80: aligned
+    "offset_base": lambda buf: buf[:74, 1:43],  # aligned rows, the base 1 element off
+    "no_unit_stride": lambda buf: buf[:74, ::2][:, :42],
+}
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", id="emu"),
+                                    pytest.param("cuda", id="cuda", marks=GPU_MARKS)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("view", list(WEIGHT_VIEWS))
+def test_pointwise_conv_weight_layouts(request, device, dtype, view):
+    """The GEMM's weight staging: 16-byte chunks (cp.async) along K or along Cout where that
+    dimension is unit-stride and the base and rows are 16-byte aligned, chunks cut by a row's
+    end zero-filled, element by element otherwise; K = 42 takes 2 (fp16/bf16) or 3 (fp32) K
+    steps through both stages, Cout = 74 two channel tiles."""
+    case = Case(device, (), dtype, "channels_last", 3, (5, 9))
+    kernels = request.getfixturevalue("emulated_ops" if device == "emu" else "cuda_ops")
+    t = Inputs(case, seed=len(view))
+    buf = t._to(torch.full((80, 96), math.nan))  # a read outside the view makes NaNs
+    weight = WEIGHT_VIEWS[view](buf)
+    assert weight.shape == (74, 42)
+    weight.copy_(torch.randn(74, 42, generator=t.gen) / 42 ** 0.5)
+    args = (t.map(42), weight, t.vector(74), None, None, "none", None, None, 1e-5, "none")
+    check(kernels, "pointwise_conv", args, dtype)
+
+
 @pytest.mark.parametrize("case", cases(DWCONV, EMU_SIZES, GPU_SIZES))
 def test_dwconv_pointwise(kernels, case):
     hidden, out, stride, residual = case.shape
