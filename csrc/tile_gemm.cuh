@@ -222,6 +222,31 @@ struct ChunkCopy {
 };
 #endif
 
+// Whether a map's pixels are rows of unit-stride channels whose 16-byte chunks are aligned.
+template <class T>
+MVIT3_DEVICE bool chunked_rows(const Map& m) {
+  constexpr int64_t kBytes = sizeof(T);
+  return m.stride_c == 1 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0 &&
+         (m.stride_b * kBytes) % 16 == 0 && (m.stride_h * kBytes) % 16 == 0 &&
+         (m.stride_w * kBytes) % 16 == 0;
+}
+
+// 16 bytes of T (16-byte aligned) to or from registers.
+template <class T>
+MVIT3_DEVICE void load_chunk(T (&dst)[16 / sizeof(T)], const T* src) {
+  const uint4 bits = *reinterpret_cast<const uint4*>(src);
+  memcpy(&dst, &bits, 16);
+}
+template <class T>
+MVIT3_DEVICE void store_chunk(T* dst, const float (&v)[16 / sizeof(T)]) {
+  T values[16 / sizeof(T)];
+  MVIT3_UNROLL
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) values[i] = from_float<T>(v[i]);
+  uint4 bits;
+  memcpy(&bits, &values, 16);
+  *reinterpret_cast<uint4*>(dst) = bits;
+}
+
 // The grid: block x = tile * channel_tiles_x + i and block y = j compute pixel tile
 // first_tile + tile and channel tile j * channel_tiles_x + i (none past the last: that block
 // writes nothing). The channel tiles of a pixel tile are neighbours on axis x, so they run
@@ -242,6 +267,7 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   constexpr int kLdC = Tile::kLdC, kChunk = Tile::kChunk;
   MVIT3_SHARED_ALIGNED(unsigned char[Tile::kBytes], tiles, 32);
   MVIT3_SHARED(Row[kBlockM], rows);
+  MVIT3_SHARED(float[kBlockN], bias_tile);  // the block's bias values (0 without a bias)
   Operand* const stages = reinterpret_cast<Operand*>(tiles);  // per stage: A tile, then B tile
   float* c_tile = reinterpret_cast<float*>(tiles);             // [kBlockM][kLdC], after the K loop
 
@@ -266,6 +292,8 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
     }
     rows[tid] = row;
   }
+  const T* bias = static_cast<const T*>(ep.bias);
+  if (tid < kBlockN) bias_tile[tid] = bias && n0 + tid < shape.cout ? to_float(bias[n0 + tid]) : 0.0f;
   __syncthreads();
   producer.prepare(rows);
 
@@ -340,17 +368,43 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   math.store(c_tile);
   __syncthreads();
 
-  const T* bias = static_cast<const T*>(ep.bias);
+  // Epilogue: with Cout a multiple of kChunk and channel-fastest 16-byte aligned rows (the
+  // outputs ops.cpp allocates, a channels_last residual), each thread takes kChunk channels of a
+  // pixel: one offset, 16-byte loads and stores; element by element otherwise.
   const T* residual = static_cast<const T*>(ep.residual.data);
   T* out = static_cast<T*>(ep.out.data);
+  if (shape.cout % kChunk == 0 && chunked_rows<T>(ep.out) &&
+      (!residual || chunked_rows<T>(ep.residual))) {
+    constexpr int kChunksPerRow = kBlockN / kChunk;
+    for (int e = tid; e < kBlockM * kChunksPerRow; e += kThreads) {
+      const int r = e / kChunksPerRow, n = e % kChunksPerRow * kChunk;
+      const Row& row = rows[r];
+      const int o = n0 + n;
+      if (row.b < 0 || o >= shape.cout) continue;
+      float v[kChunk];
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; i += 4) {
+        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
+        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
+      }
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; ++i) v[i] = apply_act(v[i] + bias_tile[n + i], ep.act);
+      if (residual) {
+        T res[kChunk];
+        load_chunk(res, residual + map_offset(ep.residual, row.b, o, row.y, row.x));
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
+      }
+      store_chunk(out + map_offset(ep.out, row.b, o, row.y, row.x), v);
+    }
+    return;
+  }
   for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
     const int r = e / kBlockN, n = e % kBlockN;
     const Row& row = rows[r];
     const int o = n0 + n;
     if (row.b < 0 || o >= shape.cout) continue;
-    float v = c_tile[r * kLdC + n];
-    if (bias) v += to_float(bias[o]);
-    v = apply_act(v, ep.act);
+    float v = apply_act(c_tile[r * kLdC + n] + bias_tile[n], ep.act);
     if (residual) v += to_float(residual[map_offset(ep.residual, row.b, o, row.y, row.x)]);
     out[map_offset(ep.out, row.b, o, row.y, row.x)] = from_float<T>(v);
   }
