@@ -21,6 +21,10 @@
 //   void init_row(Row&)                 per-pixel offsets, given row.b/y/x (row.b >= 0)
 //   void prepare(Row* rows)             collective per-block setup (called by all threads)
 //   float a(const Row&, int k)          A[pixel, k] in fp32
+// and optionally (HasChunks), for A staged 16 bytes of T at a time:
+//   bool chunked                        whether a_chunk may be used for this call
+//   void a_chunk(const Row&, int k, float (&v)[16 / sizeof(T)])
+//                                       A[pixel, k + i] in fp32 from one 16-byte load
 #pragma once
 
 #include "device.cuh"
@@ -222,9 +226,16 @@ struct ChunkCopy {
 };
 #endif
 
+// Whether a Producer provides chunked and a_chunk.
+template <class Producer, class = void>
+struct HasChunks : std::false_type {};
+template <class Producer>
+struct HasChunks<Producer, std::void_t<decltype(std::declval<const Producer&>().chunked)>>
+    : std::true_type {};
+
 // Whether a map's pixels are rows of unit-stride channels whose 16-byte chunks are aligned.
 template <class T>
-MVIT3_DEVICE bool chunked_rows(const Map& m) {
+__host__ __device__ inline bool chunked_rows(const Map& m) {
   constexpr int64_t kBytes = sizeof(T);
   return m.stride_c == 1 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0 &&
          (m.stride_b * kBytes) % 16 == 0 && (m.stride_h * kBytes) % 16 == 0 &&
@@ -297,7 +308,29 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   __syncthreads();
   producer.prepare(rows);
 
+  // A: by the producer, 16 bytes of T a thread (one chunk of a pixel's channels: the chunks
+  // never straddle K) or element by element along A's unit-stride dimension.
+  bool a_chunked = false;
+  if constexpr (HasChunks<Producer>::value) a_chunked = producer.chunked && shape.k % kChunk == 0;
   auto stage_a = [&](int k0, Operand* a_tile) {
+    if constexpr (HasChunks<Producer>::value) {
+      if (a_chunked) {
+        constexpr int kChunksPerRow = kBlockK / kChunk;
+        static_assert(kBlockM * kChunksPerRow == kThreads, "one chunk of A per thread");
+        const int r = tid / kChunksPerRow, kk = tid % kChunksPerRow * kChunk;
+        const Row& row = rows[r];
+        const int k = k0 + kk;
+        float v[kChunk];
+        if (row.b >= 0 && k < shape.k) {
+          producer.a_chunk(row, k, v);
+        } else {
+          MVIT3_UNROLL
+          for (int i = 0; i < kChunk; ++i) v[i] = 0.0f;
+        }
+        store_chunk(a_tile + r * kLdA + kk, v);
+        return;
+      }
+    }
     for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
       const int r = producer.channels_contiguous ? e / kBlockK : e % kBlockM;
       const int kk = producer.channels_contiguous ? e % kBlockK : e / kBlockM;
@@ -453,6 +486,7 @@ struct PointwiseProducer {
   float eps = 1e-5f;
   const float* group_stats = nullptr;
   bool channels_contiguous = false;
+  bool chunked = false;  // x (and x2) channels_last with aligned pixels, C1 whole chunks
 
   MVIT3_DEVICE void init_row(Row& row) const {
     row.offset = map_offset(x, row.b, 0, row.y, row.x);
@@ -491,7 +525,26 @@ struct PointwiseProducer {
 
   MVIT3_DEVICE float a(const Row& row, int k) const {
     if (k >= c1) return to_float(static_cast<const T*>(x2.data)[row.offset2 + (k - c1) * x2.stride_c]);
-    float v = to_float(static_cast<const T*>(x.data)[row.offset + k * x.stride_c]);
+    return normalise(row, k, to_float(static_cast<const T*>(x.data)[row.offset + k * x.stride_c]));
+  }
+
+  // Channels k .. k + 16 / sizeof(T) - 1, all of x or all of x2 (C1 is whole chunks).
+  MVIT3_DEVICE void a_chunk(const Row& row, int k, float (&v)[16 / sizeof(T)]) const {
+    constexpr int kChunk = 16 / sizeof(T);
+    T raw[kChunk];
+    if (k >= c1) {
+      load_chunk(raw, static_cast<const T*>(x2.data) + row.offset2 + (k - c1));
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; ++i) v[i] = to_float(raw[i]);
+      return;
+    }
+    load_chunk(raw, static_cast<const T*>(x.data) + row.offset + k);
+    MVIT3_UNROLL
+    for (int i = 0; i < kChunk; ++i) v[i] = normalise(row, k + i, to_float(raw[i]));
+  }
+
+  // norm(x)[pixel, k] of v = x[pixel, k].
+  MVIT3_DEVICE float normalise(const Row& row, int k, float v) const {
     if (norm == Norm::none) return v;
     if (norm == Norm::layer) {
       v = (v - row.mean) * row.rstd;
@@ -520,6 +573,7 @@ PointwiseProducer<T> pointwise_producer(const Map& x, int c1, const Map& x2, Nor
   p.eps = eps;
   p.group_stats = group_stats;
   p.channels_contiguous = x.stride_c == 1;
+  p.chunked = chunked_rows<T>(x) && c1 % int(16 / sizeof(T)) == 0 && (!x2.data || chunked_rows<T>(x2));
   return p;
 }
 
