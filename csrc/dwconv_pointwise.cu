@@ -19,6 +19,7 @@ struct DwconvProducer {
   const T* dw_weight = nullptr;  // [C, 1, 3, 3] contiguous
   const T* dw_bias = nullptr;    // [C]
   bool channels_contiguous = false;
+  bool chunked = false;  // x channels_last with 16-byte aligned pixels
 
   MVIT3_DEVICE void init_row(gemm::Row& row) const { row.offset = int64_t(row.b) * x.stride_b; }
 
@@ -41,6 +42,32 @@ struct DwconvProducer {
     }
     return silu(acc);
   }
+
+  // Channels c .. c + 16 / sizeof(T) - 1 (a(row, c + i) for each, the same FMAs): one 16-byte
+  // load a tap.
+  MVIT3_DEVICE void a_chunk(const gemm::Row& row, int c, float (&v)[16 / sizeof(T)]) const {
+    constexpr int kChunk = 16 / sizeof(T);
+    const T* src = static_cast<const T*>(x.data) + row.offset + c;
+    MVIT3_UNROLL
+    for (int i = 0; i < kChunk; ++i) v[i] = to_float(dw_bias[c + i]);
+    MVIT3_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const int iy = row.y * stride + (ky - 1) * dilation;
+      if (iy < 0 || iy >= height) continue;
+      MVIT3_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        const int ix = row.x * stride + (kx - 1) * dilation;
+        if (ix < 0 || ix >= width) continue;
+        T tap[kChunk];
+        gemm::load_chunk(tap, src + iy * x.stride_h + ix * x.stride_w);
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; ++i)
+          v[i] = fmaf(to_float(tap[i]), to_float(dw_weight[9 * (c + i) + 3 * ky + kx]), v[i]);
+      }
+    }
+    MVIT3_UNROLL
+    for (int i = 0; i < kChunk; ++i) v[i] = silu(v[i]);
+  }
 };
 
 }  // namespace
@@ -57,6 +84,7 @@ void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream strea
     producer.dw_weight = static_cast<const T*>(args.dw_weight);
     producer.dw_bias = static_cast<const T*>(args.dw_bias);
     producer.channels_contiguous = args.x.stride_c == 1;
+    producer.chunked = gemm::chunked_rows<T>(args.x);
     gemm::Epilogue ep;
     ep.bias = args.bias;
     ep.residual = args.residual;
