@@ -636,6 +636,14 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
+// The fast intrinsics computed as the GPU computes them, up to the last bits of its
+// approximations (2 ulp): __expf is ex2.approx of x * log2(e) rounded to fp32 (the rounding is
+// what costs accuracy for large |x|), __fdividef is x * rcp.approx(y), 0 for 2^126 < |y| < 2^128.
+inline float __expf(float v) { return std::exp2(v * 1.44269504f); }
+inline float __fdividef(float x, float y) {
+  return std::fabs(y) > 0x1p126f && std::isfinite(y) ? 0.0f * x : x / y;
+}
+
 // The subset of nvcuda::wmma (mma.h) the kernels use: 16x16x16 tiles of half/bf16 with an
 // fp32 accumulator.
 namespace nvcuda::wmma {
