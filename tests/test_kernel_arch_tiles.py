@@ -115,19 +115,17 @@ def test_tiles_of_the_target_arch(case):
 
 
 # transformer_mlp_project at v3-XS's batch-1 shapes (d, F, Cout = qkv 3d, map): small grids take
-# wide hidden and projection chunks on 8 warps (`small_grid_tiles`), by arch and dtype; fp32's
-# chains stay long enough to split (SPLIT_F: the hidden units, `_splits`)
+# wide hidden and projection chunks on 8 warps (`small_grid_tiles`), by arch and dtype
 PROJECT_CASES = {
     "layer_4-fp16-sm80": (80, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
     "layer_5-fp16-sm80": (80, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=64, BLOCK_N=64, num_warps=8)),
-    "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8),
-                          dict(BLOCK_F=128, BLOCK_N=128, num_warps=8, SPLIT_F=1)),
+    "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
     "layer_4-fp32-sm80": (80, torch.float32, (120, 240, 360, 16, 16),
-                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=2, SPLIT_F=4)),
+                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=2)),
     "layer_5-fp32-sm90": (90, torch.float32, (144, 288, 432, 8, 8),
-                          dict(BLOCK_F=64, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_F=3)),
+                          dict(BLOCK_F=64, BLOCK_N=64, num_warps=8, num_stages=2)),
     "layer_5-fp32-sm80": (80, torch.float32, (144, 288, 432, 8, 8),
-                          dict(BLOCK_F=32, BLOCK_N=16, num_warps=8, num_stages=2, SPLIT_F=3)),
+                          dict(BLOCK_F=32, BLOCK_N=32, num_warps=8, num_stages=2)),
     # sm_75 keeps the general tiles (64 KB of shared memory)
     "layer_4-fp16-sm75": (75, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=16, BLOCK_N=16, num_warps=4)),
 }
