@@ -25,10 +25,10 @@ struct DwconvProducer {
 
   MVIT3_DEVICE void prepare(gemm::Row*) const {}
 
-  MVIT3_DEVICE float a(const gemm::Row& row, int c) const {
-    const T* src = static_cast<const T*>(x.data) + row.offset + int64_t(c) * x.stride_c;
-    const T* w = dw_weight + 9 * c;
-    float acc = to_float(dw_bias[c]);
+  // visit(offset of the tap's pixel in x, tap index 3 * ky + kx) for each tap of row's 3x3
+  // window that lies inside the map (the zero padding adds nothing).
+  template <class Visit>
+  MVIT3_DEVICE void for_each_tap(const gemm::Row& row, Visit&& visit) const {
     MVIT3_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
       const int iy = row.y * stride + (ky - 1) * dilation;
@@ -37,9 +37,18 @@ struct DwconvProducer {
       for (int kx = 0; kx < 3; ++kx) {
         const int ix = row.x * stride + (kx - 1) * dilation;
         if (ix < 0 || ix >= width) continue;
-        acc = fmaf(to_float(src[iy * x.stride_h + ix * x.stride_w]), to_float(w[3 * ky + kx]), acc);
+        visit(iy * x.stride_h + ix * x.stride_w, 3 * ky + kx);
       }
     }
+  }
+
+  MVIT3_DEVICE float a(const gemm::Row& row, int c) const {
+    const T* src = static_cast<const T*>(x.data) + row.offset + int64_t(c) * x.stride_c;
+    const T* w = dw_weight + 9 * c;
+    float acc = to_float(dw_bias[c]);
+    for_each_tap(row, [&](int64_t offset, int tap) {
+      acc = fmaf(to_float(src[offset]), to_float(w[tap]), acc);
+    });
     return silu(acc);
   }
 
@@ -50,21 +59,13 @@ struct DwconvProducer {
     const T* src = static_cast<const T*>(x.data) + row.offset + c;
     MVIT3_UNROLL
     for (int i = 0; i < kChunk; ++i) v[i] = to_float(dw_bias[c + i]);
-    MVIT3_UNROLL
-    for (int ky = 0; ky < 3; ++ky) {
-      const int iy = row.y * stride + (ky - 1) * dilation;
-      if (iy < 0 || iy >= height) continue;
+    for_each_tap(row, [&](int64_t offset, int tap) {
+      T values[kChunk];
+      gemm::load_chunk(values, src + offset);
       MVIT3_UNROLL
-      for (int kx = 0; kx < 3; ++kx) {
-        const int ix = row.x * stride + (kx - 1) * dilation;
-        if (ix < 0 || ix >= width) continue;
-        T tap[kChunk];
-        gemm::load_chunk(tap, src + iy * x.stride_h + ix * x.stride_w);
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; ++i)
-          v[i] = fmaf(to_float(tap[i]), to_float(dw_weight[9 * (c + i) + 3 * ky + kx]), v[i]);
-      }
-    }
+      for (int i = 0; i < kChunk; ++i)
+        v[i] = fmaf(to_float(values[i]), to_float(dw_weight[9 * (c + i) + tap]), v[i]);
+    });
     MVIT3_UNROLL
     for (int i = 0; i < kChunk; ++i) v[i] = silu(v[i]);
   }
