@@ -78,10 +78,13 @@ class LaunchRecord:
 
     @property
     def specialization(self) -> tuple:
-        """((arg name, (triton type, attribute)), ...): how Triton's JIT specialises this launch,
-        by its own rule (`runtime_specialization`): an integer equal to 1 becomes the constant
-        1, integers divisible by 16 and 16-byte aligned pointers are marked so ("D")."""
-        return tuple((name, runtime_specialization(value)) for name, value in self.args)
+        """((arg name, (triton type, attribute)), ...) in the kernel's parameter order: how
+        Triton's JIT specialises this launch, by its own rule (`runtime_specialization`): an
+        integer equal to 1 becomes the constant 1, integers divisible by 16 and 16-byte aligned
+        pointers are marked so ("D"). (Launchers pass their arguments by name, in any order.)"""
+        position = {name: index for index, name in enumerate(getattr(self.kernel, "arg_names", ()))}
+        args = sorted(self.args, key=lambda item: position.get(item[0], len(position)))
+        return tuple((name, runtime_specialization(value)) for name, value in args)
 
     @property
     def key(self):

@@ -306,3 +306,24 @@ def test_report_cache_key_ignores_lines_and_follows_helpers(tmp_path):
     assert keys["moved"] == keys["base"]
     assert keys["helper_edited"] != keys["base"]
     assert keys["constant_edited"] != keys["base"]
+
+
+def test_specialization_follows_the_kernel_parameters(tmp_path):
+    """Launchers pass their arguments by name in any order; Triton's JIT specialises them by
+    parameter, and so must the report's compile: the record's specialisation comes in the
+    kernel's parameter order and each attribute lands on its own parameter's position."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    from mvit3.kernel_report.compiled import compile_options
+    from mvit3.kernels._common import LaunchRecord, TensorArg
+
+    module = _jit_module(tmp_path, "report_argument_order",
+                         "import triton.language as tl\n\ndef helper(x):\n    return x\n\n"
+                         "def kernel(ptr, n, m):\n    tl.store(ptr + n + m, helper(1.0))\n")
+    tensor = TensorArg(torch.float16, 1024, 64)  # a 16-byte aligned address: marked "D"
+    record = LaunchRecord(module.kernel, (1,), (("m", 7), ("n", 32), ("ptr", tensor)),
+                          (("num_stages", 1), ("num_warps", 4)))
+    assert [name for name, _ in record.specialization] == ["ptr", "n", "m"]
+    _, _, attrs, _ = compile_options(record, make_backend(GPUTarget("cuda", 90, 32)))
+    assert sorted(attrs) == [(0,), (1,)]  # ptr and n (divisible by 16), not m = 7

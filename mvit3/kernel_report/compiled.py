@@ -51,12 +51,12 @@ def compile_options(record, backend) -> tuple:
     meta = dict(record.constexprs)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
     signature, constexprs, attrs = {}, {}, {}
-    for index, (name, (kind, attr)) in enumerate(record.specialization):
+    for name, (kind, attr) in record.specialization:
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = attr
-        elif attr:
-            attrs[(index,)] = backend.parse_attr(attr)
+        elif attr:  # keyed by the parameter's position in the kernel, not in the launch's call
+            attrs[(record.kernel.arg_names.index(name),)] = backend.parse_attr(attr)
     for name, value in meta.items():
         signature[name] = "constexpr"
         constexprs[name] = value
