@@ -286,14 +286,23 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
             block_k *= 2
     max_x_tile = 512 if dtype == torch.float32 else 1024 if arch < 80 else 2048
     # 17 ... 63 input channels take a 64-channel x tile: 32-channel ones spill on sm_80 (16-bit
-    # 32 x 32: 4 bytes at 96 registers, where 32 x 64 takes 128 without)
-    block_c = min(next_pow2(cin) if cin <= 16 else max(next_pow2(cin), 64), max_x_tile // block_m)
+    # 32 x 32: 4 bytes at 96 registers, where 32 x 64 takes 128 without). On sm_90 16-bit x
+    # tiles stop at 64 channels: 16 x 128 ones beside a 16 x 32 hidden tile spill 8-16 bytes
+    # (16 x 64: 96-100 registers, none)
+    max_channels = 64 if dtype != torch.float32 and arch >= WGMMA_ARCH else 512
+    block_c = min(next_pow2(cin) if cin <= 16 else max(next_pow2(cin), 64), max_x_tile // block_m,
+                  max_channels)
+    # TF32 on sm_80 (mma.sync): the plain kernel's 64-row tiles on 8 warps spill 8-12 bytes
+    # with two stages; on 4 warps they do not (96-232 registers)
+    tf32_mma = dtype == torch.float32 and dot_precision(dtype) == "tf32" and 80 <= arch < WGMMA_ARCH
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c if expand else 16,
              # the expanding 16-bit kernel: 4 warps spill 8-64 bytes on sm_90 at 16 x 64 and
-             # 32 x 64 x tiles (8 warps: none), and two stages 8 bytes on sm_80 at 32 x 16
-             num_warps=8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4,
-             num_stages=1 if expand and dtype != torch.float32 and arch < WGMMA_ARCH else 2),
+             # 32 x 64 x tiles (8 warps: none), and two stages 8 bytes on sm_80 at 32 x 16 and
+             # 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles)
+             num_warps=(4 if tf32_mma and not expand else
+                        8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4),
+             num_stages=1 if expand and dtype != torch.float32 else 2),
         BLOCK_M=256, BLOCK_K=64)
 
 
