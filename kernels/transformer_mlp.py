@@ -20,9 +20,10 @@ import triton
 import triton.language as tl
 
 from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
-                      channels_last_empty, check_device, dot_operand_type, dot_precision, int32_offset_limit,
-                      interpreter_meta, launch, map_stride_args, next_pow2, pixel_coords,
-                      rows_per_program, silu, target_arch, vector_stride_error)
+                      channels_last_empty, check_device, dot_operand_type, dot_precision,
+                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
+                      pixel_coords, row_layer_norm, rows_per_program, silu, target_arch,
+                      vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
@@ -30,16 +31,16 @@ NORMS = ("layer", "group")
 
 
 @triton.jit
-def ffn_residual_tile(x_rows, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                      sample, pixel_valid, channels, channel_valid, D, F, eps, stride_xc,
-                      stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
-                      BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-                      DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x + silu(norm(x) @ w1^T + b1) @ w2^T + b2 of BLOCK_M pixels: the fp32 [BLOCK_M, D_PAD]
-    tile, padded channels 0. x_rows: [BLOCK_M] pointers to each pixel's channel 0; sample:
-    each pixel's sample (the "group" statistics are per sample); stats_ptr None: LayerNorm."""
-    mask = pixel_valid[:, None] & channel_valid[None, :]
-    x_ptrs = x_rows[:, None] + channels[None, :] * stride_xc
+def ffn_hidden_sum(x_ptrs, mask, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr,
+                   sample, pixel_valid, channels, channel_valid, D, f_start, f_stop, eps,
+                   stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+                   BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+                   DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """silu(norm(x) @ w1[f]^T + b1[f]) @ w2[:, f]^T summed over hidden units f_start..f_stop-1
+    of BLOCK_M pixels: an fp32 [BLOCK_M, D_PAD] tile, padded channels 0. x_ptrs: [BLOCK_M,
+    D_PAD] pointers to x; sample: each pixel's sample (the "group" statistics are per
+    sample); stats_ptr None: LayerNorm. Without b2 and the residual, so that programs
+    sharing the hidden units of one tile can add their sums (transformer_mlp_project)."""
     tile = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
 
     if stats_ptr is not None:  # norm="group"
@@ -47,9 +48,7 @@ def ffn_residual_tile(x_rows, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr,
         rstd = tl.load(stats_ptr + sample * 2 + 1, mask=pixel_valid, other=0.0)
         centred = tile - mean[:, None]
     else:
-        mean = tl.sum(tile, axis=1) / D
-        centred = tl.where(mask, tile - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+        mean, rstd, centred = row_layer_norm(tile, mask, D, eps)
     gamma = tl.load(norm_w_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     beta = tl.load(norm_b_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     # padded channels get gamma = beta = 0, so they stay 0 and add nothing to the GEMM
@@ -57,9 +56,9 @@ def ffn_residual_tile(x_rows, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr,
 
     hidden_in_chunk = tl.arange(0, BLOCK_F)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    for f_start in range(0, F, BLOCK_F):
-        hidden = f_start + hidden_in_chunk
-        hidden_valid = hidden < F
+    for chunk_start in range(f_start, f_stop, BLOCK_F):
+        hidden = chunk_start + hidden_in_chunk
+        hidden_valid = hidden < f_stop
         # w1[chunk]^T [D_PAD, BLOCK_F] and w2[:, chunk]^T [BLOCK_F, D_PAD]: contiguous along
         # their last axis for weights pre-packed as [d, F] and [F, d] buffers
         w1_t = tl.load(w1_ptr + hidden[None, :] * stride_w1_f + channels[:, None] * stride_w1_d,
@@ -70,7 +69,12 @@ def ffn_residual_tile(x_rows, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr,
                        mask=hidden_valid[:, None] & channel_valid[None, :], other=0.0)
         # padded hidden units: w1 = b1 = 0 gives silu(0) = 0, and their w2 rows are 0 anyway
         acc += tl.dot(h.to(DOT_TYPE), w2_t.to(DOT_TYPE), input_precision=DOT_PRECISION)
+    return acc
 
+
+@triton.jit
+def ffn_residual(acc, x_ptrs, mask, b2_ptr, channels, channel_valid):
+    """acc + b2 + x: the FFN sub-layer's output from its hidden sum (fp32 [BLOCK_M, D_PAD])."""
     b2 = tl.load(b2_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     # the residual is re-read (an L1/L2 hit) rather than kept live in registers across the loop
     return acc + b2[None, :] + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -94,13 +98,16 @@ def _transformer_mlp_kernel(
     sample, y, x = pixel_coords(pixel, HW, W)
     channels = tl.arange(0, D_PAD)
     channel_valid = channels < D
-    out = ffn_residual_tile(x_ptr + sample * stride_xb + y * stride_xh + x * stride_xw,
-                            norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                            sample, pixel_valid, channels, channel_valid, D, F, eps, stride_xc,
-                            stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
-                            BLOCK_M, D_PAD, BLOCK_F, DOT_TYPE, DOT_PRECISION)
+    mask = pixel_valid[:, None] & channel_valid[None, :]
+    x_rows = x_ptr + sample * stride_xb + y * stride_xh + x * stride_xw  # [BLOCK_M] pointers
+    x_ptrs = x_rows[:, None] + channels[None, :] * stride_xc
+    acc = ffn_hidden_sum(x_ptrs, mask, norm_w_ptr, norm_b_ptr, stats_ptr, w1_ptr, b1_ptr, w2_ptr,
+                         sample, pixel_valid, channels, channel_valid, D, 0, F, eps,
+                         stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
+                         BLOCK_M, D_PAD, BLOCK_F, DOT_TYPE, DOT_PRECISION)
+    out = ffn_residual(acc, x_ptrs, mask, b2_ptr, channels, channel_valid)
     tl.store(out_ptr + pixel[:, None] * D + channels[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=pixel_valid[:, None] & channel_valid[None, :])
+             mask=mask)
 
 
 def _shape_error(x, norm, norm_weight, norm_bias, w1, b1, w2, b2) -> str | None:
@@ -166,7 +173,8 @@ def small_grid_tiles(num_pixels: int, block_m: int, d_pad: int, dtype: torch.dty
     (batch 1: v3-XS's transformers run 64, 16 and 4 programs) leaves most SMs idle, so its
     latency is one program's chain of hidden chunks (+ projection chunks): wider chunks, on 8
     warps with two stages (the weight chunks then pass through shared memory, not registers),
-    shorten it: v3-XS on sm_90, fp16 17/21/23 -> 5/5/7 steps, fp32 30/38/45 -> 11/14/12.
+    shorten it: v3-XS on sm_90, fp16 17/21/23 -> 5/5/7 steps, fp32 30/38/45 -> 11/14/12
+    (then split over programs: 9/6/5, `transformer_mlp_project._splits`).
     ptxas -v of transformer_mlp_project at v3-XXS/XS/S shapes, no spill on sm_80/sm_90:
     - 16-bit, d <= 128: 128 hidden units and 128 projection channels a chunk, 105-175
       registers, 74 KB of shared memory (64 hidden units with 128 channels reach 255
@@ -174,25 +182,28 @@ def small_grid_tiles(num_pixels: int, block_m: int, d_pad: int, dtype: torch.dty
     - 16-bit, d = 256: sm_90 the same, 216 registers and 140 KB; sm_80 (99 KB a block on
       sm_86/89) 64 and 64, 128 registers and 74 KB (64 hidden units with 128 channels spill
       0.7 KB for some shapes);
-    - fp32 (FMA or TF32 mma), d <= 128: 32 hidden units and 64 channels, 80-153 registers (64
-      hidden units spill 8-28 bytes; with one stage every wider chunk spills 0.3-10 KB);
-    - fp32, d = 256: sm_90 64 and 64, 128-172 registers and 148 KB (32 and 64 spill 140
-      bytes there); sm_80 32 and 32, 128 registers and 82 KB (32 and 64 spill 8 bytes at
-      v3-XS's 7x7 layer_5).
+    - fp32 (FMA or TF32 mma), d <= 128: 32 hidden units and 64 channels, 64-181 registers (64
+      hidden units spill 8-28 bytes; with one stage every wider chunk spills 0.3-10 KB); on
+      sm_80 three stages (78 KB), as two spill 4 bytes once split in three;
+    - fp32, d = 256 (the projection then splits at batch 1): 32 and 32 on sm_90, 106-126
+      registers (64 and 32 spill 8 bytes in TF32 once split, 32 and 16 24 bytes); sm_80 32
+      and 16, 128 registers (32 and 32 spill 8-12 bytes once split, 64 and 32 spill 304).
     sm_75 (64 KB of shared memory, no cp.async) keeps the general tiles."""
     if arch < 80 or block_m != 16 or cdiv(num_pixels, block_m) >= TARGET_PROGRAMS:
         return None
+    stages = 2
     if dtype == torch.float32:
-        block_f, block_n = (32, 64) if d_pad <= 128 else (64, 64) if arch >= WGMMA_ARCH else (32, 32)
+        block_f, block_n = (32, 64) if d_pad <= 128 else (32, 32) if arch >= WGMMA_ARCH else (32, 16)
+        stages = 3 if d_pad <= 128 and arch < WGMMA_ARCH else 2
     elif d_pad > 128 and arch < WGMMA_ARCH:
         block_f, block_n = 64, 64
     else:
         block_f, block_n = 128, 128
-    return dict(BLOCK_F=block_f, BLOCK_N=block_n, num_warps=8, num_stages=2)
+    return dict(BLOCK_F=block_f, BLOCK_N=block_n, num_warps=8, num_stages=stages)
 
 
 def ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start: int, stop: int) -> dict:
-    """The runtime arguments of `ffn_residual_tile`'s kernels for samples start..stop-1, with
+    """The runtime arguments of `ffn_hidden_sum`'s kernels for samples start..stop-1, with
     num_pixels, the map geometry and out (a dense channels_last [B, d, H, W] map)."""
     _, d, h, w = x.shape
     return dict(x_ptr=batch_part(x, start, stop), norm_w_ptr=norm_weight, norm_b_ptr=norm_bias,
@@ -224,10 +235,10 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     tile = (meta["BLOCK_M"], meta["D_PAD"])
     if small is None and x.dtype == torch.float32 and tile in ((64, 64), (16, 256)):
-        # the shared FFN body (ffn_residual_tile) with two stages spills 4 bytes a thread there
+        # the shared FFN body (ffn_hidden_sum) with two stages spills 4 bytes a thread there
         # on sm_80/90 (IEEE and TF32); one stage does not (transformer_mlp_project, whose
         # projection tiles are live too, keeps its own table); small grids keep the 8 warps and
-        # two stages of `small_grid_tiles`
+        # stages of `small_grid_tiles`
         num_stages = 1
     for start, stop in batch_chunks(b, out.shape, (x,)):
         args = ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start, stop)

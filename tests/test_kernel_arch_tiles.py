@@ -39,6 +39,14 @@ def _dwconv():
     return dwconv_pointwise, reference.dwconv_pointwise, args, dwconv_tests.TOLERANCE
 
 
+def _dwconv_expand():
+    # a whole MV2 block with 128 input channels on a small grid (15x15): 16-row tiles, whose
+    # 16-bit x tiles take 64 channels on sm_90 (128 spill there)
+    args = dwconv_tests.make_args("cpu", FP16, 1, (15, 15), "nhwc", "kmajor", hidden=256,
+                                  cout=128, cin=128)
+    return dwconv_pointwise, reference.dwconv_pointwise, args, dwconv_tests.TOLERANCE
+
+
 def _layer_norm_qkv():
     # LayerNorm + qkv at d = 144 (v3-XS layer_5): sm_80+ feed whole 16-bit rows to one dot
     # (BLOCK_K = ROW_K); sm_75 (64 KB of shared memory) takes the statistics from whole rows,
@@ -86,6 +94,8 @@ def _attention(dtype):
 CASES = {
     "dwconv_pointwise-sm80": (_dwconv, 80, "_dwconv_pointwise_kernel", dict(BLOCK_M=32, num_warps=4)),
     "dwconv_pointwise-sm90": (_dwconv, 90, "_dwconv_pointwise_kernel", dict(BLOCK_M=64, num_warps=4)),
+    "dwconv_pointwise-expand-sm90": (_dwconv_expand, 90, "_dwconv_pointwise_kernel",
+                                     dict(BLOCK_M=16, BLOCK_C=64, num_warps=8, num_stages=1)),
     "pointwise_conv-sm75": (_layer_norm_qkv, 75, "_pointwise_conv_kernel", dict(ROW_K=256, BLOCK_K=16)),
     "pointwise_conv-sm80": (_layer_norm_qkv, 80, "_pointwise_conv_kernel", dict(ROW_K=256, BLOCK_K=256)),
     "conv3x3-sm80": (_conv3x3, 80, "_conv3x3_kernel", dict(num_warps=8)),
@@ -115,24 +125,29 @@ def test_tiles_of_the_target_arch(case):
 
 
 # transformer_mlp_project at v3-XS's batch-1 shapes (d, F, Cout = qkv 3d, map): small grids take
-# wide hidden and projection chunks on 8 warps (`small_grid_tiles`), by arch and dtype
+# wide hidden and projection chunks on 8 warps (`small_grid_tiles`), by arch and dtype; fp32's
+# chains stay long enough to split (SPLIT_F: the hidden units, `_splits`). At d = 64 (v3-XXS's
+# layer_3 at 384 px: over 132 64-row tiles), tiles that spill on one arch (`_FP32_TILES`, `_projection_block_n`)
 PROJECT_CASES = {
+    "d64-fp16-sm80": (80, FP16, (64, 128, 192, 96, 90), dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)),
+    "d64-fp32-sm90": (90, torch.float32, (64, 128, 192, 96, 90), dict(BLOCK_M=32, num_stages=2)),
     "layer_4-fp16-sm80": (80, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
     "layer_5-fp16-sm80": (80, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=64, BLOCK_N=64, num_warps=8)),
-    "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8), dict(BLOCK_F=128, BLOCK_N=128, num_warps=8)),
+    "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8),
+                          dict(BLOCK_F=128, BLOCK_N=128, num_warps=8, SPLIT_F=1)),
     "layer_4-fp32-sm80": (80, torch.float32, (120, 240, 360, 16, 16),
-                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=2)),
+                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=3, SPLIT_F=4)),
     "layer_5-fp32-sm90": (90, torch.float32, (144, 288, 432, 8, 8),
-                          dict(BLOCK_F=64, BLOCK_N=64, num_warps=8, num_stages=2)),
+                          dict(BLOCK_F=32, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_F=3)),
     "layer_5-fp32-sm80": (80, torch.float32, (144, 288, 432, 8, 8),
-                          dict(BLOCK_F=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+                          dict(BLOCK_F=32, BLOCK_N=16, num_warps=8, num_stages=2, SPLIT_F=3)),
     # sm_75 keeps the general tiles (64 KB of shared memory)
     "layer_4-fp16-sm75": (75, FP16, (120, 240, 360, 16, 16), dict(BLOCK_F=16, BLOCK_N=16, num_warps=4)),
 }
 
 
 @pytest.mark.parametrize("case", PROJECT_CASES)
-def test_project_tiles_of_small_grids(case):
+def test_project_tiles_of_the_target_arch(case):
     arch, dtype, (d, f, cout, h, w), expected = PROJECT_CASES[case]
     args = mlp_tests.make_project_args(1, d, f, cout, h, w, "none", dtype=dtype, channels_last=True,
                                        packed_weights=True)

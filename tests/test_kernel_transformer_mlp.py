@@ -253,6 +253,56 @@ def test_project_without_bias_through_the_op_layer_is_one_launch(device):
     check_project(outputs, args)
 
 
+# (batch, d, F, Cout, act, h, w, SPLIT_F, proj_groups) at batch 1 in fp32 on sm_90 (the
+# interpreter's target): v3-XS's layer_4 qkv (16 tiles: 8 hidden chunks in 4 shares of 2, 6
+# projection chunks in 2 groups) and conv_proj (3 chunks in uneven groups of 2 and 1), its
+# layer_5 qkv (5 hidden chunks in uneven shares 2, 2, 1; 7 groups of one chunk); a grid of 73
+# tiles, over TARGET_PROGRAMS / 2: not split
+SPLIT_CASES = {
+    "xs-layer4-qkv": (1, 120, 240, 360, "none", 16, 16, 4, 2),
+    "xs-layer4-proj": (1, 120, 240, 160, "silu", 16, 16, 4, 2),
+    "xs-layer5-qkv": (1, 144, 288, 432, "none", 8, 8, 3, 7),
+    "73-tiles": (1, 64, 128, 192, "none", 33, 35, 1, 1),
+}
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_project_split(device, case):
+    """Small grids with a long chain: programs share a tile's hidden units (merged as split-K)
+    and groups of them its projection channels. Both outputs against float64, the launch as
+    `_splits` chooses it, every counter back at 0 afterwards."""
+    from mvit3.kernels import _common
+
+    b, d, f, cout, act, h, w, split_f, groups = SPLIT_CASES[case]
+    args = make_project_args(b, d, f, cout, h, w, act, device=device, packed_weights=True,
+                             channels_last=True, seed=5)
+    with launch_log() as log:
+        outputs = project_kernel.transformer_mlp_project(*args)
+    check_project(outputs, args)
+    record = log.records[-1]
+    constexprs, runtime = dict(record.constexprs), dict(record.args)
+    tiles = -(-b * h * w // constexprs["BLOCK_M"])
+    assert constexprs["SPLIT_F"] == split_f and runtime["proj_groups"] == groups
+    assert record.grid == ((tiles * groups, split_f) if split_f > 1 else (tiles,))
+    assert _common.split_counters(args[0].device, 1).count_nonzero().item() == 0
+
+
+def test_project_split_choice():
+    """_splits: none on a grid of more than TARGET_PROGRAMS / 2 tiles or a chain within
+    LONG_LOOP; else the shortest chain within TARGET_PROGRAMS programs, the fewest programs
+    for it, no empty share or group."""
+    from mvit3.kernels._common import TARGET_PROGRAMS
+
+    splits = project_kernel._splits
+    assert splits(TARGET_PROGRAMS // 2 + 1, 30, 30) == (1, 1) and splits(4, 5, 3) == (1, 1)
+    assert splits(64, 6, 5) == (2, 1)  # XS layer_3 qkv: 11 -> 3 + 1 merge + 5 = 9 steps
+    assert splits(16, 8, 6) == (4, 2)  # XS layer_4 qkv: 14 -> 2 + 1 + 3 = 6 on 128 programs
+    assert splits(4, 5, 7) == (3, 7)  # XS layer_5 qkv: 12 -> 2 + 1 + 1 = 4 on 84 programs
+    assert splits(16, 8, 3) == (4, 2)  # XS layer_4 conv_proj: 11 -> 2 + 1 + 2 = 5
+    assert project_kernel._split_steps(5, 7, 3, 7) == 4
+
+
 def test_project_reference_is_the_layer_math():
     """The reference twin against the transformer layer written on tokens with F.layer_norm
     and F.linear (float64): t = x + fc2(silu(fc1(LN(x)))), proj = act(Linear(LN'(t)))."""

@@ -7,9 +7,10 @@ from .report import LONG_SERIAL_LOOP
 # tile sizes and paddings, short: "M64 N128 K16", "hd32" (head dim padded to 32)
 _ABBREVIATIONS = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_F": "F", "BLOCK_C": "C",
                   "BLOCK_O": "O", "BLOCK_P": "P", "HEAD_PAD": "hd", "D_PAD": "d", "OUT_CHUNK": "oc",
-                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp", "ROW_K": "row", "SPLIT_K": "split"}
+                  "TWO_OUT_CHUNKS": "2oc", "SPLITS_PAD": "sp", "ROW_K": "row", "SPLIT_K": "split",
+                  "SPLIT_F": "splitF"}
 # meta-parameters left out at their default value: an unsplit K loop says nothing
-_DEFAULTS = {"SPLIT_K": 1}
+_DEFAULTS = {"SPLIT_K": 1, "SPLIT_F": 1}
 
 
 def _meta_text(meta: dict) -> str:
