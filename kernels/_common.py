@@ -619,6 +619,24 @@ def map_stride_args(name: str, t: torch.Tensor | None) -> dict:
     return {f"stride_{name}{axis}": s for axis, s in zip("bchw", strides)}
 
 
+def channel_vector(element_size: int, *maps: torch.Tensor | None, values=()) -> int:
+    """VEC: the elements of one aligned 16-byte vector (8 in fp16/bf16, 4 in fp32), or fewer,
+    down to 1: the most that divides every batch and pixel stride of the maps (None: absent)
+    and every one of `values` (channel counts, offsets). 1 where a map's channels are not
+    contiguous (NCHW: no channel vectors). A kernel told VEC (`tl.multiple_of` on its pixel
+    offsets, channel counts written as C // VEC * VEC) loads VEC-channel vectors where
+    Triton's own specialisation cannot see them: channel counts that are multiples of 8 but
+    not of 16 (v3-XS's d = 120: 240-byte pixels)."""
+    present = [t for t in maps if t is not None]
+    if any(t.stride(1) != 1 for t in present):
+        return 1
+    strides = [t.stride(axis) for t in present for axis in (0, 2, 3)]
+    vec = 16 // element_size
+    while any(v % vec for v in [*values, *strides]):
+        vec //= 2
+    return vec
+
+
 TARGET_PROGRAMS = 128  # about one wave on an H100 (132 SMs), two on an RTX 2080 Ti (68 SMs)
 
 

@@ -43,11 +43,12 @@ import triton.language as tl
 from mvit3.kernel_report.gpus import GPUS, floor_us
 
 from ._common import (WGMMA_ARCH, WGMMA_ROWS, TARGET_PROGRAMS, Work, batch_chunks, batch_part,
-                      cdiv, check_device, conv3x3_output, conv3x3_output_size, dot_operand_type,
-                      dot_precision, gemm_tile, int32_offset_limit, interpreter_meta, k_splits,
-                      launch_gemm_tiles, load_weight_tile, map_stride_args, merge_split_k,
-                      next_pow2, pixel_coords, pixel_tile_epilogue, silu, split_counters,
-                      split_k_steps, target_arch, vector_stride_error)
+                      cdiv, channel_vector, check_device, conv3x3_output, conv3x3_output_size,
+                      dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
+                      interpreter_meta, k_splits, launch_gemm_tiles, load_weight_tile,
+                      map_stride_args, merge_split_k, next_pow2, pixel_coords,
+                      pixel_tile_epilogue, silu, split_counters, split_k_steps, target_arch,
+                      vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 
@@ -93,8 +94,21 @@ def _dwconv_pointwise_kernel(
     # meta-parameters
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, VEC: tl.constexpr,
 ):
+    # x's channel count, N, x's batch and pixel strides and the weight's K stride are
+    # multiples of VEC (`channel_vector`, the host checked): written so, the taps and the
+    # weight's rows load as VEC-channel vectors (with the channel masks constant over each)
+    # and the output is stored so, where Triton's own specialisation cannot tell (24 or 120
+    # channels)
+    if ew_ptr is None:  # x holds the Ch hidden channels
+        Ch = Ch // VEC * VEC
+    Cin = Cin // VEC * VEC
+    N = N // VEC * VEC
+    stride_wk = stride_wk // VEC * VEC
+    stride_xb = stride_xb // VEC * VEC
+    stride_xh = stride_xh // VEC * VEC
+    stride_xw = stride_xw // VEC * VEC
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # output pixel m = (b, y, x); its 3x3 window starts at input
@@ -408,7 +422,9 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  stride_en=expand_weight.stride(0) if expand else 0,
                  stride_ec=expand_weight.stride(1) if expand else 0),
             dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-                 SPLIT_K=splits, **meta),
+                 SPLIT_K=splits,
+                 VEC=channel_vector(x.element_size(), x, values=(cin, cout, weight.stride(1))),
+                 **meta),
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
                  serial_steps=split_k_steps(k_blocks, block_steps, splits)),

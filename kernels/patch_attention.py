@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 
 from ._common import (MAX_GRID_Y, TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part,
-                      cdiv, channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      patch_pixel_offset, rows_per_program, target_arch, vector_stride_error)
+                      cdiv, channel_vector, channels_last_empty, check_device, dot_operand_type,
+                      dot_precision, int32_offset_limit, interpreter_meta, launch, map_stride_args,
+                      next_pow2, patch_pixel_offset, rows_per_program, target_arch,
+                      vector_stride_error)
 from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
@@ -229,16 +230,8 @@ def _vector_elements(qkv, residual, out, proj_weight) -> int:
     maps (channels_last, d a multiple of 8) and pre-packed weights get the full 16 bytes; a
     weight not pre-packed (row stride 1) or NCHW maps (channel stride != 1: no contiguous
     channel vectors) get VEC = 1, i.e. scalar loads."""
-    if qkv.stride(1) != 1:
-        return 1
-    values = [qkv.shape[1] // 3] + [t.stride(axis) for t in (qkv, residual, out) if t is not None
-                                    for axis in (0, 2, 3)]
-    if proj_weight is not None:
-        values.append(proj_weight.stride(1))
-    vec = 16 // qkv.element_size()
-    while any(v % vec for v in values):
-        vec //= 2
-    return vec
+    values = [qkv.shape[1] // 3] + ([proj_weight.stride(1)] if proj_weight is not None else [])
+    return channel_vector(qkv.element_size(), qkv, residual, out, values=values)
 
 
 def _head_window(head_dim: int, num_heads: int, vec: int) -> int:

@@ -20,14 +20,25 @@ import triton
 import triton.language as tl
 
 from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
-                      channels_last_empty, check_device, dot_operand_type, dot_precision,
-                      int32_offset_limit, interpreter_meta, launch, map_stride_args, next_pow2,
-                      pixel_coords, row_layer_norm, rows_per_program, silu, target_arch,
-                      vector_stride_error)
+                      channel_vector, channels_last_empty, check_device, dot_operand_type,
+                      dot_precision, int32_offset_limit, interpreter_meta, launch,
+                      map_stride_args, next_pow2, pixel_coords, row_layer_norm, rows_per_program,
+                      silu, target_arch, vector_stride_error)
 from .group_norm_stats import group_norm_stats
 
 MAX_DIM = 256  # the [BLOCK_M, d] normalised tile and fp32 accumulator stay in registers
 NORMS = ("layer", "group")
+
+
+@triton.jit
+def ffn_vector_sizes(D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f,
+                     VEC: tl.constexpr):
+    """The FFN's sizes and non-unit strides rewritten as multiples of VEC (`ffn_vector`: the host
+    checked that they are): so written, the compiler loads x's rows and the weights' rows as
+    VEC-channel vectors (with the channel masks constant over each) and stores the output so,
+    where Triton's own specialisation cannot tell (d = 120, F = 240)."""
+    return (D // VEC * VEC, F // VEC * VEC, stride_xb // VEC * VEC, stride_xh // VEC * VEC,
+            stride_xw // VEC * VEC, stride_w1_d // VEC * VEC, stride_w2_f // VEC * VEC)
 
 
 @triton.jit
@@ -91,8 +102,10 @@ def _transformer_mlp_kernel(
     stride_w1_f, stride_w1_d, stride_w2_d, stride_w2_f,
     # meta-parameters
     BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, VEC: tl.constexpr,
 ):
+    D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
+        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
     pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pixel_valid = pixel < num_pixels
     sample, y, x = pixel_coords(pixel, HW, W)
@@ -215,6 +228,14 @@ def ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start: 
                 stride_w2_d=w2.stride(0), stride_w2_f=w2.stride(1))
 
 
+def ffn_vector(x, w1, w2, *values) -> int:
+    """VEC of the FFN kernels (`channel_vector`): it divides d, F, x's batch and pixel strides,
+    the weights' non-unit strides (those of the fast model's pre-packed [d, F] and [F, d]
+    buffers; weights not pre-packed have unit ones and get VEC = 1) and `values`."""
+    return channel_vector(x.element_size(), x,
+                          values=(x.shape[1], w1.shape[0], w1.stride(1), w2.stride(1), *values))
+
+
 def ffn_work(pixels: int, d: int, f: int, block_f: int) -> Work:
     """The two GEMMs of the FFN over `pixels` and their chain of hidden chunks."""
     return Work(dot_flops=4 * pixels * d * f, serial_steps=cdiv(f, block_f))
@@ -243,7 +264,8 @@ def transformer_mlp(x: torch.Tensor, norm: str, norm_weight: torch.Tensor, norm_
     for start, stop in batch_chunks(b, out.shape, (x,)):
         args = ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start, stop)
         launch(_transformer_mlp_kernel, (cdiv(args["num_pixels"], meta["BLOCK_M"]),), args,
-               dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype)),
+               dict(**meta, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+                    VEC=ffn_vector(x, w1, w2)),
                num_warps=num_warps, num_stages=num_stages,
                work=ffn_work(args["num_pixels"], d, w1.shape[0], meta["BLOCK_F"]))
     return out

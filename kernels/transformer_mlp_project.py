@@ -36,7 +36,8 @@ from ._common import (LONG_LOOP, MAX_SPLIT_K, TARGET_PROGRAMS, WGMMA_ARCH, Work,
                       dot_precision, int32_offset_limit, launch, load_weight_tile, merge_split_k,
                       next_pow2, pixel_coords, pixel_tile_epilogue, row_layer_norm, split_counters,
                       split_k_steps, target_arch, vector_stride_error)
-from .transformer_mlp import ffn_args, ffn_hidden_sum, ffn_residual, ffn_work, mlp_meta
+from .transformer_mlp import (ffn_args, ffn_hidden_sum, ffn_residual, ffn_vector, ffn_vector_sizes,
+                              ffn_work, mlp_meta)
 from .transformer_mlp import why_unsupported as ffn_why_unsupported
 
 
@@ -57,8 +58,12 @@ def _transformer_mlp_project_kernel(
     # meta-parameters
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_F: tl.constexpr,
+    SPLIT_F: tl.constexpr, VEC: tl.constexpr,
 ):
+    D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
+        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
+    N = N // VEC * VEC  # (and the projection's: `ffn_vector` checked these too)
+    stride_pk = stride_pk // VEC * VEC
     if SPLIT_F > 1:  # grid (tiles * proj_groups, SPLIT_F): axis 0 is merge_split_k's tile
         tile = tl.program_id(0) // proj_groups
         group = tl.program_id(0) % proj_groups
@@ -261,7 +266,8 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
                     n_per_group=cdiv(n_chunks, groups) * block_n,
                     stride_pn=proj_weight.stride(0), stride_pk=proj_weight.stride(1)),
                dict(**meta, ACT=act, BLOCK_N=block_n, DOT_TYPE=dot_operand_type(x.dtype),
-                    DOT_PRECISION=dot_precision(x.dtype), SPLIT_F=split_f),
+                    DOT_PRECISION=dot_precision(x.dtype), SPLIT_F=split_f,
+                    VEC=ffn_vector(x, w1, w2, cout, proj_weight.stride(1))),
                num_warps=num_warps, num_stages=num_stages,
                # each projection group computes the FFN sum again
                work=Work(dot_flops=groups * ffn.dot_flops + 2 * pixels * d * cout,

@@ -215,6 +215,32 @@ def test_why_unsupported():
     assert reason is not None and "2**31" in reason
 
 
+# (dtype, x's layout, weight packing, C1, C2, Cout, VEC): x2 takes the next layout (a channel
+# slice of a map with 6 channels more: pixel stride C2 + 6)
+CHANNEL_VECTORS = [
+    (torch.float16, "nhwc", "kmajor", 120, 0, 360, 8),  # v3-XS layer_4's LayerNorm + qkv
+    (torch.float32, "nhwc", "kmajor", 120, 0, 360, 4),
+    (torch.float16, "nhwc", "kmajor", 120, 0, 36, 4),   # 36 output channels
+    (torch.float16, "nhwc", "kmajor", 120, 10, 48, 2),  # x2's 10 channels in 16-channel pixels
+    (torch.float16, "slice", "kmajor", 120, 0, 48, 2),  # 126-channel pixels
+    (torch.float16, "nchw", "kmajor", 120, 0, 48, 1),   # no channel vectors
+    (torch.float16, "nhwc", "plain", 120, 0, 48, 1),    # weight rows of K stride 1
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype, layout, packing, c1, c2, cout, vec", CHANNEL_VECTORS)
+def test_channel_vectors(device, dtype, layout, packing, c1, c2, cout, vec):
+    """VEC, the channel vector the kernel is promised (`channel_vector`), is the most that divides
+    C1, C2, Cout, the maps' strides and the weight's K stride (a wrong promise would load across
+    pixels or rows on a GPU), and the result is the op's with it."""
+    args = make_args(device, dtype, b=2, size=(5, 9), layout=layout, packing=packing, c1=c1,
+                     c2=c2, cout=cout, norm="layer")
+    _, _, meta = dry_run_launch(pointwise_conv, args, "_pointwise_conv_kernel")
+    assert meta["VEC"] == vec
+    check(args, dtype)
+
+
 @pytest.mark.parametrize("norm, launches", [("none", 1), ("layer", 1), ("group", 2)])
 def test_launch_records(norm, launches):
     """A dry run records every launch (the AOT compile test enumerates configurations from
