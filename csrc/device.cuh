@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -138,8 +139,8 @@ MVIT3_DEVICE float block_allreduce(float v, float* scratch, Op op) {
 
 // ---- asynchronous copies and warp-level matrix instructions ---------------------------------
 // Inline PTX on the GPU, the emulator's twins (emulator.h, with the same fragment layouts) under
-// MVIT3_EMULATE. cp.async and mma.m16n8k16 need sm_80, ldmatrix sm_75: ptxas refuses them in a
-// kernel compiled for an older arch. Not used by the kernels yet.
+// MVIT3_EMULATE. cp.async and bf16 mma need sm_80, ldmatrix and f16 mma sm_75 (there
+// mma_m16n8k16 is two m16n8k8): ptxas refuses them in a kernel compiled for an older arch.
 
 // Copy kBytes (4, 8 or 16) from global to shared memory asynchronously, the first src_bytes of
 // them read and the rest of the destination zero-filled (src_bytes 0: a masked-off element).
@@ -219,7 +220,9 @@ MVIT3_DEVICE void ldmatrix(uint32_t (&regs)[kCount], const void* shared_row) {
 //   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..2t+9][g]
 //   c[0..1], d[0..1]: C[g][2t..2t+1]  c[2..3], d[2..3]: C[g+8][2t..2t+1]
 // ldmatrix<4> with lane l at row l % 16, column 8 (l / 16) of a row-major A gives a; ldmatrix<2,
-// true> with lane l at row l % 16 of a row-major [k][n] B gives b.
+// true> with lane l at row l % 16 of a row-major [k][n] B gives b. sm_75 has no m16n8k16 for
+// f16: there it is two m16n8k8, whose fragments are a[0..1], b[0] and a[2..3], b[1] of these
+// (the fp32 sum then rounds once more, after k = 8).
 template <class T>
 MVIT3_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                                const float (&c)[4]) {
@@ -227,7 +230,23 @@ MVIT3_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint
 #ifdef MVIT3_EMULATE
   emu::mma_m16n8k16<T>(d, a, b, c);
 #else
-  if constexpr (std::is_same_v<T, __half>)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  constexpr bool kHasK16 = false;
+#else
+  constexpr bool kHasK16 = true;
+#endif
+  if constexpr (std::is_same_v<T, __half> && !kHasK16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%7, %8, %9, %10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b[1]));
+  } else if constexpr (std::is_same_v<T, __half>)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%10, %11, %12, %13};\n"
@@ -242,6 +261,15 @@ MVIT3_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
           "f"(c[2]), "f"(c[3]));
 #endif
+}
+
+// Two values rounded to T in one register of an mma fragment, the first in the low half.
+template <class T>
+MVIT3_DEVICE uint32_t pack_pair(float low, float high) {
+  const T values[2] = {from_float<T>(low), from_float<T>(high)};
+  uint32_t bits;
+  memcpy(&bits, &values, 4);
+  return bits;
 }
 
 // ---- launching ------------------------------------------------------------------------------

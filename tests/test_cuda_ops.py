@@ -919,7 +919,7 @@ def test_emulated_ops_under_address_sanitizer():
     assert f"{len(ASAN_CASES)} passed" in output, output[-6000:]
 
 
-# ---- cp.async, ldmatrix and mma.sync twins (device.cuh; no kernel uses them yet) ---------------
+# ---- cp.async, ldmatrix and mma.sync twins (device.cuh) ---------------------------------------
 
 _WARP_MATRIX_PROBES = r"""
 #include <cstring>
@@ -1173,11 +1173,29 @@ template __global__ void warp_ops<__half>(const __half*, float*);
 template __global__ void warp_ops<__nv_bfloat16>(const __nv_bfloat16*, float*);
 """
 
+# What sm_75 has of them: ldmatrix and the f16 mma (two m16n8k8 there).
+_SM75_MATRIX_KERNEL = r"""
+#include "device.cuh"
+__global__ void f16_mma(const __half* in, float* out) {
+  MVIT3_SHARED_ALIGNED(__half[16 * 16 + 16 * 8], tile, 16);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 16 * 16 + 16 * 8; i += 32) tile[i] = in[i];
+  __syncthreads();
+  uint32_t a[4], b[2];
+  mvit3::ldmatrix<4>(a, &tile[(lane % 16) * 16 + 8 * (lane / 16)]);
+  mvit3::ldmatrix<2, true>(b, &tile[256 + (lane % 16) * 8]);
+  float c[4] = {}, d[4];
+  mvit3::mma_m16n8k16<__half>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = d[i];
+}
+"""
+
 
 def test_warp_matrix_wrappers_assemble_for_sm80_and_newer(tmp_path):
     """device.cuh's inline PTX for cp.async, ldmatrix and mma.m16n8k16 passes ptxas for sm_80
     and sm_90 (what the emulator tests above cannot see: the PTX strings and constraints), and
-    ptxas refuses cp.async in an sm_75 kernel instead of it compiling to something else."""
+    ptxas refuses cp.async in an sm_75 kernel instead of it compiling to something else, while
+    ldmatrix and the f16 mma (patch_attention's) assemble for sm_75."""
     import subprocess
 
     try:
@@ -1185,11 +1203,13 @@ def test_warp_matrix_wrappers_assemble_for_sm80_and_newer(tmp_path):
     except build.BuildError as err:
         pytest.skip(str(err))
     (tmp_path / "warp_ops.cu").write_text(_WARP_MATRIX_KERNEL)
+    (tmp_path / "f16_mma.cu").write_text(_SM75_MATRIX_KERNEL)
 
-    def compile_for(arch: str):
+    def compile_for(arch: str, source: str = "warp_ops"):
         return subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-Werror",
                                "all-warnings", f"-I{build.SOURCE_ROOT / 'csrc'}", "-o",
-                               str(tmp_path / f"{arch}.cubin"), str(tmp_path / "warp_ops.cu")],
+                               str(tmp_path / f"{source}-{arch}.cubin"),
+                               str(tmp_path / f"{source}.cu")],
                               capture_output=True, text=True)
 
     for arch in ("sm_80", "sm_90"):
@@ -1197,3 +1217,5 @@ def test_warp_matrix_wrappers_assemble_for_sm80_and_newer(tmp_path):
         assert result.returncode == 0, result.stderr
     result = compile_for("sm_75")
     assert result.returncode != 0 and "cp.async" in result.stderr
+    result = compile_for("sm_75", "f16_mma")
+    assert result.returncode == 0, result.stderr
