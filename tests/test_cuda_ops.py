@@ -424,6 +424,8 @@ LONG_SEQUENCES = [(d, heads) for d, heads in ATTENTION if d // heads in (16, 60)
 
 LONG_SEQUENCE_CASES = ([Case("emu", s, dtype, "channels_last", 1, (18, 16))
                         for s in LONG_SEQUENCES for dtype in DTYPES]
+                       + [Case("emu", s, dtype, "slice", 3, (10, 12))
+                          for s in LONG_SEQUENCES for dtype in DTYPES]
                        + [Case("cuda", s, dtype, layout, 2, (64, 64))
                           for s in LONG_SEQUENCES for dtype in DTYPES for layout in LAYOUTS])
 
@@ -432,8 +434,10 @@ LONG_SEQUENCE_CASES = ([Case("emu", s, dtype, "channels_last", 1, (18, 16))
                                                marks=GPU_MARKS if c.device == "cuda" else ())
                                   for c in LONG_SEQUENCE_CASES])
 def test_patch_attention_long_sequences(kernels, case):
-    """Several key tiles and a partial last one: N = 72 patches (emu), N = 1024 (GPU, a 512 px
-    input's layer_3), with the smallest and largest head dims of the models."""
+    """Several key tiles and a partial last one: N = 72 patches (emu: 4-warp blocks, two query
+    tiles), N = 30 (emu: the 2-warp blocks of 17 to 32 tokens), N = 1024 (GPU, a 512 px input's
+    layer_3), with the smallest and largest head dims of the models. The short maps of the
+    other attention tests (N <= 16) run the 1-warp blocks."""
     d, heads = case.shape
     t = Inputs(case)
     args = (t.map(3 * d, scale=2.0), heads, (d // heads) ** -0.5, t.weight(d, d), t.vector(d), t.map(d))

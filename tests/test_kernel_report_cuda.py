@@ -91,12 +91,13 @@ def test_batch_100_takes_the_gpu_grid(library):
 
 
 def test_known_kernels_get_their_class(xs_rows):
-    """fp16 GEMM and attention kernels use WMMA: HMMA instructions, class "mma" (WMMA is not
-    wgmma, even on sm_90); every kernel is found in the library, compiled without spills."""
+    """fp16 GEMM and attention kernels use WMMA and mma.sync: HMMA instructions, class "mma"
+    (neither is wgmma, even on sm_90); every kernel is found in the library, compiled without
+    spills."""
     classes = {row.kernel: row.compiled.mma for row in xs_rows if row.compiled is not None}
     assert classes["tile_gemm_kernel<__half, PointwiseProducer<__half> >"] == "mma"
     assert classes["tile_gemm_kernel<__half, DwconvProducer<__half> >"] == "mma"
-    assert classes["patch_attention_kernel<__half, 32>"] == "mma"
+    assert classes["patch_attention_kernel<__half, 32, 4>"] == "mma"
     for row in xs_rows:
         if row.compiled is not None:
             assert not row.compiled.error, row.compiled.error
