@@ -43,7 +43,7 @@ import triton.language as tl
 from mvit3.kernel_report.gpus import GPUS, floor_us
 
 from ._common import (WGMMA_ARCH, WGMMA_ROWS, TARGET_PROGRAMS, Work, batch_chunks, batch_part,
-                      cdiv, channel_vector, check_device, conv3x3_output, conv3x3_output_size,
+                      cdiv, check_device, conv3x3_output, conv3x3_output_size, divisibility_hint,
                       dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
                       interpreter_meta, k_splits, launch_gemm_tiles, load_weight_tile,
                       map_stride_args, merge_split_k, next_pow2, pixel_coords,
@@ -96,19 +96,20 @@ def _dwconv_pointwise_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, VEC: tl.constexpr,
 ):
-    # x's channel count, N, x's batch and pixel strides and the weight's K stride are
-    # multiples of VEC (`channel_vector`, the host checked): written so, the taps and the
-    # weight's rows load as VEC-channel vectors (with the channel masks constant over each)
-    # and the output is stored so, where Triton's own specialisation cannot tell (24 or 120
-    # channels)
-    if ew_ptr is None:  # x holds the Ch hidden channels
-        Ch = Ch // VEC * VEC
-    Cin = Cin // VEC * VEC
-    N = N // VEC * VEC
-    stride_wk = stride_wk // VEC * VEC
-    stride_xb = stride_xb // VEC * VEC
-    stride_xh = stride_xh // VEC * VEC
-    stride_xw = stride_xw // VEC * VEC
+    if VEC > 1:
+        # x's channel count, N, x's batch and pixel strides and the weight's K stride are
+        # multiples of VEC (`divisibility_hint`, the host checked): written so, the taps and
+        # the weight's rows load as VEC-channel vectors (with the channel masks constant over
+        # each) and the output is stored so, where Triton's own specialisation cannot tell (24
+        # or 120 channels)
+        if ew_ptr is None:  # x holds the Ch hidden channels
+            Ch = Ch // VEC * VEC
+        Cin = Cin // VEC * VEC
+        N = N // VEC * VEC
+        stride_wk = stride_wk // VEC * VEC
+        stride_xb = stride_xb // VEC * VEC
+        stride_xh = stride_xh // VEC * VEC
+        stride_xw = stride_xw // VEC * VEC
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # output pixel m = (b, y, x); its 3x3 window starts at input
@@ -423,7 +424,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  stride_ec=expand_weight.stride(1) if expand else 0),
             dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
                  SPLIT_K=splits,
-                 VEC=channel_vector(x.element_size(), x, values=(cin, cout, weight.stride(1))),
+                 VEC=divisibility_hint(x.element_size(), x, values=(cin, cout, weight.stride(1))),
                  **meta),
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,

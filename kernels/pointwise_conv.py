@@ -29,7 +29,7 @@ import triton.language as tl
 from mvit3.ops.reference import ACTS, NORMS
 
 from ._common import (LONG_LOOP, TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part,
-                      cat_maps_error, cdiv, channel_vector, channels_last_empty, check_device,
+                      cat_maps_error, cdiv, channels_last_empty, check_device, divisibility_hint,
                       dot_operand_type, dot_precision, gemm_tile, int32_offset_limit,
                       interpreter_meta, launch_gemm_tiles, load_weight_tile, map_stride_args,
                       next_pow2, pixel_coords, pixel_tile_epilogue, row_layer_norm, target_arch,
@@ -100,19 +100,26 @@ def _pointwise_conv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_K: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    # C1, C2, N, the maps' batch and pixel strides and the weight's K stride are multiples of
-    # VEC (`channel_vector`, the host checked): written so, x's rows and the weight's rows load
-    # as VEC-channel vectors (with the channel masks constant over each) and the output is
-    # stored so, where Triton's own specialisation cannot tell (v3-XS's layer_4: C1 = 120,
-    # N = 360)
-    C1 = C1 // VEC * VEC
-    C2 = C2 // VEC * VEC
-    N = N // VEC * VEC
-    stride_wk = stride_wk // VEC * VEC
+    if VEC > 1:
+        # C1, C2, N, the maps' batch and pixel strides and the weight's K stride are multiples
+        # of VEC (`divisibility_hint`, the host checked): written so, x's rows and the weight's
+        # rows load as VEC-channel vectors (with the channel masks constant over each) and the
+        # output is stored so, where Triton's own specialisation cannot tell (v3-XS's layer_4:
+        # C1 = 120, N = 360)
+        C1 = C1 // VEC * VEC
+        C2 = C2 // VEC * VEC
+        N = N // VEC * VEC
+        stride_wk = stride_wk // VEC * VEC
+        stride_xb = stride_xb // VEC * VEC
+        stride_xh = stride_xh // VEC * VEC
+        stride_xw = stride_xw // VEC * VEC
+        stride_x2b = stride_x2b // VEC * VEC
+        stride_x2h = stride_x2h // VEC * VEC
+        stride_x2w = stride_x2w // VEC * VEC
     offs_m, offs_n, row_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     b, y, x = pixel_coords(offs_m, HW, W)
-    x_rows = x_ptr + tl.multiple_of(b * stride_xb + y * stride_xh + x * stride_xw, VEC)  # [BLOCK_M]
+    x_rows = x_ptr + b * stride_xb + y * stride_xh + x * stride_xw  # [BLOCK_M] pointers
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if BLOCK_K == ROW_K:  # LayerNorm, whole rows as the one K step: x read once
@@ -148,7 +155,7 @@ def _pointwise_conv_kernel(
 
     # then K over x2's channels: weight columns C1 ... C1 + C2 - 1
     if x2_ptr is not None:
-        x2_rows = x2_ptr + tl.multiple_of(b * stride_x2b + y * stride_x2h + x * stride_x2w, VEC)
+        x2_rows = x2_ptr + b * stride_x2b + y * stride_x2h + x * stride_x2w
         for k0 in range(0, C2, BLOCK_K):
             k = k0 + offs_k
             k_mask = k < C2
@@ -294,7 +301,7 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
                  stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                  **map_stride_args("r", residual)),
             dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=precision,
-                 VEC=channel_vector(x.element_size(), x, x2, values=(c1, c2, cout, weight.stride(1))),
+                 VEC=divisibility_hint(x.element_size(), x, x2, values=(c1, c2, cout, weight.stride(1))),
                  **meta),
             Work(dot_flops=2 * m * cout * (c1 + c2), serial_steps=_serial_steps(c1, c2, norm, meta)))
     return out

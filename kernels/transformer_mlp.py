@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunks, batch_part, cdiv,
-                      channel_vector, channels_last_empty, check_device, dot_operand_type,
+                      channels_last_empty, check_device, divisibility_hint, dot_operand_type,
                       dot_precision, int32_offset_limit, interpreter_meta, launch,
                       map_stride_args, next_pow2, pixel_coords, row_layer_norm, rows_per_program,
                       silu, target_arch, vector_stride_error)
@@ -33,8 +33,8 @@ NORMS = ("layer", "group")
 @triton.jit
 def ffn_vector_sizes(D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f,
                      VEC: tl.constexpr):
-    """The FFN's sizes and non-unit strides rewritten as multiples of VEC (`ffn_vector`: the host
-    checked that they are): so written, the compiler loads x's rows and the weights' rows as
+    """The FFN's sizes and non-unit strides rewritten as multiples of VEC > 1 (`ffn_vector`: the
+    host checked that they are): so written, the compiler loads x's rows and the weights' rows as
     VEC-channel vectors (with the channel masks constant over each) and stores the output so,
     where Triton's own specialisation cannot tell (d = 120, F = 240)."""
     return (D // VEC * VEC, F // VEC * VEC, stride_xb // VEC * VEC, stride_xh // VEC * VEC,
@@ -104,8 +104,9 @@ def _transformer_mlp_kernel(
     BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
     DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, VEC: tl.constexpr,
 ):
-    D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
-        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
+    if VEC > 1:
+        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
+            D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
     pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pixel_valid = pixel < num_pixels
     sample, y, x = pixel_coords(pixel, HW, W)
@@ -229,11 +230,11 @@ def ffn_args(x, norm_weight, norm_bias, stats, w1, b1, w2, b2, out, eps, start: 
 
 
 def ffn_vector(x, w1, w2, *values) -> int:
-    """VEC of the FFN kernels (`channel_vector`): it divides d, F, x's batch and pixel strides,
-    the weights' non-unit strides (those of the fast model's pre-packed [d, F] and [F, d]
-    buffers; weights not pre-packed have unit ones and get VEC = 1) and `values`."""
-    return channel_vector(x.element_size(), x,
-                          values=(x.shape[1], w1.shape[0], w1.stride(1), w2.stride(1), *values))
+    """VEC of the FFN kernels (`divisibility_hint`): it divides d, F, x's batch and pixel
+    strides, the weights' non-unit strides (those of the fast model's pre-packed [d, F] and
+    [F, d] buffers; weights not pre-packed have unit ones and get VEC = 1) and `values`."""
+    return divisibility_hint(x.element_size(), x,
+                             values=(x.shape[1], w1.shape[0], w1.stride(1), w2.stride(1), *values))
 
 
 def ffn_work(pixels: int, d: int, f: int, block_f: int) -> Work:

@@ -60,10 +60,11 @@ def _transformer_mlp_project_kernel(
     BLOCK_N: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_F: tl.constexpr, VEC: tl.constexpr,
 ):
-    D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
-        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
-    N = N // VEC * VEC  # (and the projection's: `ffn_vector` checked these too)
-    stride_pk = stride_pk // VEC * VEC
+    if VEC > 1:
+        D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f = ffn_vector_sizes(
+            D, F, stride_xb, stride_xh, stride_xw, stride_w1_d, stride_w2_f, VEC)
+        N = N // VEC * VEC  # (and the projection's: `ffn_vector` checked these too)
+        stride_pk = stride_pk // VEC * VEC
     if SPLIT_F > 1:  # grid (tiles * proj_groups, SPLIT_F): axis 0 is merge_split_k's tile
         tile = tl.program_id(0) // proj_groups
         group = tl.program_id(0) % proj_groups

@@ -73,39 +73,64 @@ def enumerate_launches(arch: int) -> list:
     return list(records.values())
 
 
-# Issue 11 item 1: at batch 100 every 16-bit dot of the v3 models runs on warpgroup MMA on sm_90,
-# except where the shape leaves no 64-row tile (tests/test_triton_aot.py holds the exceptions)
-WGMMA_MODELS = "mobilevitv3*"
-WGMMA_INPUT = (100, 256)
+# Issue 11 items 1 and 2: at batch 100 every 16-bit dot of the v3 models runs on warpgroup MMA on
+# sm_90, except where the shape leaves no 64-row tile, and every launch loads 128-bit vectors,
+# except where the channel counts or tiles leave none (tests/test_triton_aot.py holds the
+# exceptions)
+V3_MODELS = "mobilevitv3*"
+V3_INPUT = (100, 256)
 
 
-def not_on_wgmma(arch: int = 90) -> list:
-    """The distinct launches of the v3 models at batch 100 in fp16 / bf16 on sm_<arch> whose
-    dots do not compile to wgmma: [{kernel, mma, constexprs, args (N, D)}]."""
+def v3_batch_100(arch: int = 90) -> tuple:
+    """(launches, compiled): every launch of the v3 models at batch 100 in fp16 / bf16 on
+    sm_<arch> (not one per configuration: launches of other shapes may share one) and their
+    compiles by `LaunchRecord.key`."""
     import mvit3
     import mvit3.fast as fast
     from mvit3.kernel_report.compiled import compile_all
     from mvit3.kernels._common import compile_target, launch_log
 
-    launches = []  # every launch, not one per configuration: launches of other shapes (N, D)
-    for name in mvit3.list_models(WGMMA_MODELS):  # may share a configuration
+    launches = []
+    for name in mvit3.list_models(V3_MODELS):
         for dtype in (torch.float16, torch.bfloat16):
             model = fast.create_model(name, backend="triton").to(dtype).eval()
-            x = torch.zeros(WGMMA_INPUT[0], 3, WGMMA_INPUT[1], WGMMA_INPUT[1], dtype=dtype)
+            x = torch.zeros(V3_INPUT[0], 3, V3_INPUT[1], V3_INPUT[1], dtype=dtype)
             with torch.no_grad(), compile_target(arch), launch_log(dry_run=True) as log:
                 model(x)
             launches += log.records
-    compiled = compile_all(launches, arch)
+    return launches, compile_all(launches, arch)
+
+
+# the launch arguments that say which shape a launch serves
+SHAPE_ARGS = ("N", "D", "C1", "Cin", "Ch")
+
+
+def _distinct(launches: list, compiled: dict, keep, **fields) -> list:
+    """[{kernel, constexprs, args (SHAPE_ARGS), **fields(result)}] of the distinct launches whose
+    compile `keep(result)` selects."""
     found = []
     for record in launches:
-        if compiled[record.key].mma not in ("wgmma", "none"):
+        result = compiled[record.key]
+        if keep(result):
             args = dict(record.args)
-            launch = dict(kernel=record.name, mma=compiled[record.key].mma,
-                          constexprs={k: repr(v) for k, v in record.constexprs},
-                          args={k: args[k] for k in ("N", "D") if k in args})
+            launch = dict(kernel=record.name, constexprs={k: repr(v) for k, v in record.constexprs},
+                          args={k: args[k] for k in SHAPE_ARGS if k in args},
+                          **{name: get(result) for name, get in fields.items()})
             if launch not in found:
                 found.append(launch)
     return found
+
+
+def not_on_wgmma(launches: list, compiled: dict) -> list:
+    """The distinct launches (`v3_batch_100`) whose dots do not compile to wgmma."""
+    return _distinct(launches, compiled, lambda r: r.mma not in ("wgmma", "none"),
+                     mma=lambda r: r.mma)
+
+
+def narrow_loads(launches: list, compiled: dict) -> list:
+    """The distinct launches (`v3_batch_100`) with no 128-bit global load (issue 11 item 2)."""
+    return _distinct(launches, compiled, lambda r: r.load_bits < 128,
+                     load_bits=lambda r: r.load_bits, load_mix=lambda r: r.load_mix)
 
 
 def problems(records: list, arch: int, spills: list) -> list:
@@ -145,9 +170,11 @@ def main() -> int:
     kernels = {}
     for record in configurations.values():
         kernels[record.name] = kernels.get(record.name, 0) + 1
+    v3_launches, v3_compiled = v3_batch_100()
     print(json.dumps({"configurations": len(configurations), "compilations": compilations,
                       "per_kernel": kernels, "errors": errors, "ungated_spills": spills,
-                      "not_on_wgmma": not_on_wgmma()}))
+                      "not_on_wgmma": not_on_wgmma(v3_launches, v3_compiled),
+                      "narrow_loads": narrow_loads(v3_launches, v3_compiled)}))
     return 0
 
 

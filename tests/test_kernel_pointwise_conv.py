@@ -218,6 +218,7 @@ def test_why_unsupported():
 # (dtype, x's layout, weight packing, C1, C2, Cout, VEC): x2 takes the next layout (a channel
 # slice of a map with 6 channels more: pixel stride C2 + 6)
 CHANNEL_VECTORS = [
+    (torch.float16, "nhwc", "kmajor", 96, 0, 288, 1),   # all multiples of 16: Triton sees them
     (torch.float16, "nhwc", "kmajor", 120, 0, 360, 8),  # v3-XS layer_4's LayerNorm + qkv
     (torch.float32, "nhwc", "kmajor", 120, 0, 360, 4),
     (torch.float16, "nhwc", "kmajor", 120, 0, 36, 4),   # 36 output channels
@@ -231,9 +232,10 @@ CHANNEL_VECTORS = [
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype, layout, packing, c1, c2, cout, vec", CHANNEL_VECTORS)
 def test_channel_vectors(device, dtype, layout, packing, c1, c2, cout, vec):
-    """VEC, the channel vector the kernel is promised (`channel_vector`), is the most that divides
-    C1, C2, Cout, the maps' strides and the weight's K stride (a wrong promise would load across
-    pixels or rows on a GPU), and the result is the op's with it."""
+    """VEC, the channel vector the kernel is promised (`divisibility_hint`), is the most that
+    divides C1, C2, Cout, the maps' strides and the weight's K stride (a wrong promise would load
+    across pixels or rows on a GPU), or 1 where Triton's specialisation sees 16 itself, and the
+    result is the op's with it."""
     args = make_args(device, dtype, b=2, size=(5, 9), layout=layout, packing=packing, c1=c1,
                      c2=c2, cout=cout, norm="layer")
     _, _, meta = dry_run_launch(pointwise_conv, args, "_pointwise_conv_kernel")
