@@ -20,6 +20,25 @@
 // The pixel of each staged token is computed once per tile into a table in shared memory (one
 // division by W/2 per row, not per element). With proj_weight, the heads go to a workspace map
 // and the projection (+ bias + residual) is the pointwise_conv GEMM.
+//
+// Staging. When the qkv map is channels_last with 16-byte aligned base and pixel strides and d
+// is a whole number of 16-byte chunks (AttentionArgs::chunked, decided on the host), Q/K/V rows
+// are moved 16 bytes at a time. A head need not start on a chunk (head dims 20, 30, 36, 60 of the
+// models), so a staged row is a window: it starts at the head's first channel rounded down to a
+// chunk, `shift` = (head * head_dim) % chunk channels early (the same for q, k and v, as d is
+// whole chunks), and the head is window columns shift .. shift + head_dim - 1. The kernel is
+// compiled for the widest window of the call's heads (max shift + head_dim, padded to 16):
+// 30-dim fp16 heads start 0, 6, 4, 2 channels past a chunk, so they take the 48-column kernel
+// where the head alone would take 32 (1.5x the MMA work for 128-bit loads; 24, 36 and 60 keep
+// their width, 20 fits in 32). Window columns outside the head are zero in Q (masked in
+// registers, where Q is scaled anyway) and in K (the tail zero-filled by the copy, the lead
+// cleared after it lands), so they add exactly 0 to Q K^T even next to non-finite channels;
+// V's outside columns give output columns that are not written. K and V are copied with
+// cp.async on sm_80+ (and the emulator) into two stages, the next key tile's copies in flight
+// while the current one is computed (one stage where two do not fit 48 KB of static shared
+// memory: fp32 64-dim 4-warp blocks); sm_75 loads 16 bytes into registers and stores them.
+// Other layouts (NCHW, slices whose base or strides are not aligned) stage element by element
+// through the strides, window = head (shift 0), with the same stages.
 #include "tile_gemm.cuh"
 
 namespace mvit3 {
@@ -27,11 +46,20 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Whether K/V staging uses cp.async (sm_80+, and the emulator, which models it).
+#if defined(MVIT3_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+constexpr bool kAsyncCopy = true;
+#else
+constexpr bool kAsyncCopy = false;
+#endif
+constexpr int kStaticSharedBytes = 48 * 1024;  // a block's static shared memory, every arch
+
 struct AttentionArgs {
   Map qkv, residual, out;
   int height, width, heads, head_dim;
   float q_scale;     // scale * log2(e)
   int first_sample;  // the sample of block x = 0 (a launch covers a chunk of the batch)
+  bool chunked;      // Q/K/V rows staged as 16-byte chunks of head windows (top of file)
 };
 
 // The pixel of a token of the block's sequence; y = -1 past the sequence.
@@ -40,15 +68,19 @@ struct Pixel {
 };
 
 // fp32: lane j of a warp computes the scores of key j for the warp's 16 rows (into the warp's
-// score rows in shared memory); lanes 2r and 2r + 1 then take the softmax statistics of row r
-// (keys of their parity) and write its probabilities back over the scores; for P @ V, lane c
-// owns output columns c and c + 32 of the 16 rows.
+// score rows in shared memory), reading its K row 4 dims at a time (128-bit loads); lanes 2r
+// and 2r + 1 then take the softmax statistics of row r (keys of their parity) and write its
+// probabilities back over the scores; for P @ V, lane c owns output columns c and c + 32 of the
+// 16 rows.
 template <int kHeadDim>
 struct SimtAttention {
   using Operand = float;
   static constexpr int kKeys = 32;
-  static constexpr int kLdQ = kHeadDim;      // read as warp broadcasts
-  static constexpr int kLdK = kHeadDim + 1;  // lane j reads row j: conflict-free
+  static constexpr int kLdQ = kHeadDim;  // read as warp broadcasts
+  // Lane j reads 16 bytes of row j: each 8-lane phase of a 128-bit load hits 16-byte bank
+  // groups j * (kHeadDim / 4 + 1) mod 8, distinct as kHeadDim / 4 + 1 is odd (kHeadDim 16..64).
+  // Every row stays 16-byte aligned for the chunked staging.
+  static constexpr int kLdK = kHeadDim + 4;
   static constexpr int kLdV = kHeadDim;
   static constexpr int kLdS = kKeys + 1;
   static constexpr int kColumns = (kHeadDim + 31) / 32;  // output columns per lane
@@ -75,10 +107,16 @@ struct SimtAttention {
     const int lane = threadIdx.x % 32;
     {
       float s[16] = {};
-      for (int c = 0; c < kHeadDim; ++c) {
-        const float k = k_tile[lane * kLdK + c];
+      for (int c = 0; c < kHeadDim; c += 4) {
+        const float4 k = *reinterpret_cast<const float4*>(k_tile + lane * kLdK + c);
         MVIT3_UNROLL
-        for (int r = 0; r < 16; ++r) s[r] = fmaf(q_warp[r * kLdQ + c], k, s[r]);
+        for (int r = 0; r < 16; ++r) {
+          const float* q = q_warp + r * kLdQ + c;
+          s[r] = fmaf(q[0], k.x, s[r]);
+          s[r] = fmaf(q[1], k.y, s[r]);
+          s[r] = fmaf(q[2], k.z, s[r]);
+          s[r] = fmaf(q[3], k.w, s[r]);
+        }
       }
       MVIT3_UNROLL
       for (int r = 0; r < 16; ++r) scratch.s[r][lane] = s[r];
@@ -282,15 +320,26 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   using Math = std::conditional_t<std::is_same_v<T, float>, SimtAttention<kHeadDim>,
                                   MmaAttention<T, kHeadDim, kWarps>>;
   using Operand = typename Math::Operand;
+  static_assert(std::is_same_v<Operand, T>, "tiles hold the I/O type: chunks are copied as is");
   constexpr int kQueries = 16 * kWarps, kThreads = 32 * kWarps;
   constexpr int kKeys = Math::kKeys, kLdQ = Math::kLdQ, kLdK = Math::kLdK, kLdV = Math::kLdV;
+  constexpr int kChunk = 16 / int(sizeof(T));
   static_assert(kQueries <= kThreads && kKeys <= kThreads, "one thread per pixel table entry");
+  static_assert(kHeadDim % kChunk == 0 && kLdQ % kChunk == 0 && kLdK % kChunk == 0 &&
+                    kLdV % kChunk == 0 && (kKeys * kLdK) % kChunk == 0,
+                "staged rows and the V tile start 16-byte aligned");
+  // A stage: the K tile [kKeys][kLdK], then the V tile [kKeys][kLdV].
+  constexpr int kStageElems = kKeys * (kLdK + kLdV);
+  constexpr int kFixedBytes = kQueries * kLdQ * int(sizeof(T)) +
+                              kWarps * int(sizeof(typename Math::Scratch)) +
+                              (kQueries + 2 * kKeys) * int(sizeof(Pixel));
+  constexpr int kStages =
+      kAsyncCopy && kFixedBytes + 2 * kStageElems * int(sizeof(T)) <= kStaticSharedBytes ? 2 : 1;
   MVIT3_SHARED_ALIGNED(Operand[kQueries * kLdQ], q_tile, 16);  // scaled queries
-  MVIT3_SHARED_ALIGNED(Operand[kKeys * kLdK], k_tile, 16);
-  MVIT3_SHARED_ALIGNED(Operand[kKeys * kLdV], v_tile, 16);
+  MVIT3_SHARED_ALIGNED(Operand[kStages * kStageElems], kv_tiles, 16);
   MVIT3_SHARED(typename Math::Scratch[kWarps], scratch);
   MVIT3_SHARED(Pixel[kQueries], q_pixels);
-  MVIT3_SHARED(Pixel[2][kKeys], kv_pixels);  // of this key tile and the next
+  MVIT3_SHARED(Pixel[2][kKeys], kv_pixels);  // key tile t's in slot t % 2
 
   const T* qkv = static_cast<const T*>(args.qkv.data);
   const int tid = threadIdx.x, warp = tid / 32;
@@ -302,51 +351,123 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   const int b = args.first_sample + sequence / 4, pos = sequence % 4;
   const int head = blockIdx.y;
   const int dim = args.heads * args.head_dim;
+  const int shift = args.chunked ? head * args.head_dim % kChunk : 0;  // head's first column
 
   // Token n of this sequence is pixel (y, x): the patch grid cell times 2 plus the position.
   auto pixel_of = [&](int n) {
     return n < tokens ? Pixel{(n / half_width) * 2 + pos / 2, (n % half_width) * 2 + pos % 2}
                       : Pixel{-1, 0};
   };
-  // rows x kHeadDim values of one third of qkv (0: q, 1: k, 2: v) for the tokens of `pixels`,
-  // zero padded past the sequence and the head dim.
+  // rows x kHeadDim window columns of one third of qkv (0: q, 1: k, 2: v) for the tokens of
+  // `pixels`, kVec columns a step: kChunk (one 16-byte chunk, args.chunked) or 1 (through the
+  // channel stride). Columns outside the head and rows past the sequence are 0, except that
+  // with kAsync (cp.async) the lead columns 0 .. shift - 1 keep the previous head's channels.
   const Map& m = args.qkv;
-  auto stage = [&](Operand* tile, int ld, int rows, const Pixel* pixels, int third, float scale) {
-    const T* head_base = qkv + b * m.stride_b + (third * dim + head * args.head_dim) * m.stride_c;
-    for (int e = tid; e < rows * kHeadDim; e += kThreads) {
-      const int r = e / kHeadDim, c = e % kHeadDim;
+  auto stage = [&](auto vec, auto async, Operand* tile, int ld, int rows, const Pixel* pixels,
+                   int third, float scale) {
+    constexpr int kVec = decltype(vec)::value;
+    constexpr bool kAsync = decltype(async)::value;
+    constexpr int kVecs = kHeadDim / kVec;  // per row
+    const T* window =
+        qkv + b * m.stride_b + (third * dim + head * args.head_dim - shift) * m.stride_c;
+    for (int e = tid; e < rows * kVecs; e += kThreads) {
+      const int r = e / kVecs, c = e % kVecs * kVec;
       const Pixel p = pixels[r];
-      float v = 0.0f;
-      if (p.y >= 0 && c < args.head_dim)
-        v = to_float(head_base[p.y * m.stride_h + p.x * m.stride_w + c * m.stride_c]) * scale;
-      tile[r * ld + c] = from_float<Operand>(v);
+      // Of this vector's columns c .. c + kVec - 1, those in [lo, hi) are the head's.
+      const int lo = shift - c, hi = shift + args.head_dim - c;
+      const bool any = p.y >= 0 && hi > 0;
+      const T* src = any ? window + p.y * m.stride_h + p.x * m.stride_w + c * m.stride_c : qkv;
+      Operand* dst = tile + r * ld + c;
+      if constexpr (kAsync) {
+        cp_async<16>(dst, src, any ? (hi < kVec ? hi : kVec) * int(sizeof(T)) : 0);
+      } else {
+        T raw[kVec] = {};
+        if (any) {
+          if constexpr (kVec == kChunk)
+            gemm::load_chunk(raw, src);  // within the pixel's 3d channels: d is whole chunks
+          else
+            raw[0] = *src;
+        }
+        float v[kVec];
+        MVIT3_UNROLL
+        for (int i = 0; i < kVec; ++i)
+          v[i] = any && i >= lo && i < hi ? to_float(raw[i]) * scale : 0.0f;
+        if constexpr (kVec == kChunk)
+          gemm::store_chunk(dst, v);
+        else
+          *dst = from_float<Operand>(v[0]);
+      }
     }
+  };
+  using Chunk = std::integral_constant<int, kChunk>;
+  using Scalar = std::integral_constant<int, 1>;
+  using Async = std::integral_constant<bool, kAsyncCopy>;
+  using Sync = std::false_type;
+  // K and V of key tile t into stage t % kStages, if the tile exists (from slot t % 2's pixels).
+  auto stage_keys = [&](int t) {
+    if (t * kKeys >= tokens) return;
+    Operand* k_tile = kv_tiles + t % kStages * kStageElems;
+    Operand* v_tile = k_tile + kKeys * kLdK;
+    const Pixel* pixels = kv_pixels[t % 2];
+    if (args.chunked) {
+      stage(Chunk{}, Async{}, k_tile, kLdK, kKeys, pixels, 1, 1.0f);
+      stage(Chunk{}, Async{}, v_tile, kLdV, kKeys, pixels, 2, 1.0f);
+    } else {
+      stage(Scalar{}, Sync{}, k_tile, kLdK, kKeys, pixels, 1, 1.0f);
+      stage(Scalar{}, Sync{}, v_tile, kLdV, kKeys, pixels, 2, 1.0f);
+    }
+  };
+  // cp.async zero-fills only a chunk's tail: once its copies have landed, the thread that
+  // issued a K row's first chunk (the same e as in stage) clears the lead columns, so that they
+  // are 0 as in Q rather than the previous head's keys (0 * inf would be NaN).
+  auto clear_lead = [&](int t) {
+    if (!kAsyncCopy || shift == 0) return;
+    Operand* k_tile = kv_tiles + t % kStages * kStageElems;
+    constexpr int kVecs = kHeadDim / kChunk;
+    for (int e = tid; e < kKeys * kVecs; e += kThreads)
+      if (e % kVecs == 0)
+        for (int c = 0; c < shift; ++c) k_tile[e / kVecs * kLdK + c] = from_float<Operand>(0.0f);
   };
 
   if (tid < kQueries) q_pixels[tid] = pixel_of(q0 + tid);
-  if (tid < kKeys) kv_pixels[0][tid] = pixel_of(tid);
+  if (tid < kKeys)
+    for (int t = 0; t < kStages; ++t) kv_pixels[t][tid] = pixel_of(t * kKeys + tid);
   __syncthreads();
-  stage(q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
+  if (args.chunked)
+    stage(Chunk{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
+  else
+    stage(Scalar{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
+  for (int t = 0; t < kStages - 1; ++t) {
+    stage_keys(t);
+    if constexpr (kAsyncCopy) cp_async_commit();
+  }
   __syncthreads();
   const Operand* q_warp = q_tile + 16 * warp * kLdQ;
   typename Math::State state;
   Math::init(state, q_warp);
 
-  for (int kv0 = 0, i = 0; kv0 < tokens; kv0 += kKeys, i ^= 1) {
-    __syncthreads();  // every warp is done with the previous K/V tile and its pixels
-    stage(k_tile, kLdK, kKeys, kv_pixels[i], 1, 1.0f);
-    stage(v_tile, kLdV, kKeys, kv_pixels[i], 2, 1.0f);
-    if (tid < kKeys) kv_pixels[i ^ 1][tid] = pixel_of(kv0 + kKeys + tid);
+  // Iteration t stages tile t + kStages - 1 (two stages: its copies in flight while tile t is
+  // computed) and writes the pixels of tile t + kStages over those of tile t + kStages - 2,
+  // staged in iteration t - 1; then it waits for tile t.
+  for (int t = 0; t * kKeys < tokens; ++t) {
+    __syncthreads();  // every warp is done with tile t - 1: its stage and slot may be rewritten
+    stage_keys(t + kStages - 1);
+    if constexpr (kAsyncCopy) cp_async_commit();  // possibly empty: one group per iteration
+    if (tid < kKeys) kv_pixels[(t + kStages) % 2][tid] = pixel_of((t + kStages) * kKeys + tid);
+    if constexpr (kAsyncCopy) cp_async_wait<kStages - 1>();  // this thread's copies of tile t
+    if (args.chunked) clear_lead(t);
     __syncthreads();
-    const int keys = tokens - kv0 < kKeys ? tokens - kv0 : kKeys;
-    Math::step(state, q_warp, k_tile, v_tile, keys, scratch[warp]);
+    const Operand* k_tile = kv_tiles + t % kStages * kStageElems;
+    const int keys = tokens - t * kKeys < kKeys ? tokens - t * kKeys : kKeys;
+    Math::step(state, q_warp, k_tile, k_tile + kKeys * kLdK, keys, scratch[warp]);
   }
 
   const T* residual = static_cast<const T*>(args.residual.data);
   T* out = static_cast<T*>(args.out.data);
   Math::finish(state, scratch[warp], [&](int r, int c, float o) {
     const Pixel p = q_pixels[16 * warp + r];
-    if (p.y < 0 || c >= args.head_dim) return;
+    c -= shift;  // window column -> head dim
+    if (p.y < 0 || c < 0 || c >= args.head_dim) return;
     const int channel = head * args.head_dim + c;
     if (residual) o += to_float(residual[map_offset(args.residual, b, channel, p.y, p.x)]);
     out[map_offset(args.out, b, channel, p.y, p.x)] = from_float<T>(o);
@@ -387,7 +508,17 @@ void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream)
   // Grid: x = (sample, position, query tile) of the chunk's samples, y = head (<= 65535: ops.cpp).
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_head_dim(args.head_dim, [&](auto head_dim) {
+    // Chunked staging (top of file) where the layout allows it and the widest head window,
+    // max over heads of (h * head_dim) % kChunk + head_dim (the residues of h < kChunk are all
+    // there are), fits the kernels.
+    constexpr int kChunk = 16 / int(sizeof(T));
+    const int dim = args.heads * args.head_dim;
+    const bool aligned = gemm::chunked_rows<T>(args.qkv) && dim % kChunk == 0;
+    int lead = 0;
+    for (int h = 0; aligned && h < std::min(args.heads, kChunk); ++h)
+      lead = std::max(lead, h * args.head_dim % kChunk);
+    attention.chunked = aligned && lead + args.head_dim <= kMaxHeadDim;
+    dispatch_head_dim(attention.chunked ? lead + args.head_dim : args.head_dim, [&](auto head_dim) {
       dispatch_warps(tokens, [&](auto warps) {
         constexpr int kWarps = decltype(warps)::value;
         const int64_t blocks_per_sample = 4 * ceil_div(tokens, 16 * kWarps);

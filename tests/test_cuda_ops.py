@@ -444,6 +444,37 @@ def test_patch_attention_long_sequences(kernels, case):
     check(kernels, "patch_attention", args, case.dtype)
 
 
+# Heads that do not start on a 16-byte chunk (csrc/patch_attention.cu, "Staging": the rows are
+# windows from the head's first channel rounded down to a chunk): the models' head dims 20, 30,
+# 36 and 60 with 4 heads, every dtype, in a channels_last qkv map and in a channel slice of a
+# wider map at an aligned offset (both staged by 16-byte chunks), over 72 tokens (several key
+# tiles: both cp.async stages, and the fp32 64-dim kernel's single one).
+HEAD_WINDOW_CASES = [Case("emu", (4 * hd, 4), dtype, layout, 1, (18, 16), order)
+                     for i, (hd, dtype) in enumerate(itertools.product((20, 30, 36, 60), DTYPES))
+                     for layout, order in [(("channels_last", "slice")[i % 2], ORDERS[i % 3])]]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in HEAD_WINDOW_CASES])
+def test_patch_attention_head_windows(kernels, case):
+    """Head h > 0 reads the last channels of head h - 1 as its window's lead: an infinite key
+    channel of head 0 must not reach the other heads (their window's lead columns are 0 in Q
+    and in K, whichever way the key tile was staged)."""
+    d, heads = case.shape
+    hd = d // heads
+    t = Inputs(case)
+    h, w = case.size
+    offset = 8 if case.layout == "slice" else 0  # 16 bytes of fp16/bf16, 32 of fp32
+    nhwc = torch.randn(case.batch, h, w, 3 * d + 2 * offset, generator=t.gen)
+    nhwc[..., offset + d + hd - 1] = float("inf")  # head 0's last key channel
+    qkv = t._to(nhwc).permute(0, 3, 1, 2)[:, offset:offset + 3 * d]
+    out = kernels.patch_attention(qkv, heads, hd ** -0.5, None, None, None)
+    ref = reference.patch_attention(qkv.double(), heads, hd ** -0.5)
+    out, ref = out[:, hd:].double(), ref[:, hd:]  # heads 1.. (head 0 is NaN in both)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    err = (out - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+
+
 @pytest.mark.parametrize("case", cases(MLP, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES))
 def test_transformer_mlp(kernels, case):
     d, ffn, norm = case.shape
