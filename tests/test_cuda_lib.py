@@ -363,3 +363,14 @@ def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, dtype):
                     if not any(op.startswith("LDGSTS") or (op.startswith("LDG.") and ".128" in op)
                                for op in ops))
     assert not narrow, f"neither LDGSTS nor LDG.128 in {narrow}"
+
+
+@pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])
+def test_attention_kernels_stage_keys_with_ldgsts(sass, dtype):
+    """sm_90: every head dim and warp count of the attention kernel copies its K/V tiles with
+    LDGSTS (cp.async, 16-byte chunks of head windows) and loads Q with 128-bit LDG."""
+    kernels = _family(sass[SASS_ARCH], "patch_attention_kernel", dtype)
+    narrow = sorted(name for name, ops in kernels.items()
+                    if not (_has(ops, "LDGSTS")
+                            and any(op.startswith("LDG.") and ".128" in op for op in ops)))
+    assert not narrow, f"no LDGSTS or no LDG.128 in {narrow}"
