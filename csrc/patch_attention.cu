@@ -474,10 +474,18 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   });
 }
 
-// The minimum of 2 resident blocks lifts ptxas' default register cap, under which the bf16
-// kernel for sm_90 spilled; shared memory bounds the residency to a few blocks anyway.
+// Resident blocks asked of ptxas. 2 lifts its default register cap, under which the bf16 kernel
+// for sm_90 spilled; shared memory bounds the residency to a few blocks anyway. 16-bit 4-warp
+// blocks of head dims up to 48 on sm_80+ ask 4 (128 registers): with the two K/V stages ptxas
+// took 125-142 there (4 -> 3 blocks/SM at 48) and fits 128 without spilling; 64 dims spill at
+// 128, and sm_75's one-stage 48-dim kernel spills 56 bytes, so those keep 2.
 template <class T, int kHeadDim, int kWarps>
-__global__ void __launch_bounds__(32 * kWarps, 2) patch_attention_kernel(AttentionArgs args) {
+constexpr int kMinBlocks =
+    kAsyncCopy && !std::is_same_v<T, float> && kWarps == 4 && kHeadDim <= 48 ? 4 : 2;
+
+template <class T, int kHeadDim, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps, (kMinBlocks<T, kHeadDim, kWarps>))
+    patch_attention_kernel(AttentionArgs args) {
   if constexpr (arch_supports<T>()) attention_body<T, kHeadDim, kWarps>(args);
 }
 
