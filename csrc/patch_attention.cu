@@ -450,7 +450,9 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   // computed) and writes the pixels of tile t + kStages over those of tile t + kStages - 2,
   // staged in iteration t - 1; then it waits for tile t.
   for (int t = 0; t * kKeys < tokens; ++t) {
-    __syncthreads();  // every warp is done with tile t - 1: its stage and slot may be rewritten
+    // Every warp is done with tile t - 1, whose stage is rewritten next, and every thread with
+    // staging tile t + kStages - 2, whose pixel slot is.
+    __syncthreads();
     stage_keys(t + kStages - 1);
     if constexpr (kAsyncCopy) cp_async_commit();  // possibly empty: one group per iteration
     if (tid < kKeys) kv_pixels[(t + kStages) % 2][tid] = pixel_of((t + kStages) * kKeys + tid);
