@@ -256,7 +256,7 @@ def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
 
 # ---- launcher -------------------------------------------------------------------------------
 
-def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int) -> dict:
+def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int, vec: int) -> dict:
     """Tile sizes from (M, N, dtype, arch): BLOCK_N 16 ... 128, BLOCK_M 64 ... 16.
 
     One N tile up to Cout = 128 (the depthwise work is done once per pixel). The nine tap
@@ -317,7 +317,11 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int)
              # 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles)
              num_warps=(4 if tf32_mma and not expand else
                         8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4),
-             num_stages=1 if expand and dtype != torch.float32 else 2),
+             # (on sm_80 with vectors only VEC tells, 24 output channels: one stage spills 4
+             # bytes at 64 registers, two do not)
+             num_stages=1 if expand and dtype != torch.float32 and (
+                 arch >= WGMMA_ARCH or vec == 1) else 2,
+             VEC=vec),
         BLOCK_M=256, BLOCK_K=64)
 
 
@@ -392,7 +396,8 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
         expand_weight = expand_bias = None
     expand = expand_weight is not None
     cin = x.shape[1]  # Ch unless expanding
-    meta = _meta(geometry["M"], cout, cin, expand, x.dtype, arch)
+    meta = _meta(geometry["M"], cout, cin, expand, x.dtype, arch,
+                 divisibility_hint(x.element_size(), x, values=(cin, cout, weight.stride(1))))
     # serial steps of one hidden block: with the expansion it walks the nine taps, each Cin in
     # BLOCK_C steps
     block_steps = 9 * cdiv(cin, meta["BLOCK_C"]) if expand else 1
@@ -423,9 +428,7 @@ def dwconv_pointwise(x, dw_weight, dw_bias, weight, bias=None, stride=1, residua
                  stride_en=expand_weight.stride(0) if expand else 0,
                  stride_ec=expand_weight.stride(1) if expand else 0),
             dict(DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-                 SPLIT_K=splits,
-                 VEC=divisibility_hint(x.element_size(), x, values=(cin, cout, weight.stride(1))),
-                 **meta),
+                 SPLIT_K=splits, **meta),
             Work(dot_flops=2 * m * ch * cout + (2 * m * 9 * cin * ch if expand else 0),
                  simt_flops=2 * m * ch * 9,
                  serial_steps=split_k_steps(k_blocks, block_steps, splits)),

@@ -172,7 +172,7 @@ MAX_ROW_K = 256  # widest LayerNorm input read as whole rows (a [64, 256] fp16 A
 
 
 def _meta(pixels: int, n: int, c1: int, c2: int, norm: str, dtype: torch.dtype, arch: int,
-          precision: str) -> dict:
+          precision: str, vec: int) -> dict:
     """Tile sizes from the GEMM [pixels, c1 + c2] x [c1 + c2, n], the dtype and sm_<arch>.
 
     BLOCK_N covers Cout up to 128 in one tile (the A tile and LayerNorm stats are then made
@@ -220,7 +220,11 @@ def _meta(pixels: int, n: int, c1: int, c2: int, norm: str, dtype: torch.dtype, 
              # fp32 dots, and mma.sync's 64-channel K steps, hold more per thread: 4 warps at
              # [32, 128] spill on sm_90 (fp32) and sm_80 (16-bit)
              num_warps=8 if block_m * block_n >= (8192 if sixteen_bit and arch >= WGMMA_ARCH else 4096) else 4,
-             num_stages=2 if dtype == torch.float32 else 3),
+             # 16-bit 16-row tiles on sm_90 whose vectors only VEC tells (v3-XS's 120 and 360
+             # channels) spill 8 bytes with three stages (64 registers); two: 68-78, none
+             num_stages=2 if dtype == torch.float32 or (
+                 vec > 1 and block_m == 16 and arch >= WGMMA_ARCH) else 3,
+             VEC=vec),
         BLOCK_M=256, BLOCK_K=64)
 
 
@@ -286,7 +290,8 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
         norm_weight = norm_bias = None
     stats = group_norm_stats(x, eps) if norm == "group" else None
     precision = dot_precision(x.dtype)
-    meta = _meta(b * h * w, cout, c1, c2, norm, x.dtype, target_arch(x), precision)
+    vec = divisibility_hint(x.element_size(), x, x2, values=(c1, c2, cout, weight.stride(1)))
+    meta = _meta(b * h * w, cout, c1, c2, norm, x.dtype, target_arch(x), precision, vec)
     for start, stop in batch_chunks(b, out.shape, (x, x2, residual)):
         part = dict(x=batch_part(x, start, stop), x2=batch_part(x2, start, stop),
                     r=batch_part(residual, start, stop))
@@ -301,7 +306,6 @@ def pointwise_conv(x, weight, bias=None, x2=None, residual=None, norm="none", no
                  stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                  **map_stride_args("r", residual)),
             dict(NORM=norm, ACT=act, DOT_TYPE=dot_operand_type(x.dtype), DOT_PRECISION=precision,
-                 VEC=divisibility_hint(x.element_size(), x, x2, values=(c1, c2, cout, weight.stride(1))),
                  **meta),
             Work(dot_flops=2 * m * cout * (c1 + c2), serial_steps=_serial_steps(c1, c2, norm, meta)))
     return out

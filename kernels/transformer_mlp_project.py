@@ -232,11 +232,16 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
     # small grids (batch 1): mlp_meta's wide hidden chunks, and projection chunks as wide
     meta, small = mlp_meta(b * h * w, d_pad, x.dtype, arch)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    vec = ffn_vector(x, w1, w2, cout, proj_weight.stride(1))
     block_n = small["BLOCK_N"] if small is not None else _projection_block_n(d_pad, x.dtype, arch)
     if small is None and x.dtype == torch.float32 and arch >= 80:
         tiles = dict(_FP32_TILES[90 if arch >= 90 else 80].get((meta["BLOCK_M"], d_pad), {}))
         num_warps, num_stages = tiles.pop("num_warps", num_warps), tiles.pop("num_stages", num_stages)
         meta.update(tiles)
+    elif small is not None and vec > 1 and x.dtype == torch.float32 and arch < WGMMA_ARCH:
+        # sm_80's three fp32 stages spill 8 bytes once split where only VEC tells the vectors
+        # (d = 120); two do not (80-98 registers)
+        num_stages = 2
     elif small is None and arch >= 80 and (meta["BLOCK_M"], d_pad) == (16, 256):
         # 16-row tiles at d = 256 on larger grids (sm_80 keeps 16 rows there whatever the
         # grid), where the serial chain still counts: 32 hidden units a chunk halve it (F = 288:
@@ -268,7 +273,7 @@ def transformer_mlp_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bia
                     stride_pn=proj_weight.stride(0), stride_pk=proj_weight.stride(1)),
                dict(**meta, ACT=act, BLOCK_N=block_n, DOT_TYPE=dot_operand_type(x.dtype),
                     DOT_PRECISION=dot_precision(x.dtype), SPLIT_F=split_f,
-                    VEC=ffn_vector(x, w1, w2, cout, proj_weight.stride(1))),
+                    VEC=vec),
                num_warps=num_warps, num_stages=num_stages,
                # each projection group computes the FFN sum again
                work=Work(dot_flops=groups * ffn.dot_flops + 2 * pixels * d * cout,

@@ -136,7 +136,7 @@ PROJECT_CASES = {
     "layer_5-fp16-sm90": (90, FP16, (144, 288, 432, 8, 8),
                           dict(BLOCK_F=128, BLOCK_N=128, num_warps=8, SPLIT_F=1)),
     "layer_4-fp32-sm80": (80, torch.float32, (120, 240, 360, 16, 16),
-                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=3, SPLIT_F=4)),
+                          dict(BLOCK_F=32, BLOCK_N=64, num_warps=8, num_stages=2, SPLIT_F=4, VEC=4)),
     "layer_5-fp32-sm90": (90, torch.float32, (144, 288, 432, 8, 8),
                           dict(BLOCK_F=32, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_F=3)),
     "layer_5-fp32-sm80": (80, torch.float32, (144, 288, 432, 8, 8),
