@@ -317,10 +317,11 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int,
              # 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles)
              num_warps=(4 if tf32_mma and not expand else
                         8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4),
-             # (on sm_80 with vectors only VEC tells, 24 output channels: one stage spills 4
-             # bytes at 64 registers, two do not)
+             # (on sm_80 with vectors only VEC tells, 24 output channels: at 32 x 16 hidden
+             # tiles one stage spills 4 bytes at 64 registers, two do not; at 16 x 32 two spill
+             # 8 bytes, one does not)
              num_stages=1 if expand and dtype != torch.float32 and (
-                 arch >= WGMMA_ARCH or vec == 1) else 2,
+                 arch >= WGMMA_ARCH or vec == 1 or block_m == 16) else 2,
              VEC=vec),
         BLOCK_M=256, BLOCK_K=64)
 
