@@ -315,8 +315,11 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int,
              # the expanding 16-bit kernel: 4 warps spill 8-64 bytes on sm_90 at 16 x 64 and
              # 32 x 64 x tiles (8 warps: none), and two stages 8 bytes on sm_80 at 32 x 16 and
              # 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles)
+             # (but x tiles of 64 x 16: 8 warps give a thread 4 values, 64-bit loads; 4 warps
+             # give it 8, 128-bit loads, at 79-91 registers without spill)
              num_warps=(4 if tf32_mma and not expand else
-                        8 if dtype == torch.float32 or (expand and arch >= WGMMA_ARCH) else 4),
+                        8 if dtype == torch.float32 or (
+                            expand and arch >= WGMMA_ARCH and (block_m, block_c) != (64, 16)) else 4),
              # (on sm_80 with vectors only VEC tells, 24 output channels: at 32 x 16 hidden
              # tiles one stage spills 4 bytes at 64 registers, two do not; at 16 x 32 two spill
              # 8 bytes, one does not)

@@ -72,18 +72,9 @@ def test_batch_100_dots_of_v3_models_run_on_wgmma(aot_summary):
 
 def _no_16_byte_vector(launch: dict) -> str | None:
     """Why a batch-100 16-bit launch of a v3 model may have no 128-bit global load on sm_90, or
-    None: its channel counts or its tile leave no 16-byte vector to load."""
-    kernel, args, meta = launch["kernel"], launch["args"], launch["constexprs"]
-    if kernel == "_conv3x3_kernel" and args["C1"] == 3:
+    None: its channels leave no 16-byte vector to load."""
+    if launch["kernel"] == "_conv3x3_kernel" and launch["args"]["C1"] == 3:
         return "the stem reads the RGB image: 3 channels, 6 bytes a pixel"
-    if kernel == "_dwconv_pointwise_kernel":
-        # the x tile of one tap: [BLOCK_M, BLOCK_C] of the input when expanding, else
-        # [BLOCK_M, BLOCK_K] of the hidden map, over the launch's threads
-        channels = int(meta["BLOCK_C"] if args["Cin"] != args["Ch"] else meta["BLOCK_K"])
-        rows, warps = int(meta["BLOCK_M"]), int(meta["num_warps"])
-        per_thread = rows * channels * 2 // (32 * warps)
-        if per_thread < 16:
-            return f"its [{rows}, {channels}] x tile over {warps} warps gives a thread {per_thread} bytes"
     return None
 
 
@@ -91,8 +82,8 @@ def _no_16_byte_vector(launch: dict) -> str | None:
 def test_batch_100_launches_of_v3_models_load_16_byte_vectors(aot_summary):
     """Issue 11 item 2: every fp16 / bf16 launch of the v3 models at batch 100 on sm_90 has
     128-bit global loads (channels_last rows, with the VEC hint where Triton's specialisation
-    cannot see the alignment: 120 / 360 channels), but where the channels or the tile leave no
-    16-byte vector. The widest load only: a kernel whose maps load 16 bits at a time beside one
+    cannot see the alignment: 120 / 360 channels), but where the channels leave no 16-byte
+    vector. The widest load only: a kernel whose maps load 16 bits at a time beside one
     128-bit bias load passes (the PTX counts are static, loops not unrolled, so a share would
     not say more); the VEC each launch gets is tested with its op (test_channel_vectors)."""
     unexplained = [launch for launch in aot_summary["narrow_loads"] if _no_16_byte_vector(launch) is None]
