@@ -257,11 +257,11 @@ def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
 # ---- launcher -------------------------------------------------------------------------------
 
 def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int, vec: int) -> dict:
-    """Tile sizes from (M, N, dtype, arch): BLOCK_N 16 ... 128, BLOCK_M 64 ... 16.
+    """Tile sizes from (M, N, dtype, arch, the launch's VEC): BLOCK_N 16 ... 128, BLOCK_M 64 ... 16.
 
     One N tile up to Cout = 128 (the depthwise work is done once per pixel). The nine tap
     loads in flight take many registers: in fp32 8 warps share a 64 x 16 hidden tile (with 4
-    warps, or BLOCK_K = 32, ptxas spills). fp16/bf16 use 4 warps, one warpgroup for the
+    warps, or BLOCK_K = 32, ptxas spills). The plain kernel in fp16/bf16 uses 4 warps, one warpgroup for the
     64-row wgmma on sm_90 (168-215 registers, two blocks per SM): with 8 warps ptxas holds
     sm_80's mma.sync version to 128 registers and spills 16-40 bytes a thread. mma.sync GPUs
     gain nothing from 64 rows: there 16-bit tiles take 32 (4 warps at 64 rows spill 4-16
@@ -312,17 +312,16 @@ def _meta(m: int, n: int, cin: int, expand: bool, dtype: torch.dtype, arch: int,
     tf32_mma = dtype == torch.float32 and dot_precision(dtype) == "tf32" and 80 <= arch < WGMMA_ARCH
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c if expand else 16,
-             # the expanding 16-bit kernel: 4 warps spill 8-64 bytes on sm_90 at 16 x 64 and
-             # 32 x 64 x tiles (8 warps: none), and two stages 8 bytes on sm_80 at 32 x 16 and
-             # 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles)
-             # (but x tiles of 64 x 16: 8 warps give a thread 4 values, 64-bit loads; 4 warps
-             # give it 8, 128-bit loads, at 79-91 registers without spill)
+             # The expanding 16-bit kernel on sm_90: 8 warps, as 4 spill 8-64 bytes at 16 x 64
+             # and 32 x 64 x tiles; but 64 x 16 x tiles take 4 warps, whose threads hold 8 of
+             # its values (128-bit loads; 8 warps: 4 values, 64-bit), 79-91 registers, no spill
              num_warps=(4 if tf32_mma and not expand else
                         8 if dtype == torch.float32 or (
                             expand and arch >= WGMMA_ARCH and (block_m, block_c) != (64, 16)) else 4),
-             # (on sm_80 with vectors only VEC tells, 24 output channels: at 32 x 16 hidden
-             # tiles one stage spills 4 bytes at 64 registers, two do not; at 16 x 32 two spill
-             # 8 bytes, one does not)
+             # The expanding 16-bit kernel: one stage, as two spill 8 bytes on sm_80 at 32 x 16
+             # hidden tiles and 20-28 bytes on sm_90 (8 warps, 64- and 128-channel x tiles);
+             # but on sm_80 with vectors only VEC tells (24 output channels) 32 x 16 hidden
+             # tiles take two, as one spills 4 bytes there (at 16 x 32 two spill 8 bytes)
              num_stages=1 if expand and dtype != torch.float32 and (
                  arch >= WGMMA_ARCH or vec == 1 or block_m == 16) else 2,
              VEC=vec),
