@@ -231,8 +231,9 @@ def fuse_expand(batch: int, size: tuple, out_size: tuple, cin: int, hidden: int,
     model alone would fuse the four stride-2 blocks at batch 1 and none at batch 100).
     """
     if dtype == torch.float32:
-        # the expanding kernel's fp32 FMA form spills on sm_80 and sm_90 at every tile tried
-        # (ptxas gives its 8 warps 64-128 registers: 4-88 bytes); fp32 keeps the hidden map
+        # fp32 keeps the hidden map: the fused FMA form would pay off only for small batch-1
+        # grids, and of the 84 configurations the model below would launch for the 30 models
+        # on sm_90 6 spill 4-12 bytes (ptxas, 8 warps held to 80 registers)
         return False
     gpu = cost_gpu(arch)
     item = torch.empty((), dtype=dtype).element_size()

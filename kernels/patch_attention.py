@@ -35,7 +35,6 @@ from ._common import (MAX_GRID_Y, TARGET_PROGRAMS, WGMMA_ARCH, Work, batch_chunk
                       dot_precision, int32_offset_limit, interpreter_meta, launch, map_stride_args,
                       next_pow2, patch_pixel_offset, rows_per_program, target_arch,
                       vector_stride_error)
-from .pointwise_conv import pointwise_conv
 
 MAX_HEAD_DIM = 64
 MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in registers
@@ -44,9 +43,10 @@ MAX_DIM = 256  # the fused out_proj keeps a [BLOCK_M, d] fp32 accumulator in reg
 @triton.jit
 def _project_head(o, proj_w_ptr, in_channels, in_valid, out_channels, D, stride_pw_out, stride_pw_in,
                   VEC: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """o [BLOCK_M, HEAD_PAD] @ proj_weight[out_channels, in_channels]^T -> [BLOCK_M, OUT_CHUNK] fp32.
+    """o [BLOCK_M, K] @ proj_weight[out_channels, in_channels]^T -> [BLOCK_M, OUT_CHUNK] fp32: K is
+    a head window (HEAD_PAD) or a PROJ_K slice of all heads.
 
-    The [HEAD_PAD, OUT_CHUNK] weight tile is contiguous along the output channels when the
+    The [K, OUT_CHUNK] weight tile is contiguous along the output channels when the
     weight is a [d, d] view of a pre-packed [d_in, d_out] buffer; its rows then start at
     multiples of VEC (the host checked stride_pw_in).
     """
@@ -94,7 +94,8 @@ def _patch_attention_kernel(
     stride_outb, stride_outc, stride_outh, stride_outw,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, OUT_CHUNK: tl.constexpr,
-    TWO_OUT_CHUNKS: tl.constexpr, VEC: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TWO_OUT_CHUNKS: tl.constexpr, HEADS_THROUGH_OUT: tl.constexpr, PROJ_K: tl.constexpr,
+    VEC: tl.constexpr, DOT_TYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(1)  # b * 4 + p
     b = seq // 4
@@ -116,6 +117,9 @@ def _patch_attention_kernel(
         projected_lo = tl.zeros((BLOCK_M, OUT_CHUNK), dtype=tl.float32)
         projected_hi = tl.zeros((BLOCK_M, OUT_CHUNK), dtype=tl.float32)
 
+    heads_res_ptr = res_ptr  # the heads' own store adds the residual unless they are projected after
+    if HEADS_THROUGH_OUT:
+        heads_res_ptr = None
     for h in range(num_heads):
         # Head h is channels [h*hd, (h+1)*hd) of each third. Its q, k, v tiles are read as the
         # HEAD_PAD channels from h*hd rounded down to a multiple of VEC, so every load is a
@@ -160,7 +164,7 @@ def _patch_attention_kernel(
         # weight rows (0 outside the head) drop them
         o = o / row_sum[:, None]
 
-        if proj_w_ptr is not None:
+        if proj_w_ptr is not None and not HEADS_THROUGH_OUT:
             # out += o_h @ proj_weight[:, h*hd:(h+1)*hd]^T
             o = o.to(DOT_TYPE)
             projected_lo += _project_head(o, proj_w_ptr, channels, in_head, out_channels_lo, D, stride_pw_out,
@@ -169,11 +173,32 @@ def _patch_attention_kernel(
                 projected_hi += _project_head(o, proj_w_ptr, channels, in_head, out_channels_hi, D, stride_pw_out,
                                               stride_pw_in, VEC, DOT_TYPE, DOT_PRECISION)
         else:
-            # no projection: head h's output goes straight to channels h*hd ... (h+1)*hd - 1
-            _store_tile(o, channels, in_head, None, res_ptr, out_ptr, b, query, query_valid, p,
+            # no projection, or HEADS_THROUGH_OUT: head h's output goes to channels h*hd ...
+            # (h+1)*hd - 1 of out
+            _store_tile(o, channels, in_head, None, heads_res_ptr, out_ptr, b, query, query_valid, p,
                         patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
                         stride_outb, stride_outc, stride_outh, stride_outw, VEC)
 
+    if HEADS_THROUGH_OUT:
+        # fp32 at d > 128: the program's [BLOCK_M, d] heads, just stored by all its threads into
+        # its own pixels of out, are read back PROJ_K channels at a time (from L2: .cg) for the
+        # projection, whose FMA dot then holds a [PROJ_K, OUT_CHUNK] weight slice, not a whole
+        # head's. Barriers: the heads are visible before the reads, and every read is done
+        # before the projected tile overwrites them.
+        tl.debug_barrier()
+        out_offset = _pixel_offsets(b, query, p, patches_per_row, stride_outb, stride_outh, stride_outw, VEC)
+        for k_start in range(0, D, PROJ_K):
+            head_channels = k_start + tl.arange(0, PROJ_K)
+            heads = tl.load(out_ptr + out_offset[:, None] + head_channels[None, :] * stride_outc,
+                            mask=query_valid[:, None] & (head_channels < D)[None, :], other=0.0,
+                            cache_modifier=".cg").to(DOT_TYPE)
+            projected_lo += _project_head(heads, proj_w_ptr, head_channels, head_channels < D, out_channels_lo,
+                                          D, stride_pw_out, stride_pw_in, VEC, DOT_TYPE, DOT_PRECISION)
+            if TWO_OUT_CHUNKS:
+                projected_hi += _project_head(heads, proj_w_ptr, head_channels, head_channels < D,
+                                              out_channels_hi, D, stride_pw_out, stride_pw_in, VEC, DOT_TYPE,
+                                              DOT_PRECISION)
+        tl.debug_barrier()
     if proj_w_ptr is not None:
         _store_tile(projected_lo, out_channels_lo, out_channels_lo < D, proj_b_ptr, res_ptr, out_ptr, b,
                     query, query_valid, p, patches_per_row, stride_rb, stride_rc, stride_rh, stride_rw,
@@ -244,13 +269,14 @@ def _head_window(head_dim: int, num_heads: int, vec: int) -> int:
     return next_pow2(lead + head_dim)
 
 
-def _fused_projection_fits(dtype: torch.dtype, d_pad: int) -> bool:
-    """Whether the out_proj can be fused. fp32 dots run on FMA units, which hold a thread's
-    whole K slice of the [HEAD_PAD, OUT_CHUNK] weight tile in registers: for d > 128 (head dims
-    36..60, padded to 64, two 128-wide output chunks) ptxas spills 0.5-3.4 KB a thread on sm_90
-    whatever the tiles. Those launches leave the projection to a second launch
-    (`pointwise_conv`, out_proj + bias + residual in its epilogue): one more map round trip."""
-    return dtype != torch.float32 or d_pad <= 128
+def _heads_through_out(dtype: torch.dtype, d_pad: int) -> bool:
+    """Whether the projected kernel stores the heads into out and reads them back for the
+    out_proj (HEADS_THROUGH_OUT) instead of projecting each head as it is done. fp32 dots run
+    on FMA units, which hold a thread's whole K slice of the weight tile in registers: projecting
+    a 64-wide head window into two 128-wide output chunks (d > 128: head dims 36..60) spills
+    0.5-7 KB a thread on sm_90 at every tile tried, where PROJ_K = 16 channels at a time do not.
+    The heads' round trip stays within the program's own pixels (L2), not a second launch."""
+    return dtype == torch.float32 and d_pad > 128
 
 
 def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arch: int) -> dict:
@@ -260,15 +286,16 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
     values (`rows_per_program`), 8 warps for 4K-value tiles of 32 rows or more (the out_proj
     accumulator or, without it, o [BLOCK_M, HEAD_PAD]: 4 warps of fp32 [64, 64] FMA tiles spill
     4 bytes a thread on sm_80 at head dim 48). 16-row tiles
-    (N = 16, d > 128) keep 4 warps: their [16 keys, 64] k and v tiles give 8 warps 4 values
-    a thread, too few for one 16-byte vector of fp16. OUT_CHUNK: the out_proj
+    (N = 16, d > 128) keep 4 warps in 16-bit: their [16 keys, 64] k and v tiles give 8 warps 4
+    values a thread, too few for one 16-byte vector of fp16 (fp32 HEADS_THROUGH_OUT tiles take
+    8). PROJ_K: the head channels per HEADS_THROUGH_OUT projection step. OUT_CHUNK: the out_proj
     accumulator is one or two column slices of at most 128 channels, since one [64, 256] fp32
     weight tile alone would fill the 64 KB of shared memory of an sm_75 GPU. BLOCK_N: the fp32
     dots run on FMA units with their operand tiles in registers; ptxas -v (sm_75/80/90) shows
     these choices spilling at most about 0.7 KB per thread, where e.g. 32-key blocks at head
     dim 64 or 32-query tiles at d > 128 spill up to 4 KB; with the runtime specialisation
     (`python -m mvit3 kernels`) more of them spill: `_keys_per_block` and
-    `_fused_projection_fits` keep every configuration the models launch spill-free.
+    `_heads_through_out` keep every configuration the models launch spill-free.
     """
     # query tiles no taller than the sequence: N = 16 (7x7 or 8x8 maps) keeps 16-row mma.sync tiles
     block_m = rows_per_program(lambda bm: batch * 4 * cdiv(n, bm), d_pad, dtype, arch,
@@ -278,10 +305,15 @@ def _meta(batch: int, n: int, head_pad: int, d_pad: int, dtype: torch.dtype, arc
                   and head_pad >= 32 and arch >= 80)
     block_n = min(next_pow2(n), _keys_per_block(dtype, block_m, head_pad, d_pad, arch, small_grid))
     out_chunk = min(d_pad, 128)
+    heads_through_out = _heads_through_out(dtype, d_pad)
     return interpreter_meta(
         dict(BLOCK_M=block_m, BLOCK_N=block_n,
              HEAD_PAD=head_pad, OUT_CHUNK=out_chunk, TWO_OUT_CHUNKS=d_pad > out_chunk,
-             num_warps=8 if block_m * max(d_pad, head_pad) >= 4096 and block_m > 16 else 4,
+             HEADS_THROUGH_OUT=heads_through_out, PROJ_K=16,
+             # HEADS_THROUGH_OUT's 16-row tiles: 8 warps (4 fp32 values of the [16 keys, 64]
+             # k and v tiles a thread, still one 16-byte vector): 64-158 registers on sm_80/90
+             # where 4 warps spill 4 bytes on sm_90 (batch 100, 16-key blocks, two stages)
+             num_warps=8 if (block_m * max(d_pad, head_pad) >= 4096 and block_m > 16) or heads_through_out else 4,
              # mma.sync GPUs: no software pipelining of the key blocks (with 2 stages sm_80's
              # 16-bit and TF32 16-row tiles spill 8 bytes a thread); nor sm_90's fp32 128-key
              # blocks of small grids (two stages spill 72 bytes a thread at head dim 24)
@@ -328,9 +360,6 @@ def patch_attention(qkv: torch.Tensor, num_heads: int, scale: float,
     d = c3 // 3
     n = (h // 2) * (w // 2)
     head_dim = d // num_heads
-    if proj_weight is not None and not _fused_projection_fits(qkv.dtype, next_pow2(d)):
-        heads = patch_attention(qkv, num_heads, scale)
-        return pointwise_conv(heads, proj_weight, proj_bias, residual=residual)
     out = channels_last_empty(b, d, h, w, qkv)
     d_pad = next_pow2(d) if proj_weight is not None else 16  # only sizes the out_proj tile
     vec = _vector_elements(qkv, residual, out, proj_weight)

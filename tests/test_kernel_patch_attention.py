@@ -227,16 +227,18 @@ def test_limits():
 def test_launch_configurations():
     """Dry run: one launch per call; batch 1 gets small query tiles (more programs), batch 100
     large ones (64 rows in fp16: wgmma), and d > 128 two out_proj slices in fp16 on 4 warps
-    (with 8, its [16, 64] k and v tiles are too few values a thread for 16-byte loads), a
-    second launch for the out_proj in fp32 (its fused FMA form spills)."""
+    (with 8, its [16, 64] k and v tiles are too few values a thread for 16-byte loads); in
+    fp32 the heads go through out and are projected PROJ_K channels at a time, on 8 warps (a
+    head at a time, its FMA form spills)."""
     with launch_log(dry_run=True) as log:
         kernel.patch_attention(*make_args(1, 64, 4, 16, 16))
         kernel.patch_attention(*make_args(100, 64, 4, 32, 32, dtype=torch.float16))
         kernel.patch_attention(*make_args(1, 240, 4, 8, 8, dtype=torch.float16))
         kernel.patch_attention(*make_args(1, 240, 4, 8, 8))
-    batch1, batch100, wide, wide_fp32, projection = (dict(r.constexprs) for r in log.records)
-    assert [r.grid for r in log.records][:4] == [(4, 4), (4, 400), (1, 4), (1, 4)]
+    batch1, batch100, wide, wide_fp32 = (dict(r.constexprs) for r in log.records)
+    assert [r.grid for r in log.records] == [(4, 4), (4, 400), (1, 4), (1, 4)]
     assert batch1["BLOCK_M"] == 16 and batch100["BLOCK_M"] == 64 and batch100["num_warps"] == 8
     assert not batch1["TWO_OUT_CHUNKS"] and wide["TWO_OUT_CHUNKS"] and wide["OUT_CHUNK"] == 128
     assert wide["BLOCK_M"] == 16 and wide["num_warps"] == 4
-    assert log.records[4].name == "_pointwise_conv_kernel" and not wide_fp32["TWO_OUT_CHUNKS"]
+    assert not any(r["HEADS_THROUGH_OUT"] for r in (batch1, batch100, wide))
+    assert wide_fp32["HEADS_THROUGH_OUT"] and wide_fp32["TWO_OUT_CHUNKS"] and wide_fp32["num_warps"] == 8
