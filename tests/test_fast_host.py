@@ -4,6 +4,8 @@ tree, torch.inference_mode(), and fp16 robustness of whole models in the interpr
 from __future__ import annotations
 
 import copy
+import io
+import operator
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mvit3
 import mvit3.fast as fast
-from mvit3.fast.model import FastMobileViT
+from mvit3.fast import model as fast_model
+from mvit3.fast.model import FastMobileViT, _version_counter_groups
 
 import model_utils
 from conftest import INTERPRET
@@ -116,6 +119,158 @@ def test_cuda_graph_wrapper_recaptures_only_when_the_weights_change(monkeypatch)
     with torch.no_grad():
         model.layer_5[0].block.red_1x1.norm.running_mean.add_(0.5)
     assert wrapped._graph_for(small) == (3,) and wrapped._graph_for(large) == (4,)
+
+
+# ----- the per-call check: one read per shared version counter ----------------------------
+def _counted_reads(monkeypatch) -> list:
+    """Patches the version-counter read of the per-call check; the list grows per read."""
+    reads = []
+
+    def read(t, _read=operator.attrgetter("_version")):
+        reads.append(1)
+        return _read(t)
+    monkeypatch.setattr(fast_model, "_version_of", read)
+    return reads
+
+
+def test_the_per_call_check_reads_two_counters(monkeypatch):
+    """A fast model's parameters share one version counter and its buffers another: the check
+    of a forward or a CUDA-graph replayed call reads two counters, not one per tensor."""
+    ref, converted = _pair("mobilevitv3_xxs")
+    created = fast.create_model("mobilevitv3_xxs", backend="torch").eval()
+    dense = fast.create_model("deeplabv3_mobilevitv3_xxs_voc", backend="torch").eval()
+    reads = _counted_reads(monkeypatch)
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    for model in (converted, created, dense, dense.encoder):
+        plan = model.plan()
+        reads.clear()
+        assert model.plan() is plan and len(reads) == 2
+        assert len(model._watched) > 250
+    with torch.no_grad():
+        converted(x)
+        reads.clear()
+        converted(x)
+    assert len(reads) == 2
+    wrapped = fast.cuda_graph(converted)
+    monkeypatch.setattr(wrapped, "_capture", lambda x: (x.shape,))
+    wrapped._graph_for(x)
+    reads.clear()
+    wrapped._graph_for(x)
+    assert len(reads) == 2
+
+
+def test_version_counter_groups_are_probed_exactly():
+    a, b, c = torch.zeros(4), torch.zeros(3), torch.zeros(2)
+    with torch.no_grad():
+        b.add_(1)
+    pc = torch.nn.Parameter(c)  # shares c's counter, not its identity
+    tensors = [a, b, a[1:], c, b.detach(), pc, torch.zeros(1)]
+    versions = [t._version for t in tensors]
+    groups = _version_counter_groups(tensors)
+    index = [id(t) for t in tensors].index
+    assert sorted(sorted(index(id(t)) for t in group) for group in groups) == [[0, 2], [1, 4], [3, 5], [6]]
+    assert [t._version for t in tensors] == versions  # put back as they were
+
+
+def _edit_and_compare(model, ref, x, edit_ref=True):
+    """An in-place edit of a parameter, then of a BatchNorm running_mean, made in both models
+    (in `model` only where it aliases the reference's tensors): each is seen."""
+    with torch.no_grad():
+        before = model(x)
+        edited = (model, ref) if edit_ref else (model,)
+        for m in edited:
+            m.layer_3[1].global_rep[0].pre_norm_ffn[1].weight.mul_(1.5)
+        after = model(x)
+        assert not _close(after, before) and _close(after, ref(x))
+        for m in edited:
+            m.layer_4[0].block.conv_3x3.norm.running_mean.add_(0.5)
+        assert not _close(model(x), after) and _close(model(x), ref(x))
+
+
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["converted", "half_then_float64", "deepcopy", "pickled",
+                                 "assigned"])
+def test_in_place_edits_are_seen_however_the_counters_are_shared(how):
+    """Sharing version counters is a speed-up only: `.to()`, deep copies, unpickling and
+    `load_state_dict(assign=True)` keep it or break it, and every in-place edit is seen."""
+    ref, model = _pair("mobilevitv3_xxs")
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    _edit_and_compare(model, ref, x)
+    edit_ref = True
+    if how == "half_then_float64":
+        for m in (ref, model):
+            m.half()
+        running_mean = model.conv_1.norm.running_mean
+        model.to(torch.float64)
+        ref.to(torch.float64)
+        # the buffer objects stay (their shared counter with them), holding the new data
+        assert model.conv_1.norm.running_mean is running_mean and running_mean.dtype == torch.float64
+    elif how in ("deepcopy", "pickled"):
+        model = copy.deepcopy(model) if how == "deepcopy" else _pickled(model)
+        model.plan()
+        assert len(model._counters) > 2  # no longer shared: slower, not blind
+    elif how == "assigned":
+        model = fast.create_model("mobilevitv3_xxs", backend="torch").eval()
+        model.load_state_dict(ref.state_dict(), assign=True)
+        edit_ref = False  # the model now holds the reference's tensors
+    _edit_and_compare(model, ref, x, edit_ref)
+    if how in ("converted", "half_then_float64"):
+        assert len(model._counters) == 2
+
+
+def test_state_dict_tensors_share_no_memory():
+    """Parameters made to share a version counter keep their own storage: a state_dict
+    saves with safetensors (which refuses tensors that share memory)."""
+    _, converted = _pair("mobilevitv3_xxs")
+    for model in (converted, fast.create_model("ssdlite_mobilevitv3_xxs_coco", backend="torch")):
+        state = model.state_dict()
+        storages = {t.untyped_storage().data_ptr() for t in state.values()}
+        assert len(storages) == len(state)
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            continue
+        assert save(state)
+
+
+@pytest.mark.parametrize("failure", ["missing", "raises"])
+def test_without_the_counter_probe_edits_are_still_seen(monkeypatch, failure):
+    """Where this torch cannot set version counters, nothing is shared and every tensor's
+    counter is read, as before."""
+    if failure == "missing":
+        monkeypatch.delattr(torch._C._autograd, "_unsafe_set_version_counter")
+    else:
+        def refuse(*_):
+            raise TypeError("another signature")
+        monkeypatch.setattr(torch._C._autograd, "_unsafe_set_version_counter", refuse)
+    ref, model = _pair("mobilevitv3_xxs")
+    model.plan()
+    assert len(model._counters) == len(model._watched) > 250
+    _edit_and_compare(model, ref, torch.rand(1, 3, 64, 64, dtype=torch.float64))
+
+
+def test_training_with_shared_version_counters():
+    """Fine-tuning (the reference forward, backward, optimizer steps) runs and trains as the
+    reference does, then eval mode runs the fused forward on the trained weights."""
+    ref, model = _pair("mobilevitv3_xxs")
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    for m in (ref, model):
+        m.train()
+        torch.manual_seed(0)  # the same dropout masks
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            optimizer.zero_grad()
+            m(x).square().mean().backward()
+            optimizer.step()
+        m.eval()
+    with torch.no_grad():
+        assert _close(model(x), ref(x))
 
 
 # ----- torch.inference_mode() -------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
 from ..models import MobileViT, check_input
@@ -58,6 +58,93 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 # `sum(map(_version_of, tensors))` reads every counter without a Python-level loop
 # (attrgetter: half the cost of calling the `_version` descriptor's __get__).
 _version_of = operator.attrgetter("_version")
+
+
+def _version_counter_groups(tensors: list) -> Optional[list]:
+    """`tensors` grouped by the version counter object they share (views, `.detach()` and
+    `nn.Parameter(t)` share their source's counter; `t.data = other` keeps t's), or None
+    where this torch cannot say.
+
+    Probed, not assumed: tensor i's counter is set to i, in order, so every counter ends at
+    the index of the last tensor sharing it, which each of them then reads; the counters are
+    set back to the values they had (tensors sharing a counter read the same value). Tensors
+    without a version counter (inference tensors) must not be passed.
+    """
+    try:
+        set_versions = torch._C._autograd._unsafe_set_version_counter
+    except AttributeError:
+        return None
+    tensors = tuple(tensors)
+    versions = tuple(map(_version_of, tensors))
+    try:
+        set_versions(tensors, range(len(tensors)))
+        last = list(map(_version_of, tensors))
+    except Exception:  # another signature in another torch: no grouping
+        last = None
+    finally:
+        # also after a failure part-way: the counters it set go back, the rest are unchanged
+        try:
+            set_versions(tensors, versions)
+        except Exception:
+            pass
+    if last is None:
+        return None
+    groups = {}
+    for t, key in zip(tensors, last):
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def _shareable(t, cls) -> bool:
+    return (type(t) is cls and t.is_floating_point() and not t.is_inference()
+            and not t._is_view() and (cls is nn.Parameter or not t.requires_grad))
+
+
+def _share_version_counters(module: nn.Module) -> None:
+    """Let the floating-point parameters of `module` share one version counter, and its
+    floating-point buffers another, each tensor keeping its own storage: an in-place edit of
+    any of them then moves the one counter its group reads.
+
+    The tensors that do not share the counter most of them share are replaced by new
+    Parameter objects (buffers: tensors) holding the same data, made from an alias of a
+    tensor of that group (`nn.Parameter(t.detach())` shares t's counter) and then given
+    their own data through `.data =` (which keeps the new object's counter). Replacing
+    Parameter objects is safe only while nobody can hold the old ones (an optimizer, a
+    hook): the fast models call this at the end of their construction, and nowhere else.
+    Exact nn.Parameter and torch.Tensor objects only (subclasses, views and inference
+    tensors keep their own counters). Nothing here is needed for correctness: the check
+    groups the tensors by probing (`_version_counter_groups`), so a tensor that stops
+    sharing only costs it one read more.
+    """
+    replaced = False
+    for kind, cls in (("_parameters", nn.Parameter), ("_buffers", torch.Tensor)):
+        slots = [(getattr(owner, kind), name, t) for owner in module.modules()
+                 for name, t in getattr(owner, kind).items() if _shareable(t, cls)]
+        tensors = list({id(t): t for _, _, t in slots}.values())  # tied tensors once
+        groups = _version_counter_groups(tensors)
+        if groups is None:  # nothing could be read back from sharing here
+            return
+        if not groups:
+            continue
+        shared = max(groups, key=len)
+        anchor, keep = shared[0], set(map(id, shared))
+        new_tensors = {}
+        for slots_dict, name, t in slots:
+            if id(t) in keep or not torch._has_compatible_shallow_copy_type(anchor, t):
+                continue
+            new = new_tensors.get(id(t))
+            if new is None:
+                if cls is nn.Parameter:
+                    new = nn.Parameter(anchor.detach(), t.requires_grad)
+                    new.__dict__.update(t.__dict__)
+                else:
+                    new = anchor.detach()
+                new.data = t.data
+                new_tensors[id(t)] = new
+            slots_dict[name] = new
+        replaced = replaced or bool(new_tensors)
+    if replaced:  # as an assignment would: fast models list their tensors again
+        _count_registration()
 
 
 @dataclass
@@ -96,7 +183,7 @@ class BlockPlan:
 
 @dataclass
 class Plan:
-    version: Optional[int]  # sum of the watched version counters it was built at; None: traced
+    version: Optional[int]  # DerivedWeights._weights_version() it was built at; None: traced
     stem: fold.Conv3x3
     stages: list = field(default_factory=list)  # MV2Plan or BlockPlan, in order
     level_ends: list = field(default_factory=list)  # stages[:level_ends[k]] end at layer_{k+1}
@@ -148,41 +235,62 @@ class DerivedWeights:
     """Inference weights derived from a module's parameters (BN folded, 1x1 weights packed),
     kept as a plan and rebuilt whenever the parameters change. Mixed into an nn.Module before
     it in the bases; the module implements `_build_plan(version)`, whose result has a
-    `version` field.
+    `version` field, and calls `_init_derived_weights()` at the end of its construction.
     """
 
     def _init_derived_weights(self) -> None:
         self._plan = None
-        # The parameters and buffers whose version counters are watched (see _weights_version)
-        # and the registration count at which they were listed.
+        # The parameters and buffers whose version counters are watched (see _weights_version),
+        # one of them per distinct version counter, and the registration count at which they
+        # were listed.
         self._watched: Optional[list] = None
+        self._counters: list = []
         self._watched_registrations = -1
+        # Construction made every tensor here and nobody holds them yet: the one moment
+        # their version counters can be made shared (two reads per call instead of ~300).
+        _share_version_counters(self)
 
     def _weights_version(self) -> int:
         """A number that grows whenever a watched parameter or buffer is modified in place.
 
-        A forward reads it, so it must not walk the module tree (milliseconds) nor loop in
-        Python over the ~300 tensors: the tensors are listed once and listed again only after
-        a parameter, buffer or module was registered somewhere (any attribute assignment of one
-        counts); if the list then differs, something was replaced and the plan is dropped.
-        Version counters only grow, so their sum changes exactly when one of them moved. The
-        sum is still one read per tensor, in C (about 0.1 us each on this project's CPU): an
-        in-place edit is seen only through the edited tensor's own counter. Integer buffers
-        (BatchNorm's num_batches_tracked) feed no derived weight and are not watched.
+        A forward (and a CUDA-graph replayed call) reads it, so it must not walk the module
+        tree (milliseconds) nor read every tensor's version counter (~300 of them, 15-30 us):
+        the tensors are listed once and listed again only after a parameter, buffer or module
+        was registered somewhere (any attribute assignment of one counts); if the list then
+        differs, something was replaced and the plan is dropped. When listed, they are grouped
+        by the version counter object they actually share (probed: `_version_counter_groups`)
+        and the number is the sum of one counter per group: counters only grow, so it changes
+        exactly when one of them moved. A fast model's construction makes its floating-point
+        parameters share one counter and its buffers another (`_share_version_counters`), so
+        this is two reads; a model whose tensors share no counter (deep-copied, unpickled,
+        loaded with `assign=True`, or where this torch cannot probe counters) reads one
+        counter per tensor, as slow as before but as exact. Integer buffers (BatchNorm's
+        num_batches_tracked) feed no derived weight and are not watched.
+
+        Caveat of the shared counters: autograd checks the version of each tensor saved for
+        backward, so an in-place edit of one parameter between a forward and its backward is
+        reported as a modification of every saved parameter ("modified by an inplace
+        operation"), as with flat-parameter schemes (FSDP's parameters are views of one
+        flat tensor and share its counter). Training that edits parameters only after
+        backward (optimizer steps, EMA updates) never notices; BatchNorm's running statistics
+        are buffers, on a counter of their own.
 
         Not watched (call `refresh()` after them): edits through `.data` (`p.data.copy_(w)`,
         `p.data = w`: neither moves a version counter), `.to()` or `.half()` of a submodule
-        rather than of the model, and in-place edits of inference tensors (parameters created
-        or converted under torch.inference_mode() have no version counter); `.to()` of the
-        model and `load_state_dict` drop the plan themselves.
+        rather than of the model, `torch.utils.swap_tensors` on a parameter or buffer (it
+        swaps version counters too), and in-place edits of inference tensors (parameters
+        created or converted under torch.inference_mode() have no version counter); `.to()`
+        of the model and `load_state_dict` drop the plan themselves.
         """
         if self._watched_registrations != _registrations:
             watched = [t for t in (*self.parameters(), *self.buffers())
                        if t.is_floating_point() and not t.is_inference()]
             if self._watched is None or list(map(id, watched)) != list(map(id, self._watched)):
                 self._plan = None
+            groups = _version_counter_groups(watched)
+            self._counters = watched if groups is None else [group[0] for group in groups]
             self._watched, self._watched_registrations = watched, _registrations
-        return sum(map(_version_of, self._watched))
+        return sum(map(_version_of, self._counters))
 
     def refresh(self) -> None:
         """Drop the derived inference weights (they are rebuilt on the next fused forward).
@@ -190,10 +298,31 @@ class DerivedWeights:
         self._plan = None
         self._watched_registrations = -1
 
+    def __setstate__(self, state):
+        # Unpickled or deep-copied: the tensors are new objects whose version counters are
+        # no longer shared, so the groups must be probed again before the next check.
+        super().__setstate__(state)
+        self.__dict__.setdefault("_counters", [])
+        self._watched_registrations = -1
+
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .half(), .cuda(): the derived weights follow, and the buffers are new tensors
+        # .to(), .half(), .cuda(): the derived weights follow. nn.Module keeps the Parameter
+        # objects (their data is replaced, their version counters stay) but replaces each
+        # buffer by a new tensor with a counter of its own; the buffer objects are kept here
+        # too, so that their shared counter survives (and a reference to a buffer keeps
+        # following the model, as one to a parameter does).
         self.refresh()
+        buffers = [(m._buffers, name, b) for m in self.modules()
+                   for name, b in m._buffers.items() if b is not None]
         module = super()._apply(fn, *args, **kwargs)
+        for slots, name, old in buffers:
+            new = slots.get(name)
+            if (new is not old and type(new) is type(old) is Tensor and not old._is_view()
+                    and new.is_inference() == old.is_inference()
+                    and new.requires_grad == old.requires_grad
+                    and torch._has_compatible_shallow_copy_type(old, new)):
+                old.data = new
+                slots[name] = old
         if not self.training:
             self.plan()
         return module
