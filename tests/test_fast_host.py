@@ -86,6 +86,23 @@ def test_in_place_edits_after_to_are_seen():
         assert _close(model(x), ref(x))
 
 
+def test_running_statistics_updated_in_training_mode_are_seen():
+    """BatchNorm's training forwards update its running statistics without moving their
+    version counters (a BN recalibration: training mode, no gradients, no optimizer step):
+    switching back to eval derives the weights anew."""
+    ref, model = _pair("mobilevitv3_xxs")
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    batch = torch.rand(4, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        for m in (ref, model):
+            m.train()
+            torch.manual_seed(0)  # the same dropout masks
+            m(batch)
+            m.eval()
+        assert not _close(model(x), before) and _close(model(x), ref(x))
+
+
 def test_refresh_after_editing_through_data():
     """`.data` edits move no version counter (the documented blind spot): refresh() makes
     the next forward see them."""

@@ -335,7 +335,11 @@ class DerivedWeights:
 
     def train(self, mode: bool = True):
         """Switching to eval derives the inference weights at once, so that a forward traced
-        by torch.compile finds them ready instead of tracing the folding into its graph."""
+        by torch.compile finds them ready instead of tracing the folding into its graph.
+        Switching from training to eval derives them anew: training forwards update
+        BatchNorm's running statistics in place without moving their version counters."""
+        if self.training and not mode:
+            self._plan = None
         super().train(mode)
         if not mode:
             self.plan()
