@@ -288,7 +288,11 @@ class DerivedWeights:
             if self._watched is None or list(map(id, watched)) != list(map(id, self._watched)):
                 self._plan = None
             groups = _version_counter_groups(watched)
-            self._counters = watched if groups is None else [group[0] for group in groups]
+            counters = watched if groups is None else [group[0] for group in groups]
+            if list(map(id, counters)) != list(map(id, self._counters)):
+                # other groups: the plan's version was a sum over other counters
+                self._plan = None
+            self._counters = counters
             self._watched, self._watched_registrations = watched, _registrations
         return sum(map(_version_of, self._counters))
 
