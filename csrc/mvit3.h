@@ -88,6 +88,7 @@ struct PatchAttentionArgs {
   Matrix proj_weight;                 // [d, d], or absent
   const void* proj_bias = nullptr;    // [d] or null
   Map heads_out;                      // workspace [B, d, H, W] for the heads when projecting
+                                      // with d > kMaxFusedProjectionDim (absent otherwise)
 };
 
 // transformer_mlp: out = x + silu(norm(x) @ w1^T + b1) @ w2^T + b2.
@@ -150,6 +151,11 @@ void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream
 
 // Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
 constexpr int kMaxHeadDim = 64;
+
+// Largest d whose out_proj patch_attention fuses into its one launch (a block holds all heads of
+// its queries in shared memory): every model's (64 .. 240). A larger d with proj_weight writes
+// the heads to PatchAttentionArgs::heads_out and runs the out_proj as a second launch.
+constexpr int kMaxFusedProjectionDim = 256;
 
 // ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)
 //

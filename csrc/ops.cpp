@@ -530,7 +530,8 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
 
   Tensor out = empty_map(qkv, dim, height, width);
   Tensor heads_out;
-  if (project) heads_out = empty_map(qkv, dim, height, width);
+  // The heads go to a workspace only where the out_proj is not fused (csrc/mvit3.h).
+  if (project && dim > kMaxFusedProjectionDim) heads_out = empty_map(qkv, dim, height, width);
   PatchAttentionArgs args;
   args.qkv = map_of(qkv);
   args.residual = map_of(residual);
@@ -543,7 +544,7 @@ Tensor patch_attention_op(const Tensor& qkv, int64_t num_heads, double scale,
   args.scale = float(scale);
   args.proj_weight = project ? matrix(*proj_weight) : Matrix{};
   args.proj_bias = data_of(pb);
-  if (project) args.heads_out = map_of(heads_out);
+  if (heads_out.defined()) args.heads_out = map_of(heads_out);
   KernelContext context(qkv);
   patch_attention(args, dtype_of(qkv), context.stream);
   return out;

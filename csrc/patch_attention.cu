@@ -58,8 +58,13 @@ struct AttentionArgs {
   Map qkv, residual, out;
   int height, width, heads, head_dim;
   float q_scale;     // scale * log2(e)
-  int first_sample;  // the sample of block x = 0 (a launch covers a chunk of the batch)
+  int64_t first_block;  // the block of block x = 0 (a launch covers a chunk of the grid)
   bool chunked;      // Q/K/V rows staged as 16-byte chunks of head windows (top of file)
+  // The fused kernel's out_proj (project_heads): W [d, d], bias [d] or null; W tiles kept
+  // n-fastest (only Cout unit-stride), moved by 16-byte chunks; the output by 16-byte chunks.
+  Matrix proj_weight;
+  const void* proj_bias = nullptr;
+  bool proj_n_fastest = false, proj_chunked = false, out_chunked = false;
 };
 
 // The pixel of a token of the block's sequence; y = -1 past the sequence.
@@ -315,43 +320,332 @@ struct MmaAttention {
   }
 };
 
-template <class T, int kHeadDim, int kWarps>
-MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
+// The out_proj of the fused kernel (kDim > 0): out[row, n] = sum_k heads[row, k] W[n, k] +
+// bias[n] + residual[row, n] for the block's rows, from the heads tile in shared memory. W is
+// walked in kN x kK tiles (n chunks outer, k chunks inner), two stages: the next tile's copies
+// in flight while the current one is computed. A tile is kept along W's unit-stride dimension:
+// [kN][kLdK] (k-fastest, a row-major W) or [kK][kLdN] (n-fastest, the fast models' K-major
+// packing), moved by 16-byte chunks (cp.async on sm_80+, 16-byte loads and stores on sm_75)
+// where that dimension has stride 1 and the base and the other stride are 16-byte aligned, else
+// element by element through the strides.
+//   fp16/bf16: warp w owns rows 16 w .. 16 w + 15, mma.sync m16n8k16 with the heads tile as A
+//     (ldmatrix, as Q) and the W tile as B (ldmatrix as K^T when k-fastest, .trans as V when
+//     n-fastest); kN = 32 columns (4 n8 fragments) a chunk, kK = 64.
+//   fp32: lane c owns column c of the chunk for the warp's 16 rows, IEEE FMAs in k order; the
+//     heads are read as warp broadcasts, W 4 k at a time (a 128-bit load of its row when
+//     k-fastest: kLdK / 4 = 9 is odd, so the 8 lanes of a phase hit distinct bank groups).
+// Per n chunk the warp's accumulators go through its own [16][kLdOut] fp32 rows of shared
+// memory, so that a lane then takes 16 bytes of a pixel's channels: bias, a 16-byte residual
+// load and one 16-byte store where d is whole chunks and out (and the residual) are
+// channel-fastest with aligned pixels; element by element otherwise.
+template <class T>
+struct ProjectionTiles {
+  static constexpr bool kMma = !std::is_same_v<T, float>;
+  static constexpr int kChunk = 16 / int(sizeof(T));
+  static constexpr int kN = 32;
+  static constexpr int kK = kMma ? 64 : 32;
+  static constexpr int kLdK = kK + kChunk;  // [kN][kLdK]
+  static constexpr int kLdN = kN + kChunk;  // [kK][kLdN]
+  static constexpr int kElems = std::max(kN * kLdK, kK * kLdN);
+  static constexpr int kLdOut = kN + 4;  // a warp's output rows (fp32)
+  static_assert((kElems * int(sizeof(T))) % 16 == 0, "every tile starts 16-byte aligned");
+};
+
+// Shared memory of an attention block: the Q tile, the K/V stages (which the fused kernel's
+// out_proj reuses for its W tiles and output rows), the per-warp scratch, the pixel tables and,
+// fused, the heads tile [kQueries][kLdH] of all heads' outputs. kDim: 0 for the per-head
+// kernel, else the largest d the fused kernel takes (128 or 256). A configuration fits when one
+// K/V stage does; it has two (sm_80+) where they fit too.
+template <class T, int kHeadDim, int kWarps, int kDim>
+struct AttentionConfig {
   using Math = std::conditional_t<std::is_same_v<T, float>, SimtAttention<kHeadDim>,
                                   MmaAttention<T, kHeadDim, kWarps>>;
+  using Proj = ProjectionTiles<T>;
+  static constexpr bool kFused = kDim > 0;
+  static constexpr int kQueries = 16 * kWarps, kThreads = 32 * kWarps;
+  static constexpr int kKeys = Math::kKeys;
+  static constexpr int kChunk = 16 / int(sizeof(T));
+  static constexpr int kLdH = kDim + kChunk;  // 16-bit: (kDim + 8) * 2 bytes, an odd number of 16
+  static constexpr int kStageElems = kKeys * (Math::kLdK + Math::kLdV);
+  static constexpr int kHeadsBytes = kFused ? kQueries * kLdH * int(sizeof(T)) : 0;
+  static constexpr int kProjBytes =
+      kFused ? 2 * Proj::kElems * int(sizeof(T)) + kWarps * 16 * Proj::kLdOut * int(sizeof(float))
+             : 0;
+  static constexpr int kFixedBytes = kQueries * Math::kLdQ * int(sizeof(T)) +
+                                     kWarps * int(sizeof(typename Math::Scratch)) +
+                                     (kQueries + 2 * kKeys) * int(sizeof(Pixel)) + kHeadsBytes;
+  static constexpr int region_bytes(int stages) {
+    return std::max(stages * kStageElems * int(sizeof(T)), kProjBytes);
+  }
+  static constexpr bool kFits = kFixedBytes + region_bytes(1) <= kStaticSharedBytes;
+  static constexpr int kStages =
+      kAsyncCopy && kFixedBytes + region_bytes(2) <= kStaticSharedBytes ? 2 : 1;
+  static constexpr int kRegionElems = region_bytes(kStages) / int(sizeof(T));
+};
+
+// fp16/bf16 out_proj math of a warp: its 16 rows x kN columns in n8 C fragments.
+template <class T>
+struct MmaProjection {
+  using Proj = ProjectionTiles<T>;
+  float acc[Proj::kN / 8][4];
+
+  MVIT3_DEVICE void zero() {
+    MVIT3_UNROLL
+    for (int j = 0; j < Proj::kN / 8; ++j)
+      MVIT3_UNROLL
+      for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  }
+
+  // acc += heads[rows, k0 .. k0 + kK - 1] @ the W tile (its k chunk, k-fastest or n-fastest).
+  template <int kLdH>
+  MVIT3_DEVICE void step(const T* heads, int k0, const T* tile, bool n_fastest) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const T* a_row = heads + (16 * warp + lane % 16) * kLdH + k0 + 8 * (lane / 16);
+    MVIT3_UNROLL
+    for (int ks = 0; ks < Proj::kK / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix<4>(a, a_row + 16 * ks);
+      MVIT3_UNROLL
+      for (int np = 0; np < Proj::kN / 16; ++np) {
+        // x4 of 16 k x 16 n: b of n tile 2 np (regs 0, 1) and 2 np + 1 (regs 2, 3), as V's
+        // (.trans of [k][n] rows) or as K's (of [n][k] rows) in the attention.
+        uint32_t b[4];
+        if (n_fastest)
+          ldmatrix<4, true>(b, tile + (16 * ks + lane % 16) * Proj::kLdN + 16 * np + 8 * (lane / 16));
+        else
+          ldmatrix<4>(b, tile + (16 * np + lane % 8 + 8 * (lane / 16)) * Proj::kLdK + 16 * ks +
+                             8 * (lane / 8 % 2));
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_m16n8k16<T>(acc[2 * np], a, b0, acc[2 * np]);
+        mma_m16n8k16<T>(acc[2 * np + 1], a, b1, acc[2 * np + 1]);
+      }
+    }
+  }
+
+  // The warp's [16][kLdOut] output rows.
+  MVIT3_DEVICE void store(float* rows) const {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    MVIT3_UNROLL
+    for (int j = 0; j < Proj::kN / 8; ++j)
+      MVIT3_UNROLL
+      for (int i = 0; i < 4; ++i)
+        rows[(g + 8 * (i / 2)) * Proj::kLdOut + 8 * j + 2 * t + i % 2] = acc[j][i];
+  }
+};
+
+// fp32 out_proj math of a warp: lane c owns column c of the chunk for the warp's 16 rows.
+struct SimtProjection {
+  using Proj = ProjectionTiles<float>;
+  float acc[16];
+
+  MVIT3_DEVICE void zero() {
+    MVIT3_UNROLL
+    for (int r = 0; r < 16; ++r) acc[r] = 0.0f;
+  }
+
+  template <int kLdH>
+  MVIT3_DEVICE void step(const float* heads, int k0, const float* tile, bool n_fastest) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const float* rows = heads + 16 * warp * kLdH + k0;
+    MVIT3_UNROLL
+    for (int k = 0; k < Proj::kK; k += 4) {
+      float4 w;
+      if (n_fastest) {
+        const float* column = tile + k * Proj::kLdN + lane;
+        w = float4{column[0], column[Proj::kLdN], column[2 * Proj::kLdN], column[3 * Proj::kLdN]};
+      } else {
+        w = *reinterpret_cast<const float4*>(tile + lane * Proj::kLdK + k);
+      }
+      MVIT3_UNROLL
+      for (int r = 0; r < 16; ++r) {
+        const float4 h = *reinterpret_cast<const float4*>(rows + r * kLdH + k);
+        acc[r] = fmaf(h.x, w.x, acc[r]);
+        acc[r] = fmaf(h.y, w.y, acc[r]);
+        acc[r] = fmaf(h.z, w.z, acc[r]);
+        acc[r] = fmaf(h.w, w.w, acc[r]);
+      }
+    }
+  }
+
+  MVIT3_DEVICE void store(float* rows) const {
+    const int lane = threadIdx.x % 32;
+    MVIT3_UNROLL
+    for (int r = 0; r < 16; ++r) rows[r * Proj::kLdOut + lane] = acc[r];
+  }
+};
+
+// The fused kernel's out_proj (ProjectionTiles), after every head is in heads_tile. `region`
+// is the K/V stages' memory: two W tiles, then the warps' output rows.
+template <class Config, class T>
+MVIT3_DEVICE void project_heads(const AttentionArgs& args, const T* heads_tile, T* region,
+                                const Pixel* q_pixels, int b) {
+  using Proj = ProjectionTiles<T>;
+  using Math = std::conditional_t<Proj::kMma, MmaProjection<T>, SimtProjection>;
+  constexpr int kN = Proj::kN, kK = Proj::kK, kChunk = Proj::kChunk, kLdOut = Proj::kLdOut;
+  constexpr int kThreads = Config::kThreads;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int dim = args.heads * args.head_dim;
+  const Matrix& w = args.proj_weight;
+  const T* weight = static_cast<const T*>(w.data);
+  const bool n_fastest = args.proj_n_fastest;
+  float* out_rows = reinterpret_cast<float*>(region + 2 * Proj::kElems) + warp * 16 * kLdOut;
+  const int k_steps = (dim + kK - 1) / kK;
+  const int steps = (dim + kN - 1) / kN * k_steps;
+
+  // The W tile of step i = (n chunk i / k_steps, k chunk i % k_steps) into stage i % 2: lines
+  // along W's other dimension (n when k-fastest, k when n-fastest), each `length` elements of
+  // the unit-stride one; 0 past d.
+  auto stage_w = [&](int i) {
+    if (i >= steps) return;
+    T* tile = region + i % 2 * Proj::kElems;
+    const int n0 = i / k_steps * kN, k0 = i % k_steps * kK;
+    const int lines = n_fastest ? kK : kN, length = n_fastest ? kN : kK;
+    const int ld = n_fastest ? Proj::kLdN : Proj::kLdK;
+    const int line0 = n_fastest ? k0 : n0, along0 = n_fastest ? n0 : k0;
+    const int64_t line_stride = n_fastest ? w.stride_col : w.stride_row;
+    if (args.proj_chunked) {
+      const int per_line = length / kChunk;
+      for (int e = tid; e < lines * per_line; e += kThreads) {
+        const int l = e / per_line, a = e % per_line * kChunk;
+        const int left = line0 + l < dim ? dim - (along0 + a) : 0;
+        const int count = left < 0 ? 0 : left < kChunk ? left : kChunk;
+        const T* src = count > 0 ? weight + (line0 + l) * line_stride + along0 + a : weight;
+        T* dst = tile + l * ld + a;
+        if constexpr (kAsyncCopy) {
+          cp_async<16>(dst, src, count * int(sizeof(T)));
+        } else {
+          float v[kChunk];
+          if (count == kChunk) {
+            T raw[kChunk];
+            gemm::load_chunk(raw, src);
+            MVIT3_UNROLL
+            for (int j = 0; j < kChunk; ++j) v[j] = to_float(raw[j]);
+          } else {
+            MVIT3_UNROLL
+            for (int j = 0; j < kChunk; ++j) v[j] = j < count ? to_float(src[j]) : 0.0f;
+          }
+          gemm::store_chunk(dst, v);
+        }
+      }
+    } else {
+      const int64_t along_stride = n_fastest ? w.stride_row : w.stride_col;
+      for (int e = tid; e < lines * length; e += kThreads) {
+        const int l = e / length, a = e % length;
+        const bool in = line0 + l < dim && along0 + a < dim;
+        tile[l * ld + a] = in ? weight[(line0 + l) * line_stride + (along0 + a) * along_stride]
+                              : from_float<T>(0.0f);
+      }
+    }
+  };
+
+  // The warp's rows of n chunk n0 from out_rows, + bias + residual, to the output.
+  const T* bias = static_cast<const T*>(args.proj_bias);
+  const T* residual = static_cast<const T*>(args.residual.data);
+  T* out = static_cast<T*>(args.out.data);
+  auto emit_chunk = [&](int n0) {
+    __syncwarp();  // the warp's accumulators are in out_rows
+    if (args.out_chunked) {
+      constexpr int kPerRow = kN / kChunk;
+      for (int e = lane; e < 16 * kPerRow; e += 32) {
+        const int r = e / kPerRow, c = e % kPerRow * kChunk, o = n0 + c;
+        const Pixel p = q_pixels[16 * warp + r];
+        if (p.y < 0 || o >= dim) continue;  // d is whole chunks: o < d covers the chunk
+        float v[kChunk];
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; i += 4) {
+          const float4 s = *reinterpret_cast<const float4*>(out_rows + r * kLdOut + c + i);
+          v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
+        }
+        if (bias) {
+          MVIT3_UNROLL
+          for (int i = 0; i < kChunk; ++i) v[i] += to_float(bias[o + i]);
+        }
+        if (residual) {
+          T res[kChunk];
+          gemm::load_chunk(res, residual + map_offset(args.residual, b, o, p.y, p.x));
+          MVIT3_UNROLL
+          for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
+        }
+        gemm::store_chunk(out + map_offset(args.out, b, o, p.y, p.x), v);
+      }
+    } else {
+      for (int e = lane; e < 16 * kN; e += 32) {
+        const int r = e / kN, c = e % kN, o = n0 + c;
+        const Pixel p = q_pixels[16 * warp + r];
+        if (p.y < 0 || o >= dim) continue;
+        float v = out_rows[r * kLdOut + c];
+        if (bias) v += to_float(bias[o]);
+        if (residual) v += to_float(residual[map_offset(args.residual, b, o, p.y, p.x)]);
+        out[map_offset(args.out, b, o, p.y, p.x)] = from_float<T>(v);
+      }
+    }
+    __syncwarp();  // read before the next chunk's accumulators overwrite them
+  };
+
+  Math math;
+  math.zero();
+  for (int i = 0; i < steps; ++i) {
+    // Every warp is done with step i - 1's W tile, whose stage is rewritten next; at i = 0 with
+    // the attention's K/V tiles (the same memory), and every head's output is in heads_tile.
+    __syncthreads();
+    if (i == 0) {
+      stage_w(0);
+      if constexpr (kAsyncCopy) cp_async_commit();
+    }
+    stage_w(i + 1);
+    if constexpr (kAsyncCopy) {
+      cp_async_commit();  // possibly empty: one group per step
+      cp_async_wait<1>();  // this thread's copies of step i
+    }
+    __syncthreads();
+    const int k_chunk = i % k_steps;
+    math.template step<Config::kLdH>(heads_tile, k_chunk * kK, region + i % 2 * Proj::kElems,
+                                     n_fastest);
+    if (k_chunk == k_steps - 1) {
+      math.store(out_rows);
+      emit_chunk(i / k_steps * kN);
+      math.zero();
+    }
+  }
+}
+
+template <class T, int kHeadDim, int kWarps, int kDim>
+MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
+  using Config = AttentionConfig<T, kHeadDim, kWarps, kDim>;
+  using Math = typename Config::Math;
   using Operand = typename Math::Operand;
   static_assert(std::is_same_v<Operand, T>, "tiles hold the I/O type: chunks are copied as is");
-  constexpr int kQueries = 16 * kWarps, kThreads = 32 * kWarps;
+  static_assert(Config::kFits, "the launcher takes only configurations that fit");
+  constexpr bool kFused = Config::kFused;
+  constexpr int kQueries = Config::kQueries, kThreads = Config::kThreads;
   constexpr int kKeys = Math::kKeys, kLdQ = Math::kLdQ, kLdK = Math::kLdK, kLdV = Math::kLdV;
-  constexpr int kChunk = 16 / int(sizeof(T));
+  constexpr int kChunk = Config::kChunk, kLdH = Config::kLdH;
   static_assert(kQueries <= kThreads && kKeys <= kThreads, "one thread per pixel table entry");
   static_assert(kHeadDim % kChunk == 0 && kLdQ % kChunk == 0 && kLdK % kChunk == 0 &&
                     kLdV % kChunk == 0 && (kKeys * kLdK) % kChunk == 0,
                 "staged rows and the V tile start 16-byte aligned");
   // A stage: the K tile [kKeys][kLdK], then the V tile [kKeys][kLdV].
-  constexpr int kStageElems = kKeys * (kLdK + kLdV);
-  constexpr int kFixedBytes = kQueries * kLdQ * int(sizeof(T)) +
-                              kWarps * int(sizeof(typename Math::Scratch)) +
-                              (kQueries + 2 * kKeys) * int(sizeof(Pixel));
-  constexpr int kStages =
-      kAsyncCopy && kFixedBytes + 2 * kStageElems * int(sizeof(T)) <= kStaticSharedBytes ? 2 : 1;
+  constexpr int kStageElems = Config::kStageElems;
+  constexpr int kStages = Config::kStages;
   MVIT3_SHARED_ALIGNED(Operand[kQueries * kLdQ], q_tile, 16);  // scaled queries
-  MVIT3_SHARED_ALIGNED(Operand[kStages * kStageElems], kv_tiles, 16);
+  MVIT3_SHARED_ALIGNED(Operand[Config::kRegionElems], kv_tiles, 16);
   MVIT3_SHARED(typename Math::Scratch[kWarps], scratch);
   MVIT3_SHARED(Pixel[kQueries], q_pixels);
   MVIT3_SHARED(Pixel[2][kKeys], kv_pixels);  // key tile t's in slot t % 2
+  // Fused: every head's output of the block's queries, the out_proj's A operand.
+  MVIT3_SHARED_ALIGNED(Operand[kFused ? kQueries * kLdH : 1], heads_tile, 16);
 
   const T* qkv = static_cast<const T*>(args.qkv.data);
   const int tid = threadIdx.x, warp = tid / 32;
   const int half_width = args.width / 2;
   const int tokens = (args.height / 2) * half_width;
   const int query_tiles = (tokens + kQueries - 1) / kQueries;
-  const int sequence = blockIdx.x / query_tiles;
-  const int q0 = (blockIdx.x % query_tiles) * kQueries;
-  const int b = args.first_sample + sequence / 4, pos = sequence % 4;
-  const int head = blockIdx.y;
+  const int64_t block = args.first_block + blockIdx.x;  // (sample, position, query tile)
+  const int64_t sequence = block / query_tiles;
+  const int q0 = int(block % query_tiles) * kQueries;
+  const int b = int(sequence / 4), pos = int(sequence % 4);
   const int dim = args.heads * args.head_dim;
-  const int shift = args.chunked ? head * args.head_dim % kChunk : 0;  // head's first column
+  int head = 0, shift = 0;  // the head being computed and its window's first column
 
   // Token n of this sequence is pixel (y, x): the patch grid cell times 2 plus the position.
   auto pixel_of = [&](int n) {
@@ -429,66 +723,90 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
         for (int c = 0; c < shift; ++c) k_tile[e / kVecs * kLdK + c] = from_float<Operand>(0.0f);
   };
 
-  if (tid < kQueries) q_pixels[tid] = pixel_of(q0 + tid);
-  if (tid < kKeys)
-    for (int t = 0; t < kStages; ++t) kv_pixels[t][tid] = pixel_of(t * kKeys + tid);
-  __syncthreads();
-  if (args.chunked)
-    stage(Chunk{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
-  else
-    stage(Scalar{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
-  for (int t = 0; t < kStages - 1; ++t) {
-    stage_keys(t);
-    if constexpr (kAsyncCopy) cp_async_commit();
-  }
-  __syncthreads();
-  const Operand* q_warp = q_tile + 16 * warp * kLdQ;
-  typename Math::State state;
-  Math::init(state, q_warp);
-
-  // Iteration t stages tile t + kStages - 1 (two stages: its copies in flight while tile t is
-  // computed) and writes the pixels of tile t + kStages over those of tile t + kStages - 2,
-  // staged in iteration t - 1; then it waits for tile t.
-  for (int t = 0; t * kKeys < tokens; ++t) {
-    // Every warp is done with tile t - 1, whose stage is rewritten next, and every thread with
-    // staging tile t + kStages - 2, whose pixel slot is.
-    __syncthreads();
-    stage_keys(t + kStages - 1);
-    if constexpr (kAsyncCopy) cp_async_commit();  // possibly empty: one group per iteration
-    if (tid < kKeys) kv_pixels[(t + kStages) % 2][tid] = pixel_of((t + kStages) * kKeys + tid);
-    if constexpr (kAsyncCopy) cp_async_wait<kStages - 1>();  // this thread's copies of tile t
-    if (args.chunked) clear_lead(t);
-    __syncthreads();
-    const Operand* k_tile = kv_tiles + t % kStages * kStageElems;
-    const int keys = tokens - t * kKeys < kKeys ? tokens - t * kKeys : kKeys;
-    Math::step(state, q_warp, k_tile, k_tile + kKeys * kLdK, keys, scratch[warp]);
-  }
-
   const T* residual = static_cast<const T*>(args.residual.data);
   T* out = static_cast<T*>(args.out.data);
-  Math::finish(state, scratch[warp], [&](int r, int c, float o) {
-    const Pixel p = q_pixels[16 * warp + r];
-    c -= shift;  // window column -> head dim
-    if (p.y < 0 || c < 0 || c >= args.head_dim) return;
-    const int channel = head * args.head_dim + c;
-    if (residual) o += to_float(residual[map_offset(args.residual, b, channel, p.y, p.x)]);
-    out[map_offset(args.out, b, channel, p.y, p.x)] = from_float<T>(o);
-  });
+  if (tid < kQueries) q_pixels[tid] = pixel_of(q0 + tid);
+  if constexpr (kFused) {
+    // The heads tile's columns d .. up to the last k chunk of the out_proj are read (times the
+    // W tile's zeros): 0, not the NaN an unwritten column could hold.
+    constexpr int kK = ProjectionTiles<T>::kK;
+    const int padded = (dim + kK - 1) / kK * kK;
+    for (int e = tid; e < kQueries * (padded - dim); e += kThreads)
+      heads_tile[e / (padded - dim) * kLdH + dim + e % (padded - dim)] = from_float<Operand>(0.0f);
+  }
+
+  // The heads: the block's one (blockIdx.y), or fused every head in turn.
+  const int first_head = kFused ? 0 : int(blockIdx.y);
+  const int last_head = kFused ? args.heads - 1 : first_head;
+  for (head = first_head; head <= last_head; ++head) {
+    shift = args.chunked ? head * args.head_dim % kChunk : 0;
+    __syncthreads();  // every warp is done with the previous head's Q and K/V tiles
+    if (tid < kKeys)
+      for (int t = 0; t < kStages; ++t) kv_pixels[t][tid] = pixel_of(t * kKeys + tid);
+    __syncthreads();
+    if (args.chunked)
+      stage(Chunk{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
+    else
+      stage(Scalar{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
+    for (int t = 0; t < kStages - 1; ++t) {
+      stage_keys(t);
+      if constexpr (kAsyncCopy) cp_async_commit();
+    }
+    __syncthreads();
+    const Operand* q_warp = q_tile + 16 * warp * kLdQ;
+    typename Math::State state;
+    Math::init(state, q_warp);
+
+    // Iteration t stages tile t + kStages - 1 (two stages: its copies in flight while tile t is
+    // computed) and writes the pixels of tile t + kStages over those of tile t + kStages - 2,
+    // staged in iteration t - 1; then it waits for tile t.
+    for (int t = 0; t * kKeys < tokens; ++t) {
+      // Every warp is done with tile t - 1, whose stage is rewritten next, and every thread with
+      // staging tile t + kStages - 2, whose pixel slot is.
+      __syncthreads();
+      stage_keys(t + kStages - 1);
+      if constexpr (kAsyncCopy) cp_async_commit();  // possibly empty: one group per iteration
+      if (tid < kKeys) kv_pixels[(t + kStages) % 2][tid] = pixel_of((t + kStages) * kKeys + tid);
+      if constexpr (kAsyncCopy) cp_async_wait<kStages - 1>();  // this thread's copies of tile t
+      if (args.chunked) clear_lead(t);
+      __syncthreads();
+      const Operand* k_tile = kv_tiles + t % kStages * kStageElems;
+      const int keys = tokens - t * kKeys < kKeys ? tokens - t * kKeys : kKeys;
+      Math::step(state, q_warp, k_tile, k_tile + kKeys * kLdK, keys, scratch[warp]);
+    }
+
+    Math::finish(state, scratch[warp], [&](int r, int c, float o) {
+      c -= shift;  // window column -> head dim
+      if (c < 0 || c >= args.head_dim) return;
+      const int channel = head * args.head_dim + c;
+      if constexpr (kFused) {  // every row, those past the sequence too (finite: their Q is 0)
+        heads_tile[(16 * warp + r) * kLdH + channel] = from_float<Operand>(o);
+      } else {
+        const Pixel p = q_pixels[16 * warp + r];
+        if (p.y < 0) return;
+        if (residual) o += to_float(residual[map_offset(args.residual, b, channel, p.y, p.x)]);
+        out[map_offset(args.out, b, channel, p.y, p.x)] = from_float<T>(o);
+      }
+    });
+  }
+  if constexpr (kFused) project_heads<Config>(args, heads_tile, kv_tiles, q_pixels, b);
 }
 
 // Resident blocks asked of ptxas. 2 lifts its default register cap, under which the bf16 kernel
 // for sm_90 spilled; shared memory bounds the residency to a few blocks anyway. 16-bit 4-warp
 // blocks of head dims up to 48 on sm_80+ ask 4 (128 registers): with the two K/V stages ptxas
 // took 125-142 there (4 -> 3 blocks/SM at 48) and fits 128 without spilling; 64 dims spill at
-// 128, and sm_75's one-stage 48-dim kernel spills 56 bytes, so those keep 2.
-template <class T, int kHeadDim, int kWarps>
+// 128, and sm_75's one-stage 48-dim kernel spills 56 bytes, so those keep 2. The fused kernels
+// keep 2: their heads tile leaves room for fewer blocks than 4 anyway.
+template <class T, int kHeadDim, int kWarps, int kDim>
 constexpr int kMinBlocks =
-    kAsyncCopy && !std::is_same_v<T, float> && kWarps == 4 && kHeadDim <= 48 ? 4 : 2;
+    kAsyncCopy && !std::is_same_v<T, float> && kWarps == 4 && kHeadDim <= 48 && kDim == 0 ? 4
+                                                                                          : 2;
 
-template <class T, int kHeadDim, int kWarps>
-__global__ void __launch_bounds__(32 * kWarps, (kMinBlocks<T, kHeadDim, kWarps>))
+template <class T, int kHeadDim, int kWarps, int kDim>
+__global__ void __launch_bounds__(32 * kWarps, (kMinBlocks<T, kHeadDim, kWarps, kDim>))
     patch_attention_kernel(AttentionArgs args) {
-  if constexpr (arch_supports<T>()) attention_body<T, kHeadDim, kWarps>(args);
+  if constexpr (arch_supports<T>()) attention_body<T, kHeadDim, kWarps, kDim>(args);
 }
 
 // Calls f(std::integral_constant<int, kWarps>) with the warps a block takes for `tokens`
@@ -500,49 +818,93 @@ void dispatch_warps(int tokens, F&& f) {
   f(std::integral_constant<int, 4>{});
 }
 
+// The fused kernel's warps when kWanted would cover the queries: the most, up to kWanted, whose
+// heads tile and attention tiles fit the static shared memory (one warp always does: below).
+template <class T, int kHeadDim, int kDim, int kWanted>
+constexpr int kFusedWarps = kWanted >= 4 && AttentionConfig<T, kHeadDim, 4, kDim>::kFits   ? 4
+                            : kWanted >= 2 && AttentionConfig<T, kHeadDim, 2, kDim>::kFits ? 2
+                                                                                           : 1;
+static_assert(AttentionConfig<float, 64, 1, kMaxFusedProjectionDim>::kFits &&
+                  AttentionConfig<__half, 64, 1, kMaxFusedProjectionDim>::kFits,
+              "every head dim fuses its out_proj with one warp up to kMaxFusedProjectionDim");
+
+// One launch of the kernel over the batch (in chunks of blocks where grid axis x needs them:
+// a chunk may end inside a sample). Grid: x = (sample, position, query tile) from
+// first_block on; y = head (<= 65535: ops.cpp), or 1 for the fused kernel, whose blocks take
+// every head.
+template <class T, int kHeadDim, int kWarps, int kDim>
+void launch_attention(AttentionArgs& attention, int batch, int tokens, int heads, Stream stream) {
+  const int64_t blocks = int64_t(batch) * 4 * ceil_div(tokens, 16 * kWarps);
+  launch_chunks(blocks, 1, [&](int64_t first, int64_t count) {
+    attention.first_block = first;
+    launch(&patch_attention_kernel<T, kHeadDim, kWarps, kDim>,
+           grid_of(count, kDim > 0 ? 1 : heads), dim3(32 * kWarps), stream, attention);
+  });
+}
+
 }  // namespace
 
 void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream) {
   const int tokens = (args.height / 2) * (args.width / 2);
   if (args.batch == 0 || tokens == 0) return;
+  const int dim = args.heads * args.head_dim;
   const bool project = args.proj_weight.data != nullptr;
+  // With proj_weight, one launch where the heads tile fits (d <= kMaxFusedProjectionDim, every
+  // model's); else the heads go to the heads_out workspace and the out_proj is a tile GEMM.
+  const bool fused = project && dim <= kMaxFusedProjectionDim;
   AttentionArgs attention;
   attention.qkv = args.qkv;
-  attention.residual = project ? Map{} : args.residual;  // the projection adds it instead
-  attention.out = project ? args.heads_out : args.out;
+  attention.residual = project && !fused ? Map{} : args.residual;  // the GEMM adds it then
+  attention.out = project && !fused ? args.heads_out : args.out;
   attention.height = args.height;
   attention.width = args.width;
   attention.heads = args.heads;
   attention.head_dim = args.head_dim;
   attention.q_scale = args.scale * kLog2e;
-  // Grid: x = (sample, position, query tile) of the chunk's samples, y = head (<= 65535: ops.cpp).
+  attention.proj_weight = fused ? args.proj_weight : Matrix{};
+  attention.proj_bias = fused ? args.proj_bias : nullptr;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Chunked staging (top of file) where the layout allows it and the widest head window,
     // max over heads of (h * head_dim) % kChunk + head_dim (the residues of h < kChunk are all
     // there are), fits the kernels.
     constexpr int kChunk = 16 / int(sizeof(T));
-    const int dim = args.heads * args.head_dim;
     const bool aligned = gemm::chunked_rows<T>(args.qkv) && dim % kChunk == 0;
     int lead = 0;
     for (int h = 0; aligned && h < std::min(args.heads, kChunk); ++h)
       lead = std::max(lead, h * args.head_dim % kChunk);
     attention.chunked = aligned && lead + args.head_dim <= kMaxHeadDim;
+    if (fused) {
+      // The W tiles: along W's unit-stride dimension (ProjectionTiles), by 16-byte chunks
+      // where the base and the other stride are aligned. The output: by 16-byte chunks where d
+      // is whole chunks and out (and the residual) have aligned channel-fastest pixels.
+      const Matrix& w = args.proj_weight;
+      attention.proj_n_fastest = w.stride_row == 1 && w.stride_col != 1;
+      const int64_t line_stride = attention.proj_n_fastest ? w.stride_col : w.stride_row;
+      attention.proj_chunked = (attention.proj_n_fastest || w.stride_col == 1) &&
+                               reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+                               (line_stride * int64_t(sizeof(T))) % 16 == 0;
+      attention.out_chunked = dim % kChunk == 0 && gemm::chunked_rows<T>(args.out) &&
+                              (!args.residual.data || gemm::chunked_rows<T>(args.residual));
+    }
     dispatch_head_dim(attention.chunked ? lead + args.head_dim : args.head_dim, [&](auto head_dim) {
+      constexpr int kHeadDim = decltype(head_dim)::value;
       dispatch_warps(tokens, [&](auto warps) {
         constexpr int kWarps = decltype(warps)::value;
-        const int64_t blocks_per_sample = 4 * ceil_div(tokens, 16 * kWarps);
-        launch_chunks(args.batch, blocks_per_sample, [&](int64_t first, int64_t samples) {
-          attention.first_sample = int(first);
-          launch(&patch_attention_kernel<T, decltype(head_dim)::value, kWarps>,
-                 grid_of(samples * blocks_per_sample, args.heads), dim3(32 * kWarps), stream,
-                 attention);
-        });
+        if (!fused) {
+          launch_attention<T, kHeadDim, kWarps, 0>(attention, args.batch, tokens, args.heads,
+                                                   stream);
+        } else if (dim <= 128) {
+          launch_attention<T, kHeadDim, kFusedWarps<T, kHeadDim, 128, kWarps>, 128>(
+              attention, args.batch, tokens, args.heads, stream);
+        } else {
+          launch_attention<T, kHeadDim, kFusedWarps<T, kHeadDim, 256, kWarps>, 256>(
+              attention, args.batch, tokens, args.heads, stream);
+        }
       });
     });
   });
-  if (!project) return;
-  const int dim = args.heads * args.head_dim;
+  if (!project || fused) return;
   PointwiseConvArgs proj;
   proj.x = args.heads_out;
   proj.residual = args.residual;
