@@ -8,6 +8,8 @@
 // straight back to a map: there is no unfold or fold copy.
 //
 // One block = one (sequence, head, tile of 16 kWarps queries), kWarps warps of 16 query rows;
+// with proj_weight and d <= kMaxFusedProjectionDim (every model), one (sequence, query tile)
+// for every head in turn, then the out_proj (below);
 // kWarps = 1, 2 or 4 by the sequence length, so that a 16-token sequence (an 8x8 map) runs one
 // warp rather than a 64-query block with 48 idle rows. The keys are walked once, in tiles
 // (FlashAttention-2): per query row a running maximum m and sum l of exp2(s - m), the output
@@ -18,8 +20,16 @@
 //              registers, its probabilities are rounded to the I/O type and become P @ V's A
 //              operand in registers (no shared memory round trip).
 // The pixel of each staged token is computed once per tile into a table in shared memory (one
-// division by W/2 per row, not per element). With proj_weight, the heads go to a workspace map
-// and the projection (+ bias + residual) is the pointwise_conv GEMM.
+// division by W/2 per row, not per element).
+//
+// Fused out_proj (kDim > 0, one launch): each head's normalised output goes to a heads tile
+// [16 kWarps][kDim + one chunk] in shared memory (the I/O type, as the heads map of the two
+// launches was), then the block computes heads @ proj_weight^T + proj_bias + residual for its
+// queries (project_heads) and writes the output map. kDim (128 or 256) sizes the tile for the
+// largest d of the instance; the warps are the most, up to those covering N, whose tiles fit
+// the 48 KB of static shared memory (AttentionConfig::kFits; one warp always does). d > 256
+// (kMaxFusedProjectionDim: no model) writes the heads to a workspace map and runs the out_proj
+// (+ bias + residual) as the pointwise_conv GEMM, a second launch.
 //
 // Staging. When the qkv map is channels_last with 16-byte aligned base and pixel strides and d
 // is a whole number of 16-byte chunks (AttentionArgs::chunked, decided on the host), Q/K/V rows

@@ -475,6 +475,50 @@ def test_patch_attention_head_windows(kernels, case):
     assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
 
 
+# The out_proj fused into the attention launch (csrc/patch_attention.cu, project_heads) off the
+# models' shapes: d not a multiple of 8 (no 16-byte chunk of qkv, W or the output: element
+# paths), d over 128 (the 256-wide heads tile; fp32 runs one warp a block) and at the limit of
+# 256, d over 256 (the two-launch path), N = 16 (one 16-query warp) and N = 289 (34 x 34: five
+# 64-query tiles, 19 key tiles; fp32 and fp16, bf16 runs the same code), batch 1 and 3, no bias or no residual. The weight is a view
+# of a buffer full of NaN (padded rows, K-major with padded columns, or every other column:
+# no unit stride), so a W tile that reads past d shows.
+# (d, heads, weight, bias, residual)
+FUSED_PROJECTION = [(36, 4, "rows", True, True), (200, 4, "kmajor", True, True),
+                    (256, 4, "rows", False, True), (264, 6, "kmajor", True, True),
+                    (120, 4, "strided", True, False), (68, 2, "kmajor", False, False)]
+FUSED_PROJECTION_CASES = [
+    Case("emu", shape, dtype, layout, batch, size, order)
+    for i, (shape, dtype) in enumerate(itertools.product(FUSED_PROJECTION, DTYPES))
+    for layout, batch, size, order in [(LAYOUTS[i % 3], (1, 3)[i % 2], ((8, 8), (10, 12))[i % 2],
+                                        ORDERS[i % 3])]]
+FUSED_PROJECTION_CASES += [Case("emu", (256, 4, "kmajor", True, True), dtype, "channels_last", 1,
+                                (34, 34)) for dtype in (torch.float32, torch.float16)]
+
+
+def _nan_weight(t: Inputs, d: int, kind: str) -> torch.Tensor:
+    w = t.weight(d, d)
+    if kind == "rows":
+        buf = torch.full((d, d + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :d] = w
+        return buf[:, :d]
+    if kind == "kmajor":
+        buf = torch.full((d, d + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :d] = w.t()
+        return buf[:, :d].t()
+    buf = torch.full((d, 2 * d), float("nan"), dtype=w.dtype, device=w.device)
+    buf[:, ::2] = w
+    return buf[:, ::2]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in FUSED_PROJECTION_CASES])
+def test_patch_attention_fused_projection(kernels, case):
+    d, heads, kind, bias, residual = case.shape
+    t = Inputs(case)
+    args = (t.map(3 * d), heads, (d // heads) ** -0.5, _nan_weight(t, d, kind),
+            t.vector(d) if bias else None, t.map(d) if residual else None)
+    check(kernels, "patch_attention", args, case.dtype)
+
+
 @pytest.mark.parametrize("case", cases(MLP, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES))
 def test_transformer_mlp(kernels, case):
     d, ffn, norm = case.shape

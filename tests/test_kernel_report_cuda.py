@@ -75,10 +75,13 @@ def test_rows_are_the_launches_of_the_forward(xs_rows, monkeypatch):
     assert (stem.op, stem.stage, stem.kernel) == (
         "conv3x3", "stem", "tile_gemm_kernel<__half, Conv3x3Producer<__half> >")
     assert stem.grid == (128 * 128 // 64, 1, 1) and stem.launch.block == (256, 1, 1)
-    # every patch_attention call with its projection: the attention kernel, then the GEMM
-    for row, following in zip(launch_rows, launch_rows[1:]):
-        if row.kernel.startswith("patch_attention_kernel"):
-            assert following.op == "patch_attention" and following.kernel.startswith("tile_gemm")
+    # every patch_attention call with its projection (d <= 256) is one launch: the fused
+    # kernel (template argument kDim > 0), whose blocks take every head and the out_proj
+    attention = [row for row in launch_rows if row.op == "patch_attention"]
+    assert len(attention) == 9
+    for row in attention:
+        assert re.fullmatch(r"patch_attention_kernel<__half, \d+, \d, (128|256)>", row.kernel)
+        assert row.grid[1:] == (1, 1)
 
 
 def test_batch_100_takes_the_gpu_grid(library):
@@ -97,7 +100,7 @@ def test_known_kernels_get_their_class(xs_rows):
     classes = {row.kernel: row.compiled.mma for row in xs_rows if row.compiled is not None}
     assert classes["tile_gemm_kernel<__half, PointwiseProducer<__half> >"] == "mma"
     assert classes["tile_gemm_kernel<__half, DwconvProducer<__half> >"] == "mma"
-    assert classes["patch_attention_kernel<__half, 32, 4>"] == "mma"
+    assert classes["patch_attention_kernel<__half, 32, 4, 128>"] == "mma"
     for row in xs_rows:
         if row.compiled is not None:
             assert not row.compiled.error, row.compiled.error
