@@ -968,6 +968,9 @@ ASAN_CASES = [f"{test}[{next(p.id for p in params if '-reverse-' in p.id)}]"
                   ("test_separable_attention",
                    cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES)))]
 ASAN_CASES.append(f"test_patch_attention_long_sequences[{LONG_SEQUENCE_CASES[1]}]")
+# the fused out_proj's element paths (d = 36), and its widest heads tile and W tiles (d = 256)
+ASAN_CASES += [f"test_patch_attention_fused_projection[{c}]" for c in FUSED_PROJECTION_CASES
+               if c.order == "reverse" and c.shape[0] in (36, 256)]
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")
