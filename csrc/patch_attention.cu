@@ -750,9 +750,12 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
   const int last_head = kFused ? args.heads - 1 : first_head;
   for (head = first_head; head <= last_head; ++head) {
     shift = args.chunked ? head * args.head_dim % kChunk : 0;
-    __syncthreads();  // every warp is done with the previous head's Q and K/V tiles
+    // The pixels of the first key tiles: their slots are read only while staging, which every
+    // thread has finished with for the previous head (before its last key tile's barrier).
     if (tid < kKeys)
       for (int t = 0; t < kStages; ++t) kv_pixels[t][tid] = pixel_of(t * kKeys + tid);
+    // The pixel tables are written, the heads tile's padding too, and every warp is done with
+    // the previous head's Q and K/V tiles, which are rewritten next.
     __syncthreads();
     if (args.chunked)
       stage(Chunk{}, Sync{}, q_tile, kLdQ, kQueries, q_pixels, 0, args.q_scale);
