@@ -219,6 +219,9 @@ struct MmaAttention {
   static constexpr int kLdV = kHeadDim + 8;
   static constexpr int kDimSlices = kHeadDim / 16;  // k16 slices of Q K^T, n16 pairs of P V
   static constexpr int kKeySlices = kKeys / 16;
+  // (Also what keeps the constants referenced where only AttentionConfig reads the class: the
+  // launcher's choice of warps, and sm_75's empty bf16 kernels.)
+  static_assert(kDimSlices * 16 == kHeadDim && kKeySlices * 16 == kKeys, "whole k16 slices");
 
   struct Scratch {};  // everything stays in registers
   struct State {
@@ -391,6 +394,10 @@ struct AttentionConfig {
   static constexpr int kStages =
       kAsyncCopy && kFixedBytes + region_bytes(2) <= kStaticSharedBytes ? 2 : 1;
   static constexpr int kRegionElems = region_bytes(kStages) / int(sizeof(T));
+  // (Also keeps every constant referenced where the launcher only asks kFits, and in sm_75's
+  // empty bf16 kernels: nvcc warns of unreferenced members of a class in this namespace.)
+  static_assert(kThreads == 2 * kQueries && kStages >= 1 && kRegionElems * int(sizeof(T)) >=
+                    region_bytes(1), "a warp takes 16 queries; one stage at least");
 };
 
 // fp16/bf16 out_proj math of a warp: its 16 rows x kN columns in n8 C fragments.
