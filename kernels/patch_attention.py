@@ -275,7 +275,9 @@ def _heads_through_out(dtype: torch.dtype, d_pad: int) -> bool:
     on FMA units, which hold a thread's whole K slice of the weight tile in registers: projecting
     a 64-wide head window into two 128-wide output chunks (d > 128: head dims 36..60) spills
     0.5-7 KB a thread on sm_90 at every tile tried, where PROJ_K = 16 channels at a time do not.
-    The heads' round trip stays within the program's own pixels (L2), not a second launch."""
+    The heads' round trip stays within the program's own pixels (L2), not a second launch. Its
+    barriers (`tl.debug_barrier`, bar.sync) order memory within one CTA: the launch must keep
+    Triton's default of one CTA a program (no `num_ctas` > 1 clusters)."""
     return dtype == torch.float32 and d_pad > 128
 
 
