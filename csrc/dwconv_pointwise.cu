@@ -1,12 +1,18 @@
-// dwconv_pointwise: out = silu(depthwise3x3(x, stride, dilation, padding = dilation) + dw_bias)
-// @ weight^T + bias + residual. Semantics: mvit3.ops.reference.dwconv_pointwise. The second half
-// of an MV2 block and the local representation of a MobileViT block (dilated in the v2-style
-// dense backbones).
+// dwconv_pointwise: out = silu(depthwise3x3(h, stride, dilation, padding = dilation) + dw_bias)
+// @ weight^T + bias + residual, h = x or, with expand_weight, h = silu(x @ expand_weight^T +
+// expand_bias). Semantics: mvit3.ops.reference.dwconv_pointwise. The second half of an MV2 block
+// and the local representation of a MobileViT block (dilated in the v2-style dense backbones);
+// with expand_weight the whole MV2 block.
 //
-// One tile GEMM whose producer computes the depthwise conv while staging the A tile, so the
-// [B, C, Ho, Wo] intermediate never reaches memory. Each block recomputes the depthwise values
-// of its pixels for its kBlockN output channels: 9 FMAs per staged element, cheap next to the
-// kBlockN FMAs the element then feeds.
+// Without expand_weight: one tile GEMM whose producer computes the depthwise conv while staging
+// the A tile, so the [B, C, Ho, Wo] intermediate never reaches memory. Each block recomputes the
+// depthwise values of its pixels for its kBlockN output channels: 9 FMAs per staged element,
+// cheap next to the kBlockN FMAs the element then feeds.
+//
+// With expand_weight (mv2_block_fused in mvit3.h: dilation 1, at most kMv2MaxInChannels block
+// input channels): one kernel for the whole MV2 block (mv2_block_kernel below), so neither the
+// expanded map [B, C, H, W] nor the depthwise output reaches memory. Otherwise (dilated, or a
+// wider input) ops.cpp runs the expansion as a pointwise_conv launch into a workspace first.
 #include "tile_gemm.cuh"
 
 namespace mvit3 {
@@ -71,9 +77,377 @@ struct DwconvProducer {
   }
 };
 
+
+// ---- the whole MV2 block in one kernel ---------------------------------------------------------
+//
+// A block owns a kTile x kTile tile of output pixels of one sample (gemm::kBlockM pixels) and
+// kBlockN output channels, and walks the hidden channels C in chunks of the GEMM's kBlockK (32
+// for fp16/bf16, 16 for fp32). Per chunk:
+//   1. the chunk's expansion weights [in_channels][kBlockK] (transposed, so a thread reads 8
+//      hidden channels of an input channel with one or two 16-byte loads), expansion bias,
+//      depthwise weights and bias go to shared memory;
+//   2. the expansion of the tile's input halo, (kTile - 1) * stride + 3 pixels square (10 x 10 at
+//      stride 1, 17 x 17 at stride 2): h = silu(x @ We^T + be) in fp32 (IEEE FMAs, x read
+//      through its strides, 16 bytes a load where x is channels_last with aligned pixels),
+//      rounded to T into shared memory; halo pixels outside the map hold 0, the depthwise conv's
+//      zero padding of h (not silu(be)). Meanwhile the reduce weights' tile is staged as the tile
+//      GEMM stages it (16-byte chunks, cp.async on sm_80+, or element by element);
+//   3. the A tile of the reduce GEMM, silu(depthwise3x3(h) + dw_bias) of each output pixel, in
+//      fp32 with the FMAs of the two-launch path in the same order (bias, then the taps);
+//   4. the GEMM step of the tile GEMM (WMMA for fp16/bf16, IEEE FMAs for fp32).
+// Then the tile GEMM's epilogue: bias, residual, channel-fastest stores (16 bytes a thread where
+// Cout and the rows allow). Three __syncthreads a chunk, one stage (nothing is double-buffered:
+// the halo is the largest buffer, 23 KB at stride 2).
+//
+// The blocks of the channel tiles of one pixel tile (Cout > 64) each recompute the expansion of
+// the tile: Cout <= 64 (most MV2 blocks of the small models) pays nothing for it, and v3-XS's
+// largest, 96, pays it twice.
+constexpr int kTile = 8;
+static_assert(kTile * kTile == gemm::kBlockM, "one output pixel per GEMM row");
+
+template <class T, int kStride>
+struct Mv2Tiles {
+  using Gemm = gemm::Tiles<T>;
+  static constexpr int kBlockK = Gemm::kBlockK;           // hidden channels a chunk
+  static constexpr int kHalo = (kTile - 1) * kStride + 3;  // input rows and columns of a tile
+  static constexpr int kHaloPixels = kHalo * kHalo;
+  static constexpr int kLdH = kBlockK + Gemm::kChunk;      // 16-byte aligned rows
+  static constexpr int kGroups = kBlockK / 8;              // 8 hidden channels an expansion item
+  static constexpr int kHBytes = kHaloPixels * kLdH * int(sizeof(T));
+  // The accumulators' tile of the epilogue aliases the halo (read by the last chunk's depthwise
+  // step, before the barrier that precedes its GEMM step).
+  static constexpr int kHaloBytes = std::max(kHBytes, Gemm::kResultBytes);
+  static constexpr int kWeElems = kMv2MaxInChannels * kBlockK;
+  static constexpr int kSharedBytes = kHaloBytes + (Gemm::kAElems + Gemm::kBElems + kWeElems) *
+                                      int(sizeof(T)) + (11 * kBlockK + gemm::kBlockN) * 4;
+  static_assert(kSharedBytes <= 48 * 1024, "static shared memory of a block");
+  static_assert(kBlockK % 8 == 0 && (kLdH * int(sizeof(T))) % 16 == 0, "16-byte halo rows");
+};
+
+template <class T>
+struct Mv2Params {
+  Map x;                             // [B, in_channels, H, W]
+  Matrix expand_weight;              // [C, in_channels]
+  const T* expand_bias = nullptr;    // [C] or null
+  const T* dw_weight = nullptr;      // [C, 1, 3, 3], contiguous
+  const T* dw_bias = nullptr;        // [C]
+  Matrix weight;                     // [Cout, C]
+  gemm::Epilogue ep;
+  int height = 0, width = 0, in_channels = 0, channels = 0, cout = 0;
+  int out_height = 0, out_width = 0, tiles_x = 0, tiles_per_sample = 0;
+  bool x_chunked = false;  // x channels_last, aligned pixels, in_channels whole 16-byte chunks
+};
+
+// 8 consecutive values of T at src (16-byte aligned) in fp32.
+template <class T>
+MVIT3_DEVICE void load8(const T* src, float (&v)[8]) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  MVIT3_UNROLL
+  for (int i = 0; i < 8; i += kPer) {
+    T raw[kPer];
+    gemm::load_chunk(raw, src + i);
+    MVIT3_UNROLL
+    for (int j = 0; j < kPer; ++j) v[i + j] = to_float(raw[j]);
+  }
+}
+
+// 8 fp32 values rounded to T at dst (16-byte aligned).
+template <class T>
+MVIT3_DEVICE void store8(T* dst, const float (&v)[8]) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  MVIT3_UNROLL
+  for (int i = 0; i < 8; i += kPer) {
+    float part[kPer];
+    MVIT3_UNROLL
+    for (int j = 0; j < kPer; ++j) part[j] = v[i + j];
+    gemm::store_chunk(dst + i, part);
+  }
+}
+
+template <class T, int kStride>
+MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int channel_tiles_x) {
+  using Tiles = Mv2Tiles<T, kStride>;
+  using Gemm = gemm::Tiles<T>;
+  using Math = std::conditional_t<Gemm::kTensorCores, gemm::WmmaMath<T>, gemm::SimtMath>;
+  constexpr int kBlockK = Tiles::kBlockK, kHalo = Tiles::kHalo, kLdH = Tiles::kLdH;
+  constexpr int kHaloPixels = Tiles::kHaloPixels, kGroups = Tiles::kGroups;
+  constexpr int kLdA = Gemm::kLdA, kLdBn = Gemm::kLdBn, kLdC = Gemm::kLdC, kChunk = Gemm::kChunk;
+  constexpr int kBlockM = gemm::kBlockM, kBlockN = gemm::kBlockN, kThreads = gemm::kThreads;
+  MVIT3_SHARED_ALIGNED(unsigned char[Tiles::kHaloBytes], halo_bytes, 32);
+  MVIT3_SHARED_ALIGNED(T[Gemm::kAElems], a_tile, 32);
+  MVIT3_SHARED_ALIGNED(T[Gemm::kBElems], b_tile, 32);
+  MVIT3_SHARED_ALIGNED(T[Tiles::kWeElems], we_tile, 16);  // [in_channels][kBlockK]
+  MVIT3_SHARED(float[kBlockK], expand_bias_tile);
+  MVIT3_SHARED(float[9 * kBlockK], dw_tile);  // [kBlockK][9]
+  MVIT3_SHARED(float[kBlockK], dw_bias_tile);
+  MVIT3_SHARED(float[kBlockN], bias_tile);
+  T* const h = reinterpret_cast<T*>(halo_bytes);            // [kHaloPixels][kLdH]
+  float* const c_tile = reinterpret_cast<float*>(halo_bytes);  // [kBlockM][kLdC], after the loop
+
+  const int tid = threadIdx.x;
+  const int64_t tile = first_tile + blockIdx.x / channel_tiles_x;
+  const int n0 = int(blockIdx.y * channel_tiles_x + blockIdx.x % channel_tiles_x) * kBlockN;
+  if (n0 >= p.cout) return;  // a channel tile past the last of a group on axis y
+  const int b = int(tile / p.tiles_per_sample);
+  const int rest = int(tile % p.tiles_per_sample);
+  const int oy0 = rest / p.tiles_x * kTile, ox0 = rest % p.tiles_x * kTile;
+  const int iy0 = oy0 * kStride - 1, ix0 = ox0 * kStride - 1;  // the halo's first input pixel
+
+  const T* bias = static_cast<const T*>(p.ep.bias);
+  if (tid < kBlockN) bias_tile[tid] = bias && n0 + tid < p.cout ? to_float(bias[n0 + tid]) : 0.0f;
+
+  // The reduce weights' B tile, staged as tile_gemm_body stages it: k-fastest b[n * kLdA + k]
+  // unless only Cout is unit-stride (n-fastest b[k * kLdBn + n]); one 16-byte chunk a thread
+  // where the unit-stride dimension, the base and the other stride allow, else element by element.
+  const T* weight = static_cast<const T*>(p.weight.data);
+  const bool b_n_fastest = p.weight.stride_row == 1 && p.weight.stride_col != 1;
+  const int64_t line_stride = b_n_fastest ? p.weight.stride_col : p.weight.stride_row;
+  const bool b_chunked = (b_n_fastest || p.weight.stride_col == 1) &&
+                         reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
+                         (line_stride * int64_t(sizeof(T))) % 16 == 0;
+  const int chunks_per_line = (b_n_fastest ? kBlockN : kBlockK) / kChunk;
+  const int line = tid / chunks_per_line, first = tid % chunks_per_line * kChunk;
+  const int chunk_offset = b_n_fastest ? line * kLdBn + first : line * kLdA + first;
+  gemm::ChunkCopy copy;
+  auto fetch_b = [&](int k0) {
+    const int line_index = (b_n_fastest ? k0 : n0) + line;
+    const int first_index = (b_n_fastest ? n0 : k0) + first;
+    const int lines = b_n_fastest ? p.channels : p.cout;
+    const int line_length = b_n_fastest ? p.cout : p.channels;
+    const int left = line_index < lines ? line_length - first_index : 0;
+    const int elements = left < 0 ? 0 : left < kChunk ? left : kChunk;
+    const T* src = elements > 0 ? weight + line_index * line_stride + first_index : weight;
+    copy.fetch(b_tile + chunk_offset, src, elements * int(sizeof(T)));
+  };
+  auto stage_b = [&](int k0) {
+    const bool k_contiguous = p.weight.stride_col == 1;
+    for (int e = tid; e < kBlockN * kBlockK; e += kThreads) {
+      const int n = k_contiguous ? e / kBlockK : e % kBlockN;
+      const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
+      const int o = n0 + n, k = k0 + kk;
+      b_tile[b_n_fastest ? kk * kLdBn + n : n * kLdA + kk] =
+          (o < p.cout && k < p.channels)
+              ? weight[o * p.weight.stride_row + k * p.weight.stride_col]
+              : from_float<T>(0.0f);
+    }
+  };
+
+  // Step 1: the chunk's expansion weights (transposed to [ci][kk]; along their unit-stride
+  // dimension), expansion bias, depthwise weights and bias; 0 past the last hidden channel.
+  const T* expand_weight = static_cast<const T*>(p.expand_weight.data);
+  auto stage_chunk_weights = [&](int c0) {
+    const bool hidden_contiguous = p.expand_weight.stride_row == 1;
+    for (int e = tid; e < p.in_channels * kBlockK; e += kThreads) {
+      const int kk = hidden_contiguous ? e % kBlockK : e / p.in_channels;
+      const int ci = hidden_contiguous ? e / kBlockK : e % p.in_channels;
+      const int c = c0 + kk;
+      we_tile[ci * kBlockK + kk] =
+          c < p.channels ? expand_weight[c * p.expand_weight.stride_row +
+                                         ci * p.expand_weight.stride_col]
+                         : from_float<T>(0.0f);
+    }
+    for (int e = tid; e < 9 * kBlockK; e += kThreads) {
+      const int c = c0 + e / 9;
+      dw_tile[e] = c < p.channels ? to_float(p.dw_weight[9 * c0 + e]) : 0.0f;
+    }
+    if (tid < kBlockK) {
+      const int c = c0 + tid;
+      expand_bias_tile[tid] = c < p.channels && p.expand_bias ? to_float(p.expand_bias[c]) : 0.0f;
+      dw_bias_tile[tid] = c < p.channels ? to_float(p.dw_bias[c]) : 0.0f;
+    }
+  };
+
+  // Step 2: the expansion of the halo, an item = 8 hidden channels of one halo pixel (the
+  // pixels of a warp share their channels: the weight reads are broadcasts).
+  const T* x = static_cast<const T*>(p.x.data);
+  auto expand = [&]() {
+    for (int e = tid; e < kGroups * kHaloPixels; e += kThreads) {
+      const int g = e / kHaloPixels, pixel = e % kHaloPixels;
+      const int iy = iy0 + pixel / kHalo, ix = ix0 + pixel % kHalo;
+      float acc[8];
+      if (iy >= 0 && iy < p.height && ix >= 0 && ix < p.width) {
+        MVIT3_UNROLL
+        for (int j = 0; j < 8; ++j) acc[j] = expand_bias_tile[8 * g + j];
+        const T* src = x + b * p.x.stride_b + iy * p.x.stride_h + ix * p.x.stride_w;
+        const T* w = we_tile + 8 * g;
+        if (p.x_chunked) {
+          for (int ci = 0; ci < p.in_channels; ci += kChunk) {
+            T raw[kChunk];
+            gemm::load_chunk(raw, src + ci);
+            MVIT3_UNROLL
+            for (int i = 0; i < kChunk; ++i) {
+              float wv[8];
+              load8(w + (ci + i) * kBlockK, wv);
+              const float xv = to_float(raw[i]);
+              MVIT3_UNROLL
+              for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
+            }
+          }
+        } else {
+          for (int ci = 0; ci < p.in_channels; ++ci) {
+            float wv[8];
+            load8(w + ci * kBlockK, wv);
+            const float xv = to_float(src[ci * p.x.stride_c]);
+            MVIT3_UNROLL
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
+          }
+        }
+        MVIT3_UNROLL
+        for (int j = 0; j < 8; ++j) acc[j] = silu(acc[j]);
+      } else {
+        MVIT3_UNROLL
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;  // the zero padding of h
+      }
+      store8(h + pixel * kLdH + 8 * g, acc);
+    }
+  };
+
+  // Step 3: A[r][kk] = silu(dw_bias + sum of the 9 taps of h) for output pixel r of the tile;
+  // every tap of an output pixel inside the map lies in the halo (0 outside the map). Rows of
+  // pixels past the map's edge are 0 (not written out).
+  auto depthwise = [&]() {
+    for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
+      const int r = e / kBlockK, kk = e % kBlockK;
+      const int ly = r / kTile, lx = r % kTile;
+      float v = 0.0f;
+      if (oy0 + ly < p.out_height && ox0 + lx < p.out_width) {
+        float acc = dw_bias_tile[kk];
+        const T* center = h + ((ly * kStride) * kHalo + lx * kStride) * kLdH + kk;
+        MVIT3_UNROLL
+        for (int ky = 0; ky < 3; ++ky)
+          MVIT3_UNROLL
+          for (int kx = 0; kx < 3; ++kx)
+            acc = fmaf(to_float(center[(ky * kHalo + kx) * kLdH]), dw_tile[kk * 9 + 3 * ky + kx],
+                       acc);
+        v = silu(acc);
+      }
+      a_tile[r * kLdA + kk] = from_float<T>(v);
+    }
+  };
+
+  Math math;
+  for (int c0 = 0; c0 < p.channels; c0 += kBlockK) {
+    stage_chunk_weights(c0);
+    __syncthreads();  // the chunk's weights are in; the previous GEMM step is done with A and B
+    if (b_chunked)
+      fetch_b(c0);
+    else
+      stage_b(c0);
+    expand();
+    if (b_chunked) copy.land();
+    __syncthreads();  // h and B are complete
+    depthwise();
+    __syncthreads();  // A is complete
+    math.step(a_tile, b_tile, b_n_fastest);
+  }
+  math.store(c_tile);  // the halo's last reads were before the last barrier
+  __syncthreads();
+
+  // Epilogue (tile_gemm_body's): + bias, + residual, channel-fastest; kChunk channels of a pixel
+  // a thread with 16-byte loads and stores where Cout and the rows allow.
+  const gemm::Epilogue& ep = p.ep;
+  const T* residual = static_cast<const T*>(ep.residual.data);
+  T* out = static_cast<T*>(ep.out.data);
+  auto pixel_of = [&](int r, int& oy, int& ox) {
+    oy = oy0 + r / kTile;
+    ox = ox0 + r % kTile;
+    return oy < p.out_height && ox < p.out_width;
+  };
+  if (p.cout % kChunk == 0 && gemm::chunked_rows<T>(ep.out) &&
+      (!residual || gemm::chunked_rows<T>(ep.residual))) {
+    constexpr int kChunksPerRow = kBlockN / kChunk;
+    for (int e = tid; e < kBlockM * kChunksPerRow; e += kThreads) {
+      const int r = e / kChunksPerRow, n = e % kChunksPerRow * kChunk;
+      const int o = n0 + n;
+      int oy, ox;
+      if (!pixel_of(r, oy, ox) || o >= p.cout) continue;
+      float v[kChunk];
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; i += 4) {
+        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
+        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
+      }
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; ++i) v[i] += bias_tile[n + i];
+      if (residual) {
+        T res[kChunk];
+        gemm::load_chunk(res, residual + map_offset(ep.residual, b, o, oy, ox));
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
+      }
+      gemm::store_chunk(out + map_offset(ep.out, b, o, oy, ox), v);
+    }
+    return;
+  }
+  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+    const int r = e / kBlockN, n = e % kBlockN;
+    const int o = n0 + n;
+    int oy, ox;
+    if (!pixel_of(r, oy, ox) || o >= p.cout) continue;
+    float v = c_tile[r * kLdC + n] + bias_tile[n];
+    if (residual) v += to_float(residual[map_offset(ep.residual, b, o, oy, ox)]);
+    out[map_offset(ep.out, b, o, oy, ox)] = from_float<T>(v);
+  }
+}
+
+// minBlocksPerSM 2, as tile_gemm_kernel: at most 128 registers.
+template <class T, int kStride>
+__global__ void __launch_bounds__(gemm::kThreads, 2)
+    mv2_block_kernel(Mv2Params<T> params, int64_t first_tile, int channel_tiles_x) {
+  if constexpr (arch_supports<T>()) mv2_block_body<T, kStride>(params, first_tile, channel_tiles_x);
+}
+
+template <class T, int kStride>
+void run_mv2_block(const DwconvPointwiseArgs& args, Stream stream) {
+  const int64_t pixels = int64_t(args.batch) * args.out_height * args.out_width;
+  if (pixels == 0 || args.cout == 0) return;
+  Mv2Params<T> p;
+  p.x = args.x;
+  p.expand_weight = args.expand_weight;
+  p.expand_bias = static_cast<const T*>(args.expand_bias);
+  p.dw_weight = static_cast<const T*>(args.dw_weight);
+  p.dw_bias = static_cast<const T*>(args.dw_bias);
+  p.weight = args.weight;
+  p.ep.bias = args.bias;
+  p.ep.residual = args.residual;
+  p.ep.out = args.out;
+  p.height = args.height;
+  p.width = args.width;
+  p.in_channels = args.in_channels;
+  p.channels = args.channels;
+  p.cout = args.cout;
+  p.out_height = args.out_height;
+  p.out_width = args.out_width;
+  p.tiles_x = int(ceil_div(args.out_width, kTile));
+  p.tiles_per_sample = int(ceil_div(args.out_height, kTile)) * p.tiles_x;
+  p.x_chunked = gemm::chunked_rows<T>(args.x) && args.in_channels % int(16 / sizeof(T)) == 0;
+  // The grid of gemm::run: the channel tiles of a pixel tile side by side on axis x.
+  const int64_t channel_tiles = ceil_div(args.cout, gemm::kBlockN);
+  const int64_t groups = ceil_div(channel_tiles, kMaxGridX);
+  const int64_t channel_tiles_x = ceil_div(channel_tiles, groups);
+  const int64_t tiles = int64_t(args.batch) * p.tiles_per_sample;
+  launch_chunks(tiles, channel_tiles_x, [&](int64_t first_tile, int64_t count) {
+    launch(&mv2_block_kernel<T, kStride>, grid_of(count * channel_tiles_x, groups),
+           dim3(gemm::kThreads), stream, p, first_tile, int(channel_tiles_x));
+  });
+}
+
 }  // namespace
 
 void dwconv_pointwise(const DwconvPointwiseArgs& args, DType dtype, Stream stream) {
+  if (args.expand_weight.data) {
+    if (!mv2_block_fused(args.in_channels, args.stride, args.dilation))
+      throw std::runtime_error("mvit3: dwconv_pointwise with expand_weight outside the one-kernel "
+                               "MV2 block's limits (ops.cpp runs the expansion apart)");
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      if (args.stride == 1)
+        run_mv2_block<T, 1>(args, stream);
+      else
+        run_mv2_block<T, 2>(args, stream);
+    });
+    return;
+  }
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     DwconvProducer<T> producer;

@@ -57,17 +57,35 @@ struct PointwiseConvArgs {
   Act act = Act::none;
 };
 
-// dwconv_pointwise: out = silu(dw3x3(x, stride, dilation, padding = dilation) + dw_bias)
-// @ weight^T + bias + residual.
+// dwconv_pointwise: out = silu(dw3x3(h, stride, dilation, padding = dilation) + dw_bias)
+// @ weight^T + bias + residual, with h = x, or with expand_weight (the whole MV2 block in one
+// kernel, see mv2_block_fused) h = silu(x @ expand_weight^T + expand_bias).
 struct DwconvPointwiseArgs {
-  Map x, residual, out;          // x [B, C, H, W], residual/out [B, Cout, Ho, Wo]
+  Map x, residual, out;          // x [B, C, H, W] (with expand_weight [B, in_channels, H, W]),
+                                 // residual/out [B, Cout, Ho, Wo]
   int batch = 0, height = 0, width = 0, channels = 0, cout = 0;
   int stride = 1, dilation = 1, out_height = 0, out_width = 0;
   const void* dw_weight = nullptr;  // [C, 1, 3, 3], contiguous
   const void* dw_bias = nullptr;    // [C]
   Matrix weight;                    // [Cout, C]
   const void* bias = nullptr;       // [Cout] or null
+  int in_channels = 0;                // with expand_weight: the block input's channels
+  Matrix expand_weight;               // [C, in_channels], or absent
+  const void* expand_bias = nullptr;  // [C] or null
 };
+
+// The largest block input (in_channels) the one-kernel MV2 block takes: its expansion weights of
+// a chunk of hidden channels, [in_channels][32 or 16 channels], stay in shared memory (12 KB at
+// 192) beside the expanded halo and the GEMM tiles, within 48 KB.
+constexpr int kMv2MaxInChannels = 192;
+
+// Whether dwconv_pointwise with expand_weight runs as one kernel (expansion, depthwise with its
+// halo in shared memory, reduce, residual); otherwise (a dilated depthwise conv, as in the
+// v2-style dense backbones, or a wider block input) the expansion is its own pointwise_conv
+// launch into a [B, C, H, W] workspace that the depthwise GEMM reads.
+inline bool mv2_block_fused(int64_t in_channels, int64_t stride, int64_t dilation) {
+  return dilation == 1 && (stride == 1 || stride == 2) && in_channels <= kMv2MaxInChannels;
+}
 
 // conv3x3: out = act(conv3x3(cat(x, x2), weight, stride, dilation, padding = dilation) + bias).
 struct Conv3x3Args {

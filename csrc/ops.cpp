@@ -444,20 +444,25 @@ Tensor pointwise_conv_op(const Tensor& x, const Tensor& weight, const OptionalTe
   return call.out;
 }
 
-// With expand_weight [Ch, Cin] (the whole MV2 block): the expansion silu(x @ expand_weight^T +
-// expand_bias) runs first as its own pointwise_conv launch into a [B, Ch, H, W] workspace that the
-// depthwise kernel then reads: 2 launches for now (issue 12 item 3: one kernel).
+// With expand_weight [Ch, Cin] (the whole MV2 block): one kernel (expansion, depthwise, reduce,
+// residual) where mv2_block_fused (mvit3.h) allows, the usual case; otherwise (dilation > 1, or
+// Cin over kMv2MaxInChannels) the expansion silu(x @ expand_weight^T + expand_bias) runs first as
+// its own pointwise_conv launch into a [B, Ch, H, W] workspace that the depthwise kernel reads.
 Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, const Tensor& dw_bias,
                            const Tensor& weight, const OptionalTensor& bias, int64_t stride,
                            const OptionalTensor& residual, int64_t dilation,
                            const OptionalTensor& expand_weight, const OptionalTensor& expand_bias) {
   check(dwconv_pointwise_why_not(block_input, dw_weight, dw_bias, weight, bias, stride, residual,
                                  dilation, expand_weight, expand_bias));
+  const bool fused =
+      present(expand_weight) && mv2_block_fused(block_input.size(1), stride, dilation);
   Tensor x = block_input;
-  if (present(expand_weight))
+  if (present(expand_weight) && !fused)
     x = pointwise_conv_op(block_input, *expand_weight, expand_bias, std::nullopt, std::nullopt,
                           "none", std::nullopt, std::nullopt, 1e-5, "silu");
-  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t batch = x.size(0), height = x.size(2), width = x.size(3);
+  const int64_t channels = present(expand_weight) ? dw_weight.size(0) : x.size(1);
+  const auto eb = fused ? optional_dense(expand_bias) : std::optional<Tensor>();
   const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
   const Tensor dw = dense(dw_weight), db = dense(dw_bias);
   const auto b = optional_dense(bias);
@@ -481,6 +486,11 @@ Tensor dwconv_pointwise_op(const Tensor& block_input, const Tensor& dw_weight, c
   args.dw_bias = db.data_ptr();
   args.weight = matrix(weight);
   args.bias = data_of(b);
+  if (fused) {
+    args.in_channels = as_int(x.size(1));
+    args.expand_weight = matrix(*expand_weight);
+    args.expand_bias = data_of(eb);
+  }
   KernelContext context(x);
   dwconv_pointwise(args, dtype_of(x), context.stream);
   return out;

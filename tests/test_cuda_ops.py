@@ -355,7 +355,8 @@ def test_dwconv_pointwise(kernels, case):
 
 
 # Whole MV2 blocks (expand_weight given), (in, hidden, out, stride, residual): XS's layer_1.0,
-# layer_2.0 and layer_2.1 (the expansion is a pointwise_conv launch, tested above at every shape)
+# layer_2.0 and layer_2.1, one kernel each (mv2_block_kernel; its edges and the two-launch
+# fallback in test_mv2_block_one_kernel_edges below)
 MV2_BLOCKS = [(16, 64, 32, 1, False), (32, 128, 48, 2, False), (48, 192, 48, 1, True)]
 
 
@@ -372,6 +373,56 @@ def test_dwconv_pointwise_expand(kernels, case):
             t.map(out, size=out_size) if residual else None, 1, t.weight(hidden, cin),
             t.vector(hidden, mean=1.0))
     check(kernels, "dwconv_pointwise", args, case.dtype)
+
+
+# The one-kernel MV2 block's edges, (Cin, hidden, Cout, stride, residual, expand_bias, dilation):
+# 8x8 output tiles over maps of several tiles with partial ones (odd sizes, stride 2 of odd
+# sizes), batch 1 and 3, every layout and dtype, Cin no multiple of 8 (the element-wise
+# expansion), hidden no multiple of the 32 (fp16/bf16) or 16 (fp32) hidden channels of a chunk,
+# Cout over one 64-channel tile and no multiple of 8 (the element-wise epilogue), no expansion
+# bias, the widest fused input (kMv2MaxInChannels = 192, the most shared memory); then the
+# two-launch fallbacks, a wider input and a dilated depthwise conv. Each in its thread order.
+MV2_EDGES = [
+    # (shape, dtype, layout, batch, size, order)
+    ((12, 40, 24, 1, True, True, 1), torch.float32, "nchw", 3, (9, 11), "forward"),
+    ((12, 40, 24, 2, False, False, 1), torch.float16, "channels_last", 1, (13, 9), "reverse"),
+    ((20, 48, 70, 2, False, True, 1), torch.bfloat16, "slice", 3, (9, 17), "random"),
+    ((16, 64, 16, 1, True, True, 1), torch.float16, "nchw", 1, (17, 10), "random"),
+    ((24, 96, 24, 1, True, True, 1), torch.float32, "channels_last", 3, (6, 5), "reverse"),
+    ((32, 72, 136, 1, False, True, 1), torch.bfloat16, "channels_last", 1, (3, 12), "forward"),
+    ((192, 384, 64, 2, True, True, 1), torch.float16, "channels_last", 1, (5, 7), "forward"),
+    ((192, 96, 40, 2, False, True, 1), torch.float32, "slice", 1, (7, 3), "reverse"),
+    ((200, 64, 40, 2, False, True, 1), torch.float16, "channels_last", 3, (5, 6), "forward"),
+    ((24, 48, 24, 1, True, True, 2), torch.float32, "nchw", 1, (7, 9), "forward"),
+]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(Case("emu", shape, dtype, layout, batch, size, order),
+                 id=str(Case("emu", shape, dtype, layout, batch, size, order)))
+    for shape, dtype, layout, batch, size, order in MV2_EDGES])
+def test_mv2_block_one_kernel_edges(kernels, emulator_library, case):
+    """dwconv_pointwise with expand_weight: one launch where the fused kernel takes the call (Cin
+    <= 192, dilation 1), two (the expansion apart) otherwise; the reference either way."""
+    import ctypes
+
+    cin, hidden, out, stride, residual, expand_bias, dilation = case.shape
+    t = Inputs(case, seed=cin + hidden)
+    h, w = case.size
+    out_size = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    args = (t.map(cin), t.filter(hidden, 1, depthwise=True), t.vector(hidden),
+            t.weight(out, hidden), t.vector(out), stride,
+            t.map(out, size=out_size) if residual else None, dilation, t.weight(hidden, cin),
+            t.vector(hidden, mean=1.0) if expand_bias else None)
+    check(kernels, "dwconv_pointwise", args, case.dtype)
+    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
+    emulator_library.mvit3_emu_set_recording(1)
+    try:
+        kernels.dwconv_pointwise(*args)
+        launches = emulator_library.mvit3_emu_recorded_count()
+    finally:
+        emulator_library.mvit3_emu_set_recording(0)
+    assert launches == (1 if cin <= 192 and dilation == 1 else 2)
 
 
 @pytest.mark.parametrize("case", cases(CONV3X3, EMU_SIZES, GPU_SIZES))
