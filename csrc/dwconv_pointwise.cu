@@ -117,7 +117,11 @@ struct Mv2Tiles {
   // The accumulators' tile of the epilogue aliases the halo (read by the last chunk's depthwise
   // step, before the barrier that precedes its GEMM step).
   static constexpr int kHaloBytes = std::max(kHBytes, Gemm::kResultBytes);
-  static constexpr int kWeElems = kMv2MaxInChannels * kBlockK;
+  // The step's expansion weights: fp32 [in_channels][kBlockK] (SIMT: 8 hidden channels of an
+  // input channel in two 16-byte loads); fp16/bf16 [kBlockK][kLdWe] (mma.sync's B fragments:
+  // pairs of consecutive input channels of a hidden channel, rows of 100 words, conflict-free).
+  static constexpr int kLdWe = kMv2MaxInChannels + 8;
+  static constexpr int kWeElems = Gemm::kTensorCores ? kBlockK * kLdWe : kMv2MaxInChannels * kBlockK;
   static constexpr int kSharedBytes = kHaloBytes + (Gemm::kAElems + Gemm::kBElems + kWeElems) *
                                       int(sizeof(T)) + (11 * kBlockK + gemm::kBlockN) * 4;
   static_assert(kSharedBytes <= 48 * 1024, "static shared memory of a block");
@@ -136,6 +140,7 @@ struct Mv2Params {
   int height = 0, width = 0, in_channels = 0, channels = 0, cout = 0;
   int out_height = 0, out_width = 0, tiles_x = 0, tiles_per_sample = 0;
   bool x_chunked = false;  // x channels_last, aligned pixels, in_channels whole 16-byte chunks
+  bool x_pairs = false;    // x's channels unit-stride, 4-byte aligned pixels, in_channels even
 };
 
 // 8 consecutive values of T at src (16-byte aligned) in fp32.
@@ -176,7 +181,7 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
   MVIT3_SHARED_ALIGNED(unsigned char[Tiles::kHaloBytes], halo_bytes, 32);
   MVIT3_SHARED_ALIGNED(T[Gemm::kAElems], a_tile, 32);
   MVIT3_SHARED_ALIGNED(T[Gemm::kBElems], b_tile, 32);
-  MVIT3_SHARED_ALIGNED(T[Tiles::kWeElems], we_tile, 16);  // [in_channels][kBlockK]
+  MVIT3_SHARED_ALIGNED(T[Tiles::kWeElems], we_tile, 16);
   MVIT3_SHARED(float[kBlockK], expand_bias_tile);
   MVIT3_SHARED(float[9 * kBlockK], dw_tile);  // [kBlockK][9]
   MVIT3_SHARED(float[kBlockK], dw_bias_tile);
@@ -235,16 +240,23 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
   // Step 1: the chunk's expansion weights (transposed to [ci][kk]; along their unit-stride
   // dimension), expansion bias, depthwise weights and bias; 0 past the last hidden channel.
   const T* expand_weight = static_cast<const T*>(p.expand_weight.data);
+  // fp16/bf16: in_channels rounded up to the mma's k16 (0 past the last, which the zero A
+  // columns meet: a NaN of the shared memory's fill there would still poison the sums).
+  const int we_columns = Gemm::kTensorCores ? (p.in_channels + 15) / 16 * 16 : p.in_channels;
   auto stage_chunk_weights = [&](int c0) {
     const bool hidden_contiguous = p.expand_weight.stride_row == 1;
-    for (int e = tid; e < p.in_channels * kBlockK; e += kThreads) {
-      const int kk = hidden_contiguous ? e % kBlockK : e / p.in_channels;
-      const int ci = hidden_contiguous ? e / kBlockK : e % p.in_channels;
+    for (int e = tid; e < we_columns * kBlockK; e += kThreads) {
+      const int kk = hidden_contiguous ? e % kBlockK : e / we_columns;
+      const int ci = hidden_contiguous ? e / kBlockK : e % we_columns;
       const int c = c0 + kk;
-      we_tile[ci * kBlockK + kk] =
-          c < p.channels ? expand_weight[c * p.expand_weight.stride_row +
-                                         ci * p.expand_weight.stride_col]
-                         : from_float<T>(0.0f);
+      const T value = c < p.channels && ci < p.in_channels
+                          ? expand_weight[c * p.expand_weight.stride_row +
+                                          ci * p.expand_weight.stride_col]
+                          : from_float<T>(0.0f);
+      if constexpr (Gemm::kTensorCores)
+        we_tile[kk * Tiles::kLdWe + ci] = value;
+      else
+        we_tile[ci * kBlockK + kk] = value;
     }
     for (int e = tid; e < 9 * kBlockK; e += kThreads) {
       const int c = c0 + e / 9;
@@ -257,48 +269,50 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
     }
   };
 
-  // Step 2: the expansion of the halo, an item = 8 hidden channels of one halo pixel (the
-  // pixels of a warp share their channels: the weight reads are broadcasts).
+  // Step 2: the expansion of the halo. fp32 (SIMT): an item = 8 hidden channels of one halo
+  // pixel (the pixels of a warp share their channels: the weight reads are broadcasts).
   const T* x = static_cast<const T*>(p.x.data);
-  auto expand = [&]() {
-    for (int e = tid; e < kGroups * kHaloPixels; e += kThreads) {
-      const int g = e / kHaloPixels, pixel = e % kHaloPixels;
-      const int iy = iy0 + pixel / kHalo, ix = ix0 + pixel % kHalo;
-      float acc[8];
-      if (iy >= 0 && iy < p.height && ix >= 0 && ix < p.width) {
-        MVIT3_UNROLL
-        for (int j = 0; j < 8; ++j) acc[j] = expand_bias_tile[8 * g + j];
-        const T* src = x + b * p.x.stride_b + iy * p.x.stride_h + ix * p.x.stride_w;
-        const T* w = we_tile + 8 * g;
-        if (p.x_chunked) {
-          for (int ci = 0; ci < p.in_channels; ci += kChunk) {
-            T raw[kChunk];
-            gemm::load_chunk(raw, src + ci);
-            MVIT3_UNROLL
-            for (int i = 0; i < kChunk; ++i) {
+  auto expand_simt = [&]() {
+    if constexpr (!Gemm::kTensorCores) {
+      for (int e = tid; e < kGroups * kHaloPixels; e += kThreads) {
+        const int g = e / kHaloPixels, pixel = e % kHaloPixels;
+        const int iy = iy0 + pixel / kHalo, ix = ix0 + pixel % kHalo;
+        float acc[8];
+        if (iy >= 0 && iy < p.height && ix >= 0 && ix < p.width) {
+          MVIT3_UNROLL
+          for (int j = 0; j < 8; ++j) acc[j] = expand_bias_tile[8 * g + j];
+          const T* src = x + b * p.x.stride_b + iy * p.x.stride_h + ix * p.x.stride_w;
+          const T* w = we_tile + 8 * g;
+          if (p.x_chunked) {
+            for (int ci = 0; ci < p.in_channels; ci += kChunk) {
+              T raw[kChunk];
+              gemm::load_chunk(raw, src + ci);
+              MVIT3_UNROLL
+              for (int i = 0; i < kChunk; ++i) {
+                float wv[8];
+                load8(w + (ci + i) * kBlockK, wv);
+                const float xv = to_float(raw[i]);
+                MVIT3_UNROLL
+                for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
+              }
+            }
+          } else {
+            for (int ci = 0; ci < p.in_channels; ++ci) {
               float wv[8];
-              load8(w + (ci + i) * kBlockK, wv);
-              const float xv = to_float(raw[i]);
+              load8(w + ci * kBlockK, wv);
+              const float xv = to_float(src[ci * p.x.stride_c]);
               MVIT3_UNROLL
               for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
             }
           }
+          MVIT3_UNROLL
+          for (int j = 0; j < 8; ++j) acc[j] = silu(acc[j]);
         } else {
-          for (int ci = 0; ci < p.in_channels; ++ci) {
-            float wv[8];
-            load8(w + ci * kBlockK, wv);
-            const float xv = to_float(src[ci * p.x.stride_c]);
-            MVIT3_UNROLL
-            for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
-          }
+          MVIT3_UNROLL
+          for (int j = 0; j < 8; ++j) acc[j] = 0.0f;  // the zero padding of h
         }
-        MVIT3_UNROLL
-        for (int j = 0; j < 8; ++j) acc[j] = silu(acc[j]);
-      } else {
-        MVIT3_UNROLL
-        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;  // the zero padding of h
+        store8(h + pixel * kLdH + 8 * g, acc);
       }
-      store8(h + pixel * kLdH + 8 * g, acc);
     }
   };
 
@@ -312,16 +326,88 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
       float v = 0.0f;
       if (oy0 + ly < p.out_height && ox0 + lx < p.out_width) {
         float acc = dw_bias_tile[kk];
-        const T* center = h + ((ly * kStride) * kHalo + lx * kStride) * kLdH + kk;
+        const T* window = h + ((ly * kStride) * kHalo + lx * kStride) * kLdH + kk;
         MVIT3_UNROLL
         for (int ky = 0; ky < 3; ++ky)
           MVIT3_UNROLL
           for (int kx = 0; kx < 3; ++kx)
-            acc = fmaf(to_float(center[(ky * kHalo + kx) * kLdH]), dw_tile[kk * 9 + 3 * ky + kx],
+            acc = fmaf(to_float(window[(ky * kHalo + kx) * kLdH]), dw_tile[kk * 9 + 3 * ky + kx],
                        acc);
         v = silu(acc);
       }
       a_tile[r * kLdA + kk] = from_float<T>(v);
+    }
+  };
+
+  // fp16/bf16: mma.sync m16n8k16 (fp32 accumulators), warp w taking the 16-pixel row tiles w,
+  // w + 8, ... of the halo and all kBlockK hidden channels (kBlockK / 8 n8 tiles). The A
+  // fragments come straight from x (L1/L2: a tile's halo is read once per step): a register
+  // holds input channels k, k + 1 of a pixel, one 32-bit load where x's channels are
+  // unit-stride with 4-byte aligned pixels and in_channels is even, else two; 0 past
+  // in_channels and for halo pixels outside the map. The B fragments are 32-bit loads from
+  // we_tile. Then + expansion bias, SiLU, rounded to T into h (0 outside the map).
+  auto expand_mma = [&]() {
+    if constexpr (Gemm::kTensorCores) {
+      constexpr int kRowTiles = (kHaloPixels + 15) / 16, kNTiles = kBlockK / 8;
+      const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+      for (int tile_row = warp; tile_row < kRowTiles; tile_row += kThreads / 32) {
+        // This lane's two pixels of the tile (rows g and g + 8): their offset in x, or -1.
+        int64_t offset[2];
+        int pixels[2];
+        MVIT3_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          const int pixel = tile_row * 16 + g + 8 * i;
+          const int iy = iy0 + pixel / kHalo, ix = ix0 + pixel % kHalo;
+          pixels[i] = pixel;
+          offset[i] = pixel < kHaloPixels && iy >= 0 && iy < p.height && ix >= 0 && ix < p.width
+                          ? b * p.x.stride_b + iy * p.x.stride_h + ix * p.x.stride_w
+                          : -1;
+        }
+        // Input channels k, k + 1 of pixel i, packed as an mma register.
+        auto pair = [&](int i, int k) -> uint32_t {
+          T values[2] = {from_float<T>(0.0f), from_float<T>(0.0f)};
+          if (offset[i] >= 0) {
+            if (p.x_pairs) {
+              if (k < p.in_channels) {
+                uint32_t bits = *reinterpret_cast<const uint32_t*>(x + offset[i] + k);
+                return bits;
+              }
+            } else {
+              if (k < p.in_channels) values[0] = x[offset[i] + k * p.x.stride_c];
+              if (k + 1 < p.in_channels) values[1] = x[offset[i] + (k + 1) * p.x.stride_c];
+            }
+          }
+          uint32_t bits;
+          memcpy(&bits, &values, 4);
+          return bits;
+        };
+        float acc[kNTiles][4] = {};
+        for (int k0 = 0; k0 < p.in_channels; k0 += 16) {
+          const uint32_t a[4] = {pair(0, k0 + 2 * t), pair(1, k0 + 2 * t), pair(0, k0 + 2 * t + 8),
+                                 pair(1, k0 + 2 * t + 8)};
+          MVIT3_UNROLL
+          for (int j = 0; j < kNTiles; ++j) {
+            const T* w = we_tile + (8 * j + g) * Tiles::kLdWe + k0 + 2 * t;
+            const uint32_t bw[2] = {*reinterpret_cast<const uint32_t*>(w),
+                                    *reinterpret_cast<const uint32_t*>(w + 8)};
+            mma_m16n8k16<T>(acc[j], a, bw, acc[j]);
+          }
+        }
+        MVIT3_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          if (pixels[i] >= kHaloPixels) continue;
+          MVIT3_UNROLL
+          for (int j = 0; j < kNTiles; ++j) {
+            const int n = 8 * j + 2 * t;
+            float low = 0.0f, high = 0.0f;  // the zero padding of h
+            if (offset[i] >= 0) {
+              low = silu(acc[j][2 * i] + expand_bias_tile[n]);
+              high = silu(acc[j][2 * i + 1] + expand_bias_tile[n + 1]);
+            }
+            *reinterpret_cast<uint32_t*>(h + pixels[i] * kLdH + n) = pack_pair<T>(low, high);
+          }
+        }
+      }
     }
   };
 
@@ -333,7 +419,10 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
       fetch_b(c0);
     else
       stage_b(c0);
-    expand();
+    if constexpr (Gemm::kTensorCores)
+      expand_mma();
+    else
+      expand_simt();
     if (b_chunked) copy.land();
     __syncthreads();  // h and B are complete
     depthwise();
@@ -421,6 +510,11 @@ void run_mv2_block(const DwconvPointwiseArgs& args, Stream stream) {
   p.tiles_x = int(ceil_div(args.out_width, kTile));
   p.tiles_per_sample = int(ceil_div(args.out_height, kTile)) * p.tiles_x;
   p.x_chunked = gemm::chunked_rows<T>(args.x) && args.in_channels % int(16 / sizeof(T)) == 0;
+  p.x_pairs = args.x.stride_c == 1 && args.in_channels % 2 == 0 &&
+              reinterpret_cast<uintptr_t>(args.x.data) % 4 == 0 &&
+              (args.x.stride_b * int64_t(sizeof(T))) % 4 == 0 &&
+              (args.x.stride_h * int64_t(sizeof(T))) % 4 == 0 &&
+              (args.x.stride_w * int64_t(sizeof(T))) % 4 == 0;
   // The grid of gemm::run: the channel tiles of a pixel tile side by side on axis x.
   const int64_t channel_tiles = ceil_div(args.cout, gemm::kBlockN);
   const int64_t groups = ceil_div(channel_tiles, kMaxGridX);

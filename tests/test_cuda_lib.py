@@ -98,8 +98,8 @@ def test_ptxas_reports_no_register_spills(lib):
     print(report)  # the resource usage of every kernel, shown with pytest -s or on failure
     assert "SPILLS" not in report, report
     for arch in lib["info"]["archs"]:
-        for kernel in ("tile_gemm_kernel", "patch_attention_kernel", "context_kernel",
-                       "group_norm_stats_kernel"):
+        for kernel in ("tile_gemm_kernel", "mv2_block_kernel", "patch_attention_kernel",
+                       "context_kernel", "group_norm_stats_kernel"):
             assert any(kernel in line and f"sm_{arch}" in line for line in report.splitlines()), \
                 f"{kernel} for sm_{arch} is missing from the ptxas report"
 
@@ -331,11 +331,12 @@ def _has(opcodes, *prefixes) -> bool:
     return any(op.split(".")[0] in prefixes for op in opcodes)
 
 
-@pytest.mark.parametrize("family", ["tile_gemm_kernel", "patch_attention_kernel"])
+@pytest.mark.parametrize("family", ["tile_gemm_kernel", "mv2_block_kernel", "patch_attention_kernel"])
 @pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16"])
 def test_fp16_and_bf16_gemms_and_attention_run_on_tensor_cores(sass, family, dtype):
-    """sm_90: every producer of the tile GEMM and every head dim of the attention kernel issues
-    HMMA (WMMA; HGMMA, Hopper's warpgroup MMA, would do too)."""
+    """sm_90: every producer of the tile GEMM, both strides of the one-kernel MV2 block and every
+    head dim of the attention kernel issue HMMA (WMMA, mma.sync; HGMMA, Hopper's warpgroup MMA,
+    would do too)."""
     kernels = _family(sass[SASS_ARCH], family, dtype)
     scalar = sorted(name for name, ops in kernels.items() if not _has(ops, "HMMA", "HGMMA"))
     assert not scalar, f"no tensor-core instruction in {scalar}"
@@ -354,11 +355,13 @@ def test_no_kernel_uses_local_memory(sass, lib):
     assert [line for line, m in zip(report[1:], stacks) if m.group(2) != "0"] == []
 
 
+@pytest.mark.parametrize("family", ["tile_gemm_kernel", "mv2_block_kernel"])
 @pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])
-def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, dtype):
-    """sm_90: every producer of the tile GEMM moves its operands global -> shared with LDGSTS
-    (cp.async) or 128-bit LDG: the weight tile goes in 16-byte chunks (issue 12 item 1)."""
-    kernels = _family(sass[SASS_ARCH], "tile_gemm_kernel", dtype)
+def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, family, dtype):
+    """sm_90: every producer of the tile GEMM (and the one-kernel MV2 block, whose reduce GEMM
+    stages its weights the same way) moves its operands global -> shared with LDGSTS (cp.async)
+    or 128-bit LDG: the weight tile goes in 16-byte chunks (issue 12 item 1)."""
+    kernels = _family(sass[SASS_ARCH], family, dtype)
     narrow = sorted(name for name, ops in kernels.items()
                     if not any(op.startswith("LDGSTS") or (op.startswith("LDG.") and ".128" in op)
                                for op in ops))
