@@ -87,9 +87,10 @@ struct DwconvProducer {
 //      hidden channels of an input channel with one or two 16-byte loads), expansion bias,
 //      depthwise weights and bias go to shared memory;
 //   2. the expansion of the tile's input halo, (kTile - 1) * stride + 3 pixels square (10 x 10 at
-//      stride 1, 17 x 17 at stride 2): h = silu(x @ We^T + be) in fp32 (IEEE FMAs, x read
-//      through its strides, 16 bytes a load where x is channels_last with aligned pixels),
-//      rounded to T into shared memory; halo pixels outside the map hold 0, the depthwise conv's
+//      stride 1, 17 x 17 at stride 2): h = silu(x @ We^T + be), fp16/bf16 on tensor cores
+//      (mma.sync, fp32 accumulators), fp32 with IEEE FMAs (x read through its strides, 16
+//      bytes a load where x is channels_last with aligned pixels), rounded to T into shared
+//      memory; halo pixels outside the map hold 0, the depthwise conv's
 //      zero padding of h (not silu(be)). Meanwhile the reduce weights' tile is staged as the tile
 //      GEMM stages it (16-byte chunks, cp.async on sm_80+, or element by element);
 //   3. the A tile of the reduce GEMM, silu(depthwise3x3(h) + dw_bias) of each output pixel, in
