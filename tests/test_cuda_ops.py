@@ -1022,6 +1022,8 @@ ASAN_CASES.append(f"test_patch_attention_long_sequences[{LONG_SEQUENCE_CASES[1]}
 # the fused out_proj's element paths (d = 36), and its widest heads tile and W tiles (d = 256)
 ASAN_CASES += [f"test_patch_attention_fused_projection[{c}]" for c in FUSED_PROJECTION_CASES
                if c.order == "reverse" and c.shape[0] in (36, 256)]
+# the one-kernel MV2 block at Cin = 192: its widest expansion weights' step in shared memory
+ASAN_CASES.append("test_mv2_block_one_kernel_edges[" + str(Case("emu", *MV2_EDGES[6])) + "]")
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")
