@@ -112,7 +112,7 @@ struct PatchAttentionArgs {
 // transformer_mlp: out = x + silu(norm(x) @ w1^T + b1) @ w2^T + b2.
 struct TransformerMlpArgs {
   Map x, out;       // [B, d, H, W]
-  Map hidden;       // workspace [B, F, H, W]
+  Map hidden;       // workspace [B, F, H, W] where not transformer_mlp_fused (absent there)
   int batch = 0, height = 0, width = 0, dim = 0, ffn_dim = 0;
   Norm norm = Norm::layer;
   const void* norm_weight = nullptr;  // [d]
@@ -174,6 +174,17 @@ constexpr int kMaxHeadDim = 64;
 // its queries in shared memory): every model's (64 .. 240). A larger d with proj_weight writes
 // the heads to PatchAttentionArgs::heads_out and runs the out_proj as a second launch.
 constexpr int kMaxFusedProjectionDim = 256;
+
+// transformer_mlp runs in one launch (a block keeps its pixels' hidden tile in shared memory;
+// csrc/transformer_mlp.cu) where d <= fused_mlp_max_dim and F <= 2 fused_mlp_max_dim of the
+// dtype: fp16/bf16 d 256, F 512 (every model's FFN), fp32 d 128, F 256 (the fp32 tile is twice
+// as wide). Elsewhere it is two launches through the TransformerMlpArgs::hidden workspace, which
+// ops.cpp allocates only then. The one place that decides.
+constexpr int fused_mlp_max_dim(DType dtype) { return dtype == DType::f32 ? 128 : 256; }
+constexpr bool transformer_mlp_fused(DType dtype, int64_t dim, int64_t ffn_dim) {
+  return dim >= 1 && ffn_dim >= 1 && dim <= fused_mlp_max_dim(dtype) &&
+         ffn_dim <= 2 * fused_mlp_max_dim(dtype);
+}
 
 // ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)
 //

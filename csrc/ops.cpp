@@ -580,13 +580,15 @@ TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
   call.b2 = dense(b2);
 
   call.out = empty_map(x, dim, height, width);
-  call.hidden = empty_map(x, ffn_dim, height, width);
+  // The hidden map goes through memory only where the FFN is not one launch (csrc/mvit3.h).
+  if (!transformer_mlp_fused(dtype_of(x), dim, ffn_dim))
+    call.hidden = empty_map(x, ffn_dim, height, width);
   TransformerMlpArgs& args = call.args;
   args.norm = parse_norm(norm);
   if (args.norm == Norm::group) call.stats = empty_fp32(x, {batch, 2});
   args.x = map_of(x);
   args.out = map_of(call.out);
-  args.hidden = map_of(call.hidden);
+  if (call.hidden.defined()) args.hidden = map_of(call.hidden);
   args.batch = as_int(batch);
   args.height = as_int(height);
   args.width = as_int(width);

@@ -1,16 +1,527 @@
 // transformer_mlp: the pre-norm FFN sub-layer with its residual,
 //   out = x + silu(norm(x) @ w1^T + b1) @ w2^T + b2,
-// norm "layer" (v1-style) or "group" (v2-style). Semantics: mvit3.ops.reference.transformer_mlp.
+// norm "layer" (v1-style), "group" (v2-style) or "none". Semantics:
+// mvit3.ops.reference.transformer_mlp.
 //
-// Two tile GEMMs through pointwise_conv: the first has the norm as its prologue and SiLU as its
-// epilogue and writes the hidden map [B, F, H, W] (a workspace in the I/O dtype); the second
-// adds b2 and the residual x. Keeping the hidden tile on chip instead would need F = 2d (up to
-// 512) channels of 64 pixels in shared memory, more than sm_75 offers.
-#include "mvit3.h"
+// One launch (fused_mlp_kernel; "group" first runs group_norm_stats) where the block's hidden
+// tile fits the 48 KB of static shared memory: d <= kMaxDim and F <= kMaxFfn of FusedMlpTiles
+// (fp16/bf16: d 256, F 512, every model's FFN; fp32: d 128, F 256), decided by
+// transformer_mlp_fused (mvit3.h), which ops.cpp asks too (it allocates the hidden workspace
+// only for the other path). A block owns kRows = 16 pixels and runs both GEMMs for them:
+//   1. the [16][d] x rows go to the A tile (the I/O type: raw x is exact there), then each
+//      pixel's LayerNorm statistics are taken from it (8 threads a pixel, two passes: mean,
+//      then centred squares) or its sample's GroupNorm statistics read, and the tile is
+//      normalised in place (fp32 math, rounded to the I/O type as the tile GEMM's A tile is);
+//   2. hidden = silu(A @ w1^T + b1) in chunks of 128 of F, each warp 32 of them: the hidden
+//      tile [16][F] stays in shared memory, in the I/O type (as the hidden map of the two
+//      launches was; fp32 for fp32);
+//   3. out = hidden @ w2^T + b2 + x in chunks of 128 of d, each warp 32: the accumulators go
+//      through the warp's [16][32] fp32 rows (in the A tile's memory, free by then), so that a
+//      lane takes 16 bytes of a pixel's channels: b2, a 16-byte load of x and one 16-byte store
+//      where d is whole chunks and x and out are channel-fastest with aligned pixels; element
+//      by element otherwise.
+// The four warps share the 16 rows and split the output columns, so no W element is used by
+// two warps: each warp stages its own W tiles (32 output channels x kK of K, along W's
+// unit-stride dimension: k-fastest for a row-major W, n-fastest for the fast models' K-major
+// packing) in two stages of its own and synchronises with __syncwarp alone; one __syncthreads
+// after the A tile, one between the two GEMMs. W tiles move by 16-byte chunks where W's
+// unit-stride dimension has stride 1 and its base and other stride are 16-byte aligned: cp.async
+// on sm_80+ (the next step's chunks in flight while the current step computes; a chunk cut by
+// the end of a line reads only the line and zero-fills the rest), 16-byte loads into registers
+// stored after the math on sm_75 (gemm::ChunkCopy); element by element otherwise. Math:
+// fp16/bf16 mma.sync m16n8k16 (fp32 accumulators), A (or hidden) by ldmatrix, W by ldmatrix
+// (.trans for the n-fastest tile); fp32 SIMT IEEE FMAs, a lane per output column (no TF32).
+//
+// Elsewhere (fp32 with d > 128 or F > 256: v1-style d 144 .. 240; any d > 256 or F > 512) it is
+// two tile GEMMs through pointwise_conv: the first has the norm as its prologue and SiLU as its
+// epilogue and writes the hidden map [B, F, H, W] (the workspace TransformerMlpArgs::hidden, in
+// the I/O dtype); the second adds b2 and the residual x.
+#include "tile_gemm.cuh"
 
 namespace mvit3 {
+namespace {
+
+constexpr int kRows = 16;                    // pixels a block
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kWarpN = 32;                   // output channels of a warp per chunk
+constexpr int kChunkN = kWarps * kWarpN;     // output channels of the block per chunk
+constexpr int kNormLanes = kThreads / kRows;  // threads per pixel for the norm
+
+template <class T>
+struct FusedMlpTiles {
+  static constexpr bool kMma = !std::is_same_v<T, float>;
+  static constexpr int kChunk = 16 / int(sizeof(T));  // elements in 16 bytes
+  static constexpr int kMaxDim = fused_mlp_max_dim(kMma ? DType::f16 : DType::f32);
+  static constexpr int kMaxFfn = 2 * kMaxDim;
+  static constexpr int kK = kMma ? 32 : 16;  // K of a W tile (a step)
+  // Rows padded by one chunk: 16-bit rows are then an odd number of 16-byte units (ldmatrix
+  // without bank conflicts), fp32 rows stay 16-byte aligned (float4 reads).
+  static constexpr int kLdA = kMaxDim + kChunk;
+  static constexpr int kLdH = kMaxFfn + kChunk;
+  static constexpr int kLdK = kK + kChunk;      // k-fastest W tile [kWarpN][kLdK]
+  static constexpr int kLdN = kWarpN + kChunk;  // n-fastest W tile [kK][kLdN]
+  static constexpr int kTileElems = std::max(kWarpN * kLdK, kK * kLdN);
+  static constexpr int kLdOut = kWarpN + 4;     // a warp's fp32 output rows [kRows][kLdOut]
+  static constexpr int kHiddenBytes = kRows * kLdH * int(sizeof(T));
+  static constexpr int kABytes = std::max(kRows * kLdA * int(sizeof(T)),
+                                          kWarps * kRows * kLdOut * int(sizeof(float)));
+  static constexpr int kWBytes = kWarps * 2 * kTileElems * int(sizeof(T));
+  // 16-byte chunks of a W tile per lane (one step of the warp).
+  static constexpr int kCopies = kWarpN * kK / kChunk / 32;
+  static_assert(kCopies * 32 * kChunk == kWarpN * kK, "whole chunks per lane");
+  static_assert(kMaxDim % kK == 0 && kMaxFfn % kWarpN == 0 && kMaxFfn % kK == 0,
+                "padded K of either GEMM stays inside the tiles");
+  static_assert((kTileElems * int(sizeof(T))) % 16 == 0 && (kLdA * int(sizeof(T))) % 16 == 0 &&
+                    (kLdH * int(sizeof(T))) % 16 == 0,
+                "rows and tiles 16-byte aligned");
+};
+
+// What a block knows of each of its pixels.
+struct Pixel {
+  int64_t x_offset;  // of the pixel's channel 0 in x
+  int b;             // sample; -1 past the last pixel
+  int y, x;
+};
+
+// A weight with its staging decisions (the host's).
+struct Weight {
+  Matrix m;
+  bool n_fastest;  // only the output dimension (rows of W) is unit-stride: tile [k][n]
+  bool chunked;    // its unit-stride dimension moves by 16-byte chunks
+};
+
+struct FusedMlpArgs {
+  Map x, out;
+  int batch, height, width, dim, ffn;
+  Norm norm;
+  const void* norm_weight;
+  const void* norm_bias;
+  float eps;
+  const float* group_stats;
+  Weight w1, w2;
+  const void* b1;
+  const void* b2;
+  bool x_chunked;    // x channels_last with aligned pixels and d whole chunks (A and residual)
+  bool out_chunked;  // and out too: 16-byte output stores
+  int64_t first_block;
+};
+
+template <class T>
+MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
+  using Tile = FusedMlpTiles<T>;
+  constexpr int kChunk = Tile::kChunk, kK = Tile::kK, kLdA = Tile::kLdA, kLdH = Tile::kLdH;
+  constexpr int kLdK = Tile::kLdK, kLdN = Tile::kLdN, kLdOut = Tile::kLdOut;
+  MVIT3_SHARED_ALIGNED(T[kRows * kLdH], hidden, 16);
+  // The A tile, then (in the second GEMM) the warps' fp32 output rows.
+  MVIT3_SHARED_ALIGNED(unsigned char[Tile::kABytes], a_region, 16);
+  MVIT3_SHARED_ALIGNED(T[Tile::kWBytes / int(sizeof(T))], w_tiles, 16);
+  MVIT3_SHARED(Pixel[kRows], pixels);
+  T* const a_tile = reinterpret_cast<T*>(a_region);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int dim = args.dim, ffn = args.ffn;
+  const int hw = args.height * args.width;
+  const int64_t pixel_count = int64_t(args.batch) * hw;
+  const int64_t m0 = (args.first_block + blockIdx.x) * kRows;
+  const T* x = static_cast<const T*>(args.x.data);
+
+  // ---- the warp's steps: W tiles of the first GEMM (its chunks of F), then of the second
+  // (its chunks of d); a chunk takes k_steps of kK
+  const int k1_steps = (dim + kK - 1) / kK, k2_steps = (ffn + kK - 1) / kK;
+  auto warp_chunks = [&](int n) {  // chunks c with c * kChunkN + kWarpN * warp < n
+    const int left = n - kWarpN * warp;
+    return left > 0 ? (left + kChunkN - 1) / kChunkN : 0;
+  };
+  const int steps1 = warp_chunks(ffn) * k1_steps;
+  const int steps = steps1 + warp_chunks(dim) * k2_steps;
+  struct Where {
+    int gemm, n0, k0, k_step;
+  };
+  auto where = [&](int s) {
+    Where w;
+    w.gemm = s < steps1 ? 0 : 1;
+    const int t = w.gemm == 0 ? s : s - steps1;
+    const int k_steps = w.gemm == 0 ? k1_steps : k2_steps;
+    w.k_step = t % k_steps;
+    w.n0 = t / k_steps * kChunkN + kWarpN * warp;
+    w.k0 = w.k_step * kK;
+    return w;
+  };
+  auto tile_of = [&](int s) { return w_tiles + (2 * warp + s % 2) * Tile::kTileElems; };
+
+  // W tile of step s: kWarpN output channels from n0, kK of K from k0; 0 past N or K.
+  gemm::ChunkCopy copies[Tile::kCopies];
+  auto fetch = [&](int s) {  // by chunks (args.wN.chunked)
+    const Where at = where(s);
+    const Weight& w = at.gemm == 0 ? args.w1 : args.w2;
+    const int n_size = at.gemm == 0 ? ffn : dim, k_size = at.gemm == 0 ? dim : ffn;
+    const T* weight = static_cast<const T*>(w.m.data);
+    const int per_line = (w.n_fastest ? kWarpN : kK) / kChunk;
+    const int lines = w.n_fastest ? k_size : n_size, length = w.n_fastest ? n_size : k_size;
+    const int line0 = w.n_fastest ? at.k0 : at.n0, along0 = w.n_fastest ? at.n0 : at.k0;
+    const int64_t line_stride = w.n_fastest ? w.m.stride_col : w.m.stride_row;
+    T* tile = tile_of(s);
+    MVIT3_UNROLL
+    for (int i = 0; i < Tile::kCopies; ++i) {
+      const int e = lane + 32 * i, l = e / per_line, a = e % per_line * kChunk;
+      const int left = line0 + l < lines ? length - (along0 + a) : 0;
+      const int count = left < 0 ? 0 : left < kChunk ? left : kChunk;
+      const T* src = count > 0 ? weight + (line0 + l) * line_stride + along0 + a : weight;
+      copies[i].fetch(tile + l * (w.n_fastest ? kLdN : kLdK) + a, src, count * int(sizeof(T)));
+    }
+  };
+  auto land = [&] {
+    MVIT3_UNROLL
+    for (int i = 0; i < Tile::kCopies; ++i) copies[i].land();
+  };
+  auto stage_elements = [&](int s) {  // element by element, through the strides
+    const Where at = where(s);
+    const Weight& w = at.gemm == 0 ? args.w1 : args.w2;
+    const int n_size = at.gemm == 0 ? ffn : dim, k_size = at.gemm == 0 ? dim : ffn;
+    const T* weight = static_cast<const T*>(w.m.data);
+    const bool k_contiguous = w.m.stride_col == 1;
+    T* tile = tile_of(s);
+    for (int e = lane; e < kWarpN * kK; e += 32) {
+      const int n = k_contiguous ? e / kK : e % kWarpN, k = k_contiguous ? e % kK : e / kWarpN;
+      const int o = at.n0 + n, kk = at.k0 + k;
+      tile[w.n_fastest ? k * kLdN + n : n * kLdK + k] =
+          o < n_size && kk < k_size ? weight[o * w.m.stride_row + kk * w.m.stride_col]
+                                    : from_float<T>(0.0f);
+    }
+  };
+  auto chunked = [&](int s) { return (s < steps1 ? args.w1 : args.w2).chunked; };
+
+  // The first W tile is in flight while the A tile is built.
+  if (steps > 0 && chunked(0)) fetch(0);
+
+  // ---- the pixels and the A tile
+  if (tid < kRows) {
+    Pixel p{};
+    p.b = -1;
+    const int64_t m = m0 + tid;
+    if (m < pixel_count) {
+      p.b = int(m / hw);
+      const int rest = int(m % hw);
+      p.y = rest / args.width;
+      p.x = rest % args.width;
+      p.x_offset = map_offset(args.x, p.b, 0, p.y, p.x);
+    }
+    pixels[tid] = p;
+  }
+  __syncthreads();
+  // Raw x, 0 in the columns d .. (d rounded up to kK) - 1 the first GEMM reads and in the rows
+  // past the last pixel.
+  const int a_columns = k1_steps * kK;
+  if (args.x_chunked) {
+    const int per_row = a_columns / kChunk;
+    for (int e = tid; e < kRows * per_row; e += kThreads) {
+      const int r = e / per_row, c = e % per_row * kChunk;
+      const Pixel& p = pixels[r];
+      uint4 bits = make_uint4(0, 0, 0, 0);
+      if (p.b >= 0 && c < dim) bits = *reinterpret_cast<const uint4*>(x + p.x_offset + c);
+      *reinterpret_cast<uint4*>(a_tile + r * kLdA + c) = bits;
+    }
+  } else {
+    const bool channels_fastest = args.x.stride_c == 1;
+    for (int e = tid; e < kRows * a_columns; e += kThreads) {
+      const int r = channels_fastest ? e / a_columns : e % kRows;
+      const int c = channels_fastest ? e % a_columns : e / kRows;
+      const Pixel& p = pixels[r];
+      a_tile[r * kLdA + c] = p.b >= 0 && c < dim ? x[p.x_offset + c * args.x.stride_c]
+                                                 : from_float<T>(0.0f);
+    }
+  }
+  __syncthreads();
+  // Normalise in place: kNormLanes neighbouring threads a pixel (the same warp).
+  {
+    static_assert(kThreads == kNormLanes * kRows && 32 % kNormLanes == 0, "lanes per pixel");
+    const int r = tid / kNormLanes, part = tid % kNormLanes;
+    const Pixel& p = pixels[r];
+    T* row = a_tile + r * kLdA;
+    float mean = 0.0f, rstd = 1.0f;
+    if (args.norm == Norm::layer) {
+      float sum = 0.0f;
+      if (p.b >= 0)
+        for (int c = part; c < dim; c += kNormLanes) sum += to_float(row[c]);
+      MVIT3_UNROLL
+      for (int mask = 1; mask < kNormLanes; mask <<= 1)
+        sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+      mean = sum / float(dim);
+      float squares = 0.0f;
+      if (p.b >= 0)
+        for (int c = part; c < dim; c += kNormLanes) {
+          const float v = to_float(row[c]) - mean;
+          squares += v * v;
+        }
+      MVIT3_UNROLL
+      for (int mask = 1; mask < kNormLanes; mask <<= 1)
+        squares += __shfl_xor_sync(0xffffffffu, squares, mask);
+      rstd = rsqrtf(squares / float(dim) + args.eps);
+    } else if (args.norm == Norm::group && p.b >= 0) {
+      const float* stats = args.group_stats + 2 * int64_t(p.b);  // [B, 2]
+      mean = stats[0];
+      rstd = stats[1];
+    }
+    if (args.norm != Norm::none && p.b >= 0) {
+      const T* weight = static_cast<const T*>(args.norm_weight);
+      const T* bias = static_cast<const T*>(args.norm_bias);
+      for (int c = part; c < dim; c += kNormLanes) {
+        float v = (to_float(row[c]) - mean) * rstd;
+        if (weight) v *= to_float(weight[c]);
+        if (bias) v += to_float(bias[c]);
+        row[c] = from_float<T>(v);
+      }
+    }
+  }
+  if (steps > 0) {
+    if (chunked(0))
+      land();
+    else
+      stage_elements(0);
+  }
+  __syncthreads();  // the A tile and every warp's first W tile are in place
+
+  // ---- the two GEMMs
+  const T* b1 = static_cast<const T*>(args.b1);
+  const T* b2 = static_cast<const T*>(args.b2);
+  T* out = static_cast<T*>(args.out.data);
+  float* out_rows = reinterpret_cast<float*>(a_region) + warp * kRows * kLdOut;
+
+  // The warp's output rows of chunk n0 (in out_rows) + b2 + x, to the output.
+  auto emit = [&](int n0) {
+    __syncwarp();  // the warp's accumulators are in out_rows
+    if (args.out_chunked) {
+      constexpr int kPerRow = kWarpN / kChunk;
+      for (int e = lane; e < kRows * kPerRow; e += 32) {
+        const int r = e / kPerRow, c = e % kPerRow * kChunk, o = n0 + c;
+        const Pixel& p = pixels[r];
+        if (p.b < 0 || o >= dim) continue;  // d is whole chunks: o < d covers the chunk
+        float v[kChunk];
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; i += 4) {
+          const float4 s = *reinterpret_cast<const float4*>(out_rows + r * kLdOut + c + i);
+          v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
+        }
+        T res[kChunk];
+        gemm::load_chunk(res, x + p.x_offset + o);
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; ++i) v[i] += to_float(b2[o + i]) + to_float(res[i]);
+        gemm::store_chunk(out + map_offset(args.out, p.b, o, p.y, p.x), v);
+      }
+    } else {
+      for (int e = lane; e < kRows * kWarpN; e += 32) {
+        const int r = e / kWarpN, c = e % kWarpN, o = n0 + c;
+        const Pixel& p = pixels[r];
+        if (p.b < 0 || o >= dim) continue;
+        const float v = out_rows[r * kLdOut + c] + to_float(b2[o]) +
+                        to_float(x[p.x_offset + o * args.x.stride_c]);
+        out[map_offset(args.out, p.b, o, p.y, p.x)] = from_float<T>(v);
+      }
+    }
+    __syncwarp();  // read before the next chunk's accumulators overwrite them
+  };
+
+  // One step: the math of step s on its W tile (staged), step s + 1's tile in flight.
+  if constexpr (Tile::kMma) {
+    float acc[kWarpN / 8][4];
+    auto step = [&](int s) {
+      const Where at = where(s);
+      const bool more = s + 1 < steps;
+      if (more && chunked(s + 1)) fetch(s + 1);
+      if (at.k_step == 0) {
+        MVIT3_UNROLL
+        for (int j = 0; j < kWarpN / 8; ++j)
+          MVIT3_UNROLL
+          for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+      }
+      const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
+      const T* tile = tile_of(s);
+      const T* a_row = at.gemm == 0 ? a_tile + (lane % 16) * kLdA : hidden + (lane % 16) * kLdH;
+      a_row += at.k0 + 8 * (lane / 16);
+      MVIT3_UNROLL
+      for (int ks = 0; ks < kK / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix<4>(a, a_row + 16 * ks);
+        MVIT3_UNROLL
+        for (int np = 0; np < kWarpN / 16; ++np) {
+          // b of n8 tiles 2 np (regs 0, 1) and 2 np + 1 (regs 2, 3): of [k][n] rows with
+          // .trans, or of [n][k] rows
+          uint32_t b[4];
+          if (n_fastest)
+            ldmatrix<4, true>(b, tile + (16 * ks + lane % 16) * kLdN + 16 * np + 8 * (lane / 16));
+          else
+            ldmatrix<4>(b, tile + (16 * np + lane % 8 + 8 * (lane / 16)) * kLdK + 16 * ks +
+                               8 * (lane / 8 % 2));
+          const uint32_t b0[2] = {b[0], b[1]}, b1_[2] = {b[2], b[3]};
+          mma_m16n8k16<T>(acc[2 * np], a, b0, acc[2 * np]);
+          mma_m16n8k16<T>(acc[2 * np + 1], a, b1_, acc[2 * np + 1]);
+        }
+      }
+      const int g = lane / 4, t = lane % 4;
+      if (at.gemm == 0 && at.k_step == k1_steps - 1) {
+        // hidden = silu(acc + b1), 0 past F (the second GEMM's padded K reads it)
+        MVIT3_UNROLL
+        for (int j = 0; j < kWarpN / 8; ++j) {
+          const int n = at.n0 + 8 * j + 2 * t;
+          const float bias0 = n < ffn ? to_float(b1[n]) : 0.0f;
+          const float bias1 = n + 1 < ffn ? to_float(b1[n + 1]) : 0.0f;
+          MVIT3_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            const float v0 = n < ffn ? silu(acc[j][2 * half] + bias0) : 0.0f;
+            const float v1 = n + 1 < ffn ? silu(acc[j][2 * half + 1] + bias1) : 0.0f;
+            *reinterpret_cast<uint32_t*>(hidden + (g + 8 * half) * kLdH + n) =
+                pack_pair<T>(v0, v1);
+          }
+        }
+      } else if (at.gemm == 1 && at.k_step == k2_steps - 1) {
+        MVIT3_UNROLL
+        for (int j = 0; j < kWarpN / 8; ++j)
+          MVIT3_UNROLL
+          for (int i = 0; i < 4; ++i)
+            out_rows[(g + 8 * (i / 2)) * kLdOut + 8 * j + 2 * t + i % 2] = acc[j][i];
+        emit(at.n0);
+      }
+      if (more) {
+        if (chunked(s + 1))
+          land();
+        else
+          stage_elements(s + 1);
+      }
+      __syncwarp();  // step s + 1's tile is the warp's; step s's may be rewritten
+    };
+    int s = 0;
+    for (; s < steps1; ++s) step(s);
+    __syncthreads();  // every hidden column is written, the A tile is free for out_rows
+    for (; s < steps; ++s) step(s);
+  } else {
+    float acc[kRows];  // column n0 + lane of the warp's chunk
+    auto step = [&](int s) {
+      const Where at = where(s);
+      const bool more = s + 1 < steps;
+      if (more && chunked(s + 1)) fetch(s + 1);
+      if (at.k_step == 0) {
+        MVIT3_UNROLL
+        for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+      }
+      const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
+      const T* tile = tile_of(s);
+      const T* rows = at.gemm == 0 ? a_tile : hidden;
+      const int ld = at.gemm == 0 ? kLdA : kLdH;
+      rows += at.k0;
+      MVIT3_UNROLL
+      for (int k = 0; k < kK; k += 4) {
+        float4 w;
+        if (n_fastest) {
+          const T* column = tile + k * kLdN + lane;
+          w = float4{column[0], column[kLdN], column[2 * kLdN], column[3 * kLdN]};
+        } else {
+          w = *reinterpret_cast<const float4*>(tile + lane * kLdK + k);
+        }
+        MVIT3_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const float4 h = *reinterpret_cast<const float4*>(rows + r * ld + k);
+          acc[r] = fmaf(h.x, w.x, acc[r]);
+          acc[r] = fmaf(h.y, w.y, acc[r]);
+          acc[r] = fmaf(h.z, w.z, acc[r]);
+          acc[r] = fmaf(h.w, w.w, acc[r]);
+        }
+      }
+      const int n = at.n0 + lane;
+      if (at.gemm == 0 && at.k_step == k1_steps - 1) {
+        const float bias = n < ffn ? to_float(b1[n]) : 0.0f;
+        MVIT3_UNROLL
+        for (int r = 0; r < kRows; ++r)
+          hidden[r * kLdH + n] = n < ffn ? silu(acc[r] + bias) : 0.0f;
+      } else if (at.gemm == 1 && at.k_step == k2_steps - 1) {
+        MVIT3_UNROLL
+        for (int r = 0; r < kRows; ++r) out_rows[r * kLdOut + lane] = acc[r];
+        emit(at.n0);
+      }
+      if (more) {
+        if (chunked(s + 1))
+          land();
+        else
+          stage_elements(s + 1);
+      }
+      __syncwarp();  // step s + 1's tile is the warp's; step s's may be rewritten
+    };
+    int s = 0;
+    for (; s < steps1; ++s) step(s);
+    __syncthreads();  // every hidden column is written, the A tile is free for out_rows
+    for (; s < steps; ++s) step(s);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) fused_mlp_kernel(FusedMlpArgs args) {
+  if constexpr (arch_supports<T>()) fused_mlp_body<T>(args);
+}
+
+// The staging decisions of a weight (see the top of the file).
+template <class T>
+Weight weight_of(const Matrix& m) {
+  Weight w;
+  w.m = m;
+  w.n_fastest = m.stride_row == 1 && m.stride_col != 1;
+  const int64_t line_stride = w.n_fastest ? m.stride_col : m.stride_row;
+  w.chunked = (w.n_fastest || m.stride_col == 1) && reinterpret_cast<uintptr_t>(m.data) % 16 == 0 &&
+              (line_stride * int64_t(sizeof(T))) % 16 == 0;
+  return w;
+}
+
+template <class T>
+void fused_mlp(const TransformerMlpArgs& args, Stream stream) {
+  using Tile = FusedMlpTiles<T>;
+  static_assert(Tile::kHiddenBytes + Tile::kABytes + Tile::kWBytes + kRows * int(sizeof(Pixel)) <=
+                    48 * 1024,
+                "a block's tiles fit the static shared memory");
+  FusedMlpArgs f;
+  f.x = args.x;
+  f.out = args.out;
+  f.batch = args.batch;
+  f.height = args.height;
+  f.width = args.width;
+  f.dim = args.dim;
+  f.ffn = args.ffn_dim;
+  f.norm = args.norm;
+  f.norm_weight = args.norm_weight;
+  f.norm_bias = args.norm_bias;
+  f.eps = args.eps;
+  f.group_stats = args.group_stats;
+  f.w1 = weight_of<T>(args.w1);
+  f.w2 = weight_of<T>(args.w2);
+  f.b1 = args.b1;
+  f.b2 = args.b2;
+  f.x_chunked = gemm::chunked_rows<T>(args.x) && args.dim % Tile::kChunk == 0;
+  f.out_chunked = f.x_chunked && gemm::chunked_rows<T>(args.out);
+  const int64_t pixels = int64_t(args.batch) * args.height * args.width;
+  launch_chunks(ceil_div(pixels, kRows), 1, [&](int64_t first, int64_t count) {
+    f.first_block = first;
+    launch(&fused_mlp_kernel<T>, grid_of(count), dim3(kThreads), stream, f);
+  });
+}
+
+}  // namespace
 
 void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream) {
+  if (args.batch == 0 || args.height == 0 || args.width == 0 || args.dim == 0) return;
+  if (transformer_mlp_fused(dtype, args.dim, args.ffn_dim)) {
+    if (args.norm == Norm::group) {
+      GroupNormStatsArgs stats;
+      stats.x = args.x;
+      stats.batch = args.batch;
+      stats.channels = args.dim;
+      stats.height = args.height;
+      stats.width = args.width;
+      stats.eps = args.eps;
+      stats.stats = args.group_stats;
+      group_norm_stats(stats, dtype, stream);
+    }
+    dispatch_dtype(dtype, [&](auto tag) { fused_mlp<typename decltype(tag)::type>(args, stream); });
+    return;
+  }
+
   PointwiseConvArgs expand;
   expand.x = args.x;
   expand.out = args.hidden;

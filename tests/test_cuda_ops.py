@@ -579,6 +579,55 @@ def test_transformer_mlp(kernels, case):
     check(kernels, "transformer_mlp", args, case.dtype)
 
 
+# The one-launch FFN (csrc/transformer_mlp.cu, fused_mlp_kernel) off the models' shapes: d not
+# a multiple of 8 (no 16-byte chunk of x, the output or w1's rows: element paths; w2's rows of
+# F = 72 are chunks cut at the row's end), F odd (the hidden pairs' last column) with warps that
+# own no chunk of F or d, the v3-XS 120/240 shape with GroupNorm, the largest fused tiles (fp32
+# d 128 / F 256, fp16/bf16 d 256 / F 512) and past them (fp32 from d 144, 16-bit at d 264: the
+# two launches through the hidden workspace), norms layer/group/none, batch 1 and 3 on odd and
+# even maps (9 x 9 x 3 = 243 pixels: 16 blocks, launched in chunks by the emulator's 8-block
+# grid), NCHW, channels_last and slices. Weights are views of buffers full of NaN (padded
+# rows, K-major with padded columns, every other column: no unit stride), so a W tile read
+# past F or d shows. (d, F, norm, w1 view, w2 view)
+FUSED_MLP = [(36, 72, "layer", "rows", "strided"), (20, 37, "none", "strided", "kmajor"),
+             (120, 240, "group", "kmajor", "kmajor"), (128, 256, "layer", "kmajor", "rows"),
+             (256, 512, "group", "rows", "kmajor"), (144, 288, "layer", "rows", "kmajor"),
+             (264, 528, "layer", "kmajor", "rows")]
+FUSED_MLP_CASES = [
+    Case("emu", shape, dtype, layout, batch, size, order)
+    for i, (shape, dtype) in enumerate(itertools.product(FUSED_MLP, DTYPES))
+    for layout, batch, size, order in [(LAYOUTS[i % 3], (1, 3)[i % 2],
+                                        ((5, 7), (9, 9), (4, 6))[i % 3], ORDERS[i % 3])]]
+FUSED_MLP_CASES += [Case("emu", (256, 512, "layer", "kmajor", "kmajor"), dtype, "channels_last",
+                         3, (3, 3), "reverse") for dtype in (torch.float16, torch.bfloat16)]
+
+
+def _nan_view(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """A view with the values of w [rows, cols] into a buffer full of NaN."""
+    rows, cols = w.shape
+    if kind == "rows":
+        buf = torch.full((rows, cols + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :cols] = w
+        return buf[:, :cols]
+    if kind == "kmajor":
+        buf = torch.full((cols, rows + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :rows] = w.t()
+        return buf[:, :rows].t()
+    buf = torch.full((rows, 2 * cols), float("nan"), dtype=w.dtype, device=w.device)
+    buf[:, ::2] = w
+    return buf[:, ::2]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in FUSED_MLP_CASES])
+def test_transformer_mlp_fused(kernels, case):
+    d, ffn, norm, w1_kind, w2_kind = case.shape
+    t = Inputs(case)
+    args = (t.map(d, layout=case.layout), norm, t.vector(d, mean=1.0), t.vector(d), 1e-5,
+            _nan_view(t.weight(ffn, d), w1_kind), t.vector(ffn),
+            _nan_view(t.weight(d, ffn), w2_kind), t.vector(d))
+    check(kernels, "transformer_mlp", args, case.dtype)
+
+
 @pytest.mark.parametrize("case", cases(MLP_PROJECT, EMU_SIZES[:1] + EMU_EVEN_SIZES, GPU_SIZES))
 def test_transformer_mlp_project(kernels, case):
     d, ffn, cout, act = case.shape
