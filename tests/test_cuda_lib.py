@@ -99,7 +99,7 @@ def test_ptxas_reports_no_register_spills(lib):
     assert "SPILLS" not in report, report
     for arch in lib["info"]["archs"]:
         for kernel in ("tile_gemm_kernel", "mv2_block_kernel", "patch_attention_kernel",
-                       "context_kernel", "group_norm_stats_kernel"):
+                       "fused_mlp_kernel", "context_kernel", "group_norm_stats_kernel"):
             assert any(kernel in line and f"sm_{arch}" in line for line in report.splitlines()), \
                 f"{kernel} for sm_{arch} is missing from the ptxas report"
 
@@ -322,7 +322,8 @@ def sass(lib) -> dict:
 
 def _family(kernels: dict, family: str, dtype: str) -> dict:
     """The kernels of one template (tile_gemm_kernel, ...) for one element type (__half, ...)."""
-    found = {name: ops for name, ops in kernels.items() if name.startswith(f"{family}<{dtype},")}
+    found = {name: ops for name, ops in kernels.items()
+             if name.startswith(f"{family}<{dtype},") or name == f"{family}<{dtype}>"}
     assert found, f"no {family}<{dtype}, ...> in the sm_{SASS_ARCH} code: {sorted(kernels)}"
     return found
 
@@ -331,12 +332,13 @@ def _has(opcodes, *prefixes) -> bool:
     return any(op.split(".")[0] in prefixes for op in opcodes)
 
 
-@pytest.mark.parametrize("family", ["tile_gemm_kernel", "mv2_block_kernel", "patch_attention_kernel"])
+@pytest.mark.parametrize("family", ["tile_gemm_kernel", "mv2_block_kernel", "patch_attention_kernel",
+                                    "fused_mlp_kernel"])
 @pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16"])
 def test_fp16_and_bf16_gemms_and_attention_run_on_tensor_cores(sass, family, dtype):
-    """sm_90: every producer of the tile GEMM, both strides of the one-kernel MV2 block and every
-    head dim of the attention kernel issue HMMA (WMMA, mma.sync; HGMMA, Hopper's warpgroup MMA,
-    would do too)."""
+    """sm_90: every producer of the tile GEMM, both strides of the one-kernel MV2 block, every
+    head dim of the attention kernel and the one-launch FFN issue HMMA (WMMA or mma.sync;
+    HGMMA, Hopper's warpgroup MMA, would do too)."""
     kernels = _family(sass[SASS_ARCH], family, dtype)
     scalar = sorted(name for name, ops in kernels.items() if not _has(ops, "HMMA", "HGMMA"))
     assert not scalar, f"no tensor-core instruction in {scalar}"
@@ -366,6 +368,17 @@ def test_gemm_kernels_load_with_ldgsts_or_128_bit_ldg(sass, family, dtype):
                     if not any(op.startswith("LDGSTS") or (op.startswith("LDG.") and ".128" in op)
                                for op in ops))
     assert not narrow, f"neither LDGSTS nor LDG.128 in {narrow}"
+
+
+@pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])
+def test_fused_mlp_kernels_load_with_ldgsts_and_128_bit_ldg(sass, dtype):
+    """sm_90: the one-launch FFN stages its weight tiles with LDGSTS (cp.async) and reads its x
+    rows (the A tile and the residual) with 128-bit LDG."""
+    kernels = _family(sass[SASS_ARCH], "fused_mlp_kernel", dtype)
+    narrow = sorted(name for name, ops in kernels.items()
+                    if not (_has(ops, "LDGSTS")
+                            and any(op.startswith("LDG.") and ".128" in op for op in ops)))
+    assert not narrow, f"no LDGSTS or no LDG.128 in {narrow}"
 
 
 @pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16", "float"])

@@ -1073,6 +1073,10 @@ ASAN_CASES += [f"test_patch_attention_fused_projection[{c}]" for c in FUSED_PROJ
                if c.order == "reverse" and c.shape[0] in (36, 256)]
 # the one-kernel MV2 block at Cin = 192: its widest expansion weights' step in shared memory
 ASAN_CASES.append("test_mv2_block_one_kernel_edges[" + str(Case("emu", *MV2_EDGES[6])) + "]")
+# the one-launch FFN's element paths (d = 36) and its largest tiles (d = 256, F = 512)
+ASAN_CASES += [f"test_transformer_mlp_fused[{c}]" for c in FUSED_MLP_CASES
+               if c.order == "reverse"
+               and (c.shape[0] == 36 or c.size == (3, 3) and c.dtype == torch.float16)]
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")

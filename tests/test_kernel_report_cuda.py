@@ -82,6 +82,13 @@ def test_rows_are_the_launches_of_the_forward(xs_rows, monkeypatch):
     for row in attention:
         assert re.fullmatch(r"patch_attention_kernel<__half, \d+, \d, (128|256)>", row.kernel)
         assert row.grid[1:] == (1, 1)
+    # every FFN (d <= 256, F <= 512 in fp16) is one launch of 16-pixel blocks, and
+    # transformer_mlp_project adds its projection's tile GEMM
+    ffn = [row for row in launch_rows if row.op == "transformer_mlp_project"]
+    assert [row.kernel for row in ffn] == [
+        "fused_mlp_kernel<__half>", "tile_gemm_kernel<__half, PointwiseProducer<__half> >"] * 9
+    for row in ffn[::2]:
+        assert row.launch.block == (128, 1, 1) and row.grid[1:] == (1, 1)
 
 
 def test_batch_100_takes_the_gpu_grid(library):
