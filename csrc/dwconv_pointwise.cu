@@ -177,7 +177,7 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
   using Math = std::conditional_t<Gemm::kTensorCores, gemm::WmmaMath<T>, gemm::SimtMath>;
   constexpr int kBlockK = Tiles::kBlockK, kHalo = Tiles::kHalo, kLdH = Tiles::kLdH;
   constexpr int kHaloPixels = Tiles::kHaloPixels, kGroups = Tiles::kGroups;
-  constexpr int kLdA = Gemm::kLdA, kLdBn = Gemm::kLdBn, kLdC = Gemm::kLdC, kChunk = Gemm::kChunk;
+  constexpr int kLdA = Gemm::kLdA, kChunk = Gemm::kChunk;
   constexpr int kBlockM = gemm::kBlockM, kBlockN = gemm::kBlockN, kThreads = gemm::kThreads;
   MVIT3_SHARED_ALIGNED(unsigned char[Tiles::kHaloBytes], halo_bytes, 32);
   MVIT3_SHARED_ALIGNED(T[Gemm::kAElems], a_tile, 32);
@@ -202,41 +202,8 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
   const T* bias = static_cast<const T*>(p.ep.bias);
   if (tid < kBlockN) bias_tile[tid] = bias && n0 + tid < p.cout ? to_float(bias[n0 + tid]) : 0.0f;
 
-  // The reduce weights' B tile, staged as tile_gemm_body stages it: k-fastest b[n * kLdA + k]
-  // unless only Cout is unit-stride (n-fastest b[k * kLdBn + n]); one 16-byte chunk a thread
-  // where the unit-stride dimension, the base and the other stride allow, else element by element.
-  const T* weight = static_cast<const T*>(p.weight.data);
-  const bool b_n_fastest = p.weight.stride_row == 1 && p.weight.stride_col != 1;
-  const int64_t line_stride = b_n_fastest ? p.weight.stride_col : p.weight.stride_row;
-  const bool b_chunked = (b_n_fastest || p.weight.stride_col == 1) &&
-                         reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
-                         (line_stride * int64_t(sizeof(T))) % 16 == 0;
-  const int chunks_per_line = (b_n_fastest ? kBlockN : kBlockK) / kChunk;
-  const int line = tid / chunks_per_line, first = tid % chunks_per_line * kChunk;
-  const int chunk_offset = b_n_fastest ? line * kLdBn + first : line * kLdA + first;
-  gemm::ChunkCopy copy;
-  auto fetch_b = [&](int k0) {
-    const int line_index = (b_n_fastest ? k0 : n0) + line;
-    const int first_index = (b_n_fastest ? n0 : k0) + first;
-    const int lines = b_n_fastest ? p.channels : p.cout;
-    const int line_length = b_n_fastest ? p.cout : p.channels;
-    const int left = line_index < lines ? line_length - first_index : 0;
-    const int elements = left < 0 ? 0 : left < kChunk ? left : kChunk;
-    const T* src = elements > 0 ? weight + line_index * line_stride + first_index : weight;
-    copy.fetch(b_tile + chunk_offset, src, elements * int(sizeof(T)));
-  };
-  auto stage_b = [&](int k0) {
-    const bool k_contiguous = p.weight.stride_col == 1;
-    for (int e = tid; e < kBlockN * kBlockK; e += kThreads) {
-      const int n = k_contiguous ? e / kBlockK : e % kBlockN;
-      const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
-      const int o = n0 + n, k = k0 + kk;
-      b_tile[b_n_fastest ? kk * kLdBn + n : n * kLdA + kk] =
-          (o < p.cout && k < p.channels)
-              ? weight[o * p.weight.stride_row + k * p.weight.stride_col]
-              : from_float<T>(0.0f);
-    }
-  };
+  // The reduce weights' B tile, staged as tile_gemm_body stages it (WeightStager).
+  gemm::WeightStager<T> weights(p.weight, n0, p.cout, p.channels);
 
   // Step 1: the chunk's expansion weights (transposed to [ci][kk]; along their unit-stride
   // dimension), expansion bias, depthwise weights and bias; 0 past the last hidden channel.
@@ -416,68 +383,30 @@ MVIT3_DEVICE void mv2_block_body(const Mv2Params<T>& p, int64_t first_tile, int 
   for (int c0 = 0; c0 < p.channels; c0 += kBlockK) {
     stage_chunk_weights(c0);
     __syncthreads();  // the chunk's weights are in; the previous GEMM step is done with A and B
-    if (b_chunked)
-      fetch_b(c0);
+    if (weights.chunked)
+      weights.fetch(c0, b_tile);
     else
-      stage_b(c0);
+      weights.stage_elements(c0, b_tile);
     if constexpr (Gemm::kTensorCores)
       expand_mma();
     else
       expand_simt();
-    if (b_chunked) copy.land();
+    if (weights.chunked) weights.land();
     __syncthreads();  // h and B are complete
     depthwise();
     __syncthreads();  // A is complete
-    math.step(a_tile, b_tile, b_n_fastest);
+    math.step(a_tile, b_tile, weights.n_fastest);
   }
   math.store(c_tile);  // the halo's last reads were before the last barrier
   __syncthreads();
 
-  // Epilogue (tile_gemm_body's): + bias, + residual, channel-fastest; kChunk channels of a pixel
-  // a thread with 16-byte loads and stores where Cout and the rows allow.
-  const gemm::Epilogue& ep = p.ep;
-  const T* residual = static_cast<const T*>(ep.residual.data);
-  T* out = static_cast<T*>(ep.out.data);
-  auto pixel_of = [&](int r, int& oy, int& ox) {
-    oy = oy0 + r / kTile;
-    ox = ox0 + r % kTile;
-    return oy < p.out_height && ox < p.out_width;
-  };
-  if (p.cout % kChunk == 0 && gemm::chunked_rows<T>(ep.out) &&
-      (!residual || gemm::chunked_rows<T>(ep.residual))) {
-    constexpr int kChunksPerRow = kBlockN / kChunk;
-    for (int e = tid; e < kBlockM * kChunksPerRow; e += kThreads) {
-      const int r = e / kChunksPerRow, n = e % kChunksPerRow * kChunk;
-      const int o = n0 + n;
-      int oy, ox;
-      if (!pixel_of(r, oy, ox) || o >= p.cout) continue;
-      float v[kChunk];
-      MVIT3_UNROLL
-      for (int i = 0; i < kChunk; i += 4) {
-        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
-        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
-      }
-      MVIT3_UNROLL
-      for (int i = 0; i < kChunk; ++i) v[i] += bias_tile[n + i];
-      if (residual) {
-        T res[kChunk];
-        gemm::load_chunk(res, residual + map_offset(ep.residual, b, o, oy, ox));
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
-      }
-      gemm::store_chunk(out + map_offset(ep.out, b, o, oy, ox), v);
-    }
-    return;
-  }
-  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
-    const int r = e / kBlockN, n = e % kBlockN;
-    const int o = n0 + n;
-    int oy, ox;
-    if (!pixel_of(r, oy, ox) || o >= p.cout) continue;
-    float v = c_tile[r * kLdC + n] + bias_tile[n];
-    if (residual) v += to_float(residual[map_offset(ep.residual, b, o, oy, ox)]);
-    out[map_offset(ep.out, b, o, oy, ox)] = from_float<T>(v);
-  }
+  // The epilogue of tile_gemm_body (store_tile): + bias, + residual, channel-fastest.
+  gemm::store_tile<T>(c_tile, bias_tile, p.ep, n0, p.cout, [&](int r, int& sample, int& y, int& x) {
+    sample = b;
+    y = oy0 + r / kTile;
+    x = ox0 + r % kTile;
+    return y < p.out_height && x < p.out_width;
+  });
 }
 
 // minBlocksPerSM 2, as tile_gemm_kernel: at most 128 registers.

@@ -258,15 +258,117 @@ MVIT3_DEVICE void store_chunk(T* dst, const float (&v)[16 / sizeof(T)]) {
   *reinterpret_cast<uint4*>(dst) = bits;
 }
 
+// The B operand of a block's channel tile n0: W [Cout, K] read through its strides, staged per K
+// step along its unit-stride dimension: k-fastest b[n * kLdA + k] unless only Cout is
+// unit-stride (n-fastest b[k * kLdBn + n]). One 16-byte chunk a thread (ChunkCopy: `fetch`
+// before the math of the current stage, `land` after it) where that dimension, the base pointer
+// and the other stride allow (`chunked`), else element by element (`stage_elements`).
+template <class T>
+struct WeightStager {
+  using Tile = Tiles<T>;
+  const T* weight;
+  int64_t stride_row, stride_col, line_stride;
+  int n0, cout, k;
+  bool n_fastest, chunked;
+  int line, first, chunk_offset;  // this thread's chunk: `first` ... of line `line` of the tile
+  ChunkCopy copy;
+
+  MVIT3_DEVICE WeightStager(const Matrix& w, int n0_, int cout_, int k_)
+      : weight(static_cast<const T*>(w.data)), stride_row(w.stride_row), stride_col(w.stride_col),
+        n0(n0_), cout(cout_), k(k_) {
+    n_fastest = stride_row == 1 && stride_col != 1;
+    line_stride = n_fastest ? stride_col : stride_row;
+    chunked = (n_fastest || stride_col == 1) && reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
+              (line_stride * int64_t(sizeof(T))) % 16 == 0;
+    const int chunks_per_line = (n_fastest ? kBlockN : Tile::kBlockK) / Tile::kChunk;
+    line = int(threadIdx.x) / chunks_per_line;
+    first = int(threadIdx.x) % chunks_per_line * Tile::kChunk;
+    chunk_offset = n_fastest ? line * Tile::kLdBn + first : line * Tile::kLdA + first;
+  }
+
+  MVIT3_DEVICE void fetch(int k0, T* tile) {
+    const int line_index = (n_fastest ? k0 : n0) + line;
+    const int first_index = (n_fastest ? n0 : k0) + first;
+    const int lines = n_fastest ? k : cout;
+    const int line_length = n_fastest ? cout : k;
+    const int left = line_index < lines ? line_length - first_index : 0;
+    const int elements = left < 0 ? 0 : left < Tile::kChunk ? left : Tile::kChunk;
+    const T* src = elements > 0 ? weight + line_index * line_stride + first_index : weight;
+    copy.fetch(tile + chunk_offset, src, elements * int(sizeof(T)));
+  }
+
+  MVIT3_DEVICE void land() { copy.land(); }
+
+  MVIT3_DEVICE void stage_elements(int k0, T* tile) const {
+    constexpr int kBlockK = Tile::kBlockK;
+    const bool k_contiguous = stride_col == 1;
+    for (int e = threadIdx.x; e < kBlockN * kBlockK; e += kThreads) {
+      const int n = k_contiguous ? e / kBlockK : e % kBlockN;
+      const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
+      const int o = n0 + n, kg = k0 + kk;
+      tile[n_fastest ? kk * Tile::kLdBn + n : n * Tile::kLdA + kk] =
+          (o < cout && kg < k) ? weight[o * stride_row + kg * stride_col] : from_float<T>(0.0f);
+    }
+  }
+};
+
+// The epilogue of a block's [kBlockM, kBlockN] fp32 result c_tile (rows kLdC apart) for channel
+// tile n0: act(+ bias_tile) + residual, written channel-fastest, which is coalesced for the
+// channels_last outputs. With Cout a multiple of kChunk and channel-fastest 16-byte aligned rows
+// (the outputs ops.cpp allocates, a channels_last residual), each thread takes kChunk channels of
+// a pixel: one offset, 16-byte loads and stores; element by element otherwise.
+// pixel_of(r, b, y, x) gives row r's output pixel, or false for a row past the map.
+template <class T, class PixelOf>
+MVIT3_DEVICE void store_tile(const float* c_tile, const float* bias_tile, const Epilogue& ep,
+                             int n0, int cout, PixelOf pixel_of) {
+  constexpr int kChunk = Tiles<T>::kChunk, kLdC = Tiles<T>::kLdC;
+  const int tid = threadIdx.x;
+  const T* residual = static_cast<const T*>(ep.residual.data);
+  T* out = static_cast<T*>(ep.out.data);
+  if (cout % kChunk == 0 && chunked_rows<T>(ep.out) && (!residual || chunked_rows<T>(ep.residual))) {
+    constexpr int kChunksPerRow = kBlockN / kChunk;
+    for (int e = tid; e < kBlockM * kChunksPerRow; e += kThreads) {
+      const int r = e / kChunksPerRow, n = e % kChunksPerRow * kChunk;
+      const int o = n0 + n;
+      int b, y, x;
+      if (!pixel_of(r, b, y, x) || o >= cout) continue;
+      float v[kChunk];
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; i += 4) {
+        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
+        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
+      }
+      MVIT3_UNROLL
+      for (int i = 0; i < kChunk; ++i) v[i] = apply_act(v[i] + bias_tile[n + i], ep.act);
+      if (residual) {
+        T res[kChunk];
+        load_chunk(res, residual + map_offset(ep.residual, b, o, y, x));
+        MVIT3_UNROLL
+        for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
+      }
+      store_chunk(out + map_offset(ep.out, b, o, y, x), v);
+    }
+    return;
+  }
+  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+    const int r = e / kBlockN, n = e % kBlockN;
+    const int o = n0 + n;
+    int b, y, x;
+    if (!pixel_of(r, b, y, x) || o >= cout) continue;
+    float v = apply_act(c_tile[r * kLdC + n] + bias_tile[n], ep.act);
+    if (residual) v += to_float(residual[map_offset(ep.residual, b, o, y, x)]);
+    out[map_offset(ep.out, b, o, y, x)] = from_float<T>(v);
+  }
+}
+
 // The grid: block x = tile * channel_tiles_x + i and block y = j compute pixel tile
 // first_tile + tile and channel tile j * channel_tiles_x + i (none past the last: that block
 // writes nothing). The channel tiles of a pixel tile are neighbours on axis x, so they run
 // together and share its A operand (producer inputs, LayerNorm statistics) in L1/L2.
 //
 // Staging, per K step into the stage the math does not read: A by the producer (fp32 math,
-// rounded to the operand type), element by element along its unit-stride dimension; B, when
-// its unit-stride dimension (K or Cout) has stride 1 and the base pointer and the other stride
-// are 16-byte aligned, one 16-byte chunk per thread (ChunkCopy), else element by element.
+// rounded to the operand type), element by element along its unit-stride dimension; B by
+// WeightStager (16-byte chunks where W's layout allows). The epilogue is store_tile.
 template <class T, class Producer>
 MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_matrix,
                                  const Epilogue& ep, const Shape& shape, int64_t first_tile,
@@ -274,15 +376,13 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
   using Tile = Tiles<T>;
   using Math = std::conditional_t<Tile::kTensorCores, WmmaMath<T>, SimtMath>;
   using Operand = typename Tile::Operand;
-  constexpr int kBlockK = Tile::kBlockK, kLdA = Tile::kLdA, kLdBn = Tile::kLdBn;
-  constexpr int kLdC = Tile::kLdC, kChunk = Tile::kChunk;
+  constexpr int kBlockK = Tile::kBlockK, kLdA = Tile::kLdA, kChunk = Tile::kChunk;
   MVIT3_SHARED_ALIGNED(unsigned char[Tile::kBytes], tiles, 32);
   MVIT3_SHARED(Row[kBlockM], rows);
   MVIT3_SHARED(float[kBlockN], bias_tile);  // the block's bias values (0 without a bias)
   Operand* const stages = reinterpret_cast<Operand*>(tiles);  // per stage: A tile, then B tile
   float* c_tile = reinterpret_cast<float*>(tiles);             // [kBlockM][kLdC], after the K loop
 
-  const T* weight = static_cast<const T*>(weight_matrix.data);
   const int tid = threadIdx.x;
   const int pixels_per_sample = shape.out_height * shape.out_width;
   const int64_t m0 = (first_tile + blockIdx.x / channel_tiles_x) * kBlockM;
@@ -341,106 +441,38 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
     }
   };
 
-  // B: k-fastest tile b[n * kLdA + k] unless only Cout is unit-stride (b[k * kLdBn + n]).
-  const bool b_n_fastest = weight_matrix.stride_row == 1 && weight_matrix.stride_col != 1;
-  const int64_t line_stride = b_n_fastest ? weight_matrix.stride_col : weight_matrix.stride_row;
-  const bool b_chunked = (b_n_fastest || weight_matrix.stride_col == 1) &&
-                         reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
-                         (line_stride * int64_t(sizeof(T))) % 16 == 0;
-  // This thread's chunk: `first` .. `first` + kChunk - 1 of line `line` (a row n of the
-  // k-fastest tile, a row k of the n-fastest one).
-  const int chunks_per_line = (b_n_fastest ? kBlockN : kBlockK) / kChunk;
-  const int line = tid / chunks_per_line, first = tid % chunks_per_line * kChunk;
-  const int chunk_offset = b_n_fastest ? line * kLdBn + first : line * kLdA + first;
-  ChunkCopy copy;
-  auto fetch_b = [&](int k0, Operand* b_tile) {
-    const int line_index = (b_n_fastest ? k0 : n0) + line;
-    const int first_index = (b_n_fastest ? n0 : k0) + first;
-    const int lines = b_n_fastest ? shape.k : shape.cout;
-    const int line_length = b_n_fastest ? shape.cout : shape.k;
-    const int left = line_index < lines ? line_length - first_index : 0;
-    const int elements = left < 0 ? 0 : left < kChunk ? left : kChunk;
-    const T* src = elements > 0 ? weight + line_index * line_stride + first_index : weight;
-    copy.fetch(b_tile + chunk_offset, src, elements * int(sizeof(T)));
-  };
-  auto stage_b = [&](int k0, Operand* b_tile) {
-    const bool k_contiguous = weight_matrix.stride_col == 1;
-    for (int e = tid; e < kBlockN * kBlockK; e += kThreads) {
-      const int n = k_contiguous ? e / kBlockK : e % kBlockN;
-      const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
-      const int o = n0 + n, k = k0 + kk;
-      b_tile[b_n_fastest ? kk * kLdBn + n : n * kLdA + kk] =
-          (o < shape.cout && k < shape.k)
-              ? weight[o * weight_matrix.stride_row + k * weight_matrix.stride_col]
-              : from_float<Operand>(0.0f);
-    }
-  };
+  WeightStager<T> weights(weight_matrix, n0, shape.cout, shape.k);
   auto a_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems; };
   auto b_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems + Tile::kAElems; };
 
   Math math;
-  if (b_chunked)
-    fetch_b(0, b_tile_of(0));
+  if (weights.chunked)
+    weights.fetch(0, b_tile_of(0));
   else
-    stage_b(0, b_tile_of(0));
+    weights.stage_elements(0, b_tile_of(0));
   stage_a(0, a_tile_of(0));
-  if (b_chunked) copy.land();
+  if (weights.chunked) weights.land();
   __syncthreads();
   for (int k0 = 0, stage = 0; k0 < shape.k; k0 += kBlockK, stage ^= 1) {
     const int next = k0 + kBlockK;
     const bool more = next < shape.k;
-    if (more && b_chunked) fetch_b(next, b_tile_of(stage ^ 1));
-    math.step(a_tile_of(stage), b_tile_of(stage), b_n_fastest);
+    if (more && weights.chunked) weights.fetch(next, b_tile_of(stage ^ 1));
+    math.step(a_tile_of(stage), b_tile_of(stage), weights.n_fastest);
     if (more) {
-      if (!b_chunked) stage_b(next, b_tile_of(stage ^ 1));
+      if (!weights.chunked) weights.stage_elements(next, b_tile_of(stage ^ 1));
       stage_a(next, a_tile_of(stage ^ 1));
-      if (b_chunked) copy.land();
+      if (weights.chunked) weights.land();
     }
     __syncthreads();  // stage ^ 1 is complete; `stage` (or c_tile, which aliases) may be rewritten
   }
   math.store(c_tile);
   __syncthreads();
 
-  // Epilogue: with Cout a multiple of kChunk and channel-fastest 16-byte aligned rows (the
-  // outputs ops.cpp allocates, a channels_last residual), each thread takes kChunk channels of a
-  // pixel: one offset, 16-byte loads and stores; element by element otherwise.
-  const T* residual = static_cast<const T*>(ep.residual.data);
-  T* out = static_cast<T*>(ep.out.data);
-  if (shape.cout % kChunk == 0 && chunked_rows<T>(ep.out) &&
-      (!residual || chunked_rows<T>(ep.residual))) {
-    constexpr int kChunksPerRow = kBlockN / kChunk;
-    for (int e = tid; e < kBlockM * kChunksPerRow; e += kThreads) {
-      const int r = e / kChunksPerRow, n = e % kChunksPerRow * kChunk;
-      const Row& row = rows[r];
-      const int o = n0 + n;
-      if (row.b < 0 || o >= shape.cout) continue;
-      float v[kChunk];
-      MVIT3_UNROLL
-      for (int i = 0; i < kChunk; i += 4) {
-        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
-        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
-      }
-      MVIT3_UNROLL
-      for (int i = 0; i < kChunk; ++i) v[i] = apply_act(v[i] + bias_tile[n + i], ep.act);
-      if (residual) {
-        T res[kChunk];
-        load_chunk(res, residual + map_offset(ep.residual, row.b, o, row.y, row.x));
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; ++i) v[i] += to_float(res[i]);
-      }
-      store_chunk(out + map_offset(ep.out, row.b, o, row.y, row.x), v);
-    }
-    return;
-  }
-  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
-    const int r = e / kBlockN, n = e % kBlockN;
+  store_tile<T>(c_tile, bias_tile, ep, n0, shape.cout, [&](int r, int& b, int& y, int& x) {
     const Row& row = rows[r];
-    const int o = n0 + n;
-    if (row.b < 0 || o >= shape.cout) continue;
-    float v = apply_act(c_tile[r * kLdC + n] + bias_tile[n], ep.act);
-    if (residual) v += to_float(residual[map_offset(ep.residual, row.b, o, row.y, row.x)]);
-    out[map_offset(ep.out, row.b, o, row.y, row.x)] = from_float<T>(v);
-  }
+    b = row.b, y = row.y, x = row.x;
+    return row.b >= 0;
+  });
 }
 
 // minBlocksPerSM 2: with the thread count alone, ptxas for sm_80 squeezes the fp16

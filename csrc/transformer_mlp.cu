@@ -322,13 +322,30 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
     __syncwarp();  // read before the next chunk's accumulators overwrite them
   };
 
-  // One step: the math of step s on its W tile (staged), step s + 1's tile in flight.
-  if constexpr (Tile::kMma) {
-    float acc[kWarpN / 8][4];
+  // The steps: the math of step s (`compute`) on its W tile, staged, while step s + 1's tile is
+  // in flight; the first GEMM's steps, a block barrier, then the second GEMM's.
+  auto run_steps = [&](auto&& compute) {
     auto step = [&](int s) {
-      const Where at = where(s);
       const bool more = s + 1 < steps;
       if (more && chunked(s + 1)) fetch(s + 1);
+      compute(where(s), tile_of(s));
+      if (more) {
+        if (chunked(s + 1))
+          land();
+        else
+          stage_elements(s + 1);
+      }
+      __syncwarp();  // step s + 1's tile is the warp's; step s's may be rewritten
+    };
+    int s = 0;
+    for (; s < steps1; ++s) step(s);
+    __syncthreads();  // every hidden column is written, the A tile is free for out_rows
+    for (; s < steps; ++s) step(s);
+  };
+
+  if constexpr (Tile::kMma) {
+    float acc[kWarpN / 8][4];
+    run_steps([&](const Where& at, const T* tile) {
       if (at.k_step == 0) {
         MVIT3_UNROLL
         for (int j = 0; j < kWarpN / 8; ++j)
@@ -336,7 +353,6 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
           for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
       }
       const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
-      const T* tile = tile_of(s);
       const T* a_row = at.gemm == 0 ? a_tile + (lane % 16) * kLdA : hidden + (lane % 16) * kLdH;
       a_row += at.k0 + 8 * (lane / 16);
       MVIT3_UNROLL
@@ -382,30 +398,15 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
             out_rows[(g + 8 * (i / 2)) * kLdOut + 8 * j + 2 * t + i % 2] = acc[j][i];
         emit(at.n0);
       }
-      if (more) {
-        if (chunked(s + 1))
-          land();
-        else
-          stage_elements(s + 1);
-      }
-      __syncwarp();  // step s + 1's tile is the warp's; step s's may be rewritten
-    };
-    int s = 0;
-    for (; s < steps1; ++s) step(s);
-    __syncthreads();  // every hidden column is written, the A tile is free for out_rows
-    for (; s < steps; ++s) step(s);
+    });
   } else {
     float acc[kRows];  // column n0 + lane of the warp's chunk
-    auto step = [&](int s) {
-      const Where at = where(s);
-      const bool more = s + 1 < steps;
-      if (more && chunked(s + 1)) fetch(s + 1);
+    run_steps([&](const Where& at, const T* tile) {
       if (at.k_step == 0) {
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
       }
       const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
-      const T* tile = tile_of(s);
       const T* rows = at.gemm == 0 ? a_tile : hidden;
       const int ld = at.gemm == 0 ? kLdA : kLdH;
       rows += at.k0;
@@ -438,18 +439,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         for (int r = 0; r < kRows; ++r) out_rows[r * kLdOut + lane] = acc[r];
         emit(at.n0);
       }
-      if (more) {
-        if (chunked(s + 1))
-          land();
-        else
-          stage_elements(s + 1);
-      }
-      __syncwarp();  // step s + 1's tile is the warp's; step s's may be rewritten
-    };
-    int s = 0;
-    for (; s < steps1; ++s) step(s);
-    __syncthreads();  // every hidden column is written, the A tile is free for out_rows
-    for (; s < steps; ++s) step(s);
+    });
   }
 }
 
