@@ -384,6 +384,9 @@ struct AttentionConfig {
   static constexpr int kProjBytes =
       kFused ? 2 * Proj::kElems * int(sizeof(T)) + kWarps * 16 * Proj::kLdOut * int(sizeof(float))
              : 0;
+  // Every array here is a multiple of 16 bytes, so the sum is what ptxas allocates; it has no
+  // headroom where an instance sits at the limit (fp32 <64, 1, 128> with two stages: 49152
+  // bytes): a shared array added without counting it here fails the sm_80+ build.
   static constexpr int kFixedBytes = kQueries * Math::kLdQ * int(sizeof(T)) +
                                      kWarps * int(sizeof(typename Math::Scratch)) +
                                      (kQueries + 2 * kKeys) * int(sizeof(Pixel)) + kHeadsBytes;
@@ -782,7 +785,11 @@ MVIT3_DEVICE void attention_body(const AttentionArgs& args) {
     // staged in iteration t - 1; then it waits for tile t.
     for (int t = 0; t * kKeys < tokens; ++t) {
       // Every warp is done with tile t - 1, whose stage is rewritten next, and every thread with
-      // staging tile t + kStages - 2, whose pixel slot is.
+      // staging tile t + kStages - 2, whose pixel slot is. One barrier a head suffices because
+      // nothing after this loop's last barrier reads kv_pixels (Math::step, finish and
+      // clear_lead do not; stage_keys of a tile past the last returns before reading it), and
+      // only threads tid < kKeys write the slots, the same threads in every head: a reader of
+      // kv_pixels added after the loop would race with the next head's writes.
       __syncthreads();
       stage_keys(t + kStages - 1);
       if constexpr (kAsyncCopy) cp_async_commit();  // possibly empty: one group per iteration
