@@ -165,6 +165,10 @@ void patch_attention(const PatchAttentionArgs& args, DType dtype, Stream stream)
 void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream);
 void transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype, Stream stream);
 void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream stream);
+// transformer_mlp_project's one launch (csrc/transformer_mlp.cu), only where
+// transformer_mlp_project_fused (below); transformer_mlp_project calls it.
+void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype,
+                                   Stream stream);
 void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream);
 
 // Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
@@ -184,6 +188,17 @@ constexpr int fused_mlp_max_dim(DType dtype) { return dtype == DType::f32 ? 128 
 constexpr bool transformer_mlp_fused(DType dtype, int64_t dim, int64_t ffn_dim) {
   return dim >= 1 && ffn_dim >= 1 && dim <= fused_mlp_max_dim(dtype) &&
          ffn_dim <= 2 * fused_mlp_max_dim(dtype);
+}
+
+// transformer_mlp_project runs in one launch where its FFN does (transformer_mlp_fused), any
+// Cout: the fused FFN kernel keeps its 16 pixels' output rows in shared memory (where the A
+// tile was), normalises them into the hidden tile's place once the second GEMM is done, and runs
+// the projection as a third GEMM by chunks of 128 of Cout; no shared memory beyond the FFN's.
+// Elsewhere (fp32 FFNs past d 128 or F 256, any FFN past d 256 or F 512) the FFN (two launches),
+// then the LayerNorm pointwise_conv reading its output back. The one place that decides.
+constexpr bool transformer_mlp_project_fused(DType dtype, int64_t dim, int64_t ffn_dim,
+                                             int64_t cout) {
+  return cout >= 1 && transformer_mlp_fused(dtype, dim, ffn_dim);
 }
 
 // ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)

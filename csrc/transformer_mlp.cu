@@ -32,6 +32,15 @@
 // fp16/bf16 mma.sync m16n8k16 (fp32 accumulators), A (or hidden) by ldmatrix, W by ldmatrix
 // (.trans for the n-fastest tile); fp32 SIMT IEEE FMAs, a lane per output column (no TF32).
 //
+// transformer_mlp_project (csrc/transformer_mlp_project.cu) runs here too, where
+// transformer_mlp_project_fused (mvit3.h): fused_mlp_kernel<T, kProject = true> forms the second
+// GEMM's out = acc + b2 + x per accumulator and keeps it, rounded, in [16][d] t rows where the A
+// tile was (each warp copies its columns of them to out); after a block barrier their LayerNorm
+// goes to the hidden tile's place (free by then), and after another the projection runs as a
+// third GEMM (K = d, chunks of 128 of Cout) with the same W staging and step driver, its
+// accumulators through the warp's fp32 rows to act(acc + bias), 16-byte stores where aligned.
+// No shared memory beyond the FFN's.
+//
 // Elsewhere (fp32 with d > 128 or F > 256: v1-style d 144 .. 240; any d > 256 or F > 512) it is
 // two tile GEMMs through pointwise_conv: the first has the norm as its prologue and SiLU as its
 // epilogue and writes the hidden map [B, F, H, W] (the workspace TransformerMlpArgs::hidden, in
@@ -105,9 +114,20 @@ struct FusedMlpArgs {
   bool x_chunked;    // x channels_last with aligned pixels and d whole chunks (A and residual)
   bool out_chunked;  // and out too: 16-byte output stores
   int64_t first_block;
+  // The projection of the fused transformer_mlp_project (the kProject kernels only):
+  // z = act(LayerNorm(out) @ w3^T + b3), out's rows kept in shared memory.
+  Map z;
+  int cout;
+  Weight w3;
+  const void* b3;                // [cout] or null
+  const void* proj_norm_weight;  // [d] or null
+  const void* proj_norm_bias;    // [d] or null
+  float proj_eps;
+  Act act;
+  bool z_chunked;  // z channels_last with aligned pixels and cout whole chunks
 };
 
-template <class T>
+template <class T, bool kProject>
 MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   using Tile = FusedMlpTiles<T>;
   constexpr int kChunk = Tile::kChunk, kK = Tile::kK, kLdA = Tile::kLdA, kLdH = Tile::kLdH;
@@ -118,6 +138,11 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   MVIT3_SHARED_ALIGNED(T[Tile::kWBytes / int(sizeof(T))], w_tiles, 16);
   MVIT3_SHARED(Pixel[kRows], pixels);
   T* const a_tile = reinterpret_cast<T*>(a_region);
+  // kProject: the second GEMM's out rows [16][d] (as stored) take the A tile's place, free by
+  // then; their LayerNorm goes to the hidden tile's, free after the second GEMM (ld kLdA there
+  // too), the third GEMM's A operand.
+  T* const t_rows = a_tile;
+  T* const normed_rows = hidden;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int dim = args.dim, ffn = args.ffn;
@@ -128,22 +153,32 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
 
   // ---- the warp's steps: W tiles of the first GEMM (its chunks of F), then of the second
   // (its chunks of d); a chunk takes k_steps of kK
+  // (kProject: then of the third, its chunks of cout, K = d)
   const int k1_steps = (dim + kK - 1) / kK, k2_steps = (ffn + kK - 1) / kK;
   auto warp_chunks = [&](int n) {  // chunks c with c * kChunkN + kWarpN * warp < n
     const int left = n - kWarpN * warp;
     return left > 0 ? (left + kChunkN - 1) / kChunkN : 0;
   };
   const int steps1 = warp_chunks(ffn) * k1_steps;
-  const int steps = steps1 + warp_chunks(dim) * k2_steps;
+  const int steps2 = steps1 + warp_chunks(dim) * k2_steps;
+  const int steps = kProject ? steps2 + warp_chunks(args.cout) * k1_steps : steps2;
+  // The three GEMMs' W [N, K] and sizes.
+  auto weight_at = [&](int gemm) -> const Weight& {
+    return gemm == 0 ? args.w1 : gemm == 1 ? args.w2 : args.w3;
+  };
+  auto n_size_at = [&](int gemm) { return gemm == 0 ? ffn : gemm == 1 ? dim : args.cout; };
+  auto k_size_at = [&](int gemm) { return gemm == 1 ? ffn : dim; };
   struct Where {
     int gemm, n0, k0, k_step;
+    bool last;  // the last step of its chunk
   };
   auto where = [&](int s) {
     Where w;
-    w.gemm = s < steps1 ? 0 : 1;
-    const int t = w.gemm == 0 ? s : s - steps1;
-    const int k_steps = w.gemm == 0 ? k1_steps : k2_steps;
+    w.gemm = s < steps1 ? 0 : s < steps2 ? 1 : 2;
+    const int t = w.gemm == 0 ? s : w.gemm == 1 ? s - steps1 : s - steps2;
+    const int k_steps = w.gemm == 1 ? k2_steps : k1_steps;
     w.k_step = t % k_steps;
+    w.last = w.k_step == k_steps - 1;
     w.n0 = t / k_steps * kChunkN + kWarpN * warp;
     w.k0 = w.k_step * kK;
     return w;
@@ -154,8 +189,8 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   gemm::ChunkCopy copies[Tile::kCopies];
   auto fetch = [&](int s) {  // by chunks (args.wN.chunked)
     const Where at = where(s);
-    const Weight& w = at.gemm == 0 ? args.w1 : args.w2;
-    const int n_size = at.gemm == 0 ? ffn : dim, k_size = at.gemm == 0 ? dim : ffn;
+    const Weight& w = weight_at(at.gemm);
+    const int n_size = n_size_at(at.gemm), k_size = k_size_at(at.gemm);
     const T* weight = static_cast<const T*>(w.m.data);
     const int per_line = (w.n_fastest ? kWarpN : kK) / kChunk;
     const int lines = w.n_fastest ? k_size : n_size, length = w.n_fastest ? n_size : k_size;
@@ -177,8 +212,8 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   };
   auto stage_elements = [&](int s) {  // element by element, through the strides
     const Where at = where(s);
-    const Weight& w = at.gemm == 0 ? args.w1 : args.w2;
-    const int n_size = at.gemm == 0 ? ffn : dim, k_size = at.gemm == 0 ? dim : ffn;
+    const Weight& w = weight_at(at.gemm);
+    const int n_size = n_size_at(at.gemm), k_size = k_size_at(at.gemm);
     const T* weight = static_cast<const T*>(w.m.data);
     const bool k_contiguous = w.m.stride_col == 1;
     T* tile = tile_of(s);
@@ -190,7 +225,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
                                     : from_float<T>(0.0f);
     }
   };
-  auto chunked = [&](int s) { return (s < steps1 ? args.w1 : args.w2).chunked; };
+  auto chunked = [&](int s) { return weight_at(s < steps1 ? 0 : s < steps2 ? 1 : 2).chunked; };
 
   // The first W tile is in flight while the A tile is built.
   if (steps > 0 && chunked(0)) fetch(0);
@@ -233,14 +268,17 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
     }
   }
   __syncthreads();
-  // Normalise in place: kNormLanes neighbouring threads a pixel (the same warp).
-  {
+  // Normalise a [16][d] tile (ld kLdA) into dst (in place where dst == src): kNormLanes
+  // neighbouring threads a pixel (the same warp); LayerNorm statistics in fp32, two passes
+  // (mean, then centred squares).
+  auto normalise = [&](const T* src, T* dst, Norm norm, const void* norm_weight,
+                       const void* norm_bias, float eps) {
     static_assert(kThreads == kNormLanes * kRows && 32 % kNormLanes == 0, "lanes per pixel");
     const int r = tid / kNormLanes, part = tid % kNormLanes;
     const Pixel& p = pixels[r];
-    T* row = a_tile + r * kLdA;
+    const T* row = src + r * kLdA;
     float mean = 0.0f, rstd = 1.0f;
-    if (args.norm == Norm::layer) {
+    if (norm == Norm::layer) {
       float sum = 0.0f;
       if (p.b >= 0)
         for (int c = part; c < dim; c += kNormLanes) sum += to_float(row[c]);
@@ -257,23 +295,24 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       MVIT3_UNROLL
       for (int mask = 1; mask < kNormLanes; mask <<= 1)
         squares += __shfl_xor_sync(0xffffffffu, squares, mask);
-      rstd = rsqrtf(squares / float(dim) + args.eps);
-    } else if (args.norm == Norm::group && p.b >= 0) {
+      rstd = rsqrtf(squares / float(dim) + eps);
+    } else if (norm == Norm::group && p.b >= 0) {
       const float* stats = args.group_stats + 2 * int64_t(p.b);  // [B, 2]
       mean = stats[0];
       rstd = stats[1];
     }
-    if (args.norm != Norm::none && p.b >= 0) {
-      const T* weight = static_cast<const T*>(args.norm_weight);
-      const T* bias = static_cast<const T*>(args.norm_bias);
+    if (norm != Norm::none && p.b >= 0) {
+      const T* weight = static_cast<const T*>(norm_weight);
+      const T* bias = static_cast<const T*>(norm_bias);
       for (int c = part; c < dim; c += kNormLanes) {
         float v = (to_float(row[c]) - mean) * rstd;
         if (weight) v *= to_float(weight[c]);
         if (bias) v += to_float(bias[c]);
-        row[c] = from_float<T>(v);
+        dst[r * kLdA + c] = from_float<T>(v);
       }
     }
-  }
+  };
+  normalise(a_tile, a_tile, args.norm, args.norm_weight, args.norm_bias, args.eps);
   if (steps > 0) {
     if (chunked(0))
       land();
@@ -288,35 +327,79 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   T* out = static_cast<T*>(args.out.data);
   float* out_rows = reinterpret_cast<float*>(a_region) + warp * kRows * kLdOut;
 
-  // The warp's output rows of chunk n0 (in out_rows) + b2 + x, to the output.
-  auto emit = [&](int n0) {
-    __syncwarp();  // the warp's accumulators are in out_rows
-    if (args.out_chunked) {
+  const T* b3 = static_cast<const T*>(args.b3);
+  T* z = static_cast<T*>(args.z.data);
+
+  // A last step's accumulator of row r, column c of the warp's chunk at.n0: to out_rows, or
+  // (kProject, the second GEMM) + b2 + x, rounded, to t_rows, which keep it.
+  auto stage_acc = [&](const Where& at, int r, int c, float v) {
+    if (kProject && at.gemm == 1) {
+      const Pixel& p = pixels[r];
+      const int o = at.n0 + c;
+      if (p.b >= 0 && o < dim)
+        t_rows[r * kLdA + o] =
+            from_float<T>(v + (to_float(b2[o]) + to_float(x[p.x_offset + o * args.x.stride_c])));
+    } else {
+      out_rows[r * kLdOut + c] = v;
+    }
+  };
+
+  // The warp's output columns n0 .. n0 + 31 of GEMM `gemm` to its output. The second GEMM's:
+  // out_rows + b2 + x to out, or (kProject) a copy of t_rows; the third's: act(out_rows + b3)
+  // to z.
+  auto emit = [&](int gemm, int n0) {
+    __syncwarp();  // the warp's accumulators are in out_rows (t_rows)
+    const bool ffn_out = gemm == 1;
+    const int n_size = ffn_out ? dim : args.cout;
+    const T* bias = ffn_out ? b2 : b3;
+    const Map& dst_map = ffn_out ? args.out : args.z;
+    T* dst = ffn_out ? out : z;
+    const bool copy = kProject && ffn_out;
+    if (ffn_out ? args.out_chunked : args.z_chunked) {
       constexpr int kPerRow = kWarpN / kChunk;
       for (int e = lane; e < kRows * kPerRow; e += 32) {
         const int r = e / kPerRow, c = e % kPerRow * kChunk, o = n0 + c;
         const Pixel& p = pixels[r];
-        if (p.b < 0 || o >= dim) continue;  // d is whole chunks: o < d covers the chunk
+        if (p.b < 0 || o >= n_size) continue;  // whole chunks: o < n_size covers the chunk
+        T* to = dst + map_offset(dst_map, p.b, o, p.y, p.x);
+        if (copy) {
+          *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(t_rows + r * kLdA + o);
+          continue;
+        }
         float v[kChunk];
         MVIT3_UNROLL
         for (int i = 0; i < kChunk; i += 4) {
           const float4 s = *reinterpret_cast<const float4*>(out_rows + r * kLdOut + c + i);
           v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
         }
-        T res[kChunk];
-        gemm::load_chunk(res, x + p.x_offset + o);
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; ++i) v[i] += to_float(b2[o + i]) + to_float(res[i]);
-        gemm::store_chunk(out + map_offset(args.out, p.b, o, p.y, p.x), v);
+        if (ffn_out) {
+          T res[kChunk];
+          gemm::load_chunk(res, x + p.x_offset + o);
+          MVIT3_UNROLL
+          for (int i = 0; i < kChunk; ++i) v[i] += to_float(bias[o + i]) + to_float(res[i]);
+        } else {
+          MVIT3_UNROLL
+          for (int i = 0; i < kChunk; ++i)
+            v[i] = apply_act(bias ? v[i] + to_float(bias[o + i]) : v[i], args.act);
+        }
+        gemm::store_chunk(to, v);
       }
     } else {
       for (int e = lane; e < kRows * kWarpN; e += 32) {
         const int r = e / kWarpN, c = e % kWarpN, o = n0 + c;
         const Pixel& p = pixels[r];
-        if (p.b < 0 || o >= dim) continue;
-        const float v = out_rows[r * kLdOut + c] + to_float(b2[o]) +
-                        to_float(x[p.x_offset + o * args.x.stride_c]);
-        out[map_offset(args.out, p.b, o, p.y, p.x)] = from_float<T>(v);
+        if (p.b < 0 || o >= n_size) continue;
+        T* to = dst + map_offset(dst_map, p.b, o, p.y, p.x);
+        if (copy) {
+          *to = t_rows[r * kLdA + o];
+          continue;
+        }
+        float v = out_rows[r * kLdOut + c];
+        if (ffn_out)
+          v += to_float(bias[o]) + to_float(x[p.x_offset + o * args.x.stride_c]);
+        else
+          v = apply_act(bias ? v + to_float(bias[o]) : v, args.act);
+        *to = from_float<T>(v);
       }
     }
     __syncwarp();  // read before the next chunk's accumulators overwrite them
@@ -340,7 +423,20 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
     int s = 0;
     for (; s < steps1; ++s) step(s);
     __syncthreads();  // every hidden column is written, the A tile is free for out_rows
-    for (; s < steps; ++s) step(s);
+    for (; s < steps2; ++s) step(s);
+    if constexpr (kProject) {
+      __syncthreads();  // every out row is in t_rows, the hidden tile is free
+      normalise(t_rows, normed_rows, Norm::layer, args.proj_norm_weight, args.proj_norm_bias,
+                args.proj_eps);
+      // 0 where the normalisation writes nothing: the columns d .. (d rounded up to kK) - 1 the
+      // third GEMM reads, the rows past the last pixel
+      for (int e = tid; e < kRows * a_columns; e += kThreads) {
+        const int r = e / a_columns, c = e % a_columns;
+        if (pixels[r].b < 0 || c >= dim) normed_rows[r * kLdA + c] = from_float<T>(0.0f);
+      }
+      __syncthreads();
+      for (; s < steps; ++s) step(s);
+    }
   };
 
   if constexpr (Tile::kMma) {
@@ -352,8 +448,10 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
           MVIT3_UNROLL
           for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
       }
-      const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
-      const T* a_row = at.gemm == 0 ? a_tile + (lane % 16) * kLdA : hidden + (lane % 16) * kLdH;
+      const bool n_fastest = weight_at(at.gemm).n_fastest;
+      const T* a_row = at.gemm == 0   ? a_tile + (lane % 16) * kLdA
+                       : at.gemm == 1 ? hidden + (lane % 16) * kLdH
+                                      : normed_rows + (lane % 16) * kLdA;
       a_row += at.k0 + 8 * (lane / 16);
       MVIT3_UNROLL
       for (int ks = 0; ks < kK / 16; ++ks) {
@@ -375,7 +473,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         }
       }
       const int g = lane / 4, t = lane % 4;
-      if (at.gemm == 0 && at.k_step == k1_steps - 1) {
+      if (at.gemm == 0 && at.last) {
         // hidden = silu(acc + b1), 0 past F (the second GEMM's padded K reads it)
         MVIT3_UNROLL
         for (int j = 0; j < kWarpN / 8; ++j) {
@@ -390,13 +488,13 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
                 pack_pair<T>(v0, v1);
           }
         }
-      } else if (at.gemm == 1 && at.k_step == k2_steps - 1) {
+      } else if (at.gemm > 0 && at.last) {
         MVIT3_UNROLL
         for (int j = 0; j < kWarpN / 8; ++j)
           MVIT3_UNROLL
           for (int i = 0; i < 4; ++i)
-            out_rows[(g + 8 * (i / 2)) * kLdOut + 8 * j + 2 * t + i % 2] = acc[j][i];
-        emit(at.n0);
+            stage_acc(at, g + 8 * (i / 2), 8 * j + 2 * t + i % 2, acc[j][i]);
+        emit(at.gemm, at.n0);
       }
     });
   } else {
@@ -406,9 +504,9 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
       }
-      const bool n_fastest = (at.gemm == 0 ? args.w1 : args.w2).n_fastest;
-      const T* rows = at.gemm == 0 ? a_tile : hidden;
-      const int ld = at.gemm == 0 ? kLdA : kLdH;
+      const bool n_fastest = weight_at(at.gemm).n_fastest;
+      const T* rows = at.gemm == 0 ? a_tile : at.gemm == 1 ? hidden : normed_rows;
+      const int ld = at.gemm == 1 ? kLdH : kLdA;
       rows += at.k0;
       MVIT3_UNROLL
       for (int k = 0; k < kK; k += 4) {
@@ -429,23 +527,23 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         }
       }
       const int n = at.n0 + lane;
-      if (at.gemm == 0 && at.k_step == k1_steps - 1) {
+      if (at.gemm == 0 && at.last) {
         const float bias = n < ffn ? to_float(b1[n]) : 0.0f;
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r)
           hidden[r * kLdH + n] = n < ffn ? silu(acc[r] + bias) : 0.0f;
-      } else if (at.gemm == 1 && at.k_step == k2_steps - 1) {
+      } else if (at.gemm > 0 && at.last) {
         MVIT3_UNROLL
-        for (int r = 0; r < kRows; ++r) out_rows[r * kLdOut + lane] = acc[r];
-        emit(at.n0);
+        for (int r = 0; r < kRows; ++r) stage_acc(at, r, lane, acc[r]);
+        emit(at.gemm, at.n0);
       }
     });
   }
 }
 
-template <class T>
+template <class T, bool kProject>
 __global__ void __launch_bounds__(kThreads) fused_mlp_kernel(FusedMlpArgs args) {
-  if constexpr (arch_supports<T>()) fused_mlp_body<T>(args);
+  if constexpr (arch_supports<T>()) fused_mlp_body<T, kProject>(args);
 }
 
 // The staging decisions of a weight (see the top of the file).
@@ -460,13 +558,15 @@ Weight weight_of(const Matrix& m) {
   return w;
 }
 
-template <class T>
-void fused_mlp(const TransformerMlpArgs& args, Stream stream) {
+// project: the projection of transformer_mlp_project (with kProject), or null.
+template <class T, bool kProject>
+void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project, Stream stream) {
   using Tile = FusedMlpTiles<T>;
   static_assert(Tile::kHiddenBytes + Tile::kABytes + Tile::kWBytes + kRows * int(sizeof(Pixel)) <=
                     48 * 1024,
                 "a block's tiles fit the static shared memory");
-  FusedMlpArgs f;
+  static_assert(Tile::kLdA <= Tile::kLdH, "the normalised t rows fit the hidden tile");
+  FusedMlpArgs f{};
   f.x = args.x;
   f.out = args.out;
   f.batch = args.batch;
@@ -485,10 +585,21 @@ void fused_mlp(const TransformerMlpArgs& args, Stream stream) {
   f.b2 = args.b2;
   f.x_chunked = gemm::chunked_rows<T>(args.x) && args.dim % Tile::kChunk == 0;
   f.out_chunked = f.x_chunked && gemm::chunked_rows<T>(args.out);
+  if (kProject) {
+    f.z = project->out;
+    f.cout = project->cout;
+    f.w3 = weight_of<T>(project->weight);
+    f.b3 = project->bias;
+    f.proj_norm_weight = project->norm_weight;
+    f.proj_norm_bias = project->norm_bias;
+    f.proj_eps = project->eps;
+    f.act = project->act;
+    f.z_chunked = gemm::chunked_rows<T>(project->out) && project->cout % Tile::kChunk == 0;
+  }
   const int64_t pixels = int64_t(args.batch) * args.height * args.width;
   launch_chunks(ceil_div(pixels, kRows), 1, [&](int64_t first, int64_t count) {
     f.first_block = first;
-    launch(&fused_mlp_kernel<T>, grid_of(count), dim3(kThreads), stream, f);
+    launch(&fused_mlp_kernel<T, kProject>, grid_of(count), dim3(kThreads), stream, f);
   });
 }
 
@@ -508,7 +619,9 @@ void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream)
       stats.stats = args.group_stats;
       group_norm_stats(stats, dtype, stream);
     }
-    dispatch_dtype(dtype, [&](auto tag) { fused_mlp<typename decltype(tag)::type>(args, stream); });
+    dispatch_dtype(dtype, [&](auto tag) {
+      fused_mlp<typename decltype(tag)::type, false>(args, nullptr, stream);
+    });
     return;
   }
 
@@ -542,6 +655,16 @@ void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream)
   reduce.weight = args.w2;
   reduce.bias = args.b2;
   pointwise_conv(reduce, dtype, stream);
+}
+
+void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype,
+                                   Stream stream) {
+  if (args.mlp.batch == 0 || args.mlp.height == 0 || args.mlp.width == 0) return;
+  if (!transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout))
+    throw std::runtime_error("fused_transformer_mlp_project: not transformer_mlp_project_fused");
+  dispatch_dtype(dtype, [&](auto tag) {
+    fused_mlp<typename decltype(tag)::type, true>(args.mlp, &args.project, stream);
+  });
 }
 
 }  // namespace mvit3

@@ -4,14 +4,21 @@
 // returning both (t is the next sub-layer's residual). Semantics:
 // mvit3.ops.reference.transformer_mlp_project.
 //
-// For now the two parts run one after the other: transformer_mlp (its two tile GEMMs), then
-// pointwise_conv with the LayerNorm prologue reading t back, 3 launches. The Triton kernel does
-// it in one (kernels/transformer_mlp_project.py); issue 12 is to fuse it here too.
+// One launch where transformer_mlp_project_fused (mvit3.h: where the FFN is one launch, any
+// Cout): fused_mlp_kernel<T, true> (csrc/transformer_mlp.cu) keeps its 16 pixels' t rows in
+// shared memory, takes their LayerNorm there and runs the projection as its third GEMM.
+// Elsewhere (FFNs past fused_mlp_max_dim) the two parts run one after the other:
+// transformer_mlp (one launch or two), then pointwise_conv with the LayerNorm prologue reading
+// t back.
 #include "mvit3.h"
 
 namespace mvit3 {
 
 void transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype, Stream stream) {
+  if (transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout)) {
+    fused_transformer_mlp_project(args, dtype, stream);
+    return;
+  }
   transformer_mlp(args.mlp, dtype, stream);
   pointwise_conv(args.project, dtype, stream);
 }
