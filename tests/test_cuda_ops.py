@@ -638,6 +638,68 @@ def test_transformer_mlp_project(kernels, case):
     check(kernels, "transformer_mlp_project", args, case.dtype)
 
 
+# transformer_mlp_project in one launch (csrc/transformer_mlp.cu, fused_mlp_kernel<T, true>:
+# the FFN's out rows stay in shared memory, their LayerNorm and the projection as a third GEMM)
+# where the FFN is one launch (mvit3.h: transformer_mlp_project_fused): v3-XS's d 96 / 120 / 144
+# with the next qkv (3d) and the block's conv_proj, fp32 d 96 / 120 too; the element paths (d 36,
+# Cout 20 / 130: no 16-byte chunk of t or z; F 37 odd with warps owning no chunk of F or d), no
+# projection bias, weights as views of NaN buffers (a W tile read past N or K shows), Cout past
+# one block chunk of 128 (432, 360); the fallbacks: fp32 d 144 and 16-bit d 264 (the FFN in two
+# launches, then the projection: 3). Batch 1 and 3 on odd and even maps (9 x 9 x 3: 16 blocks,
+# launched in chunks by the emulator's 8-block grid), NCHW, channels_last and slices, the three
+# thread orders. (d, F, Cout, act, projection bias, w1 view, w2 view, projection weight view)
+PROJECT_EDGES = [
+    ((96, 192, 288, "none", True, "kmajor", "kmajor", "kmajor"), torch.float16, "channels_last",
+     1, (5, 7), "forward"),
+    ((96, 192, 64, "silu", True, "rows", "kmajor", "rows"), torch.float32, "nchw", 3, (9, 9),
+     "reverse"),
+    ((120, 240, 360, "none", True, "kmajor", "rows", "kmajor"), torch.bfloat16, "nchw", 3,
+     (5, 7), "random"),
+    ((120, 240, 80, "silu", True, "kmajor", "kmajor", "kmajor"), torch.float32,
+     "channels_last", 1, (4, 6), "forward"),
+    ((144, 288, 432, "none", True, "kmajor", "kmajor", "kmajor"), torch.float16, "nchw", 1,
+     (9, 9), "reverse"),
+    ((144, 288, 96, "silu", True, "kmajor", "kmajor", "rows"), torch.bfloat16, "channels_last",
+     3, (4, 6), "random"),
+    ((36, 72, 20, "silu", False, "rows", "strided", "strided"), torch.bfloat16, "slice", 3,
+     (5, 7), "reverse"),
+    ((20, 37, 130, "none", True, "strided", "kmajor", "rows"), torch.float32, "channels_last",
+     1, (5, 7), "random"),
+    ((144, 288, 96, "silu", True, "kmajor", "kmajor", "kmajor"), torch.float32, "channels_last",
+     3, (5, 7), "forward"),
+    ((264, 528, 100, "none", True, "rows", "kmajor", "rows"), torch.float16, "nchw", 1, (4, 6),
+     "forward"),
+]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(Case("emu", shape, dtype, layout, batch, size, order),
+                 id=str(Case("emu", shape, dtype, layout, batch, size, order)))
+    for shape, dtype, layout, batch, size, order in PROJECT_EDGES])
+def test_transformer_mlp_project_one_launch(kernels, emulator_library, case):
+    """One launch where transformer_mlp_project_fused (the FFN is one: fp16/bf16 d <= 256 and
+    F <= 512, fp32 d <= 128 and F <= 256), three otherwise; the reference either way."""
+    import ctypes
+
+    d, ffn, cout, act, proj_bias, w1_kind, w2_kind, proj_kind = case.shape
+    t = Inputs(case, seed=d + cout)
+    args = (t.map(d), t.vector(d, mean=1.0), t.vector(d), 1e-5,
+            _nan_view(t.weight(ffn, d), w1_kind), t.vector(ffn),
+            _nan_view(t.weight(d, ffn), w2_kind), t.vector(d), t.vector(d, mean=1.0), t.vector(d),
+            1e-5, _nan_view(t.weight(cout, d), proj_kind), t.vector(cout) if proj_bias else None,
+            act)
+    check(kernels, "transformer_mlp_project", args, case.dtype)
+    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
+    emulator_library.mvit3_emu_set_recording(1)
+    try:
+        kernels.transformer_mlp_project(*args)
+        launches = emulator_library.mvit3_emu_recorded_count()
+    finally:
+        emulator_library.mvit3_emu_set_recording(0)
+    max_dim = 128 if case.dtype == torch.float32 else 256
+    assert launches == (1 if d <= max_dim and ffn <= 2 * max_dim else 3)
+
+
 @pytest.mark.parametrize("case", cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES))
 def test_separable_attention(kernels, case):
     (d,) = case.shape
@@ -1077,6 +1139,9 @@ ASAN_CASES.append("test_mv2_block_one_kernel_edges[" + str(Case("emu", *MV2_EDGE
 ASAN_CASES += [f"test_transformer_mlp_fused[{c}]" for c in FUSED_MLP_CASES
                if c.order == "reverse"
                and (c.shape[0] == 36 or c.size == (3, 3) and c.dtype == torch.float16)]
+# the one-launch transformer_mlp_project's element paths (d = 36) and Cout past one chunk (432)
+ASAN_CASES += [f"test_transformer_mlp_project_one_launch[{Case('emu', *PROJECT_EDGES[i])}]"
+               for i in (4, 6)]
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")

@@ -82,12 +82,11 @@ def test_rows_are_the_launches_of_the_forward(xs_rows, monkeypatch):
     for row in attention:
         assert re.fullmatch(r"patch_attention_kernel<__half, \d+, \d, (128|256)>", row.kernel)
         assert row.grid[1:] == (1, 1)
-    # every FFN (d <= 256, F <= 512 in fp16) is one launch of 16-pixel blocks, and
-    # transformer_mlp_project adds its projection's tile GEMM
+    # every FFN with the next LayerNorm + projection (d <= 256, F <= 512 in fp16) is one launch
+    # of 16-pixel blocks (the projection the fused kernel's third GEMM)
     ffn = [row for row in launch_rows if row.op == "transformer_mlp_project"]
-    assert [row.kernel for row in ffn] == [
-        "fused_mlp_kernel<__half>", "tile_gemm_kernel<__half, PointwiseProducer<__half> >"] * 9
-    for row in ffn[::2]:
+    assert [row.kernel for row in ffn] == ["fused_mlp_kernel<__half, true>"] * 9
+    for row in ffn:
         assert row.launch.block == (128, 1, 1) and row.grid[1:] == (1, 1)
 
 
@@ -193,7 +192,14 @@ def test_ops_are_held_to_the_triton_rows_accounting(xs_rows):
     assert by_op(xs_rows) == by_op(collect("mobilevitv3_xs", 1, torch.float16))
     launch_rows = [row for row in xs_rows if isinstance(row, cuda_rows.CudaRow)]
     assert all(row.flops > 0 for row in launch_rows if row.bytes)
-    assert sum(1 for row in launch_rows if row.bytes) < len(launch_rows)  # ops of several kernels
+    # every op of v3-XS in fp16 is one kernel; in fp32 its d 144 FFNs with their projection are
+    # three (the FFN's two GEMMs, the projection's), the second and third with no bytes
+    assert all(row.bytes for row in launch_rows)
+    fp32_rows = cuda_rows.analyse_cuda(cuda_rows.collect_cuda("mobilevitv3_xs", 1, torch.float32),
+                                       GPUS["h200"], ARCH)
+    assert by_op(fp32_rows) == by_op(collect("mobilevitv3_xs", 1, torch.float32))
+    fp32_launches = [row for row in fp32_rows if isinstance(row, cuda_rows.CudaRow)]
+    assert sum(1 for row in fp32_launches if not row.bytes) == 2 * 3  # v3-XS's three d 144 FFNs
 
 
 def test_bf16_below_sm_80_is_refused(capsys):
