@@ -11,15 +11,8 @@ namespace mvit3 {
 
 void pointwise_conv(const PointwiseConvArgs& args, DType dtype, Stream stream) {
   if (args.norm == Norm::group) {
-    GroupNormStatsArgs stats;
-    stats.x = args.x;
-    stats.batch = args.batch;
-    stats.channels = args.c1;
-    stats.height = args.height;
-    stats.width = args.width;
-    stats.eps = args.eps;
-    stats.stats = args.group_stats;
-    group_norm_stats(stats, dtype, stream);
+    group_norm_stats({args.x, args.batch, args.c1, args.height, args.width, args.eps, args.group_stats},
+                     dtype, stream);
   }
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

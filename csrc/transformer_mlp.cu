@@ -609,15 +609,8 @@ void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream)
   if (args.batch == 0 || args.height == 0 || args.width == 0 || args.dim == 0) return;
   if (transformer_mlp_fused(dtype, args.dim, args.ffn_dim)) {
     if (args.norm == Norm::group) {
-      GroupNormStatsArgs stats;
-      stats.x = args.x;
-      stats.batch = args.batch;
-      stats.channels = args.dim;
-      stats.height = args.height;
-      stats.width = args.width;
-      stats.eps = args.eps;
-      stats.stats = args.group_stats;
-      group_norm_stats(stats, dtype, stream);
+      group_norm_stats({args.x, args.batch, args.dim, args.height, args.width, args.eps, args.group_stats},
+                       dtype, stream);
     }
     dispatch_dtype(dtype, [&](auto tag) {
       fused_mlp<typename decltype(tag)::type, false>(args, nullptr, stream);
