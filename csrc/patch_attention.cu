@@ -571,11 +571,7 @@ MVIT3_DEVICE void project_heads(const AttentionArgs& args, const T* heads_tile, 
         const Pixel p = q_pixels[16 * warp + r];
         if (p.y < 0 || o >= dim) continue;  // d is whole chunks: o < d covers the chunk
         float v[kChunk];
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; i += 4) {
-          const float4 s = *reinterpret_cast<const float4*>(out_rows + r * kLdOut + c + i);
-          v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
-        }
+        gemm::load_floats(v, out_rows + r * kLdOut + c);
         if (bias) {
           MVIT3_UNROLL
           for (int i = 0; i < kChunk; ++i) v[i] += to_float(bias[o + i]);

@@ -248,6 +248,16 @@ MVIT3_DEVICE void load_chunk(T (&dst)[16 / sizeof(T)], const T* src) {
   const uint4 bits = *reinterpret_cast<const uint4*>(src);
   memcpy(&dst, &bits, 16);
 }
+// N fp32 values from 16-byte aligned (shared) memory, 4 a load.
+template <int N>
+MVIT3_DEVICE void load_floats(float (&v)[N], const float* src) {
+  static_assert(N % 4 == 0, "whole float4s");
+  MVIT3_UNROLL
+  for (int i = 0; i < N; i += 4) {
+    const float4 s = *reinterpret_cast<const float4*>(src + i);
+    v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
+  }
+}
 template <class T>
 MVIT3_DEVICE void store_chunk(T* dst, const float (&v)[16 / sizeof(T)]) {
   T values[16 / sizeof(T)];
@@ -333,11 +343,7 @@ MVIT3_DEVICE void store_tile(const float* c_tile, const float* bias_tile, const 
       int b, y, x;
       if (!pixel_of(r, b, y, x) || o >= cout) continue;
       float v[kChunk];
-      MVIT3_UNROLL
-      for (int i = 0; i < kChunk; i += 4) {
-        const float4 c = *reinterpret_cast<const float4*>(c_tile + r * kLdC + n + i);
-        v[i] = c.x, v[i + 1] = c.y, v[i + 2] = c.z, v[i + 3] = c.w;
-      }
+      load_floats(v, c_tile + r * kLdC + n);
       MVIT3_UNROLL
       for (int i = 0; i < kChunk; ++i) v[i] = apply_act(v[i] + bias_tile[n + i], ep.act);
       if (residual) {

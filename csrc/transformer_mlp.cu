@@ -367,11 +367,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
           continue;
         }
         float v[kChunk];
-        MVIT3_UNROLL
-        for (int i = 0; i < kChunk; i += 4) {
-          const float4 s = *reinterpret_cast<const float4*>(out_rows + r * kLdOut + c + i);
-          v[i] = s.x, v[i + 1] = s.y, v[i + 2] = s.z, v[i + 3] = s.w;
-        }
+        gemm::load_floats(v, out_rows + r * kLdOut + c);
         if (ffn_out) {
           T res[kChunk];
           gemm::load_chunk(res, x + p.x_offset + o);
