@@ -104,6 +104,16 @@ MVIT3_DEVICE float silu(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
 
 MVIT3_DEVICE float apply_act(float v, Act act) { return act == Act::silu ? silu(v) : v; }
 
+// A load of what other blocks of the launch wrote (after a fence and an atomic that saw their
+// count): at the L2, not from this SM's L1, which is not coherent with the other SMs' stores.
+MVIT3_DEVICE float load_coherent(const float* p) {
+#ifdef MVIT3_EMULATE
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 MVIT3_DEVICE int64_t map_offset(const Map& m, int b, int c, int y, int x) {
   return b * m.stride_b + c * m.stride_c + y * m.stride_h + x * m.stride_w;
 }
@@ -135,6 +145,72 @@ MVIT3_DEVICE float block_allreduce(float v, float* scratch, Op op) {
   v = scratch[0];
   for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
   return v;
+}
+
+// 16 bytes of T from 16-byte aligned memory into registers.
+template <class T>
+MVIT3_DEVICE void load_chunk(T (&dst)[16 / sizeof(T)], const T* src) {
+  const uint4 bits = *reinterpret_cast<const uint4*>(src);
+  memcpy(&dst, &bits, 16);
+}
+
+// ---- GroupNorm(1) statistics of one sample ---------------------------------------------------
+
+// How sample_moments reads the samples of a [B, C, H, W] map (the host's decision): 0 through
+// its strides; otherwise each sample is one dense range of C*H*W elements (NCHW or NHWC packed;
+// a sum does not care about the order) read by vectors of this many elements: 16 bytes where
+// the data, the batch stride and the range are 16-byte aligned, else 1.
+template <class T>
+int sample_vector_width(const Map& m, int channels, int height, int width) {
+  const int64_t pixels = int64_t(height) * width;
+  const bool nchw = m.stride_w == 1 && m.stride_h == width && m.stride_c == pixels;
+  const bool nhwc = m.stride_c == 1 && m.stride_w == channels && m.stride_h == int64_t(width) * channels;
+  if (!nchw && !nhwc) return 0;
+  constexpr int kVector = 16 / int(sizeof(T));
+  const bool aligned = reinterpret_cast<uintptr_t>(m.data) % 16 == 0 && m.stride_b % kVector == 0 &&
+                       (channels * pixels) % kVector == 0;
+  return aligned ? kVector : 1;
+}
+
+// Every thread of a 1-D block of kThreads gets (mean, variance) of sample b's C*H*W values:
+// fp32, two passes (the mean, then centred squares), so the variance never suffers the
+// cancellation of E[x^2] - E[x]^2. vector_width: sample_vector_width's answer. scratch: 32
+// floats of shared memory (block_allreduce).
+template <int kThreads, class T>
+MVIT3_DEVICE float2 sample_moments(const Map& m, int vector_width, int b, int channels, int height,
+                                   int width, float* scratch) {
+  constexpr int kVector = 16 / int(sizeof(T));
+  const T* x = static_cast<const T*>(m.data);
+  const int pixels = height * width;
+  const int64_t count = int64_t(channels) * pixels;
+  // f(value) for each of this thread's values.
+  auto for_each_value = [&](auto&& f) {
+    if (vector_width == kVector) {  // 16-byte loads
+      const T* sample = x + b * m.stride_b;
+      for (int64_t e = int64_t(threadIdx.x) * kVector; e < count; e += kThreads * kVector) {
+        T values[kVector];
+        load_chunk(values, sample + e);
+        MVIT3_UNROLL
+        for (int i = 0; i < kVector; ++i) f(to_float(values[i]));
+      }
+    } else if (vector_width == 1) {
+      const T* sample = x + b * m.stride_b;
+      for (int64_t e = threadIdx.x; e < count; e += kThreads) f(to_float(sample[e]));
+    } else {  // through the strides, the unit-stride dimension fastest
+      const bool channels_fastest = m.stride_c == 1;
+      for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+        const int c = channels_fastest ? int(e % channels) : int(e / pixels);
+        const int p = channels_fastest ? int(e / channels) : int(e % pixels);
+        f(to_float(x[map_offset(m, b, c, p / width, p % width)]));
+      }
+    }
+  };
+  float sum = 0.0f;
+  for_each_value([&](float v) { sum += v; });
+  const float mean = block_allreduce<kThreads>(sum, scratch, Sum()) / float(count);
+  float squares = 0.0f;
+  for_each_value([&](float v) { squares += (v - mean) * (v - mean); });
+  return make_float2(mean, block_allreduce<kThreads>(squares, scratch, Sum()) / float(count));
 }
 
 // ---- asynchronous copies and warp-level matrix instructions ---------------------------------

@@ -636,6 +636,15 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
+// Blocks run one after another, so an atomic is a plain read-modify-write and a fence has
+// nothing to order (the kernels' use of them is for a GPU's concurrent blocks).
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() {}
+
 // The fast intrinsics computed as the GPU computes them, up to the last bits of its
 // approximations (2 ulp): __expf is ex2.approx of x * log2(e) rounded to fp32 (the rounding is
 // what costs accuracy for large |x|), __fdividef is x * rcp.approx(y), 0 for 2^126 < |y| < 2^128.

@@ -10,6 +10,7 @@
 // the same files build for the CPU emulator (MVIT3_EMULATE, see emulator.h).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #ifdef MVIT3_EMULATE
@@ -136,7 +137,10 @@ struct TransformerMlpProjectArgs {
 // [q | k | v] = GroupNorm1(x) @ qkv_weight^T + qkv_bias and context = sum_n softmax_n(q) k.
 struct SeparableAttentionArgs {
   Map x, out;       // [B, d, H, W]
-  Map qkv;          // workspace [B, 1 + 2d, H, W]
+  Map v;            // workspace [B, d, H, W] where not separable_attention_fused (absent there)
+  int splits = 1;   // separable_attention_splits(batch, height): programs a sample's context takes
+  float* partials = nullptr;     // workspace [B, splits, 4, 2 + d] fp32: each program's states
+  int* counters = nullptr;       // [B] int32, 0 before the launch (its last programs reset them)
   float* context = nullptr;      // workspace [B, 4, d] fp32: one context vector per sequence
   float* group_stats = nullptr;  // workspace [B, 2] fp32
   int batch = 0, height = 0, width = 0, dim = 0;
@@ -170,6 +174,12 @@ void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream
 void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype,
                                    Stream stream);
 void group_norm_stats(const GroupNormStatsArgs& args, DType dtype, Stream stream);
+// separable_attention's second launch (csrc/transformer_mlp.cu), only where
+// separable_attention_fused (below): out = x + (relu(GroupNorm1(x) @ w1^T + b1) * context)
+// @ w2^T + b2, with mlp.w1 / mlp.b1 the v rows of qkv_weight / qkv_bias, mlp.w2 / mlp.b2 the
+// out_weight / out_bias and context [B, 4, d] by sequence.
+void fused_separable_attention_out(const TransformerMlpArgs& mlp, const float* context, DType dtype,
+                                   Stream stream);
 
 // Largest head dim the attention kernel takes (head dims are padded to 16, 32, 48 or 64).
 constexpr int kMaxHeadDim = 64;
@@ -201,6 +211,18 @@ constexpr bool transformer_mlp_project_fused(DType dtype, int64_t dim, int64_t f
   return cout >= 1 && transformer_mlp_fused(dtype, dim, ffn_dim);
 }
 
+// separable_attention takes d <= kMaxSeparableDim (every model's: 64 .. 256): a lane of its
+// context kernel holds 8 channels of a pixel.
+constexpr int kMaxSeparableDim = 256;
+
+// separable_attention runs in two launches (the context kernel, then the fused FFN kernel of
+// transformer_mlp with relu(v) * context as its hidden activation) where that kernel's tiles
+// take F = d; otherwise the v rows are a GEMM of their own into SeparableAttentionArgs::v, which
+// ops.cpp allocates only then, and the out GEMM reads them back: three launches.
+constexpr bool separable_attention_fused(DType dtype, int64_t dim) {
+  return transformer_mlp_fused(dtype, dim, dim);
+}
+
 // ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)
 //
 // There is no limit on numel: offsets into maps are int64 (strides are int64), and a launcher
@@ -223,5 +245,19 @@ inline const int64_t& kMaxGridX = emu::max_grid_x;
 #else
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 #endif
+
+// separable_attention's context kernel gives each sample `splits` programs, each a band of its
+// patch rows (at most H / 2 of them): about kSeparablePrograms programs in all at small batch,
+// one a sample at large. Each program takes its sample's GroupNorm statistics itself (two passes
+// over the sample, mostly from L2), so more splits cost more reads: at most kMaxSeparableSplits,
+// and at most kMaxGridX (a sample's programs are in one launch; the emulator's limit is 8). The
+// one place that decides (ops.cpp sizes the partial-state workspace by it).
+constexpr int64_t kSeparablePrograms = 128;
+constexpr int64_t kMaxSeparableSplits = 16;
+inline int separable_attention_splits(int64_t batch, int64_t height) {
+  const int64_t wanted = (kSeparablePrograms + batch - 1) / std::max<int64_t>(batch, 1);
+  const int64_t most = std::min({kMaxSeparableSplits, kMaxGridX, height / 2});
+  return int(std::max<int64_t>(1, std::min(wanted, most)));
+}
 
 }  // namespace mvit3

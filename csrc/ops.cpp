@@ -15,12 +15,15 @@
 // is no GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -311,7 +314,8 @@ Reason separable_attention_why_not(const Tensor& x, const Tensor& norm_weight,
   MVIT3_REQUIRE_OK(check_input(x, "x"));
   MVIT3_REQUIRE_OK(check_even(x, "separable_attention"));
   const int64_t dim = x.size(1);
-  MVIT3_REQUIRE_OK(check_channels(1 + 2 * dim, "the qkv workspace (1 + 2d)"));
+  MVIT3_REQUIRE(dim <= kMaxSeparableDim, "separable_attention takes d <= ", kMaxSeparableDim,
+                " (a lane of its context kernel holds 8 channels of a pixel), got d = ", dim);
   MVIT3_REQUIRE_OK(check_tensor(norm_weight, x, {dim}, "norm_weight"));
   MVIT3_REQUIRE_OK(check_tensor(norm_bias, x, {dim}, "norm_bias"));
   MVIT3_REQUIRE_OK(check_tensor(qkv_weight, x, {1 + 2 * dim, dim}, "qkv_weight"));
@@ -381,6 +385,26 @@ struct KernelContext {
   Stream stream;
 #endif
 };
+
+// At least n int32 counters, all 0 between launches, for the kernels that merge the partial
+// results of a sample's programs in its last program (which resets the sample's counter): one
+// buffer per device and stream, so that launches on two streams never share a counter. Made
+// (zeroed) by the first call that needs it, which must not be in a CUDA graph capture.
+int* split_counters(const Tensor& x, int64_t n) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int64_t>, Tensor> buffers;
+#ifdef MVIT3_EMULATE
+  const std::pair<int64_t, int64_t> key{-1, 0};
+#else
+  const std::pair<int64_t, int64_t> key{
+      x.get_device(), int64_t(c10::cuda::getCurrentCUDAStream(x.get_device()).id())};
+#endif
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& buffer = buffers[key];
+  if (!buffer.defined() || buffer.numel() < n)
+    buffer = at::zeros({std::max<int64_t>(n, 1024)}, x.options().dtype(at::kInt));
+  return buffer.data_ptr<int>();
+}
 
 int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input and check_channels
 
@@ -646,13 +670,19 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
   const Tensor qb = dense(qkv_bias), ob = dense(out_bias);
 
   Tensor out = empty_map(x, dim, height, width);
-  Tensor qkv = empty_map(x, 1 + 2 * dim, height, width);
+  const int splits = separable_attention_splits(batch, height);
+  Tensor partials = empty_fp32(x, {batch, splits, 4, 2 + dim});
   Tensor context_vectors = empty_fp32(x, {batch, 4, dim});
   Tensor stats = empty_fp32(x, {batch, 2});
+  Tensor v;  // only where the out GEMM is not fused
+  if (!separable_attention_fused(dtype_of(x), dim)) v = empty_map(x, dim, height, width);
   SeparableAttentionArgs args;
   args.x = map_of(x);
   args.out = map_of(out);
-  args.qkv = map_of(qkv);
+  if (v.defined()) args.v = map_of(v);
+  args.splits = splits;
+  args.partials = partials.data_ptr<float>();
+  args.counters = split_counters(x, batch);
   args.context = context_vectors.data_ptr<float>();
   args.group_stats = stats.data_ptr<float>();
   args.batch = as_int(batch);

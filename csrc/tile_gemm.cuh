@@ -242,12 +242,8 @@ __host__ __device__ inline bool chunked_rows(const Map& m) {
          (m.stride_w * kBytes) % 16 == 0;
 }
 
-// 16 bytes of T (16-byte aligned) to or from registers.
-template <class T>
-MVIT3_DEVICE void load_chunk(T (&dst)[16 / sizeof(T)], const T* src) {
-  const uint4 bits = *reinterpret_cast<const uint4*>(src);
-  memcpy(&dst, &bits, 16);
-}
+// 16 bytes of T (16-byte aligned) to or from registers: load_chunk (device.cuh) and store_chunk.
+using ::mvit3::load_chunk;
 // N fp32 values from 16-byte aligned (shared) memory, 4 a load.
 template <int N>
 MVIT3_DEVICE void load_floats(float (&v)[N], const float* src) {

@@ -111,6 +111,9 @@ struct FusedMlpArgs {
   Weight w1, w2;
   const void* b1;
   const void* b2;
+  // separable_attention's second launch (fused_separable_attention_out): the hidden activation
+  // is relu(v) * context[b, p, :] of the pixel's sequence p instead of silu; [B, 4, F], or null.
+  const float* context;
   bool x_chunked;    // x channels_last with aligned pixels and d whole chunks (A and residual)
   bool out_chunked;  // and out too: 16-byte output stores
   int64_t first_block;
@@ -330,6 +333,16 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   const T* b3 = static_cast<const T*>(args.b3);
   T* z = static_cast<T*>(args.z.data);
 
+  // The hidden unit n < F of row r from its first-GEMM sum v = acc + b1: silu(v), or
+  // relu(v) * context of the pixel's sequence (0 past the last pixel).
+  auto hidden_value = [&](int r, int n, float v) {
+    if (!args.context) return silu(v);
+    const Pixel& p = pixels[r];
+    if (p.b < 0) return 0.0f;
+    const int64_t sequence = int64_t(p.b) * 4 + 2 * (p.y % 2) + p.x % 2;
+    return fmaxf(v, 0.0f) * args.context[sequence * ffn + n];
+  };
+
   // A last step's accumulator of row r, column c of the warp's chunk at.n0: to out_rows, or
   // (kProject, the second GEMM) + b2 + x, rounded, to t_rows, which keep it.
   auto stage_acc = [&](const Where& at, int r, int c, float v) {
@@ -470,7 +483,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       }
       const int g = lane / 4, t = lane % 4;
       if (at.gemm == 0 && at.last) {
-        // hidden = silu(acc + b1), 0 past F (the second GEMM's padded K reads it)
+        // hidden = its activation of acc + b1, 0 past F (the second GEMM's padded K reads it)
         MVIT3_UNROLL
         for (int j = 0; j < kWarpN / 8; ++j) {
           const int n = at.n0 + 8 * j + 2 * t;
@@ -478,9 +491,10 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
           const float bias1 = n + 1 < ffn ? to_float(b1[n + 1]) : 0.0f;
           MVIT3_UNROLL
           for (int half = 0; half < 2; ++half) {
-            const float v0 = n < ffn ? silu(acc[j][2 * half] + bias0) : 0.0f;
-            const float v1 = n + 1 < ffn ? silu(acc[j][2 * half + 1] + bias1) : 0.0f;
-            *reinterpret_cast<uint32_t*>(hidden + (g + 8 * half) * kLdH + n) =
+            const int r = g + 8 * half;
+            const float v0 = n < ffn ? hidden_value(r, n, acc[j][2 * half] + bias0) : 0.0f;
+            const float v1 = n + 1 < ffn ? hidden_value(r, n + 1, acc[j][2 * half + 1] + bias1) : 0.0f;
+            *reinterpret_cast<uint32_t*>(hidden + r * kLdH + n) =
                 pack_pair<T>(v0, v1);
           }
         }
@@ -527,7 +541,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         const float bias = n < ffn ? to_float(b1[n]) : 0.0f;
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r)
-          hidden[r * kLdH + n] = n < ffn ? silu(acc[r] + bias) : 0.0f;
+          hidden[r * kLdH + n] = n < ffn ? hidden_value(r, n, acc[r] + bias) : 0.0f;
       } else if (at.gemm > 0 && at.last) {
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r) stage_acc(at, r, lane, acc[r]);
@@ -554,9 +568,11 @@ Weight weight_of(const Matrix& m) {
   return w;
 }
 
-// project: the projection of transformer_mlp_project (with kProject), or null.
+// project: the projection of transformer_mlp_project (with kProject), or null; context:
+// separable_attention's (FusedMlpArgs::context), or null.
 template <class T, bool kProject>
-void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project, Stream stream) {
+void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project,
+               const float* context, Stream stream) {
   using Tile = FusedMlpTiles<T>;
   static_assert(Tile::kHiddenBytes + Tile::kABytes + Tile::kWBytes + kRows * int(sizeof(Pixel)) <=
                     48 * 1024,
@@ -579,6 +595,7 @@ void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project,
   f.w2 = weight_of<T>(args.w2);
   f.b1 = args.b1;
   f.b2 = args.b2;
+  f.context = context;
   f.x_chunked = gemm::chunked_rows<T>(args.x) && args.dim % Tile::kChunk == 0;
   f.out_chunked = f.x_chunked && gemm::chunked_rows<T>(args.out);
   if (kProject) {
@@ -609,7 +626,7 @@ void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream)
                        dtype, stream);
     }
     dispatch_dtype(dtype, [&](auto tag) {
-      fused_mlp<typename decltype(tag)::type, false>(args, nullptr, stream);
+      fused_mlp<typename decltype(tag)::type, false>(args, nullptr, nullptr, stream);
     });
     return;
   }
@@ -652,7 +669,17 @@ void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType 
   if (!transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout))
     throw std::runtime_error("fused_transformer_mlp_project: not transformer_mlp_project_fused");
   dispatch_dtype(dtype, [&](auto tag) {
-    fused_mlp<typename decltype(tag)::type, true>(args.mlp, &args.project, stream);
+    fused_mlp<typename decltype(tag)::type, true>(args.mlp, &args.project, nullptr, stream);
+  });
+}
+
+void fused_separable_attention_out(const TransformerMlpArgs& mlp, const float* context, DType dtype,
+                                   Stream stream) {
+  if (mlp.batch == 0 || mlp.height == 0 || mlp.width == 0) return;
+  if (!separable_attention_fused(dtype, mlp.dim) || mlp.ffn_dim != mlp.dim)
+    throw std::runtime_error("fused_separable_attention_out: not separable_attention_fused");
+  dispatch_dtype(dtype, [&](auto tag) {
+    fused_mlp<typename decltype(tag)::type, false>(mlp, nullptr, context, stream);
   });
 }
 
