@@ -41,6 +41,11 @@
 // accumulators through the warp's fp32 rows to act(acc + bias), 16-byte stores where aligned.
 // No shared memory beyond the FFN's.
 //
+// separable_attention's second launch runs here too (fused_separable_attention_out, where
+// separable_attention_fused): F = d, w1 / b1 the v rows of qkv, and the hidden activation
+// relu(acc + b1) * context[b, p, n] of the pixel's sequence p = 2 (y % 2) + x % 2
+// (FusedMlpArgs::context) in place of silu.
+//
 // Elsewhere (fp32 with d > 128 or F > 256: v1-style d 144 .. 240; any d > 256 or F > 512) it is
 // two tile GEMMs through pointwise_conv: the first has the norm as its prologue and SiLU as its
 // epilogue and writes the hidden map [B, F, H, W] (the workspace TransformerMlpArgs::hidden, in
