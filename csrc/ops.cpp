@@ -386,24 +386,34 @@ struct KernelContext {
 #endif
 };
 
-// At least n int32 counters, all 0 between launches, for the kernels that merge the partial
-// results of a sample's programs in its last program (which resets the sample's counter): one
-// buffer per device and stream, so that launches on two streams never share a counter. Made
-// (zeroed) by the first call that needs it, which must not be in a CUDA graph capture.
-int* split_counters(const Tensor& x, int64_t n) {
-  static std::mutex mutex;
-  static std::map<std::pair<int64_t, int64_t>, Tensor> buffers;
+// At least n int32 counters, all 0, for the kernels whose sample's last program merges the
+// partial results of its other programs and resets the sample's counter to 0. Outside a CUDA
+// graph capture: one buffer per device and stream (launches on two streams never share a
+// counter), zeroed when made or grown; the caller holds the tensor until its launch, so a
+// buffer another host thread grows meanwhile is not reused under it (and the caching allocator
+// reuses a freed block on its own stream only, after the work queued there). During a capture:
+// a fresh zeroed buffer from the graph's pool, so every replay zeroes its own counters (one
+// fill node more in the graph) and two graphs captured on one stream share nothing.
+Tensor split_counters(const Tensor& x, int64_t n) {
+  const auto options = x.options().dtype(at::kInt);
+  const int64_t size = std::max<int64_t>(n, 1024);
 #ifdef MVIT3_EMULATE
   const std::pair<int64_t, int64_t> key{-1, 0};
 #else
-  const std::pair<int64_t, int64_t> key{
-      x.get_device(), int64_t(c10::cuda::getCurrentCUDAStream(x.get_device()).id())};
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t error = cudaStreamIsCapturing(stream.stream(), &capture);
+  TORCH_CHECK(error == cudaSuccess, "mvit3: ", cudaGetErrorString(error));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, options);
+  const std::pair<int64_t, int64_t> key{x.get_device(), int64_t(stream.id())};
 #endif
+  static std::mutex mutex;
+  // never destroyed: CUDA tensors must not be freed after the CUDA context at exit
+  static auto& buffers = *new std::map<std::pair<int64_t, int64_t>, Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
   Tensor& buffer = buffers[key];
-  if (!buffer.defined() || buffer.numel() < n)
-    buffer = at::zeros({std::max<int64_t>(n, 1024)}, x.options().dtype(at::kInt));
-  return buffer.data_ptr<int>();
+  if (!buffer.defined() || buffer.numel() < n) buffer = at::zeros({size}, options);
+  return buffer;
 }
 
 int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input and check_channels
@@ -682,7 +692,8 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
   if (v.defined()) args.v = map_of(v);
   args.splits = splits;
   args.partials = partials.data_ptr<float>();
-  args.counters = split_counters(x, batch);
+  const Tensor counters = split_counters(x, batch);
+  args.counters = counters.data_ptr<int>();
   args.context = context_vectors.data_ptr<float>();
   args.group_stats = stats.data_ptr<float>();
   args.batch = as_int(batch);

@@ -152,14 +152,17 @@ MVIT3_DEVICE void context_body(const ContextArgs& args) {
     __syncthreads();  // warp_states are read before the next sequence rewrites them
   }
 
-  // The sample's last program merges the splits. Each thread's stores, then a fence (release)
-  // before the count; the last program fences (acquire) and reads the others' states at L2.
-  __threadfence();
+  // The sample's last program merges the splits. The block's stores, a barrier, then thread 0
+  // fences (release, cumulative over what the barrier ordered before it), counts, and fences
+  // again (acquire) before the barrier after which the block reads the others' states at L2.
   __syncthreads();
-  if (tid == 0) is_last = atomicAdd(args.counters + b, 1) == args.splits - 1;
+  if (tid == 0) {
+    __threadfence();
+    is_last = atomicAdd(args.counters + b, 1) == args.splits - 1;
+    __threadfence();
+  }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
   const float* sample_states = args.partials + int64_t(b) * args.splits * 4 * (2 + dim);
   for (int p = 0; p < 4; ++p) {
     if (tid >= dim) continue;
@@ -229,9 +232,10 @@ struct SeparableOutProducer {
 void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream stream) {
   if (args.batch == 0 || args.height < 2 || args.width < 2) return;
   const int dim = args.dim;
-  if (dim > kMaxSeparableDim)
-    throw std::runtime_error("separable_attention: d " + std::to_string(dim) + " > " +
-                             std::to_string(kMaxSeparableDim));
+  if (dim > kMaxSeparableDim || args.splits < 1)
+    throw std::runtime_error("separable_attention: d " + std::to_string(dim) + " (at most " +
+                             std::to_string(kMaxSeparableDim) + "), splits " +
+                             std::to_string(args.splits) + " (at least 1)");
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     ContextArgs context;

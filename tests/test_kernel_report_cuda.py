@@ -90,6 +90,22 @@ def test_rows_are_the_launches_of_the_forward(xs_rows, monkeypatch):
         assert row.launch.block == (128, 1, 1) and row.grid[1:] == (1, 1)
 
 
+def test_separable_attention_is_two_launches(library):
+    """v2-style: each separable_attention call is the context kernel (its sample's GroupNorm
+    statistics taken by each program, the splits merged by the last) and the fused FFN kernel
+    with relu(v) * context as its activation; no group_norm_stats launch of its own. At batch
+    1 the context grid is the splits of the one sample (mvit3.h: separable_attention_splits,
+    H / 2 at most 16 here: 16, 8, 4 for the 32, 16, 8 px maps of 256 px inputs)."""
+    rows = cuda_rows.analyse_cuda(cuda_rows.collect_cuda("mobilevitv3_050", 1, torch.float16),
+                                  GPUS["h200"], ARCH)
+    separable = [row for row in rows if getattr(row, "op", None) == "separable_attention"]
+    assert [row.kernel for row in separable] == [
+        "context_kernel<__half>", "fused_mlp_kernel<__half, false>"] * 9
+    assert [row.grid[0] for row in separable[::2]] == [16] * 2 + [8] * 4 + [4] * 3
+    for row in separable:
+        assert row.compiled is not None and row.compiled.spill_bytes == 0
+
+
 def test_batch_100_takes_the_gpu_grid(library):
     """In record mode the launchers split nothing: the stem's 100 x 256 pixel tiles are one
     launch (the emulator's test limit of 8 blocks on grid axis x is lifted)."""
