@@ -39,9 +39,13 @@ struct Map {
 
 // A [rows, cols] weight with any strides (the fast models pack 1x1 weights K-major: a
 // [Cout, K] view of a contiguous [K, Cout] buffer). data == nullptr means "absent".
+// With col_segment > 0 its columns are segments of col_segment: element (r, c) is at
+// r * stride_row + (c % col_segment) * stride_col + (c / col_segment) * segment_stride (a
+// contiguous [Cout, C, 3, 3] weight read in tap-major order, c = tap * C + channel).
 struct Matrix {
   const void* data = nullptr;
   int64_t stride_row = 0, stride_col = 0;
+  int64_t col_segment = 0, segment_stride = 0;
 };
 
 // pointwise_conv: out = act(cat(norm(x), x2) @ weight^T + bias) + residual, per pixel.

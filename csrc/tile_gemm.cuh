@@ -25,6 +25,8 @@
 //   bool chunked                        whether a_chunk may be used for this call
 //   void a_chunk(const Row&, int k, float (&v)[16 / sizeof(T)])
 //                                       A[pixel, k + i] in fp32 from one 16-byte load
+// and optionally (SegmentedWeight), for a weight whose K is segments (Matrix::col_segment):
+//   using SegmentedWeightTag = void
 #pragma once
 
 #include "device.cuh"
@@ -233,6 +235,14 @@ template <class Producer>
 struct HasChunks<Producer, std::void_t<decltype(std::declval<const Producer&>().chunked)>>
     : std::true_type {};
 
+// Whether a Producer's weight may have K in segments (Matrix::col_segment; only then does the
+// weight staging carry the segment arithmetic).
+template <class Producer, class = void>
+struct SegmentedWeight : std::false_type {};
+template <class Producer>
+struct SegmentedWeight<Producer, std::void_t<typename Producer::SegmentedWeightTag>>
+    : std::true_type {};
+
 // Whether a map's pixels are rows of unit-stride channels whose 16-byte chunks are aligned.
 template <class T>
 __host__ __device__ inline bool chunked_rows(const Map& m) {
@@ -268,12 +278,13 @@ MVIT3_DEVICE void store_chunk(T* dst, const float (&v)[16 / sizeof(T)]) {
 // step along its unit-stride dimension: k-fastest b[n * kLdA + k] unless only Cout is
 // unit-stride (n-fastest b[k * kLdBn + n]). One 16-byte chunk a thread (ChunkCopy: `fetch`
 // before the math of the current stage, `land` after it) where that dimension, the base pointer
-// and the other stride allow (`chunked`), else element by element (`stage_elements`).
-template <class T>
+// and the other stride allow (`chunked`), else element by element (`stage_elements`), which
+// with kSegmented reads a weight whose K is segments (Matrix::col_segment > 0).
+template <class T, bool kSegmented = false>
 struct WeightStager {
   using Tile = Tiles<T>;
   const T* weight;
-  int64_t stride_row, stride_col, line_stride;
+  int64_t stride_row, stride_col, line_stride, col_segment, segment_stride;
   int n0, cout, k;
   bool n_fastest, chunked;
   int line, first, chunk_offset;  // this thread's chunk: `first` ... of line `line` of the tile
@@ -281,10 +292,11 @@ struct WeightStager {
 
   MVIT3_DEVICE WeightStager(const Matrix& w, int n0_, int cout_, int k_)
       : weight(static_cast<const T*>(w.data)), stride_row(w.stride_row), stride_col(w.stride_col),
-        n0(n0_), cout(cout_), k(k_) {
+        col_segment(w.col_segment), segment_stride(w.segment_stride), n0(n0_), cout(cout_), k(k_) {
     n_fastest = stride_row == 1 && stride_col != 1;
     line_stride = n_fastest ? stride_col : stride_row;
-    chunked = (n_fastest || stride_col == 1) && reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
+    chunked = (!kSegmented || col_segment == 0) && (n_fastest || stride_col == 1) &&
+              reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
               (line_stride * int64_t(sizeof(T))) % 16 == 0;
     const int chunks_per_line = (n_fastest ? kBlockN : Tile::kBlockK) / Tile::kChunk;
     line = int(threadIdx.x) / chunks_per_line;
@@ -312,8 +324,11 @@ struct WeightStager {
       const int n = k_contiguous ? e / kBlockK : e % kBlockN;
       const int kk = k_contiguous ? e % kBlockK : e / kBlockN;
       const int o = n0 + n, kg = k0 + kk;
+      const int64_t k_offset = kSegmented && col_segment > 0
+                                   ? kg % col_segment * stride_col + kg / col_segment * segment_stride
+                                   : kg * stride_col;
       tile[n_fastest ? kk * Tile::kLdBn + n : n * Tile::kLdA + kk] =
-          (o < cout && kg < k) ? weight[o * stride_row + kg * stride_col] : from_float<T>(0.0f);
+          (o < cout && kg < k) ? weight[o * stride_row + k_offset] : from_float<T>(0.0f);
     }
   }
 };
@@ -443,7 +458,7 @@ MVIT3_DEVICE void tile_gemm_body(const Producer& producer, const Matrix& weight_
     }
   };
 
-  WeightStager<T> weights(weight_matrix, n0, shape.cout, shape.k);
+  WeightStager<T, SegmentedWeight<Producer>::value> weights(weight_matrix, n0, shape.cout, shape.k);
   auto a_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems; };
   auto b_tile_of = [&](int stage) { return stages + stage * Tile::kStageElems + Tile::kAElems; };
 

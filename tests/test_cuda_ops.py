@@ -434,6 +434,32 @@ def test_conv3x3(kernels, case):
     check(kernels, "conv3x3", args, case.dtype)
 
 
+# conv3x3 in tap-major K order (csrc/conv3x3.cu): where x and x2 are channels_last with aligned
+# pixels and C1 and C1 + C2 are whole 16-byte chunks, each A chunk is one 16-byte load of a
+# pixel's channels at one tap (zeros in the padding) and the contiguous weight is read in
+# segments of C1 + C2; elsewhere (an NCHW x2, C not whole chunks) the channel-major order.
+# ((C1, C2, Cout, stride, dilation), layout of x2, dtype, batch, size, order)
+TAP_MAJOR = [
+    ((16, 24, 40, 1, 1), "channels_last", torch.float16, 3, (5, 7), "forward"),
+    ((12, 20, 24, 2, 1), "channels_last", torch.float32, 1, (9, 6), "reverse"),
+    ((32, 0, 48, 1, 2), None, torch.bfloat16, 2, (7, 7), "random"),
+    ((64, 0, 16, 2, 1), None, torch.float16, 1, (8, 8), "reverse"),
+    ((16, 8, 16, 1, 1), "nchw", torch.float16, 3, (4, 6), "forward"),
+    ((20, 0, 16, 1, 1), None, torch.float16, 1, (5, 5), "random"),
+]
+
+
+@pytest.mark.parametrize("case", [Case("emu", *c[:1], *c[2:3], "channels_last", *c[3:])
+                                  for c in TAP_MAJOR], ids=str)
+def test_conv3x3_tap_major(kernels, case):
+    c1, c2, cout, stride, dilation = case.shape
+    x2_layout = next(c[1] for c in TAP_MAJOR if c[0] == case.shape)
+    t = Inputs(case, seed=c1 + c2)
+    args = (t.map(c1, layout="channels_last"), t.filter(cout, c1 + c2), t.vector(cout),
+            t.map(c2, layout=x2_layout) if c2 else None, stride, "silu", dilation)
+    check(kernels, "conv3x3", args, case.dtype)
+
+
 # Dilated 3x3 ops of the dense models, (dilation, stride): v2-style backbones' depthwise convs
 # (2 and 4) and ASPP's dense convs (6 ... 36), on odd maps the taps partly or wholly leave.
 DILATED = [(2, 1), (4, 1), (2, 2), (6, 1)]
