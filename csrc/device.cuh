@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -28,7 +30,9 @@
 #define MVIT3_DEVICE __device__ __forceinline__
 
 // Shared memory: MVIT3_SHARED(Type, name) declares `__shared__ Type name;` (Type may be an
-// array type, float[4][32]), MVIT3_SHARED_ALIGNED(Type, name, bytes) with __align__(bytes).
+// array type, float[4][32]), MVIT3_SHARED_ALIGNED(Type, name, bytes) with __align__(bytes);
+// MVIT3_SHARED_DYNAMIC(name, bytes) the launch's dynamic shared memory, `extern __shared__
+// unsigned char name[]` aligned to bytes (at most 16), which launch_with_dynamic_shared sizes.
 // The emulator defines them its own way (emulator.h): it gives every block fresh storage full
 // of NaN bytes, so a read of shared memory before a write fails the tests.
 #ifndef MVIT3_EMULATE
@@ -39,6 +43,7 @@ using Identity = T;  // so that a declaration can name an array type
 #define MVIT3_SHARED_ALIGNED(Type, name, bytes) \
   __shared__ __align__(bytes) ::mvit3::Identity<Type> name
 #define MVIT3_SHARED(Type, name) __shared__ ::mvit3::Identity<Type> name
+#define MVIT3_SHARED_DYNAMIC(name, bytes) extern __shared__ __align__(bytes) unsigned char name[]
 #endif
 
 namespace mvit3 {
@@ -377,21 +382,72 @@ void launch_chunks(int64_t units, int64_t blocks_per_unit, LaunchChunk&& launch_
     launch_chunk(first, std::min(units_per_launch, units - first));
 }
 
-// kernel<<<grid, block, 0, stream>>>(args...) with the launch error turned into an exception;
-// under MVIT3_EMULATE the emulator runs it on the host (or records it, in its record mode).
+// kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...) with the launch error turned
+// into an exception; under MVIT3_EMULATE the emulator runs it on the host (or records it, in
+// its record mode). Past kSharedBytesWithoutOptIn of dynamic shared memory the kernel must have
+// been allowed them on the device (allow_dynamic_shared).
 template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, const Args&... args) {
-  constexpr size_t kDynamicSharedBytes = 0;  // every kernel's shared memory is static
+void launch_with_dynamic_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                size_t dynamic_shared_bytes, Stream stream, const Args&... args) {
 #ifdef MVIT3_EMULATE
   (void)stream;
   emu::launch(grid, block, [&] { kernel(args...); }, reinterpret_cast<emu::KernelId>(kernel),
-              kDynamicSharedBytes);
+              dynamic_shared_bytes);
 #else
-  kernel<<<grid, block, kDynamicSharedBytes, stream>>>(args...);
+  kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess)
     throw std::runtime_error(std::string("mvit3 kernel launch failed: ") + cudaGetErrorString(error));
 #endif
+}
+
+// The same with static shared memory alone (most kernels).
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream stream, const Args&... args) {
+  launch_with_dynamic_shared(kernel, grid, block, 0, stream, args...);
+}
+
+// Let `kernel` launch with up to `bytes` of dynamic shared memory on the current device: the
+// opt-in past kSharedBytesWithoutOptIn (cudaFuncSetAttribute with
+// cudaFuncAttributeMaxDynamicSharedMemorySize), up to the device's
+// cudaDevAttrMaxSharedMemoryPerBlockOptin less the kernel's static shared memory. Once per kernel
+// and device (again only for more bytes), under a lock: launchers may run on several host
+// threads. Throws std::runtime_error where the device refuses.
+inline void allow_dynamic_shared_bytes(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes
+  int device = 0;
+#ifndef MVIT3_EMULATE
+  if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess)
+    throw std::runtime_error(std::string("mvit3: cudaGetDevice failed: ") +
+                             cudaGetErrorString(error));
+#endif
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& done = allowed[{kernel, device}];
+  if (bytes <= done) return;
+#ifdef MVIT3_EMULATE
+  const bool ok = emu::func_set_max_dynamic_shared_bytes(
+      reinterpret_cast<emu::KernelId>(const_cast<void*>(kernel)), bytes);
+  const char* reason = "invalid argument (over the device's opt-in limit)";
+#else
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  const bool ok = error == cudaSuccess;
+  const char* reason = ok ? "" : cudaGetErrorString(error);
+  if (!ok) cudaGetLastError();  // clear the error, or the next launch check would report it
+#endif
+  if (!ok)
+    throw std::runtime_error("mvit3: cannot allow a kernel " + std::to_string(bytes) +
+                             " bytes of dynamic shared memory on device " +
+                             std::to_string(device) +
+                             " (cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)"
+                             " failed: " + reason + ")");
+  done = bytes;
+}
+
+template <class... Params>
+void allow_dynamic_shared(void (*kernel)(Params...), size_t bytes) {
+  allow_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 }  // namespace mvit3

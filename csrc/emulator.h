@@ -21,6 +21,12 @@
 //   at a time. Every block starts with them full of 0xFF bytes (NaN in every float type, -1 as
 //   an integer), so a read before a write, or a write another thread reads without a barrier
 //   in between, gives NaN or garbage instead of a previous block's right answer.
+// - Dynamic shared memory (MVIT3_SHARED_DYNAMIC, the `extern __shared__` array) is one buffer
+//   per launch of exactly the launch's dynamic bytes, filled the same way at every block start.
+//   As on a GPU, a launch with more than 48 KB of it needs the kernel's opt-in first
+//   (func_set_max_dynamic_shared_bytes, cudaFuncSetAttribute's twin), and a block's static and
+//   dynamic shared memory together stay within the device's opt-in limit (shared_optin: an
+//   sm_90's 227 KB; the tests may set another, mvit3_emu_set_shared_optin).
 // - WMMA fragments hold the whole 16x16 tile in every lane; the load/store calls check the
 //   alignment and leading-dimension rules of the real API. Products are summed in fp32; a
 //   lane whose mma operands equal those its warp's first lane had copies that lane's result.
@@ -65,6 +71,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <new>
 #include <random>
@@ -179,13 +186,31 @@ struct SharedVariable {
   unsigned char* data;
 };
 
-// The static shared memory a block may declare on a GPU (more needs an opt-in the kernels do
-// not use).
+// The static shared memory a block may declare on a GPU, and the dynamic shared memory a launch
+// may take without the kernel's opt-in (func_set_max_dynamic_shared_bytes).
 inline constexpr size_t kSharedLimit = 48 * 1024;
+// The shared memory a block may take with the opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// static and dynamic together: an sm_90's (H200), so that record mode records the launches an
+// H200 gets and the tests run the kernels that need the opt-in; mvit3_emu_set_shared_optin sets
+// another device's (sm_75: 64 KB).
+inline constexpr size_t kSm90SharedOptin = 227 * 1024;
+inline size_t shared_optin = kSm90SharedOptin;
+// The kernels' cudaFuncAttributeMaxDynamicSharedMemorySize, where set.
+inline std::map<KernelId, size_t> max_dynamic_shared_bytes;
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): false (the
+// GPU's cudaErrorInvalidValue) past the device's opt-in limit.
+inline bool func_set_max_dynamic_shared_bytes(KernelId kernel, size_t bytes) {
+  if (bytes > shared_optin) return false;
+  max_dynamic_shared_bytes[kernel] = bytes;
+  return true;
+}
 // Every byte of a block's shared memory at its start: 0xFF is a NaN in fp32, fp16 and bf16 and
 // -1 as an integer, so a read before any write shows (on a GPU the bytes are whatever an
 // earlier block left there, which no kernel may rely on).
 inline constexpr unsigned char kSharedFill = 0xFF;
+// The alignment of dynamic shared memory (a GPU's is at least 16 bytes).
+inline constexpr size_t kDynamicSharedAlign = 16;
 
 struct Block {
   dim3 grid_dim, block_dim;
@@ -198,6 +223,10 @@ struct Block {
   std::vector<std::array<uint32_t, 10>> mma_fragments;  // mma_m16n8k16's a, b, c per thread
   std::vector<SharedVariable> shared;  // the variables the launch's blocks have declared
   size_t shared_bytes = 0;
+  // The launch's dynamic shared memory (MVIT3_SHARED_DYNAMIC): its own heap block of exactly
+  // the launch's bytes, so that AddressSanitizer sees an access past its end.
+  unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_shared_bytes = 0;
   ucontext_t scheduler{};
   const void* scheduler_stack = nullptr;  // its bottom and size, for AddressSanitizer
   size_t scheduler_stack_bytes = 0;
@@ -210,6 +239,7 @@ struct Block {
   Block& operator=(const Block&) = delete;
   ~Block() {
     for (SharedVariable& v : shared) ::operator delete(v.data, std::align_val_t(v.align));
+    if (dynamic_shared) ::operator delete(dynamic_shared, std::align_val_t(kDynamicSharedAlign));
   }
 };
 
@@ -307,6 +337,8 @@ inline bool release_barriers(Block& block) {
 inline void run_block(Block& block) {
   for (auto& log : block.mma_log) log.clear();
   for (SharedVariable& v : block.shared) std::memset(v.data, kSharedFill, v.bytes);
+  if (block.dynamic_shared)
+    std::memset(block.dynamic_shared, kSharedFill, block.dynamic_shared_bytes);
   std::vector<Fiber*> schedule;
   for (Fiber& f : block.fibers) schedule.push_back(&f);
   if (order == Order::reverse) std::reverse(schedule.begin(), schedule.end());
@@ -354,6 +386,15 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
   const unsigned count = threads.x * threads.y * threads.z;
   if (count == 0 || count > 1024 || count % 32 != 0)
     throw std::runtime_error("emulated launch: block size must be a multiple of 32 up to 1024");
+  const auto opted_in = max_dynamic_shared_bytes.find(kernel);
+  const size_t dynamic_limit =
+      opted_in == max_dynamic_shared_bytes.end() ? kSharedLimit : opted_in->second;
+  if (dynamic_shared_bytes > std::min(dynamic_limit, shared_optin))
+    throw std::runtime_error(
+        "emulated launch: " + std::to_string(dynamic_shared_bytes) +
+        " bytes of dynamic shared memory, over the kernel's cudaFuncAttributeMaxDynamicShared"
+        "MemorySize (" + std::to_string(dynamic_limit) + ") or the device's opt-in limit (" +
+        std::to_string(shared_optin) + ")");
   if (recording) {
     recorded_launches.push_back(LaunchRecord{kernel, grid, threads, dynamic_shared_bytes});
     return;
@@ -366,6 +407,11 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body,
   block.exchange.resize(count);
   block.mma_log.resize(count / 32);
   block.mma_fragments.resize(count);
+  if (dynamic_shared_bytes > 0) {
+    block.dynamic_shared = static_cast<unsigned char*>(
+        ::operator new(dynamic_shared_bytes, std::align_val_t(kDynamicSharedAlign)));
+    block.dynamic_shared_bytes = dynamic_shared_bytes;
+  }
   for (unsigned i = 0; i < count; ++i) {
     Fiber& f = block.fibers[i];
     f.stack.reset(new char[kStackBytes]);
@@ -403,11 +449,26 @@ Type& shared_variable(const void* key) {
   block->shared_bytes += sizeof(Type);
   if (block->shared_bytes > kSharedLimit)
     fail("static shared memory over " + std::to_string(kSharedLimit) + " bytes");
+  if (block->shared_bytes + block->dynamic_shared_bytes > shared_optin)
+    fail("static and dynamic shared memory over the device's " + std::to_string(shared_optin) +
+         " bytes");
   void* storage = ::operator new(sizeof(Type), std::align_val_t(align));
   SharedVariable v{key, sizeof(Type), align, static_cast<unsigned char*>(storage)};
   std::memset(v.data, kSharedFill, v.bytes);
   block->shared.push_back(v);
   return *reinterpret_cast<Type*>(v.data);
+}
+
+// The block's dynamic shared memory (MVIT3_SHARED_DYNAMIC), the launch's bytes of it.
+template <size_t kAlign>
+unsigned char* dynamic_shared() {
+  static_assert(kAlign <= kDynamicSharedAlign, "dynamic shared memory is 16-byte aligned");
+  Block* block = active_block();
+  if (!block->dynamic_shared) fail("dynamic shared memory declared by a launch without any");
+  if (block->shared_bytes + block->dynamic_shared_bytes > shared_optin)
+    fail("static and dynamic shared memory over the device's " + std::to_string(shared_optin) +
+         " bytes");
+  return block->dynamic_shared;
 }
 
 template <class T>
@@ -420,12 +481,15 @@ using Identity = T;  // so that a declaration can name an array type: Identity<f
 // point type"), so a kernel that gives a lane the wrong elements gets a wrong product here as
 // on a GPU (unlike the WMMA twin above, whose fragments are opaque whole tiles).
 
-// The shared variable of the block that holds [pointer, pointer + bytes), or null.
-inline const SharedVariable* shared_holding(const void* pointer, size_t bytes) {
+// Whether a shared variable of the block, or its dynamic shared memory, holds
+// [pointer, pointer + bytes).
+inline bool shared_holding(const void* pointer, size_t bytes) {
   const auto* p = static_cast<const unsigned char*>(pointer);
-  for (const SharedVariable& v : active_block()->shared)
-    if (p >= v.data && p + bytes <= v.data + v.bytes) return &v;
-  return nullptr;
+  const Block* block = active_block();
+  for (const SharedVariable& v : block->shared)
+    if (p >= v.data && p + bytes <= v.data + v.bytes) return true;
+  return block->dynamic_shared && p >= block->dynamic_shared &&
+         p + bytes <= block->dynamic_shared + block->dynamic_shared_bytes;
 }
 
 // cp.async: the copy is queued with the thread's uncommitted copies and only happens when a
@@ -573,6 +637,15 @@ __attribute__((used, visibility("default"))) inline int mvit3_emu_set_schedule(i
   return 0;
 }
 
+// The shared memory a block may take with the opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin,
+// which the ops ask before deciding between their one-launch and multi-launch paths): `bytes`,
+// at least 48 KB, or 0 for the default (an sm_90's). Returns 0, or -1 for fewer bytes.
+__attribute__((used, visibility("default"))) inline int mvit3_emu_set_shared_optin(int64_t bytes) {
+  if (bytes != 0 && bytes < static_cast<int64_t>(::mvit3::emu::kSharedLimit)) return -1;
+  ::mvit3::emu::shared_optin = bytes ? static_cast<size_t>(bytes) : ::mvit3::emu::kSm90SharedOptin;
+  return 0;
+}
+
 __attribute__((used, visibility("default"))) inline int64_t mvit3_emu_recorded_count() {
   return static_cast<int64_t>(::mvit3::emu::recorded_launches.size());
 }
@@ -606,6 +679,10 @@ __attribute__((used, visibility("default"))) inline int mvit3_emu_recorded_launc
   ::mvit3::emu::Identity<Type>& name =                                   \
       ::mvit3::emu::shared_variable<Type, bytes>(&name##_mvit3_shared_tag)
 #define MVIT3_SHARED(Type, name) MVIT3_SHARED_ALIGNED(Type, name, 1)
+// MVIT3_SHARED_DYNAMIC(name, bytes): `extern __shared__ __align__(bytes) unsigned char name[];`,
+// the launch's dynamic shared memory; here a pointer to the block's buffer (dynamic_shared).
+#define MVIT3_SHARED_DYNAMIC(name, bytes) \
+  unsigned char* const name = ::mvit3::emu::dynamic_shared<bytes>()
 
 #define threadIdx (::mvit3::emu::self().index)
 #define blockIdx (::mvit3::emu::active_block()->block_idx)

@@ -1122,6 +1122,15 @@ def _compiled_probe(tmp_path_factory, name: str, source: str, *flags: str):
     """The `probe` function of `source` compiled with the host compiler against csrc/ (no
     torch) into a shared library; skips without a host C++ compiler."""
     import ctypes
+
+    probe = ctypes.CDLL(str(_probe_library(tmp_path_factory, name, source, *flags))).probe
+    probe.restype = ctypes.c_char_p
+    return probe
+
+
+def _probe_library(tmp_path_factory, name: str, source: str, *flags: str):
+    """`source` compiled with the host compiler against csrc/ (no torch) into a shared library,
+    its path; skips without a host C++ compiler."""
     import shutil
     import subprocess
 
@@ -1134,9 +1143,7 @@ def _compiled_probe(tmp_path_factory, name: str, source: str, *flags: str):
     subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", *flags, "-o", str(lib),
                     str(directory / "probe.cpp"), f"-I{build.SOURCE_ROOT / 'csrc'}",
                     f"-I{build.cuda_header_dir()}"], check=True)
-    probe = ctypes.CDLL(str(lib)).probe
-    probe.restype = ctypes.c_char_p
-    return probe
+    return lib
 
 
 @pytest.fixture(scope="module")
@@ -1179,6 +1186,158 @@ def test_emulator_barriers_shuffles_and_api_checks(emulator_probe):
     assert "__syncthreads() at different call sites: thread (0,0,0) at probe.cpp:" in error
     assert ", thread (32,0,0) at probe.cpp:" in error
     assert "not 256-bit aligned" in emulator_probe("misaligned_wmma")[1]
+
+
+# ---- dynamic shared memory (device.cuh: MVIT3_SHARED_DYNAMIC, allow_dynamic_shared,
+# launch_with_dynamic_shared; emulator.h: the buffer, the opt-in and the device's limit)
+
+_DYNAMIC_SHARED_PROBES = r"""
+#include <cstring>
+#include <string>
+#include "device.cuh"
+
+namespace {
+
+int64_t launch_bytes = 0;  // the launch's dynamic shared memory
+
+// A barrier between its writes and other threads' reads. Each opt-in scenario has its own
+// instance: an opt-in is per kernel, for the process's lifetime.
+template <int kInstance>
+__global__ void mirror(int* out) {
+  MVIT3_SHARED_DYNAMIC(bytes, 16);
+  int* values = reinterpret_cast<int*>(bytes);
+  values[threadIdx.x] = 10 * threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = values[63 - threadIdx.x];
+}
+
+__global__ void read_before_write(int* out) {  // block 1 reads what only block 0 wrote
+  MVIT3_SHARED_DYNAMIC(bytes, 16);
+  float* values = reinterpret_cast<float*>(bytes);
+  if (blockIdx.x == 0) values[threadIdx.x] = 1.0f;
+  __syncthreads();
+  if (blockIdx.x == 1) std::memcpy(&out[threadIdx.x], &values[threadIdx.x], sizeof(float));
+}
+
+__global__ void past_the_end(int* out) {  // the byte after the launch's dynamic shared memory
+  MVIT3_SHARED_DYNAMIC(bytes, 16);
+  if (threadIdx.x == 0) out[0] = bytes[launch_bytes];
+}
+
+__global__ void with_static(int* out) {  // 40 KB of static shared memory beside the dynamic
+  MVIT3_SHARED(int[10 * 1024], values);
+  MVIT3_SHARED_DYNAMIC(bytes, 16);
+  values[threadIdx.x] = int(threadIdx.x);
+  bytes[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = values[threadIdx.x] + bytes[threadIdx.x];
+}
+
+}  // namespace
+
+// Launch kernel `name` with `bytes` of dynamic shared memory, after allowing it `allow` bytes
+// (0: no opt-in) on a device whose opt-in limit is `optin` (0: the default, an sm_90's);
+// returns the error, "" if none.
+extern "C" const char* probe(const char* name, int64_t bytes, int64_t allow, int64_t optin,
+                             int blocks, int* out) {
+  static std::string error;
+  error.clear();
+  void (*kernel)(int*) = nullptr;
+  const std::string which = name;
+  void (*const mirrors[])(int*) = {mirror<0>, mirror<1>, mirror<2>, mirror<3>, mirror<4>};
+  for (int i = 0; i < 5; ++i)
+    if (which == "mirror" + std::to_string(i)) kernel = mirrors[i];
+  if (which == "read_before_write") kernel = read_before_write;
+  if (which == "past_the_end") kernel = past_the_end;
+  if (which == "with_static") kernel = with_static;
+  launch_bytes = bytes;
+  mvit3_emu_set_shared_optin(optin);
+  try {
+    if (allow) mvit3::allow_dynamic_shared(kernel, size_t(allow));
+    mvit3::launch_with_dynamic_shared(kernel, dim3(blocks), dim3(64), size_t(bytes),
+                                      mvit3::Stream{}, out);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  mvit3_emu_set_shared_optin(0);
+  return error.c_str();
+}
+"""
+
+
+def _dynamic_shared_runner(probe):
+    import ctypes
+
+    probe.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    probe.restype = ctypes.c_char_p
+
+    def run(name: str, bytes_: int, allow: int = 0, optin: int = 0, blocks: int = 1):
+        out = (ctypes.c_int * 64)()
+        error = probe(name.encode(), bytes_, allow, optin, blocks, out).decode()
+        return list(out), error
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def dynamic_shared_probe(tmp_path_factory):
+    """Kernels with dynamic shared memory on the emulator (host compiler, no torch)."""
+    return _dynamic_shared_runner(_compiled_probe(tmp_path_factory, "dynamic_shared_probe",
+                                                  _DYNAMIC_SHARED_PROBES, "-DMVIT3_EMULATE"))
+
+
+def test_emulated_dynamic_shared_memory(dynamic_shared_probe):
+    run = dynamic_shared_probe
+    for bytes_ in (256, 100 * 1024):  # without and with the opt-in
+        out, error = run("mirror0", bytes_, allow=bytes_ if bytes_ > 48 * 1024 else 0)
+        assert not error and out == [10 * (63 - i) for i in range(64)]
+    # every block starts with it full of NaN bytes, as static shared memory
+    out, error = run("read_before_write", 256, blocks=2)
+    assert not error and all(math.isnan(v) for v in struct.unpack("64f", struct.pack("64i", *out)))
+    # past 48 KB a kernel must opt in; up to the device's limit (static and dynamic together)
+    assert "over the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (49152)" in \
+        run("mirror1", 48 * 1024 + 16)[1]
+    assert run("mirror1", 48 * 1024)[1] == ""
+    assert "cannot allow a kernel 65552 bytes of dynamic shared memory on device 0" in \
+        run("mirror2", 64 * 1024, allow=64 * 1024 + 16, optin=64 * 1024)[1]
+    assert run("mirror2", 64 * 1024, allow=64 * 1024, optin=64 * 1024)[1] == ""
+    assert "over the kernel's" in run("mirror2", 96 * 1024)[1]
+    assert run("mirror3", 256, allow=100 * 1024)[1] == ""  # allowed on an sm_90 ...
+    assert "or the device's opt-in limit (65536)" in \
+        run("mirror3", 64 * 1024 + 16, optin=64 * 1024)[1]  # ... is not on an sm_75
+    assert run("with_static", 24 * 1024, optin=64 * 1024)[1] == ""
+    assert "static and dynamic shared memory over the device's 65536 bytes" in \
+        run("with_static", 24 * 1024 + 16, optin=64 * 1024)[1]
+    assert "dynamic shared memory declared by a launch without any" in run("mirror4", 0)[1]
+
+
+@pytest.mark.skipif(SANITIZE is not None, reason="runs its own sanitized process")
+def test_dynamic_shared_memory_overrun_fails_under_address_sanitizer(tmp_path_factory):
+    """The emulator's dynamic shared memory is a heap block of exactly the launch's bytes: a read
+    of the byte after it is an AddressSanitizer error (a subprocess that preloads its runtime)."""
+    import subprocess
+    import sys
+
+    try:
+        preload = build.asan_preload()
+    except build.BuildError as err:
+        pytest.skip(str(err))
+    # loaded in the subprocess alone: an instrumented library needs the runtime preloaded
+    library = _probe_library(tmp_path_factory, "dynamic_shared_asan", _DYNAMIC_SHARED_PROBES,
+                             "-DMVIT3_EMULATE", "-fsanitize=address")
+    script = (
+        "import ctypes, sys; sys.path.insert(0, %r); import test_cuda_ops as t; "
+        "run = t._dynamic_shared_runner(ctypes.CDLL(%r).probe); "
+        "assert run('mirror0', 256) == ([10 * (63 - i) for i in range(64)], ''); "
+        "print('in bounds: ok', flush=True); run('past_the_end', 256)"
+        % (os.path.dirname(os.path.abspath(__file__)), str(library)))
+    env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True)
+    output = result.stdout + result.stderr
+    assert "in bounds: ok" in output, output[-4000:]
+    assert result.returncode != 0 and "heap-buffer-overflow" in output, output[-4000:]
 
 
 # One reverse-order case of each op (batch 3: samples end inside pixel tiles) and the long
