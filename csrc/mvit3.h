@@ -114,6 +114,10 @@ struct PatchAttentionArgs {
                                       // with d > kMaxFusedProjectionDim (absent otherwise)
 };
 
+// The shared memory a block may take on any device without the opt-in (static shared memory is
+// limited to it; a kernel opts in past it with cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr int64_t kSharedBytesWithoutOptIn = 48 * 1024;
+
 // transformer_mlp: out = x + silu(norm(x) @ w1^T + b1) @ w2^T + b2.
 struct TransformerMlpArgs {
   Map x, out;       // [B, d, H, W]
@@ -128,6 +132,9 @@ struct TransformerMlpArgs {
   const void* b1 = nullptr;           // [F]
   Matrix w2;                          // [d, F]
   const void* b2 = nullptr;           // [d]
+  // The shared memory a block may take on the device (cudaDevAttrMaxSharedMemoryPerBlockOptin;
+  // ops.cpp asks the device of x): whether the FFN is one launch depends on it (below).
+  int64_t shared_limit = kSharedBytesWithoutOptIn;
 };
 
 // transformer_mlp_project: mlp (norm layer), then project, a LayerNorm pointwise_conv whose x is
@@ -155,6 +162,7 @@ struct SeparableAttentionArgs {
   const void* qkv_bias = nullptr;     // [1 + 2d]
   Matrix out_weight;                  // [d, d]
   const void* out_bias = nullptr;     // [d]
+  int64_t shared_limit = kSharedBytesWithoutOptIn;  // the device's (separable_attention_fused)
 };
 
 // group_norm_stats: per-sample mean and 1/sqrt(var + eps) over C*H*W -> stats [B, 2] fp32.
@@ -193,26 +201,36 @@ constexpr int kMaxHeadDim = 64;
 // the heads to PatchAttentionArgs::heads_out and runs the out_proj as a second launch.
 constexpr int kMaxFusedProjectionDim = 256;
 
-// transformer_mlp runs in one launch (a block keeps its pixels' hidden tile in shared memory;
-// csrc/transformer_mlp.cu) where d <= fused_mlp_max_dim and F <= 2 fused_mlp_max_dim of the
-// dtype: fp16/bf16 d 256, F 512 (every model's FFN), fp32 d 128, F 256 (the fp32 tile is twice
-// as wide). Elsewhere it is two launches through the TransformerMlpArgs::hidden workspace, which
-// ops.cpp allocates only then. The one place that decides.
-constexpr int fused_mlp_max_dim(DType dtype) { return dtype == DType::f32 ? 128 : 256; }
-constexpr bool transformer_mlp_fused(DType dtype, int64_t dim, int64_t ffn_dim) {
-  return dim >= 1 && ffn_dim >= 1 && dim <= fused_mlp_max_dim(dtype) &&
-         ffn_dim <= 2 * fused_mlp_max_dim(dtype);
+// transformer_mlp runs in one launch (fused_mlp_kernel, csrc/transformer_mlp.cu: a block keeps
+// its 16 pixels' hidden tile in shared memory) where d <= kFusedMlpMaxDim, F <= 2 kFusedMlpMaxDim
+// (every model's FFN) and the block's shared memory, fused_mlp_shared_bytes, fits the device's
+// per-block limit. fp16/bf16: 45.6 KB of static shared memory for any such d and F, which every
+// device takes. fp32 (tiles twice as wide): dynamic shared memory sized from d and F, 45.6 KB at
+// d 128 / F 256, 65.9 KB at d 240 / F 480, 68.9 KB at d 256 / F 512; past 48 KB the kernel opts
+// in, up to the device's limit (sm_75 64 KB: fp32 up to d 224 / F 448 there; sm_80 163 KB,
+// sm_86/89 99 KB, sm_90 227 KB: all). Elsewhere it is two launches through the
+// TransformerMlpArgs::hidden workspace, which ops.cpp allocates only then. The one place that
+// decides.
+constexpr int kFusedMlpMaxDim = 256;
+// The shared memory a fused_mlp_kernel block of dtype takes for d <= kFusedMlpMaxDim and
+// F <= 2 kFusedMlpMaxDim (csrc/transformer_mlp.cu: fused_mlp_layout).
+int64_t fused_mlp_shared_bytes(DType dtype, int dim, int ffn_dim);
+inline bool transformer_mlp_fused(DType dtype, int64_t dim, int64_t ffn_dim,
+                                  int64_t shared_limit) {
+  return dim >= 1 && ffn_dim >= 1 && dim <= kFusedMlpMaxDim && ffn_dim <= 2 * kFusedMlpMaxDim &&
+         fused_mlp_shared_bytes(dtype, int(dim), int(ffn_dim)) <= shared_limit;
 }
 
 // transformer_mlp_project runs in one launch where its FFN does (transformer_mlp_fused), any
 // Cout: the fused FFN kernel keeps its 16 pixels' output rows in shared memory (where the A
 // tile was), normalises them into the hidden tile's place once the second GEMM is done, and runs
 // the projection as a third GEMM by chunks of 128 of Cout; no shared memory beyond the FFN's.
-// Elsewhere (fp32 FFNs past d 128 or F 256, any FFN past d 256 or F 512) the FFN (two launches),
-// then the LayerNorm pointwise_conv reading its output back. The one place that decides.
-constexpr bool transformer_mlp_project_fused(DType dtype, int64_t dim, int64_t ffn_dim,
-                                             int64_t cout) {
-  return cout >= 1 && transformer_mlp_fused(dtype, dim, ffn_dim);
+// Elsewhere (an FFN past d 256 or F 512, or an fp32 one whose tiles pass the device's limit)
+// the FFN (two launches), then the LayerNorm pointwise_conv reading its output back. The one
+// place that decides.
+inline bool transformer_mlp_project_fused(DType dtype, int64_t dim, int64_t ffn_dim, int64_t cout,
+                                          int64_t shared_limit) {
+  return cout >= 1 && transformer_mlp_fused(dtype, dim, ffn_dim, shared_limit);
 }
 
 // separable_attention takes d <= kMaxSeparableDim (every model's: 64 .. 256): a lane of its
@@ -223,8 +241,8 @@ constexpr int kMaxSeparableDim = 256;
 // transformer_mlp with relu(v) * context as its hidden activation) where that kernel's tiles
 // take F = d; otherwise the v rows are a GEMM of their own into SeparableAttentionArgs::v, which
 // ops.cpp allocates only then, and the out GEMM reads them back: three launches.
-constexpr bool separable_attention_fused(DType dtype, int64_t dim) {
-  return transformer_mlp_fused(dtype, dim, dim);
+inline bool separable_attention_fused(DType dtype, int64_t dim, int64_t shared_limit) {
+  return transformer_mlp_fused(dtype, dim, dim, shared_limit);
 }
 
 // ---- size limits (ops.cpp checks them, in <op>_why_not, which cuda_lib.why_unsupported asks)

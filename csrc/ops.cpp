@@ -418,6 +418,24 @@ Tensor split_counters(const Tensor& x, int64_t n) {
 
 int as_int(int64_t v) { return int(v); }  // sizes: within int32 by check_input and check_channels
 
+// The shared memory a block may take on x's device with the opt-in
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin: sm_75 64 KB, sm_80 163 KB, sm_86/89 99 KB, sm_90
+// 227 KB), which decides whether an fp32 FFN is one launch (mvit3.h: transformer_mlp_fused).
+// The emulator's: an sm_90's, or what the tests set (emulator.h: shared_optin).
+int64_t shared_memory_optin(const Tensor& x) {
+#ifdef MVIT3_EMULATE
+  (void)x;
+  return int64_t(emu::shared_optin);
+#else
+  int bytes = 0;
+  const cudaError_t error =
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device());
+  TORCH_CHECK(error == cudaSuccess, "mvit3: cannot read the shared memory limit of device ",
+              x.get_device(), ": ", cudaGetErrorString(error));
+  return bytes;
+#endif
+}
+
 // ---- the ops --------------------------------------------------------------------------------
 
 // A pointwise_conv call (checked): its launcher arguments, the output and workspace they point
@@ -614,10 +632,11 @@ TransformerMlpCall transformer_mlp_call(const Tensor& x, c10::string_view norm,
   call.b2 = dense(b2);
 
   call.out = empty_map(x, dim, height, width);
-  // The hidden map goes through memory only where the FFN is not one launch (csrc/mvit3.h).
-  if (!transformer_mlp_fused(dtype_of(x), dim, ffn_dim))
-    call.hidden = empty_map(x, ffn_dim, height, width);
   TransformerMlpArgs& args = call.args;
+  args.shared_limit = shared_memory_optin(x);
+  // The hidden map goes through memory only where the FFN is not one launch (csrc/mvit3.h).
+  if (!transformer_mlp_fused(dtype_of(x), dim, ffn_dim, args.shared_limit))
+    call.hidden = empty_map(x, ffn_dim, height, width);
   args.norm = parse_norm(norm);
   if (args.norm == Norm::group) call.stats = empty_fp32(x, {batch, 2});
   args.x = map_of(x);
@@ -684,9 +703,11 @@ Tensor separable_attention_op(const Tensor& x, const Tensor& norm_weight, const 
   Tensor partials = empty_fp32(x, {batch, splits, 4, 2 + dim});
   Tensor context_vectors = empty_fp32(x, {batch, 4, dim});
   Tensor stats = empty_fp32(x, {batch, 2});
-  Tensor v;  // only where the out GEMM is not fused
-  if (!separable_attention_fused(dtype_of(x), dim)) v = empty_map(x, dim, height, width);
   SeparableAttentionArgs args;
+  args.shared_limit = shared_memory_optin(x);
+  Tensor v;  // only where the out GEMM is not fused
+  if (!separable_attention_fused(dtype_of(x), dim, args.shared_limit))
+    v = empty_map(x, dim, height, width);
   args.x = map_of(x);
   args.out = map_of(out);
   if (v.defined()) args.v = map_of(v);

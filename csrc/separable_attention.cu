@@ -264,7 +264,7 @@ void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream
                               (1 + dim) * args.qkv_weight.stride_row,
                           args.qkv_weight.stride_row, args.qkv_weight.stride_col};
     const T* v_bias = static_cast<const T*>(args.qkv_bias) + 1 + dim;
-    if (separable_attention_fused(dtype, dim)) {
+    if (separable_attention_fused(dtype, dim, args.shared_limit)) {
       TransformerMlpArgs mlp;
       mlp.x = args.x;
       mlp.out = args.out;
@@ -282,6 +282,7 @@ void separable_attention(const SeparableAttentionArgs& args, DType dtype, Stream
       mlp.b1 = v_bias;
       mlp.w2 = args.out_weight;
       mlp.b2 = args.out_bias;
+      mlp.shared_limit = args.shared_limit;
       fused_separable_attention_out(mlp, args.context, dtype, stream);
       return;
     }

@@ -3,11 +3,15 @@
 // norm "layer" (v1-style), "group" (v2-style) or "none". Semantics:
 // mvit3.ops.reference.transformer_mlp.
 //
-// One launch (fused_mlp_kernel; "group" first runs group_norm_stats) where the block's hidden
-// tile fits the 48 KB of static shared memory: d <= kMaxDim and F <= kMaxFfn of FusedMlpTiles
-// (fp16/bf16: d 256, F 512, every model's FFN; fp32: d 128, F 256), decided by
+// One launch (fused_mlp_kernel; "group" first runs group_norm_stats) where d <= 256, F <= 512
+// (every model's FFN) and the block's tiles fit the device's shared memory, decided by
 // transformer_mlp_fused (mvit3.h), which ops.cpp asks too (it allocates the hidden workspace
-// only for the other path). A block owns kRows = 16 pixels and runs both GEMMs for them:
+// only for the other path). Shared memory (fused_mlp_layout): fp16/bf16 the widest tiles
+// (d 256, F 512) in 45.6 KB of static shared memory; fp32, whose tiles are twice as wide,
+// dynamic shared memory sized from the call's d and F (45.6 KB at d 128 / F 256, 65.9 KB at
+// d 240 / F 480, 68.9 KB at d 256 / F 512; past 48 KB the kernel is allowed them once per
+// device, cudaFuncSetAttribute): within an sm_80/86/89/90's limit at every d, an sm_75's
+// (64 KB) up to d 224 / F 448. A block owns kRows = 16 pixels and runs both GEMMs for them:
 //   1. the [16][d] x rows go to the A tile (the I/O type: raw x is exact there), then each
 //      pixel's LayerNorm statistics are taken from it (8 threads a pixel, two passes: mean,
 //      then centred squares) or its sample's GroupNorm statistics read, and the tile is
@@ -46,10 +50,10 @@
 // relu(acc + b1) * context[b, p, n] of the pixel's sequence p = 2 (y % 2) + x % 2
 // (FusedMlpArgs::context) in place of silu.
 //
-// Elsewhere (fp32 with d > 128 or F > 256: v1-style d 144 .. 240; any d > 256 or F > 512) it is
-// two tile GEMMs through pointwise_conv: the first has the norm as its prologue and SiLU as its
-// epilogue and writes the hidden map [B, F, H, W] (the workspace TransformerMlpArgs::hidden, in
-// the I/O dtype); the second adds b2 and the residual x.
+// Elsewhere (any d > 256 or F > 512; fp32 tiles past the device's limit: an sm_75's past
+// d 224 / F 448) it is two tile GEMMs through pointwise_conv: the first has the norm as its
+// prologue and SiLU as its epilogue and writes the hidden map [B, F, H, W] (the workspace
+// TransformerMlpArgs::hidden, in the I/O dtype); the second adds b2 and the residual x.
 #include "tile_gemm.cuh"
 
 namespace mvit3 {
@@ -65,12 +69,16 @@ constexpr int kNormLanes = kThreads / kRows;  // threads per pixel for the norm
 template <class T>
 struct FusedMlpTiles {
   static constexpr bool kMma = !std::is_same_v<T, float>;
+  // fp32's tiles, twice as wide, take dynamic shared memory sized from the call's d and F
+  // (fused_mlp_layout); 16-bit's static shared memory, the widest tiles.
+  static constexpr bool kDynamic = !kMma;
   static constexpr int kChunk = 16 / int(sizeof(T));  // elements in 16 bytes
-  static constexpr int kMaxDim = fused_mlp_max_dim(kMma ? DType::f16 : DType::f32);
+  static constexpr int kMaxDim = kFusedMlpMaxDim;
   static constexpr int kMaxFfn = 2 * kMaxDim;
   static constexpr int kK = kMma ? 32 : 16;  // K of a W tile (a step)
   // Rows padded by one chunk: 16-bit rows are then an odd number of 16-byte units (ldmatrix
-  // without bank conflicts), fp32 rows stay 16-byte aligned (float4 reads).
+  // without bank conflicts), fp32 rows stay 16-byte aligned (float4 reads). The widest tiles'
+  // (fp32's at d 256 / F 512).
   static constexpr int kLdA = kMaxDim + kChunk;
   static constexpr int kLdH = kMaxFfn + kChunk;
   static constexpr int kLdK = kK + kChunk;      // k-fastest W tile [kWarpN][kLdK]
@@ -97,6 +105,44 @@ struct Pixel {
   int b;             // sample; -1 past the last pixel
   int y, x;
 };
+
+// A block's shared memory: the row strides (elements) of the A tile (also of the kProject t
+// and normalised rows) and of the hidden tile, and the bytes of its regions, in this order:
+// the hidden tile, the A tile (then the warps' fp32 output rows), the warps' W tiles, the
+// pixels. 16-bit: the static tiles, the widest, for any d and F. fp32: sized from d and F (the
+// dynamic shared memory of the launch): the first GEMM reads the A tile's columns up to d
+// rounded up to kK and writes the hidden tile's up to F rounded up to kWarpN, the second reads
+// them up to F rounded up to kK; the normalised rows (ld_a) take the hidden tile's place.
+struct FusedMlpLayout {
+  int ld_a, ld_h;
+  int hidden_bytes, a_bytes, w_bytes, pixel_bytes;
+  __host__ __device__ constexpr int total() const {
+    return hidden_bytes + a_bytes + w_bytes + pixel_bytes;
+  }
+};
+
+__host__ __device__ constexpr int round_up(int n, int multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+template <class T>
+__host__ __device__ constexpr FusedMlpLayout fused_mlp_layout(int dim, int ffn) {
+  using Tile = FusedMlpTiles<T>;
+  if constexpr (!Tile::kDynamic) {
+    return {Tile::kLdA, Tile::kLdH, Tile::kHiddenBytes, Tile::kABytes, Tile::kWBytes,
+            kRows * int(sizeof(Pixel))};
+  } else {
+    FusedMlpLayout l{};
+    l.ld_a = round_up(dim, Tile::kK) + Tile::kChunk;
+    l.ld_h = std::max(round_up(ffn, kWarpN), round_up(dim, Tile::kK)) + Tile::kChunk;
+    l.hidden_bytes = kRows * l.ld_h * int(sizeof(T));
+    l.a_bytes = std::max(kRows * l.ld_a * int(sizeof(T)),
+                         kWarps * kRows * Tile::kLdOut * int(sizeof(float)));
+    l.w_bytes = Tile::kWBytes;
+    l.pixel_bytes = kRows * int(sizeof(Pixel));
+    return l;
+  }
+}
 
 // A weight with its staging decisions (the host's).
 struct Weight {
@@ -140,14 +186,33 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   using Tile = FusedMlpTiles<T>;
   constexpr int kChunk = Tile::kChunk, kK = Tile::kK, kLdA = Tile::kLdA, kLdH = Tile::kLdH;
   constexpr int kLdK = Tile::kLdK, kLdN = Tile::kLdN, kLdOut = Tile::kLdOut;
-  MVIT3_SHARED_ALIGNED(T[kRows * kLdH], hidden, 16);
-  // The A tile, then (in the second GEMM) the warps' fp32 output rows.
-  MVIT3_SHARED_ALIGNED(unsigned char[Tile::kABytes], a_region, 16);
-  MVIT3_SHARED_ALIGNED(T[Tile::kWBytes / int(sizeof(T))], w_tiles, 16);
-  MVIT3_SHARED(Pixel[kRows], pixels);
+  // The block's tiles (fused_mlp_layout): 16-bit's static, the widest (ld_a == kLdA,
+  // ld_h == kLdH); fp32's carved from the launch's dynamic shared memory for d and F.
+  const FusedMlpLayout layout = fused_mlp_layout<T>(args.dim, args.ffn);
+  const int ld_a = layout.ld_a, ld_h = layout.ld_h;
+  T* hidden;
+  unsigned char* a_region;  // the A tile, then (in the second GEMM) the warps' fp32 output rows
+  T* w_tiles;
+  Pixel* pixels;
+  if constexpr (Tile::kDynamic) {
+    MVIT3_SHARED_DYNAMIC(shared, 16);
+    hidden = reinterpret_cast<T*>(shared);
+    a_region = shared + layout.hidden_bytes;
+    w_tiles = reinterpret_cast<T*>(a_region + layout.a_bytes);
+    pixels = reinterpret_cast<Pixel*>(a_region + layout.a_bytes + layout.w_bytes);
+  } else {
+    MVIT3_SHARED_ALIGNED(T[kRows * kLdH], hidden_static, 16);
+    MVIT3_SHARED_ALIGNED(unsigned char[Tile::kABytes], a_static, 16);
+    MVIT3_SHARED_ALIGNED(T[Tile::kWBytes / int(sizeof(T))], w_static, 16);
+    MVIT3_SHARED(Pixel[kRows], pixels_static);
+    hidden = hidden_static;
+    a_region = a_static;
+    w_tiles = w_static;
+    pixels = pixels_static;
+  }
   T* const a_tile = reinterpret_cast<T*>(a_region);
   // kProject: the second GEMM's out rows [16][d] (as stored) take the A tile's place, free by
-  // then; their LayerNorm goes to the hidden tile's, free after the second GEMM (ld kLdA there
+  // then; their LayerNorm goes to the hidden tile's, free after the second GEMM (ld_a there
   // too), the third GEMM's A operand.
   T* const t_rows = a_tile;
   T* const normed_rows = hidden;
@@ -263,7 +328,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       const Pixel& p = pixels[r];
       uint4 bits = make_uint4(0, 0, 0, 0);
       if (p.b >= 0 && c < dim) bits = *reinterpret_cast<const uint4*>(x + p.x_offset + c);
-      *reinterpret_cast<uint4*>(a_tile + r * kLdA + c) = bits;
+      *reinterpret_cast<uint4*>(a_tile + r * ld_a + c) = bits;
     }
   } else {
     const bool channels_fastest = args.x.stride_c == 1;
@@ -271,12 +336,12 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       const int r = channels_fastest ? e / a_columns : e % kRows;
       const int c = channels_fastest ? e % a_columns : e / kRows;
       const Pixel& p = pixels[r];
-      a_tile[r * kLdA + c] = p.b >= 0 && c < dim ? x[p.x_offset + c * args.x.stride_c]
+      a_tile[r * ld_a + c] = p.b >= 0 && c < dim ? x[p.x_offset + c * args.x.stride_c]
                                                  : from_float<T>(0.0f);
     }
   }
   __syncthreads();
-  // Normalise a [16][d] tile (ld kLdA) into dst (in place where dst == src): kNormLanes
+  // Normalise a [16][d] tile (ld_a) into dst (in place where dst == src): kNormLanes
   // neighbouring threads a pixel (the same warp); LayerNorm statistics in fp32, two passes
   // (mean, then centred squares).
   auto normalise = [&](const T* src, T* dst, Norm norm, const void* norm_weight,
@@ -284,7 +349,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
     static_assert(kThreads == kNormLanes * kRows && 32 % kNormLanes == 0, "lanes per pixel");
     const int r = tid / kNormLanes, part = tid % kNormLanes;
     const Pixel& p = pixels[r];
-    const T* row = src + r * kLdA;
+    const T* row = src + r * ld_a;
     float mean = 0.0f, rstd = 1.0f;
     if (norm == Norm::layer) {
       float sum = 0.0f;
@@ -316,7 +381,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         float v = (to_float(row[c]) - mean) * rstd;
         if (weight) v *= to_float(weight[c]);
         if (bias) v += to_float(bias[c]);
-        dst[r * kLdA + c] = from_float<T>(v);
+        dst[r * ld_a + c] = from_float<T>(v);
       }
     }
   };
@@ -355,7 +420,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       const Pixel& p = pixels[r];
       const int o = at.n0 + c;
       if (p.b >= 0 && o < dim)
-        t_rows[r * kLdA + o] =
+        t_rows[r * ld_a + o] =
             from_float<T>(v + (to_float(b2[o]) + to_float(x[p.x_offset + o * args.x.stride_c])));
     } else {
       out_rows[r * kLdOut + c] = v;
@@ -381,7 +446,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         if (p.b < 0 || o >= n_size) continue;  // whole chunks: o < n_size covers the chunk
         T* to = dst + map_offset(dst_map, p.b, o, p.y, p.x);
         if (copy) {
-          *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(t_rows + r * kLdA + o);
+          *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(t_rows + r * ld_a + o);
           continue;
         }
         float v[kChunk];
@@ -405,7 +470,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         if (p.b < 0 || o >= n_size) continue;
         T* to = dst + map_offset(dst_map, p.b, o, p.y, p.x);
         if (copy) {
-          *to = t_rows[r * kLdA + o];
+          *to = t_rows[r * ld_a + o];
           continue;
         }
         float v = out_rows[r * kLdOut + c];
@@ -446,7 +511,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       // third GEMM reads, the rows past the last pixel
       for (int e = tid; e < kRows * a_columns; e += kThreads) {
         const int r = e / a_columns, c = e % a_columns;
-        if (pixels[r].b < 0 || c >= dim) normed_rows[r * kLdA + c] = from_float<T>(0.0f);
+        if (pixels[r].b < 0 || c >= dim) normed_rows[r * ld_a + c] = from_float<T>(0.0f);
       }
       __syncthreads();
       for (; s < steps; ++s) step(s);
@@ -454,6 +519,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
   };
 
   if constexpr (Tile::kMma) {
+    static_assert(!Tile::kDynamic, "16-bit: the static tiles, ld_a == kLdA and ld_h == kLdH");
     float acc[kWarpN / 8][4];
     run_steps([&](const Where& at, const T* tile) {
       if (at.k_step == 0) {
@@ -521,7 +587,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
       }
       const bool n_fastest = weight_at(at.gemm).n_fastest;
       const T* rows = at.gemm == 0 ? a_tile : at.gemm == 1 ? hidden : normed_rows;
-      const int ld = at.gemm == 1 ? kLdH : kLdA;
+      const int ld = at.gemm == 1 ? ld_h : ld_a;
       rows += at.k0;
       MVIT3_UNROLL
       for (int k = 0; k < kK; k += 4) {
@@ -546,7 +612,7 @@ MVIT3_DEVICE void fused_mlp_body(const FusedMlpArgs& args) {
         const float bias = n < ffn ? to_float(b1[n]) : 0.0f;
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r)
-          hidden[r * kLdH + n] = n < ffn ? hidden_value(r, n, acc[r] + bias) : 0.0f;
+          hidden[r * ld_h + n] = n < ffn ? hidden_value(r, n, acc[r] + bias) : 0.0f;
       } else if (at.gemm > 0 && at.last) {
         MVIT3_UNROLL
         for (int r = 0; r < kRows; ++r) stage_acc(at, r, lane, acc[r]);
@@ -579,10 +645,13 @@ template <class T, bool kProject>
 void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project,
                const float* context, Stream stream) {
   using Tile = FusedMlpTiles<T>;
-  static_assert(Tile::kHiddenBytes + Tile::kABytes + Tile::kWBytes + kRows * int(sizeof(Pixel)) <=
-                    48 * 1024,
+  static_assert(Tile::kDynamic || fused_mlp_layout<T>(1, 1).total() <= kSharedBytesWithoutOptIn,
                 "a block's tiles fit the static shared memory");
   static_assert(Tile::kLdA <= Tile::kLdH, "the normalised t rows fit the hidden tile");
+  constexpr FusedMlpLayout kWidest = fused_mlp_layout<T>(Tile::kMaxDim, Tile::kMaxFfn);
+  static_assert(kWidest.ld_a == Tile::kLdA && kWidest.ld_h == Tile::kLdH &&
+                    kWidest.hidden_bytes == Tile::kHiddenBytes && kWidest.a_bytes == Tile::kABytes,
+                "fp32's tiles at d 256 / F 512 are the widest, as laid out for 16-bit");
   FusedMlpArgs f{};
   f.x = args.x;
   f.out = args.out;
@@ -614,18 +683,35 @@ void fused_mlp(const TransformerMlpArgs& args, const PointwiseConvArgs* project,
     f.act = project->act;
     f.z_chunked = gemm::chunked_rows<T>(project->out) && project->cout % Tile::kChunk == 0;
   }
+  // fp32: the call's dynamic shared memory; the kernel is allowed the most it can take on the
+  // device (its widest tiles', or the device's limit), once.
+  const auto kernel = &fused_mlp_kernel<T, kProject>;
+  size_t dynamic_bytes = 0;
+  if constexpr (Tile::kDynamic) {
+    dynamic_bytes = size_t(fused_mlp_layout<T>(args.dim, args.ffn_dim).total());
+    if (int64_t(dynamic_bytes) > kSharedBytesWithoutOptIn)
+      allow_dynamic_shared(kernel, size_t(std::min(int64_t(kWidest.total()), args.shared_limit)));
+  }
   const int64_t pixels = int64_t(args.batch) * args.height * args.width;
   launch_chunks(ceil_div(pixels, kRows), 1, [&](int64_t first, int64_t count) {
     f.first_block = first;
-    launch(&fused_mlp_kernel<T, kProject>, grid_of(count), dim3(kThreads), stream, f);
+    launch_with_dynamic_shared(kernel, grid_of(count), dim3(kThreads), dynamic_bytes, stream, f);
   });
 }
 
 }  // namespace
 
+int64_t fused_mlp_shared_bytes(DType dtype, int dim, int ffn_dim) {
+  int64_t bytes = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    bytes = fused_mlp_layout<typename decltype(tag)::type>(dim, ffn_dim).total();
+  });
+  return bytes;
+}
+
 void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream) {
   if (args.batch == 0 || args.height == 0 || args.width == 0 || args.dim == 0) return;
-  if (transformer_mlp_fused(dtype, args.dim, args.ffn_dim)) {
+  if (transformer_mlp_fused(dtype, args.dim, args.ffn_dim, args.shared_limit)) {
     if (args.norm == Norm::group) {
       group_norm_stats({args.x, args.batch, args.dim, args.height, args.width, args.eps, args.group_stats},
                        dtype, stream);
@@ -671,7 +757,8 @@ void transformer_mlp(const TransformerMlpArgs& args, DType dtype, Stream stream)
 void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype,
                                    Stream stream) {
   if (args.mlp.batch == 0 || args.mlp.height == 0 || args.mlp.width == 0) return;
-  if (!transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout))
+  if (!transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout,
+                                     args.mlp.shared_limit))
     throw std::runtime_error("fused_transformer_mlp_project: not transformer_mlp_project_fused");
   dispatch_dtype(dtype, [&](auto tag) {
     fused_mlp<typename decltype(tag)::type, true>(args.mlp, &args.project, nullptr, stream);
@@ -681,7 +768,7 @@ void fused_transformer_mlp_project(const TransformerMlpProjectArgs& args, DType 
 void fused_separable_attention_out(const TransformerMlpArgs& mlp, const float* context, DType dtype,
                                    Stream stream) {
   if (mlp.batch == 0 || mlp.height == 0 || mlp.width == 0) return;
-  if (!separable_attention_fused(dtype, mlp.dim) || mlp.ffn_dim != mlp.dim)
+  if (!separable_attention_fused(dtype, mlp.dim, mlp.shared_limit) || mlp.ffn_dim != mlp.dim)
     throw std::runtime_error("fused_separable_attention_out: not separable_attention_fused");
   dispatch_dtype(dtype, [&](auto tag) {
     fused_mlp<typename decltype(tag)::type, false>(mlp, nullptr, context, stream);

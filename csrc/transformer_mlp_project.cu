@@ -7,7 +7,8 @@
 // One launch where transformer_mlp_project_fused (mvit3.h: where the FFN is one launch, any
 // Cout): fused_mlp_kernel<T, true> (csrc/transformer_mlp.cu) keeps its 16 pixels' t rows in
 // shared memory, takes their LayerNorm there and runs the projection as its third GEMM.
-// Elsewhere (FFNs past fused_mlp_max_dim) the two parts run one after the other:
+// Elsewhere (FFNs past d 256 or F 512, fp32 ones past the device's shared memory) the two parts
+// run one after the other:
 // transformer_mlp (one launch or two), then pointwise_conv with the LayerNorm prologue reading
 // t back.
 #include "mvit3.h"
@@ -15,7 +16,8 @@
 namespace mvit3 {
 
 void transformer_mlp_project(const TransformerMlpProjectArgs& args, DType dtype, Stream stream) {
-  if (transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout)) {
+  if (transformer_mlp_project_fused(dtype, args.mlp.dim, args.mlp.ffn_dim, args.project.cout,
+                                    args.mlp.shared_limit)) {
     fused_transformer_mlp_project(args, dtype, stream);
     return;
   }

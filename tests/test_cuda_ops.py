@@ -605,27 +605,28 @@ def test_transformer_mlp(kernels, case):
     check(kernels, "transformer_mlp", args, case.dtype)
 
 
-# The one-launch FFN (csrc/transformer_mlp.cu, fused_mlp_kernel) off the models' shapes: d not
-# a multiple of 8 (no 16-byte chunk of x, the output or w1's rows: element paths; w2's rows of
+# The one-launch FFN (csrc/transformer_mlp.cu, fused_mlp_kernel) off the models' shapes: d not a
+# multiple of 8 (no 16-byte chunk of x, the output or w1's rows: element paths; w2's rows of
 # F = 72 are chunks cut at the row's end), F odd (the hidden pairs' last column) with warps that
-# own no chunk of F or d, the v3-XS 120/240 shape with GroupNorm, the largest fused tiles (fp32
-# d 128 / F 256, fp16/bf16 d 256 / F 512) and past them (fp32 from d 144, 16-bit at d 264: the
-# two launches through the hidden workspace), norms layer/group/none, batch 1 and 3 on odd and
-# even maps (9 x 9 x 3 = 243 pixels: 16 blocks, launched in chunks by the emulator's 8-block
-# grid), NCHW, channels_last and slices. Weights are views of buffers full of NaN (padded
-# rows, K-major with padded columns, every other column: no unit stride), so a W tile read
-# past F or d shows. (d, F, norm, w1 view, w2 view)
+# own no chunk of F or d, the v3-XS 120/240 shape with GroupNorm, fp32's dynamic shared memory
+# within 48 KB (d 128 / F 256: 45.6 KB; the v1-style d 144 / F 288: 47.9 KB) and past it with the
+# opt-in (d 240 / F 480: 65.9 KB), the largest fused tiles (d 256 / F 512: fp32 68.9 KB) and past
+# them (d 264: the two launches through the hidden workspace), norms layer/group/none, batch 1 and
+# 3 on odd and even maps (9 x 9 x 3 = 243 pixels: 16 blocks, launched in chunks by the emulator's
+# 8-block grid), NCHW, channels_last and slices. Weights are views of buffers full of NaN (padded
+# rows, K-major with padded columns, every other column: no unit stride), so a W tile read past F
+# or d shows. (d, F, norm, w1 view, w2 view)
 FUSED_MLP = [(36, 72, "layer", "rows", "strided"), (20, 37, "none", "strided", "kmajor"),
              (120, 240, "group", "kmajor", "kmajor"), (128, 256, "layer", "kmajor", "rows"),
              (256, 512, "group", "rows", "kmajor"), (144, 288, "layer", "rows", "kmajor"),
-             (264, 528, "layer", "kmajor", "rows")]
+             (264, 528, "layer", "kmajor", "rows"), (240, 480, "layer", "kmajor", "kmajor")]
 FUSED_MLP_CASES = [
     Case("emu", shape, dtype, layout, batch, size, order)
     for i, (shape, dtype) in enumerate(itertools.product(FUSED_MLP, DTYPES))
     for layout, batch, size, order in [(LAYOUTS[i % 3], (1, 3)[i % 2],
                                         ((5, 7), (9, 9), (4, 6))[i % 3], ORDERS[i % 3])]]
 FUSED_MLP_CASES += [Case("emu", (256, 512, "layer", "kmajor", "kmajor"), dtype, "channels_last",
-                         3, (3, 3), "reverse") for dtype in (torch.float16, torch.bfloat16)]
+                         3, (3, 3), "reverse") for dtype in DTYPES]
 
 
 def _nan_view(w: torch.Tensor, kind: str) -> torch.Tensor:
@@ -664,16 +665,17 @@ def test_transformer_mlp_project(kernels, case):
     check(kernels, "transformer_mlp_project", args, case.dtype)
 
 
-# transformer_mlp_project in one launch (csrc/transformer_mlp.cu, fused_mlp_kernel<T, true>:
-# the FFN's out rows stay in shared memory, their LayerNorm and the projection as a third GEMM)
-# where the FFN is one launch (mvit3.h: transformer_mlp_project_fused): v3-XS's d 96 / 120 / 144
-# with the next qkv (3d) and the block's conv_proj, fp32 d 96 / 120 too; the element paths (d 36,
+# transformer_mlp_project in one launch (csrc/transformer_mlp.cu, fused_mlp_kernel<T, true>: the
+# FFN's out rows stay in shared memory, their LayerNorm and the projection as a third GEMM) where
+# the FFN is one launch (mvit3.h: transformer_mlp_project_fused): v3-XS's d 96 / 120 / 144 with
+# the next qkv (3d) and the block's conv_proj, fp32 d 96 / 120 too; the element paths (d 36,
 # Cout 20 / 130: no 16-byte chunk of t or z; F 37 odd with warps owning no chunk of F or d), no
 # projection bias, weights as views of NaN buffers (a W tile read past N or K shows), Cout past
-# one block chunk of 128 (432, 360); the fallbacks: fp32 d 144 and 16-bit d 264 (the FFN in two
-# launches, then the projection: 3). Batch 1 and 3 on odd and even maps (9 x 9 x 3: 16 blocks,
-# launched in chunks by the emulator's 8-block grid), NCHW, channels_last and slices, the three
-# thread orders. (d, F, Cout, act, projection bias, w1 view, w2 view, projection weight view)
+# one block chunk of 128 (432, 360), fp32 d 144 (since fp32 FFNs up to d 256 are one launch); the
+# fallback: d 264 (the FFN in two launches, then the projection: 3). Batch 1 and 3 on odd and even
+# maps (9 x 9 x 3: 16 blocks, launched in chunks by the emulator's 8-block grid), NCHW,
+# channels_last and slices, the three thread orders. (d, F, Cout, act, projection bias, w1 view,
+# w2 view, projection weight view)
 PROJECT_EDGES = [
     ((96, 192, 288, "none", True, "kmajor", "kmajor", "kmajor"), torch.float16, "channels_last",
      1, (5, 7), "forward"),
@@ -703,8 +705,9 @@ PROJECT_EDGES = [
                  id=str(Case("emu", shape, dtype, layout, batch, size, order)))
     for shape, dtype, layout, batch, size, order in PROJECT_EDGES])
 def test_transformer_mlp_project_one_launch(kernels, emulator_library, case):
-    """One launch where transformer_mlp_project_fused (the FFN is one: fp16/bf16 d <= 256 and
-    F <= 512, fp32 d <= 128 and F <= 256), three otherwise; the reference either way."""
+    """One launch where transformer_mlp_project_fused (the FFN is one: d <= 256 and F <= 512,
+    fp32's tiles within the emulator's sm_90 limit), three otherwise; the reference either
+    way."""
     import ctypes
 
     d, ffn, cout, act, proj_bias, w1_kind, w2_kind, proj_kind = case.shape
@@ -722,8 +725,56 @@ def test_transformer_mlp_project_one_launch(kernels, emulator_library, case):
         launches = emulator_library.mvit3_emu_recorded_count()
     finally:
         emulator_library.mvit3_emu_set_recording(0)
-    max_dim = 128 if case.dtype == torch.float32 else 256
-    assert launches == (1 if d <= max_dim and ffn <= 2 * max_dim else 3)
+    assert launches == (1 if d <= 256 and ffn <= 512 else 3)
+
+
+# fp32 FFNs are one launch where the device's shared memory takes their tiles (mvit3.h:
+# transformer_mlp_fused): on an sm_90 (the emulator's default limit, 227 KB) every d <= 256, the
+# v1-style d 240 / F 480 with 65.9 KB of dynamic shared memory (the opt-in); on an sm_75 (64 KB,
+# mvit3_emu_set_shared_optin) d 224 / F 448 (62.9 KB) and d 192 / F 384 still, d 240 through the
+# hidden workspace (transformer_mlp: two launches; transformer_mlp_project: three). The
+# reference either way. (d, F, op, the device's limit in KB (0: the default), launches)
+SHARED_LIMIT_EDGES = [
+    ((240, 480, "transformer_mlp", 0, 1), "channels_last", 3, (5, 7), "reverse"),
+    ((240, 480, "transformer_mlp", 64, 2), "nchw", 1, (4, 6), "forward"),
+    ((224, 448, "transformer_mlp", 64, 1), "slice", 1, (5, 7), "random"),
+    ((240, 480, "transformer_mlp_project", 0, 1), "nchw", 1, (5, 7), "random"),
+    ((240, 480, "transformer_mlp_project", 64, 3), "channels_last", 3, (4, 6), "forward"),
+    ((192, 384, "transformer_mlp_project", 64, 1), "channels_last", 1, (5, 7), "reverse"),
+]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(Case("emu", shape, torch.float32, layout, batch, size, order),
+                 id=str(Case("emu", shape, torch.float32, layout, batch, size, order)))
+    for shape, layout, batch, size, order in SHARED_LIMIT_EDGES])
+def test_fp32_ffn_in_one_launch_within_the_devices_shared_memory(kernels, emulator_library,
+                                                                 case):
+    import ctypes
+
+    d, ffn, op, optin_kb, expected = case.shape
+    t = Inputs(case, seed=d)
+    args = (t.map(d), t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(ffn, d), t.vector(ffn),
+            t.weight(d, ffn), t.vector(d))
+    if op == "transformer_mlp":
+        args = args[:1] + ("layer",) + args[1:]
+    else:
+        args += (t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(3 * d, d), t.vector(3 * d),
+                 "none")
+    emulator_library.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
+    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
+    assert emulator_library.mvit3_emu_set_shared_optin(optin_kb * 1024) == 0
+    try:
+        check(kernels, op, args, case.dtype)
+        emulator_library.mvit3_emu_set_recording(1)
+        try:
+            getattr(kernels, op)(*args)
+            launches = emulator_library.mvit3_emu_recorded_count()
+        finally:
+            emulator_library.mvit3_emu_set_recording(0)
+    finally:
+        emulator_library.mvit3_emu_set_shared_optin(0)
+    assert launches == expected
 
 
 @pytest.mark.parametrize("case", cases(SEPARABLE, EMU_EVEN_SIZES, GPU_EVEN_SIZES))
@@ -1363,13 +1414,18 @@ ASAN_CASES += [f"test_patch_attention_fused_projection[{c}]" for c in FUSED_PROJ
                if c.order == "reverse" and c.shape[0] in (36, 256)]
 # the one-kernel MV2 block at Cin = 192: its widest expansion weights' step in shared memory
 ASAN_CASES.append("test_mv2_block_one_kernel_edges[" + str(Case("emu", *MV2_EDGES[6])) + "]")
-# the one-launch FFN's element paths (d = 36) and its largest tiles (d = 256, F = 512)
+# the one-launch FFN's element paths (d = 36) and its largest tiles (d = 256, F = 512: fp16's
+# static, fp32's dynamic shared memory)
 ASAN_CASES += [f"test_transformer_mlp_fused[{c}]" for c in FUSED_MLP_CASES
-               if c.order == "reverse"
-               and (c.shape[0] == 36 or c.size == (3, 3) and c.dtype == torch.float16)]
+               if c.order == "reverse" and (c.shape[0] == 36 or c.size == (3, 3)
+                                            and c.dtype in (torch.float16, torch.float32))]
 # the one-launch transformer_mlp_project's element paths (d = 36) and Cout past one chunk (432)
 ASAN_CASES += [f"test_transformer_mlp_project_one_launch[{Case('emu', *PROJECT_EDGES[i])}]"
                for i in (4, 6)]
+# fp32's dynamic shared memory at d 224 / F 448 where the device's limit is an sm_75's
+ASAN_CASES.append("test_fp32_ffn_in_one_launch_within_the_devices_shared_memory["
+                  + str(Case("emu", SHARED_LIMIT_EDGES[2][0], torch.float32,
+                             *SHARED_LIMIT_EDGES[2][1:])) + "]")
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")

@@ -208,14 +208,17 @@ def test_ops_are_held_to_the_triton_rows_accounting(xs_rows):
     assert by_op(xs_rows) == by_op(collect("mobilevitv3_xs", 1, torch.float16))
     launch_rows = [row for row in xs_rows if isinstance(row, cuda_rows.CudaRow)]
     assert all(row.flops > 0 for row in launch_rows if row.bytes)
-    # every op of v3-XS in fp16 is one kernel; in fp32 its d 144 FFNs with their projection are
-    # three (the FFN's two GEMMs, the projection's), the second and third with no bytes
+    # every op of v3-XS is one kernel, in fp32 too: its FFNs with their projection (d 96 / 120 /
+    # 144, F = 2d) keep their fp32 tiles in dynamic shared memory sized from d and F
     assert all(row.bytes for row in launch_rows)
     fp32_rows = cuda_rows.analyse_cuda(cuda_rows.collect_cuda("mobilevitv3_xs", 1, torch.float32),
                                        GPUS["h200"], ARCH)
     assert by_op(fp32_rows) == by_op(collect("mobilevitv3_xs", 1, torch.float32))
     fp32_launches = [row for row in fp32_rows if isinstance(row, cuda_rows.CudaRow)]
-    assert sum(1 for row in fp32_launches if not row.bytes) == 2 * 3  # v3-XS's three d 144 FFNs
+    assert all(row.bytes for row in fp32_launches)
+    ffn = [row for row in fp32_launches if row.op == "transformer_mlp_project"]
+    assert [row.kernel for row in ffn] == ["fused_mlp_kernel<float, true>"] * 9
+    assert sorted({row.launch.dynamic_shared_bytes for row in ffn}) == [42624, 46720, 49024]
 
 
 def test_bf16_below_sm_80_is_refused(capsys):
