@@ -789,18 +789,24 @@ def test_separable_attention(kernels, case):
 # separable_attention in two launches (csrc/separable_attention.cu: the context kernel, whose
 # programs take their sample's GroupNorm statistics themselves and whose last program merges
 # the splits, then the fused FFN kernel with relu(v) * context as its hidden activation) where
-# separable_attention_fused (fp16/bf16 d <= 256, fp32 d <= 128), three otherwise. The maps give
-# 5 to 8 splits of uneven bands (emulator: at most 8, its grid limit); x has a mean of 3 (the
-# statistics' centring); the weights are NaN-padded views, K-major as the fast models pack them
-# or row-major or strided (d 36: the element paths).
+# separable_attention_fused (the fused FFN kernel takes F = d: always at the emulator's default
+# sm_90 limit), three otherwise: fp32 d 256 (54 KB of tiles) on a device without the
+# shared-memory opt-in (48 KB, mvit3_emu_set_shared_optin). The maps give 5 to 8 splits of
+# uneven bands (emulator: at most 8, its grid limit); x has a mean of 3 (the statistics'
+# centring); the weights are NaN-padded views, K-major as the fast models pack them or row-major
+# or strided (d 36: the element paths).
+# ((d, qkv weight, out weight, opt-in KB or 0 for the default, launches), dtype, layout, batch,
+# size, order)
 SEPARABLE_EDGES = [
-    ((64, "kmajor", "kmajor"), torch.float16, "channels_last", 3, (20, 6), "forward"),
-    ((96, "rows", "kmajor"), torch.bfloat16, "nchw", 1, (10, 4), "reverse"),
-    ((128, "kmajor", "rows"), torch.float32, "slice", 3, (12, 10), "random"),
-    ((144, "kmajor", "kmajor"), torch.float32, "channels_last", 1, (6, 8), "reverse"),
-    ((256, "kmajor", "strided"), torch.float16, "slice", 1, (4, 4), "forward"),
-    ((36, "strided", "rows"), torch.float16, "channels_last", 3, (4, 6), "random"),
-    ((64, "rows", "rows"), torch.float32, "nchw", 2, (2, 2), "forward"),
+    ((64, "kmajor", "kmajor", 0, 2), torch.float16, "channels_last", 3, (20, 6), "forward"),
+    ((96, "rows", "kmajor", 0, 2), torch.bfloat16, "nchw", 1, (10, 4), "reverse"),
+    ((128, "kmajor", "rows", 0, 2), torch.float32, "slice", 3, (12, 10), "random"),
+    ((144, "kmajor", "kmajor", 0, 2), torch.float32, "channels_last", 1, (6, 8), "reverse"),
+    ((256, "kmajor", "strided", 0, 2), torch.float16, "slice", 1, (4, 4), "forward"),
+    ((256, "rows", "kmajor", 0, 2), torch.float32, "nchw", 3, (4, 6), "random"),
+    ((256, "kmajor", "kmajor", 48, 3), torch.float32, "channels_last", 1, (6, 4), "reverse"),
+    ((36, "strided", "rows", 0, 2), torch.float16, "channels_last", 3, (4, 6), "random"),
+    ((64, "rows", "rows", 0, 2), torch.float32, "nchw", 2, (2, 2), "forward"),
 ]
 
 
@@ -808,25 +814,29 @@ SEPARABLE_EDGES = [
 def test_separable_attention_two_launches(kernels, emulator_library, case):
     import ctypes
 
-    d, qkv_kind, out_kind = case.shape
+    d, qkv_kind, out_kind, optin_kb, expected = case.shape
     t = Inputs(case, seed=d)
     x = t.map(d, layout=case.layout)
     x.add_(3.0)
     args = (x, t.vector(d, mean=1.0), t.vector(d), 1e-5,
             _nan_view(t.weight(1 + 2 * d, d), qkv_kind), t.vector(1 + 2 * d),
             _nan_view(t.weight(d, d), out_kind), t.vector(d))
-    check(kernels, "separable_attention", args, case.dtype)
-    # the last programs left their counters at 0: a second call computes the same
-    assert torch.equal(kernels.separable_attention(*args), kernels.separable_attention(*args))
+    emulator_library.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
     emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
-    emulator_library.mvit3_emu_set_recording(1)
+    assert emulator_library.mvit3_emu_set_shared_optin(optin_kb * 1024) == 0
     try:
-        kernels.separable_attention(*args)
-        launches = emulator_library.mvit3_emu_recorded_count()
+        check(kernels, "separable_attention", args, case.dtype)
+        # the last programs left their counters at 0: a second call computes the same
+        assert torch.equal(kernels.separable_attention(*args), kernels.separable_attention(*args))
+        emulator_library.mvit3_emu_set_recording(1)
+        try:
+            kernels.separable_attention(*args)
+            launches = emulator_library.mvit3_emu_recorded_count()
+        finally:
+            emulator_library.mvit3_emu_set_recording(0)
     finally:
-        emulator_library.mvit3_emu_set_recording(0)
-    fused = d <= (128 if case.dtype == torch.float32 else 256)
-    assert launches == (2 if fused else 3)
+        emulator_library.mvit3_emu_set_shared_optin(0)
+    assert launches == expected
 
 
 def test_invalid_arguments_are_refused_with_a_reason(emulated_ops):
