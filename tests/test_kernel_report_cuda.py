@@ -221,6 +221,23 @@ def test_ops_are_held_to_the_triton_rows_accounting(xs_rows):
     assert sorted({row.launch.dynamic_shared_bytes for row in ffn}) == [42624, 46720, 49024]
 
 
+def test_fp32_ffn_launches_follow_the_gpus_shared_memory():
+    """fp32 FFN tiles take dynamic shared memory sized from d and F (csrc/transformer_mlp.cu):
+    recorded for an H200 (the default) every v3-S FFN with its projection is one launch, d 240
+    with 65.9 KB; for an RTX 2080 Ti (sm_75, 64 KB a block) its three d 240 ones keep the two
+    FFN launches and the projection's. Record mode alone: no library needed."""
+    float32 = torch.float32
+    h200 = cuda_rows.collect_cuda("mobilevitv3_s", 1, float32)
+    sm75 = cuda_rows.collect_cuda("mobilevitv3_s", 1, float32, 256,
+                                  GPUS["rtx2080ti"].shared_per_block)
+    assert len(h200) == len(cuda_rows.collect_cuda("mobilevitv3_s", 1, torch.float16)) == 39
+    assert len(sm75) == 39 + 2 * 3
+    ffn = [row for row in h200 if isinstance(row, cuda_rows.CudaRow)
+           and row.op == "transformer_mlp_project"]
+    assert {row.kernel for row in ffn} == {"fused_mlp_kernel<float, true>"}
+    assert sorted({row.launch.dynamic_shared_bytes for row in ffn}) == [49024, 58240, 67456]
+
+
 def test_bf16_below_sm_80_is_refused(capsys):
     from mvit3.__main__ import main
 

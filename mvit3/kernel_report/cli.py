@@ -78,7 +78,8 @@ def run(args) -> int:
             began = time.perf_counter()
             if args.backend == "cuda":
                 try:
-                    rows = collect_cuda(args.model, batch, DTYPES[dtype], args.img_size)
+                    rows = collect_cuda(args.model, batch, DTYPES[dtype], args.img_size,
+                                        gpu.shared_per_block)
                     analyse_cuda(rows, gpu, arch, compile_kernels=not args.no_compile)
                 except CudaReportError as err:
                     print(f"python -m mvit3 kernels --backend cuda: {err}", file=sys.stderr)

@@ -126,12 +126,19 @@ def _symbols_by_address(library: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _recording(handle):
+def _recording(handle, shared_per_block: int = 0):
+    """Record mode, on a device whose blocks may take `shared_per_block` bytes of shared memory
+    (0: the emulator's default, an sm_90's): what the launchers decide by (fp32 FFN tiles)."""
+    handle.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
+    if handle.mvit3_emu_set_shared_optin(shared_per_block) != 0:
+        raise CudaReportError(f"the emulator refuses {shared_per_block} bytes of shared memory "
+                              "a block")
     handle.mvit3_emu_set_recording(1)
     try:
         yield
     finally:
         handle.mvit3_emu_set_recording(0)
+        handle.mvit3_emu_set_shared_optin(0)
 
 
 def _recorded(handle, symbols: dict, first: int) -> list:
@@ -214,10 +221,13 @@ class _AtenRecorder(TorchDispatchMode):
         return out
 
 
-def collect_cuda(name: str, batch: int, dtype: torch.dtype, img_size: int = 256) -> list:
+def collect_cuda(name: str, batch: int, dtype: torch.dtype, img_size: int = 256,
+                 shared_per_block: int = 0) -> list:
     """The rows of one forward of the fast model with backend="cuda" on a
     [batch, 3, img_size, img_size] input, in launch order: one per launch of the CUDA C++
-    library's launchers (recorded by the emulator, nothing runs) and one per ATen op."""
+    library's launchers (recorded by the emulator, nothing runs) and one per ATen op. The
+    launchers decide as on a GPU whose blocks may take `shared_per_block` bytes of shared
+    memory (GPU.shared_per_block; 0: an sm_90's, the emulator's default)."""
     import mvit3.fast as fast
 
     handle, symbols = _emulator()
@@ -227,7 +237,8 @@ def collect_cuda(name: str, batch: int, dtype: torch.dtype, img_size: int = 256)
     x = torch.zeros(batch, model.in_chans, img_size, img_size, dtype=dtype)
     stage, calls = ["stem"], []
     dot_rate = "fp32" if dtype == torch.float32 else "tensor"  # the library never uses TF32
-    with torch.no_grad(), _recording(handle), _ops_on_the_emulator(handle, symbols, stage, calls):
+    with torch.no_grad(), _recording(handle, shared_per_block), \
+            _ops_on_the_emulator(handle, symbols, stage, calls):
         model(x)  # derives the inference weights: its ATen work is not part of a forward
         calls.clear()
         recorder = _AtenRecorder(calls, stage)

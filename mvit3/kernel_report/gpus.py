@@ -21,6 +21,7 @@ class GPU:
     tf32_tflops: float  # dense TF32 tensor-core rate (0: no TF32, fp32 products run on FMA units)
     fp32_tflops: float  # FMA units, fp32
     shared_per_sm: int  # bytes of shared memory an SM can give its blocks
+    shared_per_block: int  # bytes a block may take with the opt-in (...PerBlockOptin)
     threads_per_sm: int
     blocks_per_sm: int
     registers_per_sm: int = 65536
@@ -28,15 +29,20 @@ class GPU:
 
 
 GPUS = {
-    "h200": GPU("NVIDIA H200 SXM", 90, 132, 4800, 989.4, 494.7, 66.9, 228 * 1024, 2048, 32,
+    "h200": GPU("NVIDIA H200 SXM", 90, 132, 4800, 989.4, 494.7, 66.9, 228 * 1024, 227 * 1024,
+                2048, 32,
                 source="NVIDIA H200 Tensor Core GPU datasheet (SXM); the SM is the H100's"),
-    "h100": GPU("NVIDIA H100 SXM5", 90, 132, 3350, 989.4, 494.7, 66.9, 228 * 1024, 2048, 32,
+    "h100": GPU("NVIDIA H100 SXM5", 90, 132, 3350, 989.4, 494.7, 66.9, 228 * 1024, 227 * 1024,
+                2048, 32,
                 source="NVIDIA H100 Tensor Core GPU datasheet (SXM5) and Hopper tuning guide"),
-    "a100": GPU("NVIDIA A100 SXM4 80GB", 80, 108, 2039, 312.0, 156.0, 19.5, 164 * 1024, 2048, 32,
+    "a100": GPU("NVIDIA A100 SXM4 80GB", 80, 108, 2039, 312.0, 156.0, 19.5, 164 * 1024, 163 * 1024,
+                2048, 32,
                 source="NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB)"),
-    "rtx4090": GPU("NVIDIA GeForce RTX 4090", 89, 128, 1008, 165.2, 82.6, 82.6, 100 * 1024, 1536, 24,
+    "rtx4090": GPU("NVIDIA GeForce RTX 4090", 89, 128, 1008, 165.2, 82.6, 82.6, 100 * 1024, 99 * 1024,
+                   1536, 24,
                    source="NVIDIA Ada Lovelace architecture whitepaper, appendix table (RTX 4090)"),
-    "rtx2080ti": GPU("NVIDIA GeForce RTX 2080 Ti", 75, 68, 616, 53.8, 0.0, 13.4, 64 * 1024, 1024, 16,
+    "rtx2080ti": GPU("NVIDIA GeForce RTX 2080 Ti", 75, 68, 616, 53.8, 0.0, 13.4, 64 * 1024, 64 * 1024,
+                     1024, 16,
                      source="NVIDIA Turing architecture whitepaper, appendix table (RTX 2080 Ti, "
                             "reference boost clock 1545 MHz)"),
 }

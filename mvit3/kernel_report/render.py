@@ -66,8 +66,10 @@ def render_markdown(report) -> str:
             compiled_cells = ["**error**"] + [""] * 5
         elif compiled is not None:
             load = f"{d['load_bits']}" + (f" {d['load_kind']}" if d["load_kind"] not in ("ld", "") else "")
+            # a CUDA launch's dynamic shared memory adds to the kernel's static
+            shared = (d["shared_bytes"] or 0) + d.get("dynamic_shared_bytes", 0)
             compiled_cells = [str(d["registers"]), str(d["spill_bytes"] or ""),
-                              _size(d["shared_bytes"]) if d["shared_bytes"] else "0",
+                              _size(shared) if shared else "0",
                               str(d["blocks_per_sm"]), d["mma"], load]
         else:
             compiled_cells = [""] * 6
