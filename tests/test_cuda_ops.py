@@ -17,6 +17,7 @@ layout is dense); 1x1 weights come plain or in the fast models' K-major packing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -97,7 +98,29 @@ def emulator_library(emulated_ops):
     handle = ctypes.CDLL(str(build_emulator()))
     handle.mvit3_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
     handle.mvit3_emu_set_schedule.restype = ctypes.c_int
+    handle.mvit3_emu_recorded_count.restype = ctypes.c_int64
+    handle.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
     return handle
+
+
+def recorded_launches(library, call) -> int:
+    """How many launches call() makes, recorded (not run) by the emulator."""
+    library.mvit3_emu_set_recording(1)
+    try:
+        call()
+        return library.mvit3_emu_recorded_count()
+    finally:
+        library.mvit3_emu_set_recording(0)
+
+
+@contextlib.contextmanager
+def shared_optin(library, kb: int):
+    """Within: the emulated device's shared-memory limit a block is kb KB (0: an sm_90's)."""
+    assert library.mvit3_emu_set_shared_optin(kb * 1024) == 0
+    try:
+        yield
+    finally:
+        library.mvit3_emu_set_shared_optin(0)
 
 
 @pytest.fixture
@@ -404,7 +427,6 @@ MV2_EDGES = [
 def test_mv2_block_one_kernel_edges(kernels, emulator_library, case):
     """dwconv_pointwise with expand_weight: one launch where the fused kernel takes the call (Cin
     <= 192, dilation 1), two (the expansion apart) otherwise; the reference either way."""
-    import ctypes
 
     cin, hidden, out, stride, residual, expand_bias, dilation = case.shape
     t = Inputs(case, seed=cin + hidden)
@@ -415,13 +437,7 @@ def test_mv2_block_one_kernel_edges(kernels, emulator_library, case):
             t.map(out, size=out_size) if residual else None, dilation, t.weight(hidden, cin),
             t.vector(hidden, mean=1.0) if expand_bias else None)
     check(kernels, "dwconv_pointwise", args, case.dtype)
-    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
-    emulator_library.mvit3_emu_set_recording(1)
-    try:
-        kernels.dwconv_pointwise(*args)
-        launches = emulator_library.mvit3_emu_recorded_count()
-    finally:
-        emulator_library.mvit3_emu_set_recording(0)
+    launches = recorded_launches(emulator_library, lambda: kernels.dwconv_pointwise(*args))
     assert launches == (1 if cin <= 192 and dilation == 1 else 2)
 
 
@@ -708,7 +724,6 @@ def test_transformer_mlp_project_one_launch(kernels, emulator_library, case):
     """One launch where transformer_mlp_project_fused (the FFN is one: d <= 256 and F <= 512,
     fp32's tiles within the emulator's sm_90 limit), three otherwise; the reference either
     way."""
-    import ctypes
 
     d, ffn, cout, act, proj_bias, w1_kind, w2_kind, proj_kind = case.shape
     t = Inputs(case, seed=d + cout)
@@ -718,13 +733,7 @@ def test_transformer_mlp_project_one_launch(kernels, emulator_library, case):
             1e-5, _nan_view(t.weight(cout, d), proj_kind), t.vector(cout) if proj_bias else None,
             act)
     check(kernels, "transformer_mlp_project", args, case.dtype)
-    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
-    emulator_library.mvit3_emu_set_recording(1)
-    try:
-        kernels.transformer_mlp_project(*args)
-        launches = emulator_library.mvit3_emu_recorded_count()
-    finally:
-        emulator_library.mvit3_emu_set_recording(0)
+    launches = recorded_launches(emulator_library, lambda: kernels.transformer_mlp_project(*args))
     assert launches == (1 if d <= 256 and ffn <= 512 else 3)
 
 
@@ -750,7 +759,6 @@ SHARED_LIMIT_EDGES = [
     for shape, layout, batch, size, order in SHARED_LIMIT_EDGES])
 def test_fp32_ffn_in_one_launch_within_the_devices_shared_memory(kernels, emulator_library,
                                                                  case):
-    import ctypes
 
     d, ffn, op, optin_kb, expected = case.shape
     t = Inputs(case, seed=d)
@@ -761,19 +769,9 @@ def test_fp32_ffn_in_one_launch_within_the_devices_shared_memory(kernels, emulat
     else:
         args += (t.vector(d, mean=1.0), t.vector(d), 1e-5, t.weight(3 * d, d), t.vector(3 * d),
                  "none")
-    emulator_library.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
-    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
-    assert emulator_library.mvit3_emu_set_shared_optin(optin_kb * 1024) == 0
-    try:
+    with shared_optin(emulator_library, optin_kb):
         check(kernels, op, args, case.dtype)
-        emulator_library.mvit3_emu_set_recording(1)
-        try:
-            getattr(kernels, op)(*args)
-            launches = emulator_library.mvit3_emu_recorded_count()
-        finally:
-            emulator_library.mvit3_emu_set_recording(0)
-    finally:
-        emulator_library.mvit3_emu_set_shared_optin(0)
+        launches = recorded_launches(emulator_library, lambda: getattr(kernels, op)(*args))
     assert launches == expected
 
 
@@ -812,7 +810,6 @@ SEPARABLE_EDGES = [
 
 @pytest.mark.parametrize("case", [Case("emu", *c) for c in SEPARABLE_EDGES], ids=str)
 def test_separable_attention_two_launches(kernels, emulator_library, case):
-    import ctypes
 
     d, qkv_kind, out_kind, optin_kb, expected = case.shape
     t = Inputs(case, seed=d)
@@ -821,21 +818,12 @@ def test_separable_attention_two_launches(kernels, emulator_library, case):
     args = (x, t.vector(d, mean=1.0), t.vector(d), 1e-5,
             _nan_view(t.weight(1 + 2 * d, d), qkv_kind), t.vector(1 + 2 * d),
             _nan_view(t.weight(d, d), out_kind), t.vector(d))
-    emulator_library.mvit3_emu_set_shared_optin.argtypes = [ctypes.c_int64]
-    emulator_library.mvit3_emu_recorded_count.restype = ctypes.c_int64
-    assert emulator_library.mvit3_emu_set_shared_optin(optin_kb * 1024) == 0
-    try:
+    with shared_optin(emulator_library, optin_kb):
         check(kernels, "separable_attention", args, case.dtype)
         # the last programs left their counters at 0: a second call computes the same
         assert torch.equal(kernels.separable_attention(*args), kernels.separable_attention(*args))
-        emulator_library.mvit3_emu_set_recording(1)
-        try:
-            kernels.separable_attention(*args)
-            launches = emulator_library.mvit3_emu_recorded_count()
-        finally:
-            emulator_library.mvit3_emu_set_recording(0)
-    finally:
-        emulator_library.mvit3_emu_set_shared_optin(0)
+        launches = recorded_launches(emulator_library,
+                                     lambda: kernels.separable_attention(*args))
     assert launches == expected
 
 
