@@ -1424,6 +1424,13 @@ ASAN_CASES += [f"test_transformer_mlp_project_one_launch[{Case('emu', *PROJECT_E
 ASAN_CASES.append("test_fp32_ffn_in_one_launch_within_the_devices_shared_memory["
                   + str(Case("emu", SHARED_LIMIT_EDGES[2][0], torch.float32,
                              *SHARED_LIMIT_EDGES[2][1:])) + "]")
+# separable attention's context kernel over 8 uneven splits (partials, counters) with the fused
+# out of d 64, and fp32 d 256 through the three-launch path (the v workspace)
+ASAN_CASES += [f"test_separable_attention_two_launches[{Case('emu', *SEPARABLE_EDGES[i])}]"
+               for i in (0, 6)]
+# conv3x3's tap-major chunks of two inputs, and at stride 2 with the padding's zero chunks
+ASAN_CASES += [f"test_conv3x3_tap_major[{Case('emu', c[0], c[2], 'channels_last', *c[3:])}]"
+               for c in TAP_MAJOR[:2]]
 
 
 @pytest.mark.skipif(SANITIZE is not None, reason="this is the test that runs the others so")
