@@ -588,17 +588,18 @@ FUSED_PROJECTION_CASES += [Case("emu", (256, 4, "kmajor", True, True), dtype, "c
                                 (34, 34)) for dtype in (torch.float32, torch.float16)]
 
 
-def _nan_weight(t: Inputs, d: int, kind: str) -> torch.Tensor:
-    w = t.weight(d, d)
+def _nan_view(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """A view with the values of w [rows, cols] into a buffer full of NaN."""
+    rows, cols = w.shape
     if kind == "rows":
-        buf = torch.full((d, d + 8), float("nan"), dtype=w.dtype, device=w.device)
-        buf[:, :d] = w
-        return buf[:, :d]
+        buf = torch.full((rows, cols + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :cols] = w
+        return buf[:, :cols]
     if kind == "kmajor":
-        buf = torch.full((d, d + 8), float("nan"), dtype=w.dtype, device=w.device)
-        buf[:, :d] = w.t()
-        return buf[:, :d].t()
-    buf = torch.full((d, 2 * d), float("nan"), dtype=w.dtype, device=w.device)
+        buf = torch.full((cols, rows + 8), float("nan"), dtype=w.dtype, device=w.device)
+        buf[:, :rows] = w.t()
+        return buf[:, :rows].t()
+    buf = torch.full((rows, 2 * cols), float("nan"), dtype=w.dtype, device=w.device)
     buf[:, ::2] = w
     return buf[:, ::2]
 
@@ -607,7 +608,7 @@ def _nan_weight(t: Inputs, d: int, kind: str) -> torch.Tensor:
 def test_patch_attention_fused_projection(kernels, case):
     d, heads, kind, bias, residual = case.shape
     t = Inputs(case)
-    args = (t.map(3 * d), heads, (d // heads) ** -0.5, _nan_weight(t, d, kind),
+    args = (t.map(3 * d), heads, (d // heads) ** -0.5, _nan_view(t.weight(d, d), kind),
             t.vector(d) if bias else None, t.map(d) if residual else None)
     check(kernels, "patch_attention", args, case.dtype)
 
@@ -643,22 +644,6 @@ FUSED_MLP_CASES = [
                                         ((5, 7), (9, 9), (4, 6))[i % 3], ORDERS[i % 3])]]
 FUSED_MLP_CASES += [Case("emu", (256, 512, "layer", "kmajor", "kmajor"), dtype, "channels_last",
                          3, (3, 3), "reverse") for dtype in DTYPES]
-
-
-def _nan_view(w: torch.Tensor, kind: str) -> torch.Tensor:
-    """A view with the values of w [rows, cols] into a buffer full of NaN."""
-    rows, cols = w.shape
-    if kind == "rows":
-        buf = torch.full((rows, cols + 8), float("nan"), dtype=w.dtype, device=w.device)
-        buf[:, :cols] = w
-        return buf[:, :cols]
-    if kind == "kmajor":
-        buf = torch.full((cols, rows + 8), float("nan"), dtype=w.dtype, device=w.device)
-        buf[:, :rows] = w.t()
-        return buf[:, :rows].t()
-    buf = torch.full((rows, 2 * cols), float("nan"), dtype=w.dtype, device=w.device)
-    buf[:, ::2] = w
-    return buf[:, ::2]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in FUSED_MLP_CASES])
