@@ -427,12 +427,19 @@ int64_t shared_memory_optin(const Tensor& x) {
   (void)x;
   return int64_t(emu::shared_optin);
 #else
+  // Read once per device: the ops ask on every call (a forward's FFNs and separable attention).
+  static std::mutex mutex;
+  static std::map<int, int64_t> limits;
+  const int device = x.get_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto known = limits.find(device);
+  if (known != limits.end()) return known->second;
   int bytes = 0;
   const cudaError_t error =
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device());
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   TORCH_CHECK(error == cudaSuccess, "mvit3: cannot read the shared memory limit of device ",
-              x.get_device(), ": ", cudaGetErrorString(error));
-  return bytes;
+              device, ": ", cudaGetErrorString(error));
+  return limits[device] = bytes;
 #endif
 }
 
